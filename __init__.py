@@ -1,0 +1,7 @@
+"""privdiff: private adaptation of Stable-Diffusion-class models.
+
+This file is both the Python package root and ComfyUI's entry point for the node pack, so it
+imports nothing heavy: ComfyUI imports every node pack at start-up.
+"""
+
+__version__ = "0.1.0"

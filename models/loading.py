@@ -1,0 +1,282 @@
+"""Loading a base model with no network: `tiny`, a diffusers folder, or one original-layout file.
+
+Single files go through diffusers' own converter (`from_single_file`), given a bundled config folder
+(`models/configs/`) so that it never asks the hub, and given the tokenizers explicitly, because a
+single file holds none: they come from a folder the user names, the Hugging Face cache, or the hub
+only when the user allows it. Layout detection reads tensor names and shapes only, never the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+# (family, UNet model_channels, cross-attention width) -> bundled config folder.
+BUNDLED_CONFIGS = {
+    ("sd1", 320, 768): "sd15",
+    ("sd2", 320, 1024): "sd21",
+    ("sdxl", 320, 2048): "sdxl",
+}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+# Where each family's tokenizer usually lives in a Hugging Face cache: (repo, subfolder).
+TOKENIZER_SOURCES = {
+    ("sd1", "tokenizer"): [
+        ("openai/clip-vit-large-patch14", ""),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
+        ("runwayml/stable-diffusion-v1-5", "tokenizer"),
+    ],
+    ("sd2", "tokenizer"): [
+        ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+        ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
+    ],
+    ("sdxl", "tokenizer"): [
+        ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+        ("openai/clip-vit-large-patch14", ""),
+    ],
+    ("sdxl", "tokenizer_2"): [
+        ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),
+        ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", ""),
+    ],
+}
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint whose layout privdiff cannot load (names what was found and what is supported)."""
+
+
+class MissingTokenizerError(FileNotFoundError):
+    """A single-file checkpoint whose tokenizer could not be found locally."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a single-file checkpoint holds, read from tensor names and shapes alone."""
+
+    path: Path
+    family: str | None
+    model_channels: int | None
+    context_dim: int | None
+    in_channels: int | None
+    num_tensors: int
+    sample_keys: tuple[str, ...] = field(default=())
+
+    def describe(self) -> str:
+        if self.family is None:
+            return f"{self.num_tensors} tensors, none in a known layout (first keys: {list(self.sample_keys)})"
+        return (
+            f"a {FAMILY_NAMES[self.family]}-layout checkpoint with UNet model_channels={self.model_channels}, "
+            f"in_channels={self.in_channels}, cross-attention width={self.context_dim} ({self.num_tensors} tensors)"
+        )
+
+
+def read_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor in a checkpoint, without reading the weights into memory."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    import torch
+
+    # weights_only: a .ckpt is a pickle, and a pickle from a stranger can run code.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Tell SD 1.x, SD 2.x and SDXL original-layout checkpoints apart by their tensor names and shapes."""
+    path = Path(path)
+    shapes = read_tensor_shapes(path)
+    unet = {k[len("model.diffusion_model."):]: s for k, s in shapes.items() if k.startswith("model.diffusion_model.")}
+    family = None
+    if unet:
+        if any(k.startswith("conditioner.embedders.1.model.") for k in shapes):
+            family = "sdxl"
+        elif any(k.startswith("cond_stage_model.model.") for k in shapes):
+            family = "sd2"
+        elif any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+            family = "sd1"
+    conv_in = unet.get("input_blocks.0.0.weight")
+    context = next((s[-1] for k, s in sorted(unet.items()) if k.endswith("attn2.to_k.weight")), None)
+    return CheckpointInfo(
+        path=path,
+        family=family,
+        model_channels=conv_in[0] if conv_in else None,
+        in_channels=conv_in[1] if conv_in else None,
+        context_dim=context,
+        num_tensors=len(shapes),
+        sample_keys=tuple(sorted(shapes)[:5]),
+    )
+
+
+def _supported_summary() -> str:
+    return "; ".join(
+        f"{FAMILY_NAMES[f]} (model_channels={c}, cross-attention width={w}, config '{name}')"
+        for (f, c, w), name in BUNDLED_CONFIGS.items()
+    )
+
+
+def resolve_config_dir(info: CheckpointInfo, config: str | Path | None) -> Path:
+    """The diffusers config folder to build a single file's architecture from."""
+    if config is not None:
+        candidate = Path(config)
+        if not candidate.is_dir() and (CONFIGS_DIR / str(config)).is_dir():
+            candidate = CONFIGS_DIR / str(config)
+        if not (candidate / "model_index.json").is_file():
+            bundled = sorted(p.name for p in CONFIGS_DIR.iterdir() if (p / "model_index.json").is_file())
+            raise CheckpointLayoutError(
+                f"config={config!r} is neither a diffusers model folder (with model_index.json) nor a bundled "
+                f"config name ({', '.join(bundled)})."
+            )
+        return candidate
+    if info.family is None:
+        raise CheckpointLayoutError(
+            f"{info.path.name}: found {info.describe()}. privdiff loads original-layout checkpoints of "
+            f"{_supported_summary()}. A diffusers-format model is a folder: pass the folder instead."
+        )
+    if info.in_channels not in (4, None):
+        raise CheckpointLayoutError(
+            f"{info.path.name}: found {info.describe()}; in_channels={info.in_channels} is an inpainting or "
+            "depth variant, which privdiff does not support. Use a text-to-image checkpoint (in_channels=4)."
+        )
+    name = BUNDLED_CONFIGS.get((info.family, info.model_channels, info.context_dim))
+    if name is None:
+        raise CheckpointLayoutError(
+            f"{info.path.name}: found {info.describe()}, which matches no bundled architecture: "
+            f"{_supported_summary()}. For a model of another size pass config=<a diffusers folder of the same "
+            "architecture> (--config on the command line)."
+        )
+    return CONFIGS_DIR / name
+
+
+def _cached_tokenizer_dir(repo: str, subfolder: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    prefix = f"{subfolder}/" if subfolder else ""
+    found = [try_to_load_from_cache(repo, prefix + name) for name in ("vocab.json", "merges.txt")]
+    if all(isinstance(p, str) for p in found):
+        return Path(found[0]).parent
+    return None
+
+
+def resolve_tokenizer(
+    *,
+    family: str,
+    slot: str,
+    given=None,
+    config_dir: Path | None = None,
+    allow_download: bool | None = None,
+):
+    """Find the tokenizer for one text encoder of a single-file checkpoint.
+
+    Order: `given` (a tokenizer object or folder), the config folder's own `<slot>/`, the Hugging
+    Face cache, then the hub only if downloads are allowed (default: unless HF_HUB_OFFLINE is set).
+    """
+    from .tokenizer import load_clip_tokenizer
+
+    if given is not None:
+        return load_clip_tokenizer(given) if isinstance(given, (str, Path)) else given
+    if config_dir is not None and (config_dir / slot).is_dir():
+        return load_clip_tokenizer(config_dir / slot)
+    sources = TOKENIZER_SOURCES.get((family, slot), [])
+    for repo, subfolder in sources:
+        cached = _cached_tokenizer_dir(repo, subfolder)
+        if cached is not None:
+            return load_clip_tokenizer(cached)
+    if allow_download is None:
+        allow_download = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false", "no")
+    if allow_download and sources:
+        from transformers import CLIPTokenizer
+
+        repo, subfolder = sources[0]
+        return CLIPTokenizer.from_pretrained(repo, subfolder=subfolder or None)
+    flag = "--tokenizer" if slot == "tokenizer" else "--tokenizer-2"
+    where = ", ".join(f"{r}" + (f" ({s}/)" if s else "") for r, s in sources)
+    raise MissingTokenizerError(
+        f"A single-file {FAMILY_NAMES.get(family, family)} checkpoint holds no tokenizer, and none was found for "
+        f"'{slot}'. Provide one: pass {slot}=<folder> ({flag} DIR on the command line), a folder with vocab.json "
+        f"and merges.txt such as the '{slot}/' folder of any diffusers {FAMILY_NAMES.get(family, family)} model; "
+        f"or put one of these in the Hugging Face cache: {where}"
+        + ("; or allow downloads (unset HF_HUB_OFFLINE)." if not allow_download else ".")
+    )
+
+
+def load_single_file(
+    path: str | Path,
+    *,
+    config: str | Path | None = None,
+    tokenizer=None,
+    tokenizer_2=None,
+    torch_dtype=None,
+    allow_download: bool | None = None,
+):
+    """Load an original-layout `.safetensors` / `.ckpt` file as a diffusers pipeline, offline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    info = inspect_checkpoint(path)
+    config_dir = resolve_config_dir(info, config)
+    family = info.family
+    if family is None:
+        raise CheckpointLayoutError(f"{Path(path).name}: found {info.describe()}. Supported: {_supported_summary()}.")
+    kwargs = {"tokenizer": resolve_tokenizer(family=family, slot="tokenizer", given=tokenizer, config_dir=config_dir, allow_download=allow_download)}
+    if family == "sdxl":
+        kwargs["tokenizer_2"] = resolve_tokenizer(
+            family=family, slot="tokenizer_2", given=tokenizer_2, config_dir=config_dir, allow_download=allow_download
+        )
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline = cls.from_single_file(
+        str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype, **kwargs
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_pipeline(
+    *,
+    base: str | Path,
+    config: str | Path | None = None,
+    tokenizer=None,
+    tokenizer_2=None,
+    torch_dtype=None,
+    allow_download: bool | None = None,
+    seed: int = 0,
+):
+    """Load the base model named by `--base`: 'tiny', a diffusers folder, or a single checkpoint file."""
+    if str(base) == "tiny":
+        from .tiny import tiny_pipeline
+
+        pipeline = tiny_pipeline(seed=seed)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CheckpointLayoutError(
+                f"--base {path}: this folder has no model_index.json, so it is not a diffusers model folder. "
+                "Pass the folder that holds model_index.json, or a single .safetensors/.ckpt file."
+            )
+        from diffusers import DiffusionPipeline
+
+        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=torch_dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise CheckpointLayoutError(
+                f"--base {path}: a single-file checkpoint ends in {', '.join(SINGLE_FILE_SUFFIXES)}."
+            )
+        return load_single_file(
+            path, config=config, tokenizer=tokenizer, tokenizer_2=tokenizer_2, torch_dtype=torch_dtype,
+            allow_download=allow_download,
+        )
+    raise FileNotFoundError(
+        f"--base {base!r}: not 'tiny', not a diffusers model folder, not a checkpoint file (nothing exists at {path})."
+    )
