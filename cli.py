@@ -1,0 +1,86 @@
+"""The `privdiff` command. Subcommands share option names: --base, --data, --out, --seed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Privacy users expect silence: no library telemetry unless they turn it back on themselves.
+for _var, _value in {"HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                     "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_var, _value)
+
+
+def _add_base(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="tiny",
+                        help="base model: 'tiny' (built in), a diffusers model folder, or a .safetensors/.ckpt file")
+    parser.add_argument("--config", default=None,
+                        help="for a single file of a non-standard size: a diffusers folder with the same architecture")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for a single-file checkpoint")
+    parser.add_argument("--tokenizer-2", default=None, help="second tokenizer folder (SDXL single files)")
+
+
+def _add_common(parser: argparse.ArgumentParser, *, data_default: str | None = None, out_required: bool = True) -> None:
+    parser.add_argument("--data", default=data_default,
+                        help="a folder of images with captions, or a procedural set's name (circles, shapes, ...)")
+    parser.add_argument("--out", required=out_required, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="privdiff", description="Private adaptation of diffusion models.")
+    parser.add_argument("--version", action="version", version=f"privdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run every feature on the built-in tiny model and procedural data")
+    _add_base(demo)
+    _add_common(demo, out_required=True)
+    demo.add_argument("--only", default=None, help="run one feature only (see the summary for names)")
+
+    inspect = sub.add_parser("inspect", help="tell what a single-file checkpoint holds (reads names and shapes only)")
+    inspect.add_argument("checkpoint", help="a .safetensors or .ckpt file")
+    return parser
+
+
+def _cmd_demo(args) -> int:
+    from .pipelines.demo import run_demo
+
+    if args.data is not None:
+        print("privdiff demo uses its own procedural data; --data is ignored here.", file=sys.stderr)
+    result = run_demo(out=args.out, only=args.only, base=args.base, seed=args.seed)
+    total = sum(result.seconds.values())
+    print(f"\nprivdiff demo finished in {total:.1f} s; outputs in {result.out}")
+    for name, seconds in result.seconds.items():
+        print(f"  {name:<12} {seconds:6.1f} s")
+    if result.sample_grid is not None:
+        print(f"sample grid: {result.sample_grid}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .models.loading import BUNDLED_CONFIGS, inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint)
+    print(f"{info.path}: {info.describe()}")
+    name = BUNDLED_CONFIGS.get((info.family, info.model_channels, info.context_dim))
+    print(f"bundled config: {name}" if name else "bundled config: none (pass --config <diffusers folder> to load it)")
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "inspect": _cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        # User errors (bad paths, bad layouts, bad data) read better without a traceback.
+        print(f"privdiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"privdiff {args.command}: interrupted", file=sys.stderr)
+        return 130

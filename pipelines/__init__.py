@@ -1,0 +1,1 @@
+"""Trainers and DiffusionPipeline subclasses, one module per method, plus the demo."""

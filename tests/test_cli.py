@@ -1,0 +1,61 @@
+"""The privdiff command and the package's import cost."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from privdiff.cli import main
+
+
+def test_import_privdiff_does_not_import_torch():
+    code = (
+        "import sys, time; t = time.perf_counter(); import privdiff, privdiff.cli; "
+        "print(time.perf_counter() - t, 'torch' in sys.modules, 'diffusers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    seconds, torch_loaded, diffusers_loaded = float(out[0]), out[1], out[2]
+    assert torch_loaded == "False" and diffusers_loaded == "False"
+    assert seconds < 0.2, f"import privdiff took {seconds:.3f} s"
+
+
+def test_demo_data_feature_writes_grids_without_metadata(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--only", "data"]) == 0
+    for name in ("circles", "shapes"):
+        image = Image.open(tmp_path / "data" / f"{name}.png")
+        assert image.size[0] > 200
+        assert not image.info, "privdiff PNGs carry no text chunks (prompts, paths) unless asked"
+    assert "circles: 8 procedural items" in capsys.readouterr().out
+
+
+def test_demo_generate_writes_the_sample_grid(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--only", "generate", "--seed", "3"]) == 0
+    grid = Image.open(tmp_path / "samples.png")
+    assert grid.size[0] >= 4 * 96
+
+
+def test_unknown_demo_feature_is_a_clear_error(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--only", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'nope' is not a demo feature" in err and "generate" in err
+
+
+def test_bad_base_is_a_clear_error(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--only", "generate", "--base", str(tmp_path / "missing")]) == 2
+    assert "nothing exists" in capsys.readouterr().err
+
+
+def test_inspect_reports_layout(tmp_path, tiny_sd1, capsys):
+    from privdiff.models.original_layout import save_single_file
+
+    path = save_single_file(pipeline=tiny_sd1, path=tmp_path / "m.safetensors")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "SD 1.x-layout" in out and "model_channels=32" in out and "bundled config: none" in out
+
+
+def test_python_dash_m_runs_the_same_command():
+    result = subprocess.run([sys.executable, "-m", "privdiff", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("privdiff ")
