@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo, out_required=True)
     demo.add_argument("--only", default=None, help="run one feature only (see the summary for names)")
 
+    pretrain = sub.add_parser("pretrain", help="pretrain privdiff-tiny from scratch on public procedural shapes")
+    _add_common(pretrain, out_required=True)
+    pretrain.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder steps (default 4000)")
+    pretrain.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps on 32 px crops (default 1200)")
+    pretrain.add_argument("--num-images", type=int, default=None, help="public images rendered (default 16000)")
+
     inspect = sub.add_parser("inspect", help="tell what a single-file checkpoint holds (reads names and shapes only)")
     inspect.add_argument("checkpoint", help="a .safetensors or .ckpt file")
     return parser
@@ -60,24 +66,40 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _cmd_inspect(args) -> int:
-    from .models.loading import BUNDLED_CONFIGS, inspect_checkpoint
+def _cmd_pretrain(args) -> int:
+    from .pipelines.pretrain import PretrainConfig, pretrain
 
-    info = inspect_checkpoint(args.checkpoint)
-    print(f"{info.path}: {info.describe()}")
-    name = BUNDLED_CONFIGS.get((info.family, info.model_channels, info.context_dim))
-    print(f"bundled config: {name}" if name else "bundled config: none (pass --config <diffusers folder> to load it)")
+    if args.data not in (None, "shapes"):
+        raise ValueError(f"--data {args.data!r}: privdiff-tiny pretrains on the public 'shapes' set only.")
+    overrides = {"seed": args.seed}
+    for option, field in (("unet_steps", "unet_steps"), ("vae_steps", "vae_crop_steps"), ("num_images", "num_images")):
+        if getattr(args, option) is not None:
+            overrides[field] = getattr(args, option)
+    result = pretrain(out=args.out, config=PretrainConfig(**overrides))
+    print(f"privdiff-tiny pretrained in {result.seconds['total'] / 60:.1f} min -> {result.out}")
+    print(f"samples: {result.sample_grid}\nloss curve: {result.loss_curve}")
+    print(f"use it: privdiff demo --base {result.out} --out demo-out")
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "inspect": _cmd_inspect}
+def _cmd_inspect(args) -> int:
+    from .models.loading import bundled_config_for, inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint)
+    print(f"{info.path}: {info.describe()}")
+    found = bundled_config_for(info)
+    print(f"bundled config: {found.name}" if found else "bundled config: none (pass --config <diffusers folder> to load it)")
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "inspect": _cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         # User errors (bad paths, bad layouts, bad data) read better without a traceback.
         print(f"privdiff {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -22,6 +22,19 @@ BUNDLED_CONFIGS = {
     ("sdxl", 320, 2048): "sdxl",
 }
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# privdiff-tiny's own signature: its single files load through the shipped folder (which has a tokenizer).
+PRIVDIFF_TINY_SIGNATURE = ("sd1", 64, 64)
+
+
+def bundled_config_for(info: "CheckpointInfo") -> Path | None:
+    """The config folder privdiff ships for a checkpoint's architecture, if any."""
+    from .privdiff_tiny import SHIPPED_DIR, is_shipped
+
+    key = (info.family, info.model_channels, info.context_dim)
+    if key == PRIVDIFF_TINY_SIGNATURE and is_shipped():
+        return SHIPPED_DIR
+    name = BUNDLED_CONFIGS.get(key)
+    return CONFIGS_DIR / name if name else None
 
 # Where each family's tokenizer usually lives in a Hugging Face cache: (repo, subfolder).
 TOKENIZER_SOURCES = {
@@ -118,10 +131,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 def _supported_summary() -> str:
-    return "; ".join(
-        f"{FAMILY_NAMES[f]} (model_channels={c}, cross-attention width={w}, config '{name}')"
-        for (f, c, w), name in BUNDLED_CONFIGS.items()
-    )
+    sizes = [f"{FAMILY_NAMES[f]} (model_channels={c}, cross-attention width={w}, config '{name}')"
+             for (f, c, w), name in BUNDLED_CONFIGS.items()]
+    return "; ".join(sizes + ["privdiff-tiny (model_channels=64, cross-attention width=64)"])
 
 
 def resolve_config_dir(info: CheckpointInfo, config: str | Path | None) -> Path:
@@ -147,14 +159,14 @@ def resolve_config_dir(info: CheckpointInfo, config: str | Path | None) -> Path:
             f"{info.path.name}: found {info.describe()}; in_channels={info.in_channels} is an inpainting or "
             "depth variant, which privdiff does not support. Use a text-to-image checkpoint (in_channels=4)."
         )
-    name = BUNDLED_CONFIGS.get((info.family, info.model_channels, info.context_dim))
-    if name is None:
+    found = bundled_config_for(info)
+    if found is None:
         raise CheckpointLayoutError(
             f"{info.path.name}: found {info.describe()}, which matches no bundled architecture: "
             f"{_supported_summary()}. For a model of another size pass config=<a diffusers folder of the same "
             "architecture> (--config on the command line)."
         )
-    return CONFIGS_DIR / name
+    return found
 
 
 def _cached_tokenizer_dir(repo: str, subfolder: str) -> Path | None:
@@ -247,15 +259,12 @@ def load_pipeline(
     tokenizer_2=None,
     torch_dtype=None,
     allow_download: bool | None = None,
-    seed: int = 0,
 ):
-    """Load the base model named by `--base`: 'tiny', a diffusers folder, or a single checkpoint file."""
+    """Load the base model named by `--base`: 'tiny' (privdiff-tiny), a diffusers folder, or a single file."""
     if str(base) == "tiny":
-        from .tiny import tiny_pipeline
+        from .privdiff_tiny import load_privdiff_tiny
 
-        pipeline = tiny_pipeline(seed=seed)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
+        return load_privdiff_tiny(torch_dtype=torch_dtype)
     path = Path(base).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

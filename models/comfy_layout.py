@@ -1,0 +1,102 @@
+"""What ComfyUI needs to build native MODEL/CLIP/VAE objects for an SD1-layout diffusers pipeline.
+
+ComfyUI's checkpoint loader recognises only the full-size architectures, but its model classes take
+configs: the UNet's is read from original-layout weights by `comfy.model_detection`, the CLIP text
+model takes a transformers-style config dict, and the VAE a `ddconfig`. This module derives those
+configs and the weights in ComfyUI's key layout from a diffusers pipeline, as plain data; only
+`nodes/` imports ComfyUI and turns them into objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .original_layout import UNET_PREFIX, VAE_PREFIX, clip_to_original, pipeline_family, pipeline_to_original
+
+
+@dataclass(frozen=True)
+class ComfyNativeSpec:
+    """Configs and original-layout weights for ComfyUI's own UNet, CLIP and VAE classes."""
+
+    unet_state_dict: dict
+    unet_extra_config: dict  # merged into what comfy.model_detection.detect_unet_config finds
+    clip_config: dict  # for comfy.sd1_clip.SDClipModel(textmodel_json_config=...)
+    clip_state_dict: dict  # for SDClipModel.load_sd: keys as comfy.clip_model.CLIPTextModel names them
+    clip_special_tokens: dict
+    clip_embedding_size: int
+    vae_config: dict  # for comfy.sd.VAE(config=...)
+    vae_state_dict: dict
+    latent_scale_factor: float
+
+
+def comfy_native_spec(pipeline) -> ComfyNativeSpec:
+    """Everything ComfyUI needs to rebuild `pipeline` (SD 1.x layout, any size) natively."""
+    family = pipeline_family(pipeline)
+    if family != "sd1":
+        raise ValueError(
+            f"comfy_native_spec covers SD 1.x-layout models (privdiff-tiny among them), not {family}; "
+            "full-size SD2/SDXL checkpoints load through ComfyUI's own CheckpointLoaderSimple."
+        )
+    state = pipeline_to_original(pipeline)
+    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    vae_sd = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+
+    unet_config = pipeline.unet.config
+    heads = unet_config.num_attention_heads or unet_config.attention_head_dim
+    if not isinstance(heads, int):
+        heads_per_level = set(heads)
+        if len(heads_per_level) != 1:
+            raise ValueError(f"ComfyUI's SD1 UNet takes one head count for every level, not {list(heads)}.")
+        heads = heads_per_level.pop()
+
+    text = pipeline.text_encoder.config
+    tokenizer = pipeline.tokenizer
+    clip_config = {
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "hidden_act": text.hidden_act,
+        "vocab_size": text.vocab_size,
+        "max_position_embeddings": text.max_position_embeddings,
+        "projection_dim": text.projection_dim,
+        "layer_norm_eps": text.layer_norm_eps,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "model_type": "clip_text_model",
+    }
+    import torch
+
+    clip_sd = clip_to_original(pipeline.text_encoder.state_dict())
+    # ComfyUI's CLIP always has a square projection (used only for pooled outputs, which SD1 ignores);
+    # identity keeps it defined instead of leaving uninitialised memory there.
+    clip_sd["text_projection.weight"] = torch.eye(text.hidden_size)
+
+    vae_config = pipeline.vae.config
+    widths = list(vae_config.block_out_channels)
+    ddconfig = {
+        "double_z": True,
+        "z_channels": vae_config.latent_channels,
+        "resolution": vae_config.sample_size,
+        "in_channels": vae_config.in_channels,
+        "out_ch": vae_config.out_channels,
+        "ch": widths[0],
+        "ch_mult": [w // widths[0] for w in widths],
+        "num_res_blocks": vae_config.layers_per_block,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    if any(w % widths[0] for w in widths) or any(w % 32 for w in widths):
+        raise ValueError(f"VAE widths {widths} must be multiples of the first and of 32 (ComfyUI's GroupNorm(32)).")
+    return ComfyNativeSpec(
+        unet_state_dict=unet_sd,
+        unet_extra_config={"num_heads": heads, "num_head_channels": -1},
+        clip_config=clip_config,
+        clip_state_dict=clip_sd,
+        clip_special_tokens={"start": tokenizer.bos_token_id, "end": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
+        clip_embedding_size=text.hidden_size,
+        vae_config={"params": {"ddconfig": ddconfig, "embed_dim": vae_config.latent_channels}},
+        vae_state_dict=vae_sd,
+        latent_scale_factor=float(vae_config.scaling_factor),
+    )
