@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from .original_layout import UNET_PREFIX, VAE_PREFIX, clip_to_original, pipeline_family, pipeline_to_original
 
 
+COMFY_CLIP_VOCAB = 49408
+
+
 @dataclass(frozen=True)
 class ComfyNativeSpec:
     """Configs and original-layout weights for ComfyUI's own UNet, CLIP and VAE classes."""
@@ -72,6 +75,14 @@ def comfy_native_spec(pipeline) -> ComfyNativeSpec:
     # ComfyUI's CLIP always has a square projection (used only for pooled outputs, which SD1 ignores);
     # identity keeps it defined instead of leaving uninitialised memory there.
     clip_sd["text_projection.weight"] = torch.eye(text.hidden_size)
+    # ComfyUI's CLIP embedding table always has OpenAI's 49408 rows; a smaller vocabulary is padded
+    # with zero rows that no token id of ours ever reaches.
+    table = clip_sd["text_model.embeddings.token_embedding.weight"]
+    if table.shape[0] > COMFY_CLIP_VOCAB:
+        raise ValueError(f"a vocabulary of {table.shape[0]} tokens does not fit ComfyUI's CLIP ({COMFY_CLIP_VOCAB}).")
+    padded = torch.zeros(COMFY_CLIP_VOCAB, table.shape[1], dtype=table.dtype)
+    padded[: table.shape[0]] = table
+    clip_sd["text_model.embeddings.token_embedding.weight"] = padded
 
     vae_config = pipeline.vae.config
     widths = list(vae_config.block_out_channels)

@@ -274,7 +274,12 @@ def load_pipeline(
             )
         from diffusers import DiffusionPipeline
 
-        pipeline = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=torch_dtype)
+        import torch
+
+        # Weights saved in fp16 (as privdiff-tiny is) would otherwise stay fp16, which CPUs run poorly.
+        pipeline = DiffusionPipeline.from_pretrained(
+            str(path), local_files_only=True, torch_dtype=torch_dtype or torch.float32
+        )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
     if path.is_file():

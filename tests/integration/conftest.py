@@ -24,6 +24,9 @@ def comfyui_root() -> Path:
     except ImportError:
         sys.path.insert(0, str(root))
     try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # as `main.py --cpu`: these machines have no GPU
         import comfy.sd  # noqa: F401
     except ImportError as error:
         pytest.skip(f"ComfyUI at {root} does not import in this Python ({error}); use ComfyUI's own venv")

@@ -1,0 +1,81 @@
+"""The shipped privdiff-tiny draws what its captions ask for, and has never seen the private sets."""
+
+import json
+import time
+
+import pytest
+
+from privdiff.models.privdiff_tiny import SHIPPED_DIR, is_shipped
+from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
+
+pytestmark = pytest.mark.skipif(not is_shipped(), reason="privdiff-tiny's weights are not in models/privdiff_tiny")
+
+
+@pytest.fixture(scope="module")
+def default():
+    from privdiff.models.loading import load_pipeline
+
+    return load_pipeline(base="tiny")
+
+
+def test_loads_offline_in_under_two_seconds():
+    import diffusers  # noqa: F401  (library import time is not the model's)
+
+    from privdiff.models.loading import load_pipeline
+
+    start = time.perf_counter()
+    pipe = load_pipeline(base="tiny")  # the conftest guard fails any connection outside 127.0.0.0/8
+    assert time.perf_counter() - start < 2.0
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+
+
+def test_shipped_files_are_small_and_documented():
+    sizes = sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*.safetensors"))
+    assert sizes <= 20 * 1024 * 1024
+    assert (SHIPPED_DIR / "tokenizer" / "vocab.json").is_file()
+    quality = json.loads((SHIPPED_DIR / "quality.json").read_text())
+    assert set(quality["results"]) == {"shapes", "circles", "digits", "style"}
+
+
+def test_single_file_of_the_default_loads_without_a_config(tmp_path, default):
+    import numpy as np
+    import torch
+
+    from privdiff.models.loading import load_pipeline
+    from privdiff.models.original_layout import save_single_file
+
+    path = save_single_file(pipeline=default, path=tmp_path / "privdiff-tiny.safetensors")
+    reloaded = load_pipeline(base=path)
+
+    def sample(p):
+        return p("a red circle on a blue background", num_inference_steps=5, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    np.testing.assert_array_equal(sample(reloaded), sample(default))
+
+
+def test_caption_adherence_on_a_few_prompts(default):
+    """A fast check in the default run; the full 200-prompt figures are a slow test below."""
+    report = evaluate_quality(pipeline=default, set_name="shapes", num=24,
+                              sampling=SamplingConfig(num_inference_steps=25, seed=1))
+    assert report.metrics["background_accuracy"] >= 0.85
+    assert report.metrics["color_accuracy"] >= 0.85
+    assert report.metrics["shape_accuracy"] >= 0.6
+
+
+@pytest.mark.slow
+def test_acceptance_figures(default):
+    from privdiff.data.analyzers import random_circle_iou
+    from privdiff.pipelines.evaluation import public_style_match
+
+    sampling = SamplingConfig(num_inference_steps=50, guidance_scale=5.0, seed=0)
+    shapes = evaluate_quality(pipeline=default, set_name="shapes", num=200, sampling=sampling).metrics
+    assert shapes["background_accuracy"] >= 0.95
+    assert shapes["color_accuracy"] >= 0.95
+    assert shapes["shape_accuracy"] >= 0.80
+    digits = evaluate_quality(pipeline=default, set_name="digits", num=200, sampling=sampling).metrics
+    assert digits["digit_accuracy"] <= 0.20
+    style = evaluate_quality(pipeline=default, set_name="style", num=100, sampling=sampling).metrics
+    assert abs(style["style_match"] - public_style_match(num=200)) <= 0.05
+    circles = evaluate_quality(pipeline=default, set_name="circles", num=200, sampling=sampling).metrics
+    assert circles["circle_iou"] <= random_circle_iou(num=1000) + 0.05
