@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                 baseline = random_circle_iou(num=1000, seed=args.seed)
                 results[set_name]["random_circle"] = baseline
                 floor = f"{baseline:.3f}"
-            rows.append((set_name, metric, f"{value:.3f}", f"{truth[metric]:.3f}", floor))
+            rows.append((set_name, metric, f"{value:.3f}", f"{truth.get(metric, float('nan')):.3f}", floor))
     if "style" in results:
         # The style set must be unseen: the default's style match is compared with the public set's own.
         from privdiff.pipelines.evaluation import public_style_match

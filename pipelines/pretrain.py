@@ -110,7 +110,7 @@ def _train_vae(vae, images, config: PretrainConfig, generator, bar) -> list[floa
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix_str(f"vae loss {loss.item():.4f}")
         bar.update(1)
     vae.eval()
@@ -165,7 +165,7 @@ def _train_unet(components, latents, caption_index, token_table, config: Pretrai
         with torch.no_grad():
             for shadow, p in zip(ema, parameters):
                 shadow.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix_str(f"unet loss {loss.item():.4f}")
         bar.update(1)
     with torch.no_grad():

