@@ -14,6 +14,8 @@ An item is a dict with these keys (procedural sets add their own, e.g. ``"circle
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Sequence
 
 import torch
@@ -39,7 +41,7 @@ class DatasetError(ValueError):
         super().__init__("\n".join(lines))
 
 
-class CaptionedImageDataset(Dataset):
+class CaptionedImageDataset(Dataset, abc.ABC):
     """Base of privdiff's datasets: items as in the module docstring, plus cheap metadata access.
 
     Samplers (per-subject DP, Dirichlet splits) need captions and subjects for every item;
@@ -49,17 +51,17 @@ class CaptionedImageDataset(Dataset):
     #: True when items carry a hint (all of them for procedural sets; see ImageCaptionDataset).
     has_hints: bool = False
 
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
 
-    def caption(self, index: int) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def caption(self, index: int) -> str: ...
 
-    def subject(self, index: int) -> str | None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def subject(self, index: int) -> str | None: ...
 
     def captions(self) -> list[str]:
         """Every item's caption, in index order, without loading pixels."""

@@ -10,6 +10,8 @@ pixel is exactly the shape colour or the background colour.
 
 from __future__ import annotations
 
+import abc
+
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -310,11 +312,11 @@ class ProceduralDataset(CaptionedImageDataset):
         cx, cy = (float(size + (res - 2 * size) * v) for v in u[1:])
         return cx, cy, size
 
-    def attributes(self, index: int) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def attributes(self, index: int) -> Any: ...
 
-    def render(self, spec: Any) -> tuple[np.ndarray, np.ndarray | None]:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def render(self, spec: Any) -> tuple[np.ndarray, np.ndarray | None]: ...
 
     def caption(self, index: int) -> str:
         return self.attributes(index).caption

@@ -53,12 +53,12 @@ def _demo_data(ctx: DemoContext) -> list[str]:
 def _demo_generate(ctx: DemoContext) -> list[str]:
     import torch
 
-    from ..data import load_dataset
+    from ..data.analyzers import public_prompts
     from ..data.images import make_grid, save_png
     from ..models.loading import load_pipeline
 
     pipeline = load_pipeline(base=ctx.base)
-    prompts = [load_dataset(data="shapes", resolution=64, seed=ctx.seed, num_items=8)[i]["caption"] for i in range(8)]
+    prompts = [spec.caption for spec in public_prompts(num=8, seed=ctx.seed)]
     generator = torch.Generator().manual_seed(ctx.seed)
     images = pipeline(
         prompts,
