@@ -1,0 +1,109 @@
+"""privdiff's per-sample clipping equals a per-sample autograd loop, per sample and per subject."""
+
+import pytest
+import torch
+from torch import nn
+
+from privdiff.privacy.clipping import GradSampleClipper
+
+
+class Block(nn.Module):
+    """Every layer kind the fast path supports, on [B, C, H, W] and [B, T, C] activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 4)
+        self.proj_in = nn.Conv2d(4, 6, 1)
+        self.ln = nn.LayerNorm(6)
+        self.q = nn.Linear(6, 6)
+        self.k = nn.Linear(5, 6, bias=False)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x, context):
+        h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, 9, 6]
+        h = self.ln(h)
+        attn = torch.softmax(self.q(h) @ self.k(context).transpose(1, 2), dim=-1)
+        return self.out(attn @ self.k(context).detach() + h)
+
+
+def _loop_reference(model, inputs, losses_fn, groups, clip):
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for s in range(int(groups.max()) + 1):
+        model.zero_grad()
+        idx = (groups == s).nonzero().flatten()
+        losses_fn(model, *(t[idx] for t in inputs)).sum().backward()
+        grads = [p.grad.clone() for p in params]
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norms.append(norm)
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [t + factor * g for t, g in zip(total, grads)]
+    return params, total, torch.stack(norms)
+
+
+def _losses(model, x, context):
+    return model(x, context).pow(2).mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "explicit"])
+@pytest.mark.parametrize("per_subject", [False, True])
+def test_matches_per_sample_loop(strategy, per_subject):
+    torch.manual_seed(0)
+    model = Block().double()
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    context = torch.randn(6, 7, 5, dtype=torch.float64)
+    groups = torch.tensor([0, 1, 1, 2, 0, 3]) if per_subject else torch.arange(6)
+    clip = 0.05  # small enough that some units are clipped and the sum is not the plain gradient
+    params, expected, expected_norms = _loop_reference(model, (x, context), _losses, groups, clip)
+
+    model.zero_grad()
+    clipper = GradSampleClipper(module=model, max_grad_norm=clip, strategy=strategy)
+    _losses(model, x, context).sum().backward()
+    norms = clipper.clip_and_accumulate(groups=None if not per_subject else groups)
+    assert torch.allclose(norms.double(), expected_norms, rtol=1e-5)
+    assert (expected_norms > clip).any(), "some units must be clipped for the test to mean anything"
+    for p, e in zip(params, expected):
+        got = clipper.summed_grad[p]
+        assert torch.allclose(got, e, rtol=1e-5, atol=1e-12), (p.shape, (got - e).abs().max())
+
+
+def test_unet_attention_parameters_match_a_loop():
+    from privdiff.models.tiny import TinySpec, tiny_unet
+
+    unet = tiny_unet(TinySpec(), seed=0).double()
+    unet.requires_grad_(False)
+    for name, module in unet.named_modules():
+        if name.endswith(("attn1", "attn2")):
+            for sub in ("to_q", "to_k", "to_v", "to_out.0"):
+                unet.get_submodule(f"{name}.{sub}").requires_grad_(True)
+    torch.manual_seed(1)
+    z = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    context = torch.randn(3, 77, 32, dtype=torch.float64)
+    t = torch.tensor([10, 500, 900])
+
+    def losses(model, z, context, t):
+        return model(z, t, context).sample.pow(2).mean(dim=(1, 2, 3))
+
+    params, expected, expected_norms = _loop_reference(unet, (z, context, t), losses, torch.arange(3), 1e-3)
+    assert (expected_norms > 1e-3).any()
+    unet.zero_grad()
+    clipper = GradSampleClipper(module=unet, max_grad_norm=1e-3)
+    losses(unet, z, context, t).sum().backward()
+    norms = clipper.clip_and_accumulate()
+    assert torch.allclose(norms.double(), expected_norms, rtol=1e-5)
+    for p, e in zip(params, expected):
+        assert torch.allclose(clipper.summed_grad[p], e, rtol=1e-5, atol=1e-15)
+
+
+def test_unsupported_trainable_layer_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3))
+    with pytest.raises(ValueError, match="'0' \\(Conv2d\\) has no fast per-sample clipping"):
+        GradSampleClipper(module=model, max_grad_norm=1.0)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        GradSampleClipper(module=nn.Linear(2, 2), max_grad_norm=0)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        GradSampleClipper(module=nn.Linear(2, 2).requires_grad_(False), max_grad_norm=1.0)
