@@ -97,7 +97,14 @@ class GradSampleClipper:
         def hook(layer, inputs, output):
             if not torch.is_grad_enabled():
                 return
+            if capture.inputs is not None and capture.grad_outputs is None:
+                # A shared layer's per-sample gradient mixes several calls: not supported here.
+                raise RuntimeError(
+                    f"layer {name!r} was called twice in one forward pass; fast clipping needs each trainable "
+                    "layer used once per pass (use the opacus backend for weight sharing)."
+                )
             capture.inputs = inputs[0].detach()
+            capture.grad_outputs = None
 
             def grad_hook(grad):
                 capture.grad_outputs = grad.detach()

@@ -17,13 +17,14 @@ class Block(nn.Module):
         self.ln = nn.LayerNorm(6)
         self.q = nn.Linear(6, 6)
         self.k = nn.Linear(5, 6, bias=False)
+        self.v = nn.Linear(5, 6)
         self.out = nn.Linear(6, 3)
 
     def forward(self, x, context):
         h = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # [B, 9, 6]
         h = self.ln(h)
         attn = torch.softmax(self.q(h) @ self.k(context).transpose(1, 2), dim=-1)
-        return self.out(attn @ self.k(context).detach() + h)
+        return self.out(attn @ self.v(context) + h)
 
 
 def _loop_reference(model, inputs, losses_fn, groups, clip):
@@ -107,3 +108,37 @@ def test_bad_settings():
         GradSampleClipper(module=nn.Linear(2, 2), max_grad_norm=0)
     with pytest.raises(ValueError, match="no trainable parameters"):
         GradSampleClipper(module=nn.Linear(2, 2).requires_grad_(False), max_grad_norm=1.0)
+
+
+def test_matches_opacus_clipped_gradient():
+    """The reference backend: opacus' hooks and DPOptimizer (noise off) give the same clipped sum."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(2)
+    model = Block().double()
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    context = torch.randn(5, 7, 5, dtype=torch.float64)
+    clip = 0.05
+
+    reference = GradSampleModule(Block().double())
+    reference.load_state_dict({f"_module.{k}": v for k, v in model.state_dict().items()})
+    optimizer = DPOptimizer(torch.optim.SGD(reference.parameters(), lr=0.0), noise_multiplier=0.0,
+                            max_grad_norm=clip, expected_batch_size=5)
+    _losses(reference, x, context).sum().backward()
+    optimizer.pre_step()
+
+    clipper = GradSampleClipper(module=model, max_grad_norm=clip)
+    _losses(model, x, context).sum().backward()
+    clipper.clip_and_accumulate()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        expected = theirs.grad * 5  # opacus divides by the expected batch size
+        assert torch.allclose(clipper.summed_grad[ours], expected, rtol=1e-5, atol=1e-12), name
+
+
+def test_a_layer_called_twice_is_refused():
+    layer = nn.Linear(3, 3)
+    clipper = GradSampleClipper(module=layer, max_grad_norm=1.0)
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="called twice"):
+        layer(layer(x))
