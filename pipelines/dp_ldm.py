@@ -1,0 +1,371 @@
+"""DP-LDM: differentially private fine-tuning of a latent diffusion model's attention (arXiv 2305.15759).
+
+Only the chosen trainable set (attention projections by default) is trained, with DP-SGD: Poisson
+batches, per-example (or per-subject) clipping, Gaussian noise calibrated to the target (ε, δ) over
+the planned steps. What leaves the run is the weight difference (diffusers and ComfyUI key names)
+carrying its privacy record, and samples drawn from the private model (post-processing, covered by ε).
+Everything else computed on private data (losses, checkpoints) is a by-product outside the guarantee:
+kept under `<out>/byproducts-not-covered-by-dp/`, labelled, and deleted at the end unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BYPRODUCTS = "byproducts-not-covered-by-dp"
+WEIGHTS_DIFFUSERS = "dp_ldm_unet_diff.safetensors"
+WEIGHTS_COMFYUI = "dp_ldm_comfyui.safetensors"
+
+
+@dataclass(frozen=True)
+class DPLDMConfig:
+    trainable: str = "attention"
+    ablation_blocks: int = 0
+    epsilon: float | None = 10.0  # None: a non-private run (no clipping, no noise), for comparison
+    delta: float | None = None  # default: 1 / (10 N)
+    max_grad_norm: float = 0.01
+    epochs: float = 10.0
+    batch_size: int = 32  # expected logical batch: the sample rate is batch_size / N
+    physical_batch_size: int = 16
+    learning_rate: float = 1e-4  # at batch 32; scaled linearly with batch_size, as DP-LDM does
+    privacy_unit: str = "example"
+    max_examples_per_subject: int = 1
+    seed: int = 0
+    secure_noise: bool = True  # DP noise from an OS-seeded generator; False only for reproducible tests
+    accountant: str = "prv"
+    checkpoint_every: int = 25
+    keep_byproducts: bool = False
+    num_samples: int = 16
+    sample_prompts: tuple[str, ...] = ()  # prompts for samples.png; default: public shape prompts
+
+    def __post_init__(self) -> None:
+        from .trainable import TRAINABLE_SETS
+
+        if self.trainable not in TRAINABLE_SETS:
+            raise ValueError(f"trainable={self.trainable!r} is not one of {', '.join(TRAINABLE_SETS)}.")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"epsilon={self.epsilon} must be positive (smaller is more private); "
+                             "omit it for a non-private comparison run.")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"delta={self.delta} must lie in (0, 1), and below 1/N for N training images.")
+        for name in ("batch_size", "physical_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs} must be positive.")
+        if not self.max_grad_norm > 0 or not self.learning_rate > 0:
+            raise ValueError("max_grad_norm and learning_rate must be positive.")
+        if self.privacy_unit not in ("example", "subject"):
+            raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    step: int
+    total_steps: int
+    loss: float | None  # computed on private data: not covered by ε, for the progress display only
+    epsilon: float | None
+
+
+@dataclass(frozen=True)
+class DPLDMResult:
+    out: Path
+    steps_done: int
+    total_steps: int
+    stopped: bool
+    epsilon: float | None
+    weights: dict[str, Path] = field(default_factory=dict)
+    sample_grid: Path | None = None
+
+
+class _Run:
+    """State of one training run, savable as safetensors + JSON (no pickle) for exact resumption."""
+
+    def __init__(self, *, pipeline, dataset, config: DPLDMConfig, num_examples: int):
+        import torch
+
+        from ..privacy.engine import DPConfig, DPSGDEngine
+        from ..privacy.dp_sgd import PoissonSampler, secure_generator
+        from .trainable import select_trainable
+
+        self.config = config
+        self.pipeline = pipeline
+        self.unet = pipeline.unet
+        self.chosen = select_trainable(unet=self.unet, trainable=config.trainable, ablation_blocks=config.ablation_blocks)
+        self.base_state = {n: p.detach().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+        self.num_examples = num_examples
+        self.sample_rate = min(1.0, config.batch_size / num_examples)
+        self.total_steps = max(1, math.ceil(config.epochs * num_examples / config.batch_size))
+        self.delta = config.delta if config.delta is not None else 1.0 / (10 * num_examples)
+        lr = config.learning_rate * config.batch_size / 32
+        self.parameters = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.0)
+        self.train_generator = torch.Generator().manual_seed(config.seed + 1)
+        noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.losses: list[float] = []
+        self._prepare(dataset)
+        subjects = dataset.subjects() if config.privacy_unit == "subject" else None
+        if config.epsilon is None:
+            self.engine = None
+            self.sampler = PoissonSampler(num_examples=num_examples, sample_rate=self.sample_rate,
+                                          steps=self.total_steps, generator=noise_generator)
+        else:
+            self.engine = DPSGDEngine(
+                model=self.unet,
+                optimizer=self.optimizer,
+                config=DPConfig(
+                    delta=self.delta, max_grad_norm=config.max_grad_norm, sample_rate=self.sample_rate,
+                    steps=self.total_steps, target_epsilon=config.epsilon, privacy_unit=config.privacy_unit,
+                    max_examples_per_subject=config.max_examples_per_subject,
+                    physical_batch_size=config.physical_batch_size, accountant=config.accountant,
+                ),
+                num_examples=num_examples,
+                subjects=subjects,
+                generator=noise_generator,
+            )
+            self.sampler = self.engine.sampler
+
+    def _prepare(self, dataset) -> None:
+        """Encode every image and caption once with the frozen VAE and text encoder (kept in memory)."""
+        import torch
+
+        pipe = self.pipeline
+        latents, captions = [], []
+        with torch.no_grad():
+            for start in range(0, self.num_examples, 64):
+                items = [dataset[i] for i in range(start, min(start + 64, self.num_examples))]
+                pixels = torch.stack([item["pixel_values"] for item in items]).to(pipe.vae.dtype)
+                latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+                captions.extend(item["caption"] for item in items)
+            unique = sorted(set(captions))
+            ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            table = pipe.text_encoder(ids)[0]
+        row = {c: i for i, c in enumerate(unique)}
+        self.latents = torch.cat(latents)
+        self.context = table[torch.tensor([row[c] for c in captions])]
+        self.noise_scheduler = _training_scheduler(pipe)
+
+    def per_sample_loss(self, indices):
+        import torch
+
+        z0 = self.latents[indices]
+        noise = torch.randn(z0.shape, generator=self.train_generator)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(z0),), generator=self.train_generator)
+        zt = self.noise_scheduler.add_noise(z0, noise, t)
+        prediction = self.unet(zt, t, self.context[indices]).sample
+        target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else \
+            self.noise_scheduler.get_velocity(z0, noise, t)
+        return (prediction - target).pow(2).mean(dim=(1, 2, 3))
+
+    def train_step(self) -> TrainProgress:
+        if self.engine is not None:
+            info = self.engine.step(self.per_sample_loss)
+            loss, eps = info["loss"], info["epsilon"]
+        else:
+            indices, _ = self.sampler.sample()
+            loss, eps = None, None
+            if len(indices):
+                losses = self.per_sample_loss(indices)
+                losses.mean().backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = float(losses.detach().mean())
+        self.step += 1
+        if loss is not None:
+            self.losses.append(loss)
+        return TrainProgress(step=self.step, total_steps=self.total_steps, loss=loss, epsilon=eps)
+
+    # ---- checkpoints (by-products: never released) --------------------------------------------
+
+    def save_checkpoint(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.unet.named_parameters() if p.requires_grad}
+        state = self.optimizer.state_dict()
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                tensors[f"optim.{index}.{key}"] = value.detach().contiguous().reshape(value.shape)
+        tensors["rng.train"] = self.train_generator.get_state()
+        tensors["rng.noise"] = self.sampler.generator.get_state()
+        meta = {
+            "step": self.step,
+            "losses": self.losses,
+            "param_groups": state["param_groups"],
+            "accountant": self.engine.accountant.to_json() if self.engine else None,
+            "config": asdict(self.config),
+            "note": "computed on private data; NOT covered by the differential-privacy guarantee; do not share",
+        }
+        tmp = folder / "checkpoint.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(folder / "checkpoint.safetensors")
+        (folder / "checkpoint.json.tmp").write_text(json.dumps(meta))
+        (folder / "checkpoint.json.tmp").replace(folder / "checkpoint.json")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from ..privacy.accounting import Accountant
+
+        tensors = load_file(str(folder / "checkpoint.safetensors"))
+        meta = json.loads((folder / "checkpoint.json").read_text())
+        saved = {k: v for k, v in meta["config"].items() if k not in ("keep_byproducts", "checkpoint_every")}
+        current = {k: v for k, v in json.loads(json.dumps(asdict(self.config))).items()
+                   if k not in ("keep_byproducts", "checkpoint_every")}
+        if saved != current:
+            changed = sorted(k for k in current if saved.get(k) != current[k])
+            raise ValueError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)}); "
+                             "resume with the same settings, or start a new run in another --out folder.")
+        with torch.no_grad():
+            for name, param in self.unet.named_parameters():
+                if param.requires_grad:
+                    param.copy_(tensors[f"param.{name}"])
+        state = {"state": {}, "param_groups": meta["param_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state["state"].setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict(state)
+        self.train_generator.set_state(tensors["rng.train"])
+        self.sampler.generator.set_state(tensors["rng.noise"])
+        self.step = meta["step"]
+        self.losses = list(meta["losses"])
+        if self.engine is not None:
+            self.engine.accountant = Accountant.from_json(meta["accountant"])
+
+
+def _training_scheduler(pipeline):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipeline.scheduler.config)
+
+
+def _validate(*, dataset, config: DPLDMConfig) -> int:
+    from ..privacy.accounting import check_delta
+
+    n = len(dataset)
+    if n < 2:
+        raise ValueError(f"the dataset has {n} image(s); DP training needs at least 2 (and many more to be useful).")
+    if config.batch_size > n:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the dataset ({n} images); "
+                         f"use at most {n}.")
+    units = n if config.privacy_unit == "example" else len({s for s in dataset.subjects()})
+    if config.epsilon is not None:
+        check_delta(delta=config.delta if config.delta is not None else 1.0 / (10 * n), num_examples=units)
+    return n
+
+
+def train_dp_ldm(
+    *,
+    base,
+    data,
+    out: str | Path,
+    config: DPLDMConfig = DPLDMConfig(),
+    num_items: int | None = None,
+    resume: bool = False,
+    progress: Callable[[TrainProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> DPLDMResult:
+    """Fine-tune `base` on `data` with DP-LDM and write the outputs into `out`.
+
+    `base` is a pipeline object or anything `load_pipeline` takes; `data` a dataset, a folder or a
+    procedural set's name. Every setting is checked before anything is written. `should_stop` is
+    polled after each step: a stopped run leaves a checkpoint that `resume=True` continues exactly.
+    """
+    from ..data import load_dataset
+    from ..models.loading import load_pipeline
+
+    out = Path(out)
+    pipeline = load_pipeline(base=base) if isinstance(base, (str, Path)) else base
+    dataset = data if hasattr(data, "__getitem__") and not isinstance(data, (str, Path)) else load_dataset(
+        data=data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
+        seed=config.seed, num_items=num_items)
+    num_examples = _validate(dataset=dataset, config=config)
+    byproducts = out / BYPRODUCTS
+    if (out / WEIGHTS_DIFFUSERS).exists() and not resume:
+        raise FileExistsError(f"{out} already holds a DP-LDM result; choose another --out folder.")
+    if resume and not (byproducts / "checkpoint.json").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {byproducts}; start without --resume.")
+
+    run = _Run(pipeline=pipeline, dataset=dataset, config=config, num_examples=num_examples)
+    if config.epsilon is not None and run.engine.planned_epsilon() > config.epsilon * (1 + 1e-9):
+        raise ValueError(f"the plan ({run.total_steps} steps) would exceed epsilon={config.epsilon}; "
+                         "this should not happen after calibration: please report it.")
+    if resume:
+        run.load_checkpoint(byproducts)
+    stopped = False
+    while run.step < run.total_steps:
+        info = run.train_step()
+        if progress is not None:
+            progress(info)
+        if run.step % config.checkpoint_every == 0 and run.step < run.total_steps:
+            run.save_checkpoint(byproducts)
+        if should_stop is not None and should_stop() and run.step < run.total_steps:
+            run.save_checkpoint(byproducts)
+            stopped = True
+            break
+    if stopped:
+        return DPLDMResult(out=out, steps_done=run.step, total_steps=run.total_steps, stopped=True,
+                           epsilon=run.engine.accountant.epsilon(delta=run.delta) if run.engine else None)
+    return _release(run=run, out=out)
+
+
+def _release(*, run: _Run, out: Path) -> DPLDMResult:
+    """Write the released files (weights + privacy record, samples) and clear the by-products."""
+    import torch
+
+    from ..data.images import line_chart, make_grid, save_png
+    from ..models.weight_diffs import comfy_diff_keys, weight_differences
+    from ..privacy.record import PrivacyRecord, record_for_dp_sgd, write_safetensors
+
+    config = run.config
+    tuned = {n: p.detach() for n, p in run.unet.named_parameters() if p.requires_grad}
+    diffs = weight_differences(base=run.base_state, tuned=tuned, names=run.chosen.parameter_names)
+    settings = {"trainable": config.trainable, "ablation_blocks": config.ablation_blocks,
+                "learning_rate": config.learning_rate, "batch_size": config.batch_size, "epochs": config.epochs}
+    if run.engine is not None:
+        record = record_for_dp_sgd(history=run.engine.accountant, clip=config.max_grad_norm,
+                                   num_examples=run.num_examples, delta=run.delta, accountant=config.accountant,
+                                   privacy_unit=config.privacy_unit, extra={"dp_ldm": settings})
+        epsilon = record.epsilon
+    else:
+        record = PrivacyRecord(mechanism="none", extra={"dp_ldm": settings,
+                                                        "warning": "trained WITHOUT differential privacy"})
+        epsilon = None
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {
+        "diffusers": write_safetensors(path=out / WEIGHTS_DIFFUSERS, tensors=diffs, record=record),
+        "comfyui": write_safetensors(path=out / WEIGHTS_COMFYUI,
+                                     tensors=comfy_diff_keys(diffs=diffs, unet_config=run.unet.config), record=record),
+    }
+    # Samples from the private model are post-processing of the DP release: covered by ε.
+    pipe = run.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    prompts = list(config.sample_prompts) or _public_prompts(num=config.num_samples, seed=config.seed)
+    images = pipe(prompts, num_inference_steps=30, guidance_scale=5.0, output_type="np",
+                  generator=torch.Generator().manual_seed(config.seed)).images
+    grid = save_png(make_grid(list(images), labels=prompts, columns=4, cell_size=96), out / "samples.png")
+    byproducts = out / BYPRODUCTS
+    if config.keep_byproducts:
+        save_png(line_chart({"training loss": run.losses}, title="DP-LDM training loss",
+                            note="computed on private data: NOT covered by the DP guarantee"), byproducts / "loss.png")
+        run.save_checkpoint(byproducts)
+    elif byproducts.exists():
+        shutil.rmtree(byproducts)
+    return DPLDMResult(out=out, steps_done=run.step, total_steps=run.total_steps, stopped=False, epsilon=epsilon,
+                       weights=weights, sample_grid=grid)
+
+
+def _public_prompts(*, num: int, seed: int) -> list[str]:
+    """Default prompts for the sample grid: public templates, never the private captions themselves."""
+    from ..data.analyzers import public_prompts
+
+    return [spec.caption for spec in public_prompts(num=num, seed=seed)]

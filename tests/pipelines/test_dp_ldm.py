@@ -1,0 +1,99 @@
+"""DP-LDM trainer on the tiny model: outputs with their privacy record, exact resume, clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privdiff.models.tiny import TinySpec, tiny_pipeline
+from privdiff.pipelines.dp_ldm import BYPRODUCTS, WEIGHTS_COMFYUI, WEIGHTS_DIFFUSERS, DPLDMConfig, train_dp_ldm
+from privdiff.privacy.accounting import epsilon as epsilon_of
+from privdiff.privacy.record import read_record
+
+QUICK = dict(batch_size=4, physical_batch_size=2, epochs=1.0, secure_noise=False, num_samples=2,
+             max_grad_norm=0.1, learning_rate=1e-3)
+
+
+def _base():
+    pipe = tiny_pipeline(spec=TinySpec(), seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_private_run_releases_weights_with_their_record(tmp_path):
+    result = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "run",
+                          config=DPLDMConfig(epsilon=8.0, **QUICK))
+    assert result.total_steps == 4 and result.steps_done == 4 and not result.stopped
+    record = read_record(result.weights["diffusers"])
+    assert record.mechanism == "dp-sgd" and record.epsilon <= 8.0
+    assert record.num_examples == 16 and record.sample_rate == 0.25 and record.steps == 4
+    independent = epsilon_of(noise_multiplier=record.noise_multiplier, sample_rate=0.25, steps=4,
+                             delta=record.delta, accountant="pld")
+    assert abs(record.epsilon - independent) / independent < 0.05
+    diffs = load_file(str(result.weights["diffusers"]))
+    assert diffs and all(".attn" in k for k in diffs) and any(v.abs().sum() > 0 for v in diffs.values())
+    comfy = load_file(str(result.weights["comfyui"]))
+    assert len(comfy) == len(diffs) and all(k.startswith("diffusion_model.") for k in comfy)
+    assert read_record(result.weights["comfyui"]) == record
+    assert (tmp_path / "run" / "samples.png").is_file()
+    assert not (tmp_path / "run" / BYPRODUCTS).exists(), "by-products are deleted unless kept"
+
+
+def test_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    config = DPLDMConfig(epsilon=8.0, **QUICK)
+    straight = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "a", config=config)
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    stopped = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "b", config=config,
+                           should_stop=stop_after_two)
+    assert stopped.stopped and stopped.steps_done == 2 and not (tmp_path / "b" / WEIGHTS_DIFFUSERS).exists()
+    meta = json.loads((tmp_path / "b" / BYPRODUCTS / "checkpoint.json").read_text())
+    assert "NOT covered" in meta["note"]
+    resumed = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "b", config=config, resume=True)
+    a, b = load_file(str(straight.weights["diffusers"])), load_file(str(resumed.weights["diffusers"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_record(resumed.weights["diffusers"]).epsilon == pytest.approx(
+        read_record(straight.weights["diffusers"]).epsilon)
+
+
+def test_non_private_run_is_labelled(tmp_path):
+    result = train_dp_ldm(base=_base(), data="shapes", num_items=8, out=tmp_path / "run",
+                          config=DPLDMConfig(epsilon=None, **QUICK))
+    record = read_record(result.weights["diffusers"])
+    assert record.mechanism == "none" and "WITHOUT" in record.extra["warning"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "num_items", "message"),
+    [
+        (dict(delta=0.5), 16, "delta"),
+        ({}, 1, "at least 2"),
+        (dict(batch_size=32), 16, "larger than the dataset"),
+    ],
+)
+def test_bad_input_writes_nothing(tmp_path, kwargs, num_items, message):
+    settings = dict(QUICK, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        train_dp_ldm(base=_base(), data="shapes", num_items=num_items, out=tmp_path / "run",
+                     config=DPLDMConfig(epsilon=1.0, **settings))
+    assert not (tmp_path / "run").exists()
+
+
+def test_epsilon_must_be_positive():
+    with pytest.raises(ValueError, match="epsilon"):
+        DPLDMConfig(epsilon=0.0)
+
+
+def test_folder_without_usable_images_writes_nothing(tmp_path):
+    from privdiff.data import DatasetError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError):
+        train_dp_ldm(base=_base(), data=tmp_path / "data", out=tmp_path / "run", config=DPLDMConfig(**QUICK))
+    assert not (tmp_path / "run").exists()
