@@ -96,6 +96,9 @@ class DPSGDEngine:
         )
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.clipper = GradSampleClipper(module=model, max_grad_norm=config.max_grad_norm)
+        # ε for progress reports is refreshed every `epsilon_every` steps (and at the last one).
+        self.epsilon_every = 10
+        self._epsilon: float | None = None
 
     def planned_epsilon(self) -> float:
         """ε after all planned steps (on top of what the accountant already holds)."""
@@ -105,9 +108,16 @@ class DPSGDEngine:
         return probe.epsilon(delta=self.config.delta)
 
     def step(self, per_sample_loss: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-        """One logical DP-SGD step. Returns {'batch_units', 'loss' (None if empty), 'epsilon'}."""
+        """One logical DP-SGD step. Returns {'batch_units', 'loss' (None if empty), 'epsilon' (ε spent,
+        refreshed every `epsilon_every` steps)}."""
         config = self.config
-        if config.target_epsilon is not None:
+        within_plan = self.accountant.total_steps + 1 <= config.steps and all(
+            (s.noise_multiplier, s.sample_rate) == (self.noise_multiplier, config.sample_rate)
+            for s in self.accountant.history
+        )
+        # Within the calibrated plan ε cannot pass the target (ε grows with steps), so the costly
+        # accountant runs only for steps beyond the plan or after a change of settings.
+        if config.target_epsilon is not None and not within_plan:
             probe = Accountant.from_json(self.accountant.to_json())
             probe.step(noise_multiplier=self.noise_multiplier, sample_rate=config.sample_rate)
             spent = probe.epsilon(delta=config.delta)
@@ -142,5 +152,8 @@ class DPSGDEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=config.sample_rate)
+        done = self.accountant.total_steps
+        if self._epsilon is None or done % self.epsilon_every == 0 or done >= config.steps:
+            self._epsilon = self.accountant.epsilon(delta=config.delta)
         mean_loss = float(torch.cat(losses).mean()) if losses else None
-        return {"batch_units": units, "loss": mean_loss, "epsilon": self.accountant.epsilon(delta=config.delta)}
+        return {"batch_units": units, "loss": mean_loss, "epsilon": self._epsilon}
