@@ -46,6 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps on 32 px crops (default 1200)")
     pretrain.add_argument("--num-images", type=int, default=None, help="public images rendered (default 16000)")
 
+    train = sub.add_parser("train", help="private fine-tuning")
+    methods = train.add_subparsers(dest="method", required=True, metavar="METHOD")
+    ldm = methods.add_parser("dp-ldm", help="DP-SGD fine-tuning of the UNet's attention (DP-LDM)")
+    _add_base(ldm)
+    _add_common(ldm, data_default=None, out_required=True)
+    ldm.add_argument("--epsilon", type=float, default=10.0, help="target ε (default 10)")
+    ldm.add_argument("--no-dp", action="store_true", help="train WITHOUT privacy, for comparison runs only")
+    ldm.add_argument("--delta", type=float, default=None, help="δ (default 1/(10 N))")
+    ldm.add_argument("--epochs", type=float, default=10.0)
+    ldm.add_argument("--batch-size", type=int, default=32, help="expected logical batch size (sample rate B/N)")
+    ldm.add_argument("--physical-batch-size", type=int, default=16, help="micro-batch that fits in memory")
+    ldm.add_argument("--max-grad-norm", type=float, default=0.01, help="per-example clipping bound C")
+    ldm.add_argument("--lr", type=float, default=1e-4, help="learning rate at batch 32 (scaled with the batch)")
+    ldm.add_argument("--trainable", default="attention", help="cross_attention, attention, transformer or full")
+    ldm.add_argument("--ablation-blocks", type=int, default=0, help="train only transformer blocks >= k")
+    ldm.add_argument("--privacy-unit", default="example", choices=["example", "subject"])
+    ldm.add_argument("--max-examples-per-subject", type=int, default=1)
+    ldm.add_argument("--num-items", type=int, default=None, help="items of a procedural set (default: its own)")
+    ldm.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    ldm.add_argument("--keep-byproducts", action="store_true",
+                     help="keep loss curve and checkpoint (computed on private data, NOT covered by ε)")
+
     inspect = sub.add_parser("inspect", help="tell what a single-file checkpoint holds (reads names and shapes only)")
     inspect.add_argument("checkpoint", help="a .safetensors or .ckpt file")
     return parser
@@ -82,6 +104,56 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    import signal
+
+    from tqdm.auto import tqdm
+
+    from .pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
+
+    if args.data is None:
+        raise ValueError("--data is required: a folder of images with captions, or a procedural set's name.")
+    config = DPLDMConfig(
+        trainable=args.trainable, ablation_blocks=args.ablation_blocks, epsilon=None if args.no_dp else args.epsilon,
+        delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
+        physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,
+        max_examples_per_subject=args.max_examples_per_subject, seed=args.seed, keep_byproducts=args.keep_byproducts,
+    )
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    bar = tqdm(desc="dp-ldm", unit="step")
+
+    def progress(info):
+        bar.total = info.total_steps
+        eps = "" if info.epsilon is None else f" ε={info.epsilon:.3g}"
+        loss = "" if info.loss is None else f" loss={info.loss:.4f} (not covered by ε)"
+        bar.set_postfix_str(f"{eps}{loss}".strip())
+        bar.update(1)
+
+    try:
+        result = train_dp_ldm(base=args.base, data=args.data, out=args.out, config=config, num_items=args.num_items,
+                              resume=args.resume, progress=progress, should_stop=lambda: stop["requested"])
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+    if result.stopped:
+        print(f"stopped at step {result.steps_done}/{result.total_steps}; continue with the same command and --resume")
+        return 130
+    eps = "without DP" if result.epsilon is None else f"ε = {result.epsilon:.3g}"
+    print(f"DP-LDM finished ({eps}) -> {result.out}")
+    for kind, path in result.weights.items():
+        print(f"  {kind}: {path}")
+    print(f"  samples: {result.sample_grid}")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from .models.loading import bundled_config_for, inspect_checkpoint
 
@@ -92,7 +164,7 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "inspect": _cmd_inspect}
+COMMANDS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "train": _cmd_train, "inspect": _cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

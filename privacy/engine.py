@@ -96,8 +96,9 @@ class DPSGDEngine:
         )
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.clipper = GradSampleClipper(module=model, max_grad_norm=config.max_grad_norm)
-        # ε for progress reports is refreshed every `epsilon_every` steps (and at the last one).
-        self.epsilon_every = 10
+        # ε for progress reports is refreshed every `epsilon_every` steps (and at the last one): at most
+        # about 100 accountant runs per training run.
+        self.epsilon_every = max(1, config.steps // 100)
         self._epsilon: float | None = None
 
     def planned_epsilon(self) -> float:
