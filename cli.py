@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--max-examples-per-subject", type=int, default=1)
     ldm.add_argument("--num-items", type=int, default=None, help="items of a procedural set (default: its own)")
     ldm.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    ldm.add_argument("--sample-prompt", action="append", default=None,
+                     help="prompt for samples.png (repeatable; default: the set's public prompt templates)")
     ldm.add_argument("--keep-byproducts", action="store_true",
                      help="keep loss curve and checkpoint (computed on private data, NOT covered by ε)")
 
@@ -109,7 +111,7 @@ def _cmd_train(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from .pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
+    from .pipelines.dp_ldm import DPLDMConfig, default_sample_prompts, train_dp_ldm
 
     if args.data is None:
         raise ValueError("--data is required: a folder of images with captions, or a procedural set's name.")
@@ -118,6 +120,7 @@ def _cmd_train(args) -> int:
         delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,
         max_examples_per_subject=args.max_examples_per_subject, seed=args.seed, keep_byproducts=args.keep_byproducts,
+        sample_prompts=tuple(args.sample_prompt or default_sample_prompts(data=args.data)),
     )
     stop = {"requested": False}
 

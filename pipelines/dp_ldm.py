@@ -369,3 +369,13 @@ def _public_prompts(*, num: int, seed: int) -> list[str]:
     from ..data.analyzers import public_prompts
 
     return [spec.caption for spec in public_prompts(num=num, seed=seed)]
+
+
+def default_sample_prompts(*, data, num: int = 16) -> list[str]:
+    """Public prompt templates for a procedural set's samples (none for a folder: its captions are private)."""
+    from ..data import PROCEDURAL_DATASETS
+    from .evaluation import evaluation_items
+
+    if isinstance(data, str) and data in PROCEDURAL_DATASETS and data != "shapes":
+        return [item["caption"] for item in evaluation_items(set_name=data, num=num)]
+    return []
