@@ -18,13 +18,12 @@ TOLERANCE = 0.06
 
 @pytest.mark.slow
 def test_pretrain_with_the_shipped_seed_reproduces_the_shipped_figures(tmp_path):
-    from diffusers import StableDiffusionPipeline
+    from privdiff.models.loading import load_pipeline
 
     shipped = json.loads((SHIPPED_DIR / "quality.json").read_text())
     config = PretrainConfig(**json.loads((SHIPPED_DIR / "pretrain.json").read_text())["config"])
     result = pretrain(out=tmp_path / "privdiff-tiny", config=config, show_progress=False)
-    pipeline = StableDiffusionPipeline.from_pretrained(str(result.out), local_files_only=True)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = load_pipeline(base=result.out)  # fp16 files, loaded as float32 as users get them
     sampling = SamplingConfig(num_inference_steps=shipped["steps"], guidance_scale=shipped["guidance"],
                               seed=shipped["seed"])
     for set_name, figures in shipped["results"].items():
