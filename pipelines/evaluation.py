@@ -106,31 +106,39 @@ def evaluate_quality(*, pipeline, set_name: str, num: int = 200, sampling: Sampl
     return QualityReport(set_name=set_name, num_images=len(images), metrics=metrics, images=images, prompts=prompts)
 
 
+def _public_real_images(*, num: int, seed: int):
+    """Real public images drawn like the evaluation prompts: (dataset, images as HxWx3 arrays)."""
+    import torch
+
+    from ..data import ShapesDataset
+    from ..data.analyzers import EVAL_SEED_OFFSET, images_from_pixel_values
+    from ..data.private_sets import public_shapes_config
+
+    dataset = ShapesDataset(public_shapes_config(num_items=num, seed=EVAL_SEED_OFFSET + seed))
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(num)])
+    return dataset, images_from_pixel_values(pixel_values=pixels)
+
+
 def ground_truth_quality(*, set_name: str, num: int = 200, seed: int = 0) -> dict[str, float]:
     """The analyzer's score on the set's own real images (the ceiling a perfect model reaches)."""
     import torch
 
-    from ..data import ShapesDataset, load_dataset
+    from ..data import load_dataset
     from ..data.analyzers import EVAL_SEED_OFFSET, images_from_pixel_values
-    from ..data.private_sets import public_shapes_config
 
     if set_name == "shapes":
-        dataset = ShapesDataset(public_shapes_config(num_items=num, seed=EVAL_SEED_OFFSET + seed))
+        dataset, images = _public_real_images(num=num, seed=seed)
         items = [{"spec": dataset.attributes(i)} for i in range(num)]
-    else:
-        dataset = load_dataset(data=set_name, seed=EVAL_SEED_OFFSET + seed, num_items=num)
-        items = [dataset[i] for i in range(len(dataset))]
-    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(items))])
+        return score_images(set_name=set_name, images=images, items=items)
+    dataset = load_dataset(data=set_name, seed=EVAL_SEED_OFFSET + seed, num_items=num)
+    items = [dataset[i] for i in range(len(dataset))]
+    pixels = torch.stack([item["pixel_values"] for item in items])
     return score_images(set_name=set_name, images=images_from_pixel_values(pixel_values=pixels), items=items)
 
 
 def public_style_match(*, num: int = 200, seed: int = 0) -> float:
     """The style analyzer on real public images: how much 'style' the public data already has."""
-    from ..data import ShapesDataset
-    from ..data.analyzers import EVAL_SEED_OFFSET, StyleAnalyzer, images_from_pixel_values
-    from ..data.private_sets import public_shapes_config
-    import torch
+    from ..data.analyzers import StyleAnalyzer
 
-    dataset = ShapesDataset(public_shapes_config(num_items=num, seed=EVAL_SEED_OFFSET + seed))
-    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(num)])
-    return StyleAnalyzer().score(images=images_from_pixel_values(pixel_values=pixels)).value
+    _, images = _public_real_images(num=num, seed=seed)
+    return StyleAnalyzer().score(images=images).value
