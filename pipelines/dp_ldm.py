@@ -20,12 +20,14 @@ from pathlib import Path
 BYPRODUCTS = "byproducts-not-covered-by-dp"
 WEIGHTS_DIFFUSERS = "dp_ldm_unet_diff.safetensors"
 WEIGHTS_COMFYUI = "dp_ldm_comfyui.safetensors"
+WEIGHTS_LORA = "dp_ldm_lora.safetensors"  # trainable='lora': one file for diffusers and ComfyUI
 
 
 @dataclass(frozen=True)
 class DPLDMConfig:
     trainable: str = "attention"
     ablation_blocks: int = 0
+    lora_rank: int = 4  # for trainable='lora'
     epsilon: float | None = 10.0  # None: a non-private run (no clipping, no noise), for comparison
     delta: float | None = None  # default: 1 / (10 N)
     max_grad_norm: float = 0.01
@@ -38,6 +40,7 @@ class DPLDMConfig:
     seed: int = 0
     secure_noise: bool = True  # DP noise from an OS-seeded generator; False only for reproducible tests
     accountant: str = "prv"
+    backend: str = "privdiff"  # per-sample clipping: privdiff's fast clipping, or "opacus" (the reference)
     checkpoint_every: int = 25
     keep_byproducts: bool = False
     num_samples: int = 16
@@ -62,6 +65,10 @@ class DPLDMConfig:
             raise ValueError("max_grad_norm and learning_rate must be positive.")
         if self.privacy_unit not in ("example", "subject"):
             raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
+        if self.backend not in ("privdiff", "opacus"):
+            raise ValueError(f"backend={self.backend!r} must be 'privdiff' or 'opacus'.")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank={self.lora_rank} must be at least 1.")
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,8 @@ class _Run:
         self.config = config
         self.pipeline = pipeline
         self.unet = pipeline.unet
-        self.chosen = select_trainable(unet=self.unet, trainable=config.trainable, ablation_blocks=config.ablation_blocks)
+        self.chosen = select_trainable(unet=self.unet, trainable=config.trainable,
+                                       ablation_blocks=config.ablation_blocks, lora_rank=config.lora_rank)
         self.base_state = {n: p.detach().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
         self.num_examples = num_examples
         self.sample_rate = min(1.0, config.batch_size / num_examples)
@@ -124,6 +132,7 @@ class _Run:
                     steps=self.total_steps, target_epsilon=config.epsilon, privacy_unit=config.privacy_unit,
                     max_examples_per_subject=config.max_examples_per_subject,
                     physical_batch_size=config.physical_batch_size, accountant=config.accountant,
+                    backend=config.backend,
                 ),
                 num_examples=num_examples,
                 subjects=subjects,
@@ -194,7 +203,8 @@ class _Run:
             for key, value in values.items():
                 tensors[f"optim.{index}.{key}"] = value.detach().contiguous().reshape(value.shape)
         tensors["rng.train"] = self.train_generator.get_state()
-        tensors["rng.noise"] = self.sampler.generator.get_state()
+        tensors["rng.sampling"] = self.sampler.generator.get_state()
+        tensors["rng.noise"] = (self.engine.generator if self.engine else self.sampler.generator).get_state()
         meta = {
             "step": self.step,
             "losses": self.losses,
@@ -235,7 +245,8 @@ class _Run:
                 state["state"].setdefault(int(index), {})[name] = value
         self.optimizer.load_state_dict(state)
         self.train_generator.set_state(tensors["rng.train"])
-        self.sampler.generator.set_state(tensors["rng.noise"])
+        self.sampler.generator.set_state(tensors["rng.sampling"])
+        (self.engine.generator if self.engine else self.sampler.generator).set_state(tensors["rng.noise"])
         self.step = meta["step"]
         self.losses = list(meta["losses"])
         if self.engine is not None:
@@ -290,7 +301,7 @@ def train_dp_ldm(
         seed=config.seed, num_items=num_items)
     num_examples = _validate(dataset=dataset, config=config)
     byproducts = out / BYPRODUCTS
-    if (out / WEIGHTS_DIFFUSERS).exists() and not resume:
+    if ((out / WEIGHTS_DIFFUSERS).exists() or (out / WEIGHTS_LORA).exists()) and not resume:
         raise FileExistsError(f"{out} already holds a DP-LDM result; choose another --out folder.")
     if resume and not (byproducts / "checkpoint.json").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {byproducts}; start without --resume.")
@@ -323,14 +334,15 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
     import torch
 
     from ..data.images import line_chart, make_grid, save_png
+    from ..models.lora import lora_state_dict
     from ..models.weight_diffs import comfy_diff_keys, weight_differences
     from ..privacy.record import PrivacyRecord, record_for_dp_sgd, write_safetensors
 
     config = run.config
-    tuned = {n: p.detach() for n, p in run.unet.named_parameters() if p.requires_grad}
-    diffs = weight_differences(base=run.base_state, tuned=tuned, names=run.chosen.parameter_names)
     settings = {"trainable": config.trainable, "ablation_blocks": config.ablation_blocks,
                 "learning_rate": config.learning_rate, "batch_size": config.batch_size, "epochs": config.epochs}
+    if config.trainable == "lora":
+        settings["lora_rank"] = config.lora_rank
     if run.engine is not None:
         record = record_for_dp_sgd(history=run.engine.accountant, clip=config.max_grad_norm,
                                    num_examples=run.num_examples, delta=run.delta, accountant=config.accountant,
@@ -341,11 +353,17 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
                                                         "warning": "trained WITHOUT differential privacy"})
         epsilon = None
     out.mkdir(parents=True, exist_ok=True)
-    weights = {
-        "diffusers": write_safetensors(path=out / WEIGHTS_DIFFUSERS, tensors=diffs, record=record),
-        "comfyui": write_safetensors(path=out / WEIGHTS_COMFYUI,
-                                     tensors=comfy_diff_keys(diffs=diffs, unet_config=run.unet.config), record=record),
-    }
+    if config.trainable == "lora":
+        lora = lora_state_dict(unet=run.unet, targets=run.chosen.lora_targets)
+        weights = {"lora": write_safetensors(path=out / WEIGHTS_LORA, tensors=lora, record=record)}
+    else:
+        tuned = {n: p.detach() for n, p in run.unet.named_parameters() if p.requires_grad}
+        diffs = weight_differences(base=run.base_state, tuned=tuned, names=run.chosen.parameter_names)
+        comfy = comfy_diff_keys(diffs=diffs, unet_config=run.unet.config)
+        weights = {
+            "diffusers": write_safetensors(path=out / WEIGHTS_DIFFUSERS, tensors=diffs, record=record),
+            "comfyui": write_safetensors(path=out / WEIGHTS_COMFYUI, tensors=comfy, record=record),
+        }
     # Samples from the private model are post-processing of the DP release: covered by ε.
     pipe = run.pipeline
     pipe.set_progress_bar_config(disable=True)

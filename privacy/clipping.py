@@ -7,8 +7,10 @@ Its squared norm can be had two ways:
 - explicitly: form G_i^T X_i (cost T * d_in * d_out per sample), then its norm;
 - as a "ghost norm": <X_i X_i^T, G_i G_i^T> (cost T^2 * (d_in + d_out)), never forming the gradient.
 Each layer takes the cheaper one. The clipped sum is then one GEMM per layer over all samples' tokens,
-(c * G)^T X, so no per-sample gradient is ever kept. Norm layers (LayerNorm, GroupNorm) have
-per-sample gradients of only C numbers, which are formed explicitly.
+(c * G)^T X, so no per-sample gradient is ever kept. A convolution is the same linear map applied to
+unfolded patches (tokens = output positions, d_in = channels * kernel area), which covers the `full`
+trainable set. Norm layers (LayerNorm, GroupNorm) have per-sample gradients of only C numbers,
+which are formed explicitly.
 
 A subject's gradient is the sum of its samples' gradients: treating a subject's samples' tokens as
 one long sequence gives its norm and clipped sum with the same formulas (privacy unit `subject`).
@@ -27,20 +29,27 @@ from torch import nn
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
 
 
-def _is_pointwise_conv(module: nn.Module) -> bool:
+def _is_supported_conv(module: nn.Module) -> bool:
+    """Ungrouped, zero-padded convolutions with numeric padding: linear maps over unfolded patches."""
     return (
         isinstance(module, nn.Conv2d)
-        and module.kernel_size == (1, 1)
-        and module.stride == (1, 1)
-        and module.padding in ((0, 0), "valid")
         and module.groups == 1
-        and module.dilation == (1, 1)
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
     )
 
 
-def _tokens(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Inputs or output gradients as [B, T, features]."""
+def _is_pointwise_conv(module: nn.Conv2d) -> bool:
+    return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0) \
+        and module.dilation == (1, 1)
+
+
+def _tokens(x: torch.Tensor, module: nn.Module, *, is_input: bool = False) -> torch.Tensor:
+    """Inputs or output gradients as [B, T, features] (a convolution's inputs as unfolded patches)."""
     if isinstance(module, nn.Conv2d):
+        if is_input and not _is_pointwise_conv(module):
+            x = torch.nn.functional.unfold(x, module.kernel_size, dilation=module.dilation,
+                                           padding=module.padding, stride=module.stride)
         return x.flatten(2).transpose(1, 2)
     if x.dim() == 2:
         return x.unsqueeze(1)
@@ -61,8 +70,8 @@ class GradSampleClipper:
         losses = per_sample_loss(unet(...))          # shape [B]
         losses.sum().backward()
         norms = clipper.clip_and_accumulate(groups=None)   # adds sum_i c_i g_i into .summed_grad
-    Trainable layers must be Linear, 1x1 Conv2d, LayerNorm or GroupNorm (the attention and
-    transformer parameter sets of a latent diffusion UNet, and LoRA adapters).
+    Trainable layers must be Linear, ungrouped zero-padded Conv2d, LayerNorm or GroupNorm: every
+    parameter of an SD-class UNet, and LoRA adapters.
     """
 
     def __init__(self, *, module: nn.Module, max_grad_norm: float, strategy: str = "auto"):
@@ -79,10 +88,10 @@ class GradSampleClipper:
             params = [p for p in layer.parameters(recurse=False) if p.requires_grad]
             if not params:
                 continue
-            if not isinstance(layer, SUPPORTED) or (isinstance(layer, nn.Conv2d) and not _is_pointwise_conv(layer)):
+            if not isinstance(layer, SUPPORTED) or (isinstance(layer, nn.Conv2d) and not _is_supported_conv(layer)):
                 raise ValueError(
                     f"trainable layer {name!r} ({type(layer).__name__}) has no fast per-sample clipping; "
-                    "train attention/transformer/LoRA parameters, or use the opacus backend for other sets."
+                    "freeze it, or use the opacus backend (backend='opacus')."
                 )
             self.layers[name] = layer
             self._captures[name] = _Capture()
@@ -193,7 +202,7 @@ class GradSampleClipper:
                     sq_norms += per_group.pow(2).sum(1).double().cpu()
                     norm_layer_grads[param] = per_group
             else:
-                x, g = _tokens(capture.inputs, layer), _tokens(capture.grad_outputs, layer)
+                x, g = _tokens(capture.inputs, layer, is_input=True), _tokens(capture.grad_outputs, layer)
                 sq_norms += self._linear_sq_norms(layer, x, g, groups, num_groups).cpu()
 
         norms = sq_norms.sqrt()
@@ -209,7 +218,7 @@ class GradSampleClipper:
                         clipped = (factors.to(per_group.device, per_group.dtype)[:, None] * per_group).sum(0)
                         self._add(param, clipped.reshape(param.shape))
                 continue
-            x, g = _tokens(capture.inputs, layer), _tokens(capture.grad_outputs, layer)
+            x, g = _tokens(capture.inputs, layer, is_input=True), _tokens(capture.grad_outputs, layer)
             scaled = g * per_sample_factor.to(g.device, g.dtype)[:, None, None]
             if layer.weight.requires_grad:
                 weight = scaled.reshape(-1, scaled.shape[-1]).T @ x.reshape(-1, x.shape[-1])

@@ -10,7 +10,7 @@ from the operating system for real runs.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -109,22 +109,31 @@ def noisy_average(
     noise_multiplier: float,
     max_grad_norm: float,
     expected_batch_units: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
+    add_noise: bool = True,
+    all_reduce: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> None:
     """Set each parameter's .grad to (clipped sum + N(0, (sigma C)^2)) / (q N).
 
     A parameter missing from `summed_grad` (an empty batch) gets noise alone: the step still
     happens, as the accountant assumes, and nothing about the batch being empty leaks.
+    Across processes (DDP), every rank passes its partial sum and an `all_reduce` that sums in
+    place; only one rank has `add_noise=True`, so the noise enters the sum once per logical step.
     """
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier={noise_multiplier} must not be negative.")
     if not expected_batch_units > 0:
         raise ValueError(f"expected_batch_units={expected_batch_units} must be positive.")
     std = noise_multiplier * max_grad_norm
+    totals = []
     for param in parameters:
         total = summed_grad.get(param)
-        total = torch.zeros_like(param) if total is None else total.to(param.dtype)
-        if std > 0:
+        total = torch.zeros_like(param) if total is None else total.to(param.dtype).clone()
+        if add_noise and std > 0:
             noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=generator.device)
             total = total + std * noise.to(param.device)
+        totals.append(total)
+    if all_reduce is not None:
+        all_reduce(totals)
+    for param, total in zip(parameters, totals):
         param.grad = total / expected_batch_units

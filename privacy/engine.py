@@ -4,6 +4,11 @@ One logical step = one Poisson batch of privacy units (possibly empty), processe
 micro-batches that fit in memory; each unit's examples stay in one micro-batch so its clipped
 gradient is whole. The noisy average is formed once per logical step, the accountant records it,
 and the budget guard refuses any step that would take ε past the target.
+
+Two backends give the same clipped sum: `privdiff` (fast clipping, `clipping.py`) and `opacus`
+(its per-sample gradient hooks, the reference). Under `torchrun` (torch.distributed initialised)
+every rank draws the same Poisson batch, works on its share of the units, and the partial clipped
+sums are all-reduced; only rank 0 adds noise, so it enters once per logical step.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import torch
 from .accounting import Accountant, calibrate_noise_multiplier, check_delta
 from .clipping import GradSampleClipper
 from .dp_sgd import PoissonSampler, noisy_average, secure_generator
+
+
+BACKENDS = ("privdiff", "opacus")
 
 
 class PrivacyBudgetExceeded(RuntimeError):
@@ -36,6 +44,7 @@ class DPConfig:
     max_examples_per_subject: int = 1
     physical_batch_size: int = 16
     accountant: str = "prv"
+    backend: str = "privdiff"
 
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
@@ -54,6 +63,8 @@ class DPConfig:
             raise ValueError(f"steps={self.steps} must be at least 1.")
         if self.privacy_unit not in ("example", "subject"):
             raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} must be one of {', '.join(BACKENDS)}.")
         if self.physical_batch_size < 1:
             raise ValueError(f"physical_batch_size={self.physical_batch_size} must be at least 1.")
 
@@ -62,7 +73,10 @@ class DPSGDEngine:
     """Runs DP-SGD steps for `model`'s trainable parameters with privdiff's fast clipping.
 
     `per_sample_loss(indices) -> tensor[len(indices)]` computes one loss per example (the caller
-    runs the model); the engine does the rest.
+    runs the model); the engine does the rest. `generator` draws the noise (default: OS-seeded).
+    The Poisson batches come from `sampling_generator`, which must be in the same state on every
+    rank; by default it is `generator` itself in one process, and a stream seeded by rank 0 and
+    shared by all ranks under torch.distributed.
     """
 
     def __init__(
@@ -74,6 +88,7 @@ class DPSGDEngine:
         num_examples: int,
         subjects=None,
         generator: torch.Generator | None = None,
+        sampling_generator: torch.Generator | None = None,
         accountant: Accountant | None = None,
     ):
         check_delta(delta=config.delta, num_examples=num_examples if subjects is None else len(set(subjects)))
@@ -81,6 +96,9 @@ class DPSGDEngine:
         self.optimizer = optimizer
         self.config = config
         self.generator = generator if generator is not None else secure_generator()
+        self.rank, self.world_size = _distributed_rank_and_size()
+        if sampling_generator is None:
+            sampling_generator = self.generator if self.world_size == 1 else _shared_generator(self.generator)
         self.accountant = accountant or Accountant(accountant=config.accountant)
         if config.noise_multiplier is None:
             self.noise_multiplier = calibrate_noise_multiplier(
@@ -90,12 +108,17 @@ class DPSGDEngine:
         else:
             self.noise_multiplier = float(config.noise_multiplier)
         self.sampler = PoissonSampler(
-            num_examples=num_examples, sample_rate=config.sample_rate, steps=config.steps, generator=self.generator,
+            num_examples=num_examples, sample_rate=config.sample_rate, steps=config.steps, generator=sampling_generator,
             subjects=subjects if config.privacy_unit == "subject" else None,
             max_examples_per_subject=config.max_examples_per_subject,
         )
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.clipper = GradSampleClipper(module=model, max_grad_norm=config.max_grad_norm)
+        if config.backend == "opacus":
+            from .opacus_backend import OpacusClipper
+
+            self.clipper = OpacusClipper(module=model, max_grad_norm=config.max_grad_norm)
+        else:
+            self.clipper = GradSampleClipper(module=model, max_grad_norm=config.max_grad_norm)
         # ε for progress reports is refreshed every `epsilon_every` steps (and at the last one): at most
         # about 100 accountant runs per training run.
         self.epsilon_every = max(1, config.steps // 100)
@@ -131,12 +154,13 @@ class DPSGDEngine:
         self.clipper.reset()
         losses = []
         units = int(groups.max()) + 1 if len(groups) else 0
-        unit_order = torch.arange(units)
+        my_units = torch.arange(units)[self.rank::self.world_size]
         # Micro-batches hold whole units, so a subject's examples are clipped together.
-        for start in range(0, units, config.physical_batch_size):
-            chunk_units = unit_order[start:start + config.physical_batch_size]
+        for start in range(0, len(my_units), config.physical_batch_size):
+            chunk_units = my_units[start:start + config.physical_batch_size]
             mask = (groups[:, None] == chunk_units[None, :]).any(dim=1)
-            chunk_indices, chunk_groups = indices[mask], groups[mask] - start
+            chunk_indices = indices[mask]
+            chunk_groups = torch.searchsorted(chunk_units, groups[mask])  # unit ids 0..k-1 in the chunk
             loss = per_sample_loss(chunk_indices)
             if loss.shape != (len(chunk_indices),):
                 raise ValueError(f"per_sample_loss returned shape {tuple(loss.shape)}; it must return one loss per example.")
@@ -148,7 +172,8 @@ class DPSGDEngine:
         noisy_average(
             summed_grad=self.clipper.summed_grad, parameters=self.parameters, noise_multiplier=self.noise_multiplier,
             max_grad_norm=config.max_grad_norm, expected_batch_units=self.sampler.expected_batch_units,
-            generator=self.generator,
+            generator=self.generator, add_noise=self.rank == 0,
+            all_reduce=_all_reduce_sum if self.world_size > 1 else None,
         )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -156,5 +181,44 @@ class DPSGDEngine:
         done = self.accountant.total_steps
         if self._epsilon is None or done % self.epsilon_every == 0 or done >= config.steps:
             self._epsilon = self.accountant.epsilon(delta=config.delta)
-        mean_loss = float(torch.cat(losses).mean()) if losses else None
+        loss_sum = float(torch.cat(losses).sum()) if losses else 0.0
+        loss_count = float(sum(len(loss) for loss in losses))
+        if self.world_size > 1:
+            loss_sum, loss_count = _all_reduce_sum_floats([loss_sum, loss_count])
+        mean_loss = loss_sum / loss_count if loss_count else None
         return {"batch_units": units, "loss": mean_loss, "epsilon": self._epsilon}
+
+
+def _distributed_rank_and_size() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shared_generator(generator: torch.Generator) -> torch.Generator:
+    """A sampling generator identical on every rank, seeded from rank 0's (noise) generator."""
+    import torch.distributed as dist
+
+    seed = torch.randint(0, 2**62, (1,), generator=generator) if dist.get_rank() == 0 else torch.zeros(1, dtype=torch.long)
+    dist.broadcast(seed, src=0)
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum the tensors over all ranks, in place, in one collective call."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _all_reduce_sum_floats(values: list[float]) -> list[float]:
+    buffer = torch.tensor(values, dtype=torch.float64)
+    _all_reduce_sum([buffer])
+    return buffer.tolist()

@@ -98,9 +98,33 @@ def test_unet_attention_parameters_match_a_loop():
 
 
 def test_unsupported_trainable_layer_is_named():
-    model = nn.Sequential(nn.Conv2d(3, 3, 3))
-    with pytest.raises(ValueError, match="'0' \\(Conv2d\\) has no fast per-sample clipping"):
+    model = nn.Sequential(nn.Identity(), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="'1' \\(Conv2d\\) has no fast per-sample clipping.*backend='opacus'"):
         GradSampleClipper(module=model, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="'0' \\(Embedding\\)"):
+        GradSampleClipper(module=nn.Sequential(nn.Embedding(3, 2)), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "explicit"])
+def test_strided_padded_convolution_matches_a_loop(strategy):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.GroupNorm(2, 4),
+                          nn.Conv2d(4, 2, 3, padding=2, dilation=2)).double()
+    x = torch.randn(4, 3, 7, 7, dtype=torch.float64)
+    groups = torch.tensor([0, 1, 0, 2])
+
+    def losses(model, x):
+        return model(x).pow(2).mean(dim=(1, 2, 3))
+
+    params, expected, expected_norms = _loop_reference(model, (x,), losses, groups, 0.05)
+    assert (expected_norms > 0.05).any()
+    model.zero_grad()
+    clipper = GradSampleClipper(module=model, max_grad_norm=0.05, strategy=strategy)
+    losses(model, x).sum().backward()
+    norms = clipper.clip_and_accumulate(groups=groups)
+    assert torch.allclose(norms.double(), expected_norms, rtol=1e-5)
+    for p, e in zip(params, expected):
+        assert torch.allclose(clipper.summed_grad[p], e, rtol=1e-5, atol=1e-12)
 
 
 def test_bad_settings():

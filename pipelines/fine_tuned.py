@@ -1,0 +1,74 @@
+"""Load a base model plus a privdiff fine-tune (DP-LDM weight differences or LoRA) as one pipeline.
+
+`DPLDMPipeline` is a `StableDiffusionPipeline` (SD1/SD2 bases) that knows where its weights came
+from: `DPLDMPipeline.from_fine_tune(base=..., weights=...)` loads the base the way `--base` does,
+applies the fine-tune and keeps its privacy record in `pipeline.privacy_record`. For other bases
+(SDXL), `apply_fine_tune` does the same to any diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from .dp_ldm import WEIGHTS_DIFFUSERS, WEIGHTS_LORA
+
+
+def _weights_file(weights: str | Path) -> Path:
+    path = Path(weights)
+    if path.is_dir():
+        found = [path / name for name in (WEIGHTS_LORA, WEIGHTS_DIFFUSERS) if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds neither {WEIGHTS_LORA} nor {WEIGHTS_DIFFUSERS}: "
+                                    "give a DP-LDM output folder or one of those files.")
+        return found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    return path
+
+
+def apply_fine_tune(*, pipeline, weights: str | Path, scale: float = 1.0, adapter_name: str = "privdiff"):
+    """Apply a DP-LDM output to `pipeline` in place; returns its privacy record.
+
+    LoRA files go through diffusers' own `load_lora_weights` (scale through `set_adapters`);
+    weight differences are added to the UNet, times `scale`.
+    """
+    from safetensors import safe_open
+
+    from ..models.lora import LORA_PREFIX
+    from ..models.weight_diffs import COMFY_PREFIX, apply_differences
+    from ..privacy.record import read_record
+
+    path = _weights_file(weights)
+    record = read_record(path)
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+        if keys and all(k.startswith(LORA_PREFIX) for k in keys):
+            pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
+            pipeline.set_adapters([adapter_name], adapter_weights=[scale])
+        elif keys and all(k.startswith(COMFY_PREFIX) for k in keys):
+            raise ValueError(f"{path.name} is the ComfyUI-format file (load it with ComfyUI's LoRA loader); "
+                             f"for diffusers use {WEIGHTS_DIFFUSERS} from the same folder.")
+        else:
+            apply_differences(unet=pipeline.unet, diffs={k: handle.get_tensor(k) for k in keys}, scale=scale)
+    return record
+
+
+class DPLDMPipeline(StableDiffusionPipeline):
+    """Stable Diffusion with a privdiff fine-tune applied; `privacy_record` says what ε it carries."""
+
+    privacy_record = None
+
+    @classmethod
+    def from_fine_tune(cls, *, base, weights: str | Path, scale: float = 1.0) -> "DPLDMPipeline":
+        """`base`: 'tiny', a diffusers folder or a single-file checkpoint; `weights`: a DP-LDM output."""
+        from ..models.loading import load_pipeline
+
+        loaded = load_pipeline(base=base)
+        if not isinstance(loaded, StableDiffusionPipeline):
+            raise TypeError(f"{type(loaded).__name__} is not an SD1/SD2 pipeline; use "
+                            "privdiff.pipelines.fine_tuned.apply_fine_tune(pipeline=..., weights=...) on it.")
+        pipeline = cls(**loaded.components, requires_safety_checker=False)
+        pipeline.privacy_record = apply_fine_tune(pipeline=pipeline, weights=weights, scale=scale)
+        return pipeline

@@ -1,0 +1,38 @@
+"""The engine under torchrun: two CPU processes on gloo take the same steps as one process,
+with the noise added once per logical step (not once per rank)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _run(tmp_path, name, noise, backend, *, ranks):
+    out = tmp_path / f"{name}.pt"
+    if ranks == 1:
+        command = [sys.executable, str(WORKER), str(out), str(noise), backend]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                   "--master_port", str(29500 + os.getpid() % 1000), str(WORKER), str(out), str(noise), backend]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("backend", ["privdiff", "opacus"])
+def test_two_gloo_ranks_equal_one_process_noise_added_once(tmp_path, backend):
+    single = _run(tmp_path, "single", 1.0, backend, ranks=1)
+    double = _run(tmp_path, "double", 1.0, backend, ranks=2)
+    for key in single:
+        if key != "losses":
+            assert torch.allclose(single[key], double[key], rtol=1e-5, atol=1e-6), key
+    assert torch.allclose(single["losses"], double["losses"], rtol=1e-5, equal_nan=True)
+    # Had each rank added its own noise, the update would carry sqrt(2) times the noise: different weights.
+    noiseless = _run(tmp_path, "noiseless", 0.0, backend, ranks=1)
+    assert not torch.allclose(noiseless["0.weight"], double["0.weight"], atol=1e-3)
