@@ -59,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--physical-batch-size", type=int, default=16, help="micro-batch that fits in memory")
     ldm.add_argument("--max-grad-norm", type=float, default=0.01, help="per-example clipping bound C")
     ldm.add_argument("--lr", type=float, default=1e-4, help="learning rate at batch 32 (scaled with the batch)")
-    ldm.add_argument("--trainable", default="attention", help="cross_attention, attention, transformer or full")
+    ldm.add_argument("--trainable", default="attention",
+                     choices=["cross_attention", "attention", "transformer", "lora", "full"],
+                     help="what is trained (default attention; lora writes one standard LoRA file)")
+    ldm.add_argument("--lora-rank", type=int, default=4, help="LoRA rank for --trainable lora")
     ldm.add_argument("--ablation-blocks", type=int, default=0, help="train only transformer blocks >= k")
+    ldm.add_argument("--backend", default="privdiff", choices=["privdiff", "opacus"],
+                     help="per-sample clipping: privdiff's fast clipping (default) or opacus' hooks (reference)")
     ldm.add_argument("--privacy-unit", default="example", choices=["example", "subject"])
     ldm.add_argument("--max-examples-per-subject", type=int, default=1)
     ldm.add_argument("--num-items", type=int, default=None, help="items of a procedural set (default: its own)")
@@ -69,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt for samples.png (repeatable; default: the set's public prompt templates)")
     ldm.add_argument("--keep-byproducts", action="store_true",
                      help="keep loss curve and checkpoint (computed on private data, NOT covered by ε)")
+
+    audit = sub.add_parser("audit", help="measure what a released model gives away")
+    attacks = audit.add_subparsers(dest="attack", required=True, metavar="ATTACK")
+    mia = attacks.add_parser("mia", help="loss-threshold membership inference on a DP-LDM output")
+    _add_base(mia)
+    _add_common(mia, data_default=None, out_required=True)
+    mia.add_argument("--weights", default=None,
+                     help="a DP-LDM output folder or weights file (default: audit the base model itself)")
+    mia.add_argument("--num-members", type=int, required=True,
+                     help="how many items the run trained on (its --num-items); members are items 0..N-1")
+    mia.add_argument("--nonmember-data", default=None,
+                     help="held-out images of the same source (needed for a folder; default: the set's next items)")
+    mia.add_argument("--num-nonmembers", type=int, default=None, help="default: as many as members")
 
     inspect = sub.add_parser("inspect", help="tell what a single-file checkpoint holds (reads names and shapes only)")
     inspect.add_argument("checkpoint", help="a .safetensors or .ckpt file")
@@ -116,7 +134,8 @@ def _cmd_train(args) -> int:
     if args.data is None:
         raise ValueError("--data is required: a folder of images with captions, or a procedural set's name.")
     config = DPLDMConfig(
-        trainable=args.trainable, ablation_blocks=args.ablation_blocks, epsilon=None if args.no_dp else args.epsilon,
+        trainable=args.trainable, ablation_blocks=args.ablation_blocks, lora_rank=args.lora_rank,
+        backend=args.backend, epsilon=None if args.no_dp else args.epsilon,
         delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,
         max_examples_per_subject=args.max_examples_per_subject, seed=args.seed, keep_byproducts=args.keep_byproducts,
@@ -157,6 +176,29 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    from .models.loading import load_pipeline
+    from .pipelines.fine_tuned import apply_fine_tune
+    from .pipelines.membership import MembershipAuditConfig, audit_membership, write_audit
+
+    if args.data is None:
+        raise ValueError("--data is required: the training data (a folder or a procedural set's name).")
+    pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
+    record = apply_fine_tune(pipeline=pipeline, weights=args.weights) if args.weights else None
+    result = audit_membership(pipeline=pipeline, data=args.data, num_members=args.num_members, data_seed=args.seed,
+                              nonmember_data=args.nonmember_data, num_nonmembers=args.num_nonmembers,
+                              config=MembershipAuditConfig(seed=args.seed))
+    settings = {"base": str(args.base), "weights": args.weights, "data": args.data,
+                "epsilon": None if record is None else record.epsilon}
+    path = write_audit(result=result, out=args.out, settings=settings)
+    claim = "" if record is None or record.epsilon is None else f" (model released at ε = {record.epsilon:.3g})"
+    print(f"membership inference{claim}: ROC AUC {result.auc:.3f} (0.5 = chance), "
+          f"TPR at 1% FPR {result.tpr_at_1pct_fpr:.3f}; {result.num_members} members vs "
+          f"{result.num_nonmembers} non-members -> {path}")
+    print("these figures were computed on private data and are not covered by ε: keep them in-house.")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     from .models.loading import bundled_config_for, inspect_checkpoint
 
@@ -167,7 +209,8 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "train": _cmd_train, "inspect": _cmd_inspect}
+COMMANDS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "train": _cmd_train, "audit": _cmd_audit,
+            "inspect": _cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,45 @@
+"""`privdiff audit mia`: the loss-threshold attack sees an overfit model's members, not the base model's."""
+
+import json
+
+import numpy as np
+import pytest
+
+from privdiff.cli import main
+from privdiff.data import load_dataset
+from privdiff.models.privdiff_tiny import load_privdiff_tiny
+from privdiff.pipelines.membership import MembershipAuditConfig, diffusion_losses
+
+
+def test_every_example_gets_the_same_draws():
+    pipe = load_privdiff_tiny()
+    data = load_dataset(data="shapes", num_items=3, seed=0)
+    config = MembershipAuditConfig(timesteps=(50, 400), noise_draws=1, batch_size=2)
+    forward = diffusion_losses(pipeline=pipe, dataset=data, indices=[0, 1, 2], config=config)
+    backward = diffusion_losses(pipeline=pipe, dataset=data, indices=[2, 1, 0], config=config)
+    assert np.allclose(forward, backward[::-1], rtol=1e-5)
+    with pytest.raises(ValueError, match="below 1000"):
+        diffusion_losses(pipeline=pipe, dataset=data, indices=[0], config=MembershipAuditConfig(timesteps=(1000,)))
+
+
+def test_overfit_model_exposes_its_members_and_the_base_does_not(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "dp-ldm", "--base", "tiny", "--data", "shapes", "--num-items", "8", "--no-dp",
+                 "--epochs", "40", "--batch-size", "8", "--physical-batch-size", "8", "--lr", "1e-3",
+                 "--sample-prompt", "a red circle on a blue background", "--out", str(run)]) == 0
+    audits = {}
+    for name, weights in (("tuned", ["--weights", str(run)]), ("base", [])):
+        out = tmp_path / name
+        assert main(["audit", "mia", "--base", "tiny", "--data", "shapes", "--num-members", "8",
+                     "--out", str(out), *weights]) == 0
+        audits[name] = json.loads((out / "membership_audit.json").read_text())
+        assert "NOT covered" in audits[name]["note"] and audits[name]["num_nonmembers"] == 8
+    assert audits["tuned"]["auc"] >= 0.65 and audits["tuned"]["auc"] >= audits["base"]["auc"] + 0.2, audits
+
+
+def test_a_folder_needs_its_held_out_images(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    code = main(["audit", "mia", "--base", "tiny", "--data", str(tmp_path / "imgs"), "--num-members", "4",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "--nonmember-data" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
