@@ -150,7 +150,7 @@ class _Run:
             for start in range(0, self.num_examples, 64):
                 items = [dataset[i] for i in range(start, min(start + 64, self.num_examples))]
                 pixels = torch.stack([item["pixel_values"] for item in items]).to(pipe.vae.dtype)
-                latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+                latents.append(encode_latents(vae=pipe.vae, pixels=pixels))
                 captions.extend(item["caption"] for item in items)
             unique = sorted(set(captions))
             ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -251,6 +251,19 @@ class _Run:
         self.losses = list(meta["losses"])
         if self.engine is not None:
             self.engine.accountant = Accountant.from_json(meta["accountant"])
+
+
+def encode_latents(*, vae, pixels):
+    """Scaled VAE latent means, in the standard memory layout.
+
+    The posterior mean is a channel slice of the encoder output; its strides make torch treat it as
+    channels-last, and torch 2.13's CPU GroupNorm backward for channels-last input crashes (segfault)
+    on such a slice. A plain contiguous copy avoids that kernel.
+    """
+    import torch
+
+    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    return latents.contiguous(memory_format=torch.contiguous_format)
 
 
 def _training_scheduler(pipeline):

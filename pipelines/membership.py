@@ -37,6 +37,8 @@ def diffusion_losses(*, pipeline, dataset, indices, config: MembershipAuditConfi
     import torch
     from diffusers import DDPMScheduler
 
+    from .dp_ldm import encode_latents
+
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     if max(config.timesteps) >= scheduler.config.num_train_timesteps:
         raise ValueError(f"timesteps must be below {scheduler.config.num_train_timesteps}.")
@@ -46,7 +48,7 @@ def diffusion_losses(*, pipeline, dataset, indices, config: MembershipAuditConfi
         for start in range(0, len(indices), config.batch_size):
             items = [dataset[int(i)] for i in indices[start:start + config.batch_size]]
             pixels = torch.stack([item["pixel_values"] for item in items]).to(vae.dtype)
-            z0 = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+            z0 = encode_latents(vae=vae, pixels=pixels)
             ids = pipeline.tokenizer([item["caption"] for item in items], padding="max_length",
                                      max_length=pipeline.tokenizer.model_max_length, truncation=True,
                                      return_tensors="pt").input_ids

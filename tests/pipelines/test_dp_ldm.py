@@ -97,3 +97,12 @@ def test_folder_without_usable_images_writes_nothing(tmp_path):
     with pytest.raises(DatasetError):
         train_dp_ldm(base=_base(), data=tmp_path / "data", out=tmp_path / "run", config=DPLDMConfig(**QUICK))
     assert not (tmp_path / "run").exists()
+
+
+def test_transformer_set_trains_on_encoded_latents(tmp_path):
+    """Regression: latents sliced from the VAE's output crashed torch's CPU GroupNorm backward
+    (channels-last kernel) as soon as the transformer set's norms were trained."""
+    result = train_dp_ldm(base=_base(), data="shapes", num_items=8, out=tmp_path / "run",
+                          config=DPLDMConfig(trainable="transformer", epsilon=8.0, **{**QUICK, "num_samples": 1}))
+    diffs = load_file(str(result.weights["diffusers"]))
+    assert any(".norm" in k for k in diffs) and any(v.abs().sum() > 0 for v in diffs.values())
