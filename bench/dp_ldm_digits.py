@@ -1,0 +1,101 @@
+"""DP-LDM's utility and privacy on privdiff-tiny fine-tuned on `digits`, at several ε.
+
+    python bench/dp_ldm_digits.py --json digits.json            # ε = 1, 10 and without DP
+    python bench/dp_ldm_digits.py --epsilons 10 --epochs 30
+
+For each ε: fine-tune privdiff-tiny on the first N images of the digits train split, generate images
+for "a handwritten digit k" (k balanced), score them with the held-out digit classifier, and run the
+loss-threshold membership-inference attack (members: the N images; non-members: the next N of the
+split). The base model's accuracy is the reference. Figures for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+
+def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 200, workdir=None,
+          log=print) -> dict:
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
+    from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
+    from privdiff.pipelines.membership import audit_membership
+
+    sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="privdiff-digits-"))
+    base = load_privdiff_tiny()
+    base.set_progress_bar_config(disable=True)
+    rows = {"base": {"digit_accuracy": evaluate_quality(pipeline=base, set_name="digits", num=num_eval,
+                                                        sampling=sampling).metrics["digit_accuracy"]}}
+    log(f"base model: accuracy {rows['base']['digit_accuracy']:.3f}")
+    for epsilon in epsilons:
+        name = "no DP" if epsilon is None else f"eps={epsilon:g}"
+        config = DPLDMConfig(epsilon=epsilon, sample_prompts=tuple(f"a handwritten digit {d}" for d in range(10)),
+                             **config_overrides)
+        pipeline = load_privdiff_tiny()
+        pipeline.set_progress_bar_config(disable=True)
+        start = time.perf_counter()
+        out = workdir / name.replace("=", "")
+        shutil.rmtree(out, ignore_errors=True)
+        result = train_dp_ldm(base=pipeline, data="digits", num_items=num_items, out=out, config=config)
+        seconds = time.perf_counter() - start
+        accuracy = evaluate_quality(pipeline=pipeline, set_name="digits", num=num_eval,
+                                    sampling=sampling).metrics["digit_accuracy"]
+        audit = audit_membership(pipeline=pipeline, data="digits", num_members=num_items, data_seed=config.seed)
+        rows[name] = {"epsilon": result.epsilon, "digit_accuracy": accuracy, "mia_auc": audit.auc,
+                      "mia_tpr_at_1pct_fpr": audit.tpr_at_1pct_fpr, "steps": result.total_steps,
+                      "train_seconds": round(seconds), "samples": str(result.sample_grid)}
+        log(f"{name}: accuracy {accuracy:.3f}, MIA AUC {audit.auc:.3f}, TPR@1%FPR {audit.tpr_at_1pct_fpr:.3f}, "
+            f"{result.total_steps} steps in {seconds / 60:.1f} min")
+    example = DPLDMConfig(**config_overrides)
+    return {"num_items": num_items, "num_eval": num_eval, "config": asdict(example), "rows": rows}
+
+
+# The settings behind bench/RESULTS.md and the slow acceptance test.
+DEFAULTS = dict(num_items=500, num_eval=200, trainable="attention", epochs=60.0, batch_size=50, lr=3e-3,
+                max_grad_norm=0.01)
+
+
+def _overrides(*, trainable, epochs, batch_size, lr, max_grad_norm) -> dict:
+    return dict(trainable=trainable, epochs=epochs, batch_size=batch_size, physical_batch_size=min(batch_size, 64),
+                learning_rate=lr, max_grad_norm=max_grad_norm)
+
+
+def default_arguments() -> dict:
+    """`study()` keyword arguments for the published settings (all but `epsilons`)."""
+    training = {k: v for k, v in DEFAULTS.items() if k not in ("num_items", "num_eval")}
+    return dict(num_items=DEFAULTS["num_items"], num_eval=DEFAULTS["num_eval"], config_overrides=_overrides(**training))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epsilons", nargs="+", default=["1", "10", "none"], help="'none': without DP")
+    parser.add_argument("--num-items", type=int, default=DEFAULTS["num_items"])
+    parser.add_argument("--num-eval", type=int, default=DEFAULTS["num_eval"])
+    parser.add_argument("--trainable", default=DEFAULTS["trainable"])
+    parser.add_argument("--epochs", type=float, default=DEFAULTS["epochs"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    parser.add_argument("--max-grad-norm", type=float, default=DEFAULTS["max_grad_norm"])
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    epsilons = [None if e == "none" else float(e) for e in args.epsilons]
+    overrides = _overrides(trainable=args.trainable, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           max_grad_norm=args.max_grad_norm)
+    figures = study(epsilons=epsilons, num_items=args.num_items, config_overrides=overrides,
+                    num_eval=args.num_eval, workdir=args.workdir)
+    print(json.dumps(figures["rows"], indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
