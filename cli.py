@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["cross_attention", "attention", "transformer", "lora", "full"],
                      help="what is trained (default attention; lora writes one standard LoRA file)")
     ldm.add_argument("--lora-rank", type=int, default=4, help="LoRA rank for --trainable lora")
+    ldm.add_argument("--conditioning-word", action="append", default=None,
+                     help="also train this public word's token-table row (repeatable; e.g. class names the "
+                          "base model never saw; never words taken from the private captions)")
     ldm.add_argument("--ablation-blocks", type=int, default=0, help="train only transformer blocks >= k")
     ldm.add_argument("--backend", default="privdiff", choices=["privdiff", "opacus"],
                      help="per-sample clipping: privdiff's fast clipping (default) or opacus' hooks (reference)")
@@ -135,6 +138,7 @@ def _cmd_train(args) -> int:
         raise ValueError("--data is required: a folder of images with captions, or a procedural set's name.")
     config = DPLDMConfig(
         trainable=args.trainable, ablation_blocks=args.ablation_blocks, lora_rank=args.lora_rank,
+        conditioning_words=tuple(args.conditioning_word or ()),
         backend=args.backend, epsilon=None if args.no_dp else args.epsilon,
         delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,

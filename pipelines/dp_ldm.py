@@ -21,6 +21,7 @@ BYPRODUCTS = "byproducts-not-covered-by-dp"
 WEIGHTS_DIFFUSERS = "dp_ldm_unet_diff.safetensors"
 WEIGHTS_COMFYUI = "dp_ldm_comfyui.safetensors"
 WEIGHTS_LORA = "dp_ldm_lora.safetensors"  # trainable='lora': one file for diffusers and ComfyUI
+TEXT_ROWS_PARAM = "text_encoder.embeddings.token_embedding.rows"  # the conditioning rows, in the run's model
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class DPLDMConfig:
     trainable: str = "attention"
     ablation_blocks: int = 0
     lora_rank: int = 4  # for trainable='lora'
+    # The conditioning embedder: token-table rows of these (public, single-token) words are trained
+    # too, e.g. class names a base model never saw. Chosen by the user, never from the private captions.
+    conditioning_words: tuple[str, ...] = ()
     epsilon: float | None = 10.0  # None: a non-private run (no clipping, no noise), for comparison
     delta: float | None = None  # default: 1 / (10 N)
     max_grad_norm: float = 0.01
@@ -69,6 +73,9 @@ class DPLDMConfig:
             raise ValueError(f"backend={self.backend!r} must be 'privdiff' or 'opacus'.")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be at least 1.")
+        if self.conditioning_words and self.trainable == "lora":
+            raise ValueError("conditioning_words go with the weight-difference sets (attention, transformer, ...), "
+                             "not with lora: a LoRA file has no place for token-table rows.")
 
 
 @dataclass(frozen=True)
@@ -105,13 +112,18 @@ class _Run:
         self.unet = pipeline.unet
         self.chosen = select_trainable(unet=self.unet, trainable=config.trainable,
                                        ablation_blocks=config.ablation_blocks, lora_rank=config.lora_rank)
-        self.base_state = {n: p.detach().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+        self.text_rows = None
+        if config.conditioning_words:
+            self.text_rows = _attach_conditioning_rows(pipeline=pipeline, words=config.conditioning_words)
+        # One container for everything trained: the engine clips the UNet set and the text rows together.
+        self.model = torch.nn.ModuleDict({"unet": self.unet, "text_encoder": pipeline.text_encoder})
+        self.base_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         self.num_examples = num_examples
         self.sample_rate = min(1.0, config.batch_size / num_examples)
         self.total_steps = max(1, math.ceil(config.epochs * num_examples / config.batch_size))
         self.delta = config.delta if config.delta is not None else 1.0 / (10 * num_examples)
         lr = config.learning_rate * config.batch_size / 32
-        self.parameters = [p for p in self.unet.parameters() if p.requires_grad]
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.0)
         self.train_generator = torch.Generator().manual_seed(config.seed + 1)
         noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed)
@@ -125,7 +137,7 @@ class _Run:
                                           steps=self.total_steps, generator=noise_generator)
         else:
             self.engine = DPSGDEngine(
-                model=self.unet,
+                model=self.model,
                 optimizer=self.optimizer,
                 config=DPConfig(
                     delta=self.delta, max_grad_norm=config.max_grad_norm, sample_rate=self.sample_rate,
@@ -158,7 +170,9 @@ class _Run:
             table = pipe.text_encoder(ids)[0]
         row = {c: i for i, c in enumerate(unique)}
         self.latents = torch.cat(latents)
-        self.context = table[torch.tensor([row[c] for c in captions])]
+        which = torch.tensor([row[c] for c in captions])
+        self.context = table[which]
+        self.caption_ids = ids[which]  # the text encoder reruns on these when its rows train
         self.noise_scheduler = _training_scheduler(pipe)
 
     def per_sample_loss(self, indices):
@@ -168,7 +182,9 @@ class _Run:
         noise = torch.randn(z0.shape, generator=self.train_generator)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(z0),), generator=self.train_generator)
         zt = self.noise_scheduler.add_noise(z0, noise, t)
-        prediction = self.unet(zt, t, self.context[indices]).sample
+        context = self.pipeline.text_encoder(self.caption_ids[indices])[0] if self.text_rows is not None \
+            else self.context[indices]
+        prediction = self.unet(zt, t, context).sample
         target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else \
             self.noise_scheduler.get_velocity(z0, noise, t)
         return (prediction - target).pow(2).mean(dim=(1, 2, 3))
@@ -197,7 +213,7 @@ class _Run:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.unet.named_parameters() if p.requires_grad}
+        tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
         state = self.optimizer.state_dict()
         for index, values in state["state"].items():
             for key, value in values.items():
@@ -235,7 +251,7 @@ class _Run:
             raise ValueError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)}); "
                              "resume with the same settings, or start a new run in another --out folder.")
         with torch.no_grad():
-            for name, param in self.unet.named_parameters():
+            for name, param in self.model.named_parameters():
                 if param.requires_grad:
                     param.copy_(tensors[f"param.{name}"])
         state = {"state": {}, "param_groups": meta["param_groups"]}
@@ -264,6 +280,16 @@ def encode_latents(*, vae, pixels):
 
     latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     return latents.contiguous(memory_format=torch.contiguous_format)
+
+
+def _attach_conditioning_rows(*, pipeline, words):
+    from ..models.embedding_rows import attach_trainable_rows, single_token_ids
+
+    pipeline.text_encoder.requires_grad_(False)
+    rows = attach_trainable_rows(text_encoder=pipeline.text_encoder,
+                                 row_ids=single_token_ids(tokenizer=pipeline.tokenizer, words=words))
+    rows.rows.requires_grad_(True)
+    return rows
 
 
 def _training_scheduler(pipeline):
@@ -348,7 +374,8 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
 
     from ..data.images import line_chart, make_grid, save_png
     from ..models.lora import lora_state_dict
-    from ..models.weight_diffs import comfy_diff_keys, weight_differences
+    from ..models.weight_diffs import (TEXT_TABLE_DIFF_KEY, comfy_diff_keys, comfy_token_table_diff,
+                                       token_table_difference, weight_differences)
     from ..privacy.record import PrivacyRecord, record_for_dp_sgd, write_safetensors
 
     config = run.config
@@ -356,6 +383,8 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
                 "learning_rate": config.learning_rate, "batch_size": config.batch_size, "epochs": config.epochs}
     if config.trainable == "lora":
         settings["lora_rank"] = config.lora_rank
+    if config.conditioning_words:
+        settings["conditioning_words"] = list(config.conditioning_words)
     if run.engine is not None:
         record = record_for_dp_sgd(history=run.engine.accountant, clip=config.max_grad_norm,
                                    num_examples=run.num_examples, delta=run.delta, accountant=config.accountant,
@@ -371,8 +400,13 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
         weights = {"lora": write_safetensors(path=out / WEIGHTS_LORA, tensors=lora, record=record)}
     else:
         tuned = {n: p.detach() for n, p in run.unet.named_parameters() if p.requires_grad}
-        diffs = weight_differences(base=run.base_state, tuned=tuned, names=run.chosen.parameter_names)
+        base = {n: run.base_state[f"unet.{n}"] for n in run.chosen.parameter_names}
+        diffs = weight_differences(base=base, tuned=tuned, names=run.chosen.parameter_names)
         comfy = comfy_diff_keys(diffs=diffs, unet_config=run.unet.config)
+        if run.text_rows is not None:
+            table_diff = token_table_difference(rows=run.text_rows, base_rows=run.base_state[TEXT_ROWS_PARAM])
+            diffs[TEXT_TABLE_DIFF_KEY] = table_diff
+            comfy.update(comfy_token_table_diff(table_diff=table_diff, text_encoder=run.pipeline.text_encoder))
         weights = {
             "diffusers": write_safetensors(path=out / WEIGHTS_DIFFUSERS, tensors=diffs, record=record),
             "comfyui": write_safetensors(path=out / WEIGHTS_COMFYUI, tensors=comfy, record=record),

@@ -37,7 +37,8 @@ def apply_fine_tune(*, pipeline, weights: str | Path, scale: float = 1.0, adapte
     from safetensors import safe_open
 
     from ..models.lora import LORA_PREFIX
-    from ..models.weight_diffs import COMFY_PREFIX, apply_differences
+    from ..models.weight_diffs import (COMFY_PREFIX, TEXT_TABLE_DIFF_KEY, apply_differences,
+                                       apply_token_table_difference)
     from ..privacy.record import read_record
 
     path = _weights_file(weights)
@@ -51,7 +52,11 @@ def apply_fine_tune(*, pipeline, weights: str | Path, scale: float = 1.0, adapte
             raise ValueError(f"{path.name} is the ComfyUI-format file (load it with ComfyUI's LoRA loader); "
                              f"for diffusers use {WEIGHTS_DIFFUSERS} from the same folder.")
         else:
-            apply_differences(unet=pipeline.unet, diffs={k: handle.get_tensor(k) for k in keys}, scale=scale)
+            unet_keys = [k for k in keys if k != TEXT_TABLE_DIFF_KEY]
+            apply_differences(unet=pipeline.unet, diffs={k: handle.get_tensor(k) for k in unet_keys}, scale=scale)
+            if TEXT_TABLE_DIFF_KEY in keys:
+                apply_token_table_difference(text_encoder=pipeline.text_encoder,
+                                             table_diff=handle.get_tensor(TEXT_TABLE_DIFF_KEY), scale=scale)
     return record
 
 

@@ -88,7 +88,9 @@ class GradSampleClipper:
             params = [p for p in layer.parameters(recurse=False) if p.requires_grad]
             if not params:
                 continue
-            if not isinstance(layer, SUPPORTED) or (isinstance(layer, nn.Conv2d) and not _is_supported_conv(layer)):
+            custom = hasattr(layer, "per_sample_gradients")
+            if not custom and (not isinstance(layer, SUPPORTED)
+                               or (isinstance(layer, nn.Conv2d) and not _is_supported_conv(layer))):
                 raise ValueError(
                     f"trainable layer {name!r} ({type(layer).__name__}) has no fast per-sample clipping; "
                     "freeze it, or use the opacus backend (backend='opacus')."
@@ -150,6 +152,11 @@ class GradSampleClipper:
             grads[layer.bias] = bias
         return grads
 
+    def _explicit_grads(self, layer, x, g):
+        if hasattr(layer, "per_sample_gradients"):
+            return layer.per_sample_gradients(x, g)
+        return self._norm_layer_grads(layer, x, g)
+
     def _use_ghost(self, tokens: int, d_in: int, d_out: int) -> bool:
         if self.strategy != "auto":
             return self.strategy == "ghost"
@@ -193,8 +200,8 @@ class GradSampleClipper:
         norm_layer_grads = {}
         for name, layer in self.layers.items():
             capture = self._captures[name]
-            if isinstance(layer, (nn.LayerNorm, nn.GroupNorm)):
-                per_sample = self._norm_layer_grads(layer, capture.inputs, capture.grad_outputs)
+            if _explicit(layer):
+                per_sample = self._explicit_grads(layer, capture.inputs, capture.grad_outputs)
                 for param, grads in per_sample.items():
                     flat = grads.reshape(batch, -1)
                     per_group = torch.zeros(num_groups, flat.shape[1], dtype=flat.dtype, device=flat.device)
@@ -211,9 +218,9 @@ class GradSampleClipper:
 
         for name, layer in self.layers.items():
             capture = self._captures[name]
-            if isinstance(layer, (nn.LayerNorm, nn.GroupNorm)):
-                for param in (layer.weight, layer.bias):
-                    if param is not None and param in norm_layer_grads:
+            if _explicit(layer):
+                for param in layer.parameters(recurse=False):
+                    if param in norm_layer_grads:
                         per_group = norm_layer_grads[param]
                         clipped = (factors.to(per_group.device, per_group.dtype)[:, None] * per_group).sum(0)
                         self._add(param, clipped.reshape(param.shape))
@@ -238,6 +245,11 @@ class GradSampleClipper:
 
     def reset(self) -> None:
         self.summed_grad.clear()
+
+
+def _explicit(layer: nn.Module) -> bool:
+    """Layers whose per-sample gradients are small enough to form outright."""
+    return isinstance(layer, (nn.LayerNorm, nn.GroupNorm)) or hasattr(layer, "per_sample_gradients")
 
 
 def _group_tokens(t: torch.Tensor, groups: torch.Tensor, num_groups: int) -> list[torch.Tensor]:

@@ -13,12 +13,26 @@ import torch
 from torch import nn
 
 
+def _register_custom_layers(module: nn.Module) -> None:
+    """Teach opacus the per-sample gradients of layers that provide `per_sample_gradients(inputs,
+    grad_outputs)` themselves (privdiff's trainable token rows), once per layer class."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample import register_grad_sampler
+
+    for layer in module.modules():
+        cls = type(layer)
+        if hasattr(cls, "per_sample_gradients") and cls not in GradSampleModule.GRAD_SAMPLERS:
+            register_grad_sampler(cls)(lambda layer, activations, backprops:
+                                       layer.per_sample_gradients(activations[0], backprops))
+
+
 class OpacusClipper:
     """Per-sample clipping through opacus' hooks (`GradSampleModule`, hooks mode)."""
 
     def __init__(self, *, module: nn.Module, max_grad_norm: float):
         from opacus import GradSampleModule
 
+        _register_custom_layers(module)
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={max_grad_norm} must be positive.")
         self.max_grad_norm = float(max_grad_norm)

@@ -81,3 +81,31 @@ def test_comfyui_file_is_refused_with_the_way_to_load_it(base_folder, tmp_path):
         DPLDMPipeline.from_fine_tune(base=base_folder, weights=tmp_path / "run" / WEIGHTS_COMFYUI)
     with pytest.raises(FileNotFoundError, match="neither"):
         DPLDMPipeline.from_fine_tune(base=base_folder, weights=tmp_path)
+
+
+def test_conditioning_rows_are_released_and_reloaded(base_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from privdiff.models.weight_diffs import TEXT_TABLE_DIFF_KEY
+
+    trained = StableDiffusionPipeline.from_pretrained(base_folder, safety_checker=None)
+    trained.set_progress_bar_config(disable=True)
+    words = ("circle", "red")
+    result = train_dp_ldm(base=trained, data="shapes", num_items=8, out=tmp_path / "run",
+                          config=DPLDMConfig(trainable="attention", conditioning_words=words, **QUICK))
+    diffs = load_file(str(result.weights["diffusers"]))
+    table = diffs[TEXT_TABLE_DIFF_KEY]
+    ids = [trained.tokenizer(w, add_special_tokens=False).input_ids[0] for w in words]
+    changed = (table.abs().sum(dim=1) > 0).nonzero().flatten().tolist()
+    assert sorted(changed) == sorted(ids), "only the chosen words' rows change"
+    comfy = load_file(str(result.weights["comfyui"]))
+    key = "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.diff"
+    assert comfy[key].shape[0] == 49408 and torch.equal(comfy[key][: table.shape[0]], table)
+
+    loaded = DPLDMPipeline.from_fine_tune(base=base_folder, weights=tmp_path / "run")
+    prompt = trained.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(loaded.text_encoder(prompt)[0], trained.text_encoder(prompt)[0], atol=1e-5)
+    assert torch.allclose(_unet_output(loaded.unet), _unet_output(trained.unet), atol=1e-5)
+    with pytest.raises(ValueError, match="not with lora"):
+        DPLDMConfig(trainable="lora", conditioning_words=words)
