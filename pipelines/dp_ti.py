@@ -1,0 +1,205 @@
+"""DPAgg-TI (arXiv 2411.14639): one Textual Inversion embedding per image, clipped, noisily averaged.
+
+Every private image (or disjoint subset, or subject) gets its own placeholder token; all of them
+train together in one batch, each sample's prompt naming its own token, so n embeddings cost about
+what one TI run costs per step. Embedding i depends on its own images only (Adam is elementwise and
+the schedule is fixed in advance), which is what the aggregation's sensitivity assumes. Then:
+
+    release = init + (sum over kept i of clip_C(e_i - init) + N(0, σ²C²I)) / (q·n)
+
+with Poisson subsampling at rate q (q = 1: every embedding) and add/remove-one adjacency, as opacus.
+σ is calibrated to the target (ε, δ): the analytic Gaussian mechanism when q = 1, dp-accounting's PLD
+otherwise. The per-image embeddings are the most sensitive by-product: they stay in memory and never
+enter a released file.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class DPAggConfig:
+    token: str = "<my-style>"
+    init_word: str = "painting"
+    num_vectors: int = 1
+    template: str = "a picture in the style of {token}"  # public prompt; {token} is the placeholder
+    epsilon: float | None = 1.0  # None: the plain average, WITHOUT privacy (comparison runs only)
+    delta: float | None = None  # default: 1 / (10 n)
+    clip: float = 0.5  # C: the bound on each embedding's (centred) norm
+    center: bool = True  # clip e_i - init rather than e_i
+    sample_rate: float = 1.0  # q: Poisson subsampling of the per-image embeddings
+    num_subsets: int | None = None  # None: one embedding per image; k: k disjoint subsets
+    steps: int = 100  # optimisation steps of every embedding
+    batch_size: int = 16  # samples per step (each naming its own embedding's token)
+    learning_rate: float = 5e-3
+    seed: int = 0
+    secure_noise: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"epsilon={self.epsilon} must be positive (smaller is more private).")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"delta={self.delta} must lie in (0, 1), below 1/n.")
+        if not self.clip > 0:
+            raise ValueError(f"clip={self.clip} must be positive.")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate={self.sample_rate} must lie in (0, 1].")
+        if self.num_subsets is not None and self.num_subsets < 1:
+            raise ValueError(f"num_subsets={self.num_subsets} must be at least 1.")
+        for name in ("steps", "batch_size", "num_vectors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+        if "{token}" not in self.template:
+            raise ValueError(f"template={self.template!r} must contain {{token}}.")
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    release: torch.Tensor  # [k, d]
+    noise_multiplier: float
+    kept: int  # embeddings kept by the Poisson subsampling (a by-product: not released)
+
+
+def calibrate_aggregate_sigma(*, epsilon: float, delta: float, sample_rate: float) -> float:
+    """σ for one (subsampled) Gaussian release at (ε, δ): analytic when q = 1, PLD otherwise."""
+    from ..privacy.accounting import analytic_gaussian_sigma, calibrate_noise_multiplier
+
+    try:
+        if sample_rate == 1.0:
+            return analytic_gaussian_sigma(epsilon=epsilon, delta=delta)
+        return calibrate_noise_multiplier(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=1,
+                                          accountant="pld")
+    except ValueError as error:
+        raise ValueError(f"target epsilon={epsilon} cannot be met with delta={delta} and sample rate {sample_rate} "
+                         f"({error}); raise epsilon or delta, or lower the sample rate.") from None
+
+
+def aggregate(*, embeddings: torch.Tensor, init: torch.Tensor, clip: float, noise_multiplier: float,
+              sample_rate: float, generator: torch.Generator, center: bool = True) -> AggregateResult:
+    """The DPAgg release from per-unit embeddings [n, k, d]: clip each unit's whole [k, d] block to
+    norm C (after subtracting `init` when `center`), Poisson-subsample at q, sum, add N(0, σ²C²), divide by q·n."""
+    n = embeddings.shape[0]
+    base = init.expand_as(embeddings[0]) if center else torch.zeros_like(embeddings[0])
+    centred = (embeddings - base).double()
+    norms = centred.flatten(1).norm(dim=1)
+    clipped = centred * (clip / (norms + 1e-12)).clamp(max=1.0)[:, None, None]
+    keep = torch.rand(n, generator=generator, dtype=torch.float64) < sample_rate if sample_rate < 1 \
+        else torch.ones(n, dtype=torch.bool)
+    total = clipped[keep].sum(dim=0)
+    if noise_multiplier > 0:
+        total = total + noise_multiplier * clip * torch.randn(total.shape, generator=generator, dtype=torch.float64)
+    release = base.double() + total / (sample_rate * n)
+    return AggregateResult(release=release.to(embeddings.dtype), noise_multiplier=noise_multiplier, kept=int(keep.sum()))
+
+
+@dataclass(frozen=True)
+class DPAggResult:
+    out: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    epsilon: float | None = None
+    num_units: int = 0
+
+
+def _units(*, num_images: int, num_subsets: int | None) -> list[list[int]]:
+    if num_subsets is None:
+        return [[i] for i in range(num_images)]
+    if num_subsets > num_images:
+        raise ValueError(f"num_subsets={num_subsets} is more than the {num_images} images: every subset needs "
+                         "at least one image; use at most that many subsets.")
+    return [list(range(s, num_images, num_subsets)) for s in range(num_subsets)]
+
+
+def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = DPAggConfig(),
+                   progress: Callable[[int, int], None] | None = None, a1111: bool = False) -> DPAggResult:
+    """Train one embedding per unit in one batched run, release their DP average, write the files."""
+    from ..data.base import DatasetError
+    from ..privacy.dp_sgd import secure_generator
+    from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
+    from .dp_ldm import encode_latents
+    from .textual_inversion import add_placeholder_tokens, check_new_token, placeholder_names, save_embedding
+
+    out = Path(out)
+    n_images = len(dataset)
+    if n_images < 2:
+        raise DatasetError(f"the dataset has {n_images} image(s); DPAgg-TI needs at least 2.")
+    units = _units(num_images=n_images, num_subsets=config.num_subsets)
+    n = len(units)
+    delta = config.delta if config.delta is not None else 1.0 / (10 * n)
+    if config.epsilon is not None:
+        from ..privacy.accounting import check_delta
+
+        check_delta(delta=delta, num_examples=n)
+        sigma = calibrate_aggregate_sigma(epsilon=config.epsilon, delta=delta, sample_rate=config.sample_rate)
+    else:
+        sigma = 0.0
+    # A copy of the tokenizer holds the per-unit tokens, so they never outlive the run.
+    tokenizer, text_encoder = copy.deepcopy(pipeline.tokenizer), pipeline.text_encoder
+    check_new_token(tokenizer=tokenizer, token=config.token)
+    for word in placeholder_names(token=config.token, num_vectors=config.num_vectors)[1:]:
+        check_new_token(tokenizer=tokenizer, token=word)
+    # One placeholder per unit; the released token's name is set only when the file is written.
+    names = [placeholder_names(token=f"<privdiff-unit-{u}>", num_vectors=config.num_vectors) for u in range(n)]
+    rows, ids, init = add_placeholder_tokens(tokenizer=tokenizer, text_encoder=text_encoder,
+                                             names=[t for group in names for t in group], init_word=config.init_word)
+    try:
+        with torch.no_grad():
+            pixels = torch.stack([dataset[i]["pixel_values"] for i in range(n_images)]).to(pipeline.vae.dtype)
+            latents = torch.cat([encode_latents(vae=pipeline.vae, pixels=pixels[i:i + 64])
+                                 for i in range(0, n_images, 64)])
+        unit_of = torch.empty(n_images, dtype=torch.long)
+        for u, members in enumerate(units):
+            unit_of[members] = u
+        prompts = [config.template.format(token=" ".join(names[u])) for u in range(n)]
+        prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        optimizer = torch.optim.AdamW([rows.rows], lr=config.learning_rate, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(config.seed)
+        order = torch.randperm(n_images, generator=generator)
+        cursor = 0
+        pipeline.unet.requires_grad_(False)
+        total_steps = math.ceil(config.steps * n_images / config.batch_size)
+        for step in range(total_steps):
+            # A fixed cyclic schedule over the images (data-independent): every image gets the same steps.
+            picks = order[(torch.arange(config.batch_size) + cursor) % n_images]
+            cursor = (cursor + config.batch_size) % n_images
+            z0 = latents[picks]
+            noise = torch.randn(z0.shape, generator=generator)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(picks),), generator=generator)
+            context = text_encoder(prompt_ids[unit_of[picks]])[0]
+            prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context).sample
+            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+            (prediction - target).pow(2).mean(dim=(1, 2, 3)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if progress is not None:
+                progress(step + 1, total_steps)
+        embeddings = rows.rows.detach().reshape(n, config.num_vectors, -1)
+        noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed + 1)
+        result = aggregate(embeddings=embeddings, init=init, clip=config.clip, noise_multiplier=sigma,
+                           sample_rate=config.sample_rate, generator=noise_generator, center=config.center)
+    finally:
+        text_encoder.set_input_embeddings(rows.base)  # the pipeline's own table, unchanged
+    settings = {"method": "dpagg", "token": config.token, "init_word": config.init_word,
+                "num_vectors": config.num_vectors, "template": config.template, "steps": config.steps,
+                "center": config.center, "num_images": n_images}
+    if config.epsilon is not None:
+        record = record_for_gaussian_aggregate(noise_multiplier=sigma, clip=config.clip, sample_rate=config.sample_rate,
+                                               num_examples=n, delta=delta, extra={"dp_ti": settings})
+        epsilon = record.epsilon
+    else:
+        record = PrivacyRecord(mechanism="none", extra={"dp_ti": settings,
+                                                        "warning": "averaged WITHOUT differential privacy"})
+        epsilon = None
+    files = save_embedding(vectors=result.release, token=config.token, text_encoder=text_encoder, out=out,
+                           record=record, a1111=a1111)
+    return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=n)

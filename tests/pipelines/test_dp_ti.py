@@ -1,0 +1,114 @@
+"""DPAgg-TI: the aggregation's exact mean and noise law, its ε, files that load, clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privdiff.models.tiny import TinySpec, tiny_pipeline
+from privdiff.pipelines.dp_ti import DPAggConfig, aggregate, calibrate_aggregate_sigma, train_dpagg_ti
+from privdiff.privacy.record import read_record
+
+
+def _embeddings(n=40, k=2, d=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, d, generator=generator, dtype=torch.float64), torch.randn(d, generator=generator,
+                                                                                        dtype=torch.float64)
+
+
+def test_noiseless_full_release_is_the_mean_of_clipped_embeddings():
+    embeddings, init = _embeddings()
+    result = aggregate(embeddings=embeddings, init=init, clip=5.5, noise_multiplier=0.0, sample_rate=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    centred = embeddings - init
+    norms = centred.flatten(1).norm(dim=1)
+    assert (norms > 5.5).any() and (norms < 5.5).any()
+    expected = init + (centred * torch.clamp(5.5 / norms, max=1.0)[:, None, None]).mean(dim=0)
+    assert torch.allclose(result.release, expected, rtol=1e-12, atol=1e-12)  # float64 rounding only
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_release_error_follows_the_stated_gaussian(sample_rate):
+    """Over many seeds, (release - noiseless release) per coordinate ~ N(0, (σC/(q n))²) (q = 1), and
+    the subsampled release is unbiased for the full mean. Kolmogorov-Smirnov at a fixed seed."""
+    from scipy import stats
+
+    embeddings, init = _embeddings(n=30)
+    clip, sigma = 0.8, 1.3
+    reference = aggregate(embeddings=embeddings, init=init, clip=clip, noise_multiplier=0.0, sample_rate=1.0,
+                          generator=torch.Generator().manual_seed(0)).release
+    errors = []
+    for seed in range(2000):
+        release = aggregate(embeddings=embeddings, init=init, clip=clip, noise_multiplier=sigma,
+                            sample_rate=sample_rate, generator=torch.Generator().manual_seed(seed)).release
+        errors.append((release - reference).flatten().numpy())
+    errors = np.stack(errors)
+    scale = sigma * clip / (sample_rate * 30)
+    if sample_rate == 1.0:
+        assert stats.kstest(errors[:, 0] / scale, "norm").pvalue > 0.01
+        assert abs(errors.std() / scale - 1) < 0.03
+    else:
+        assert np.abs(errors.mean(axis=0)).max() < 4 * errors.std(axis=0).max() / np.sqrt(len(errors))
+        assert errors.std() > scale  # subsampling adds its own variance on top of the noise
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.2])
+def test_calibrated_sigma_meets_epsilon_per_an_independent_accountant(sample_rate):
+    from privdiff.privacy.accounting import analytic_gaussian_epsilon, epsilon
+
+    sigma = calibrate_aggregate_sigma(epsilon=1.0, delta=1e-3, sample_rate=sample_rate)
+    if sample_rate == 1.0:
+        independent = analytic_gaussian_epsilon(noise_multiplier=sigma, delta=1e-3)
+    else:
+        independent = epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=1, delta=1e-3, accountant="prv")
+    assert independent == pytest.approx(1.0, rel=0.05)  # PLD calibrated, opacus PRV (or the analytic formula) checks
+
+
+@pytest.fixture()
+def pipe():
+    pipeline = tiny_pipeline(spec=TinySpec(), seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _data(n):
+    from privdiff.data import load_dataset
+
+    return load_dataset(data="style", num_items=n, seed=0)
+
+
+def test_dpagg_run_writes_files_that_load(pipe, tmp_path):
+    config = DPAggConfig(token="<stripes>", init_word="circle", num_vectors=2, steps=2, batch_size=4, epsilon=1.0,
+                         secure_noise=False)
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    vocab = len(pipe.tokenizer)
+    result = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "ti", config=config, a1111=True)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, before) and len(pipe.tokenizer) == vocab
+    record = read_record(result.files["diffusers"])
+    assert record.mechanism == "gaussian-aggregate" and record.epsilon <= 1.0 and record.num_examples == 6
+    assert set(load_file(str(result.files["diffusers"]))) == {"<stripes>"}
+    comfy = load_file(str(result.files["comfyui"]))
+    assert set(comfy) == {"clip_l"} and comfy["clip_l"].shape == (2, 32)
+    assert read_record(result.files["a1111"]) == record  # from its sidecar
+    ids = pipe.tokenizer(["a picture in the style of"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = pipe.text_encoder(ids)[0]
+    pipe.load_textual_inversion(str(result.files["diffusers"]), token="<stripes>")
+    with_token = pipe.tokenizer(["a picture in the style of <stripes>"], padding="max_length", max_length=77,
+                                return_tensors="pt").input_ids
+    with torch.no_grad():
+        encoded = pipe.text_encoder(with_token)[0]
+    assert not torch.allclose(encoded, plain)
+
+
+@pytest.mark.parametrize("kwargs,n,message", [
+    (dict(token="circle"), 6, "already in the vocabulary"),
+    (dict(init_word="zxqvbn"), 6, "single tokens"),
+    (dict(num_subsets=8), 6, "more than the 6 images"),
+    (dict(epsilon=1e-7, delta=1e-8), 6, "cannot be met"),
+])
+def test_bad_input_writes_nothing(pipe, tmp_path, kwargs, n, message):
+    config = DPAggConfig(**{**dict(steps=1, batch_size=2, secure_noise=False), **kwargs})
+    with pytest.raises(ValueError, match=message):
+        train_dpagg_ti(pipeline=pipe, dataset=_data(n), out=tmp_path / "ti", config=config)
+    assert not (tmp_path / "ti").exists()
