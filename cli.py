@@ -78,6 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--keep-byproducts", action="store_true",
                      help="keep loss curve and checkpoint (computed on private data, NOT covered by ε)")
 
+    ti = methods.add_parser("dp-ti", help="differentially private Textual Inversion (DPAgg-TI or DP-SGD TI)")
+    _add_base(ti)
+    _add_common(ti, data_default=None, out_required=True)
+    ti.add_argument("--method", dest="ti_method", default="dpagg", choices=["dpagg", "dpsgd"])
+    ti.add_argument("--token", required=True, help='the new token, e.g. "<my-style>"')
+    ti.add_argument("--init-word", default="painting", help="a one-token word the embedding starts from")
+    ti.add_argument("--num-vectors", type=int, default=1)
+    ti.add_argument("--template", default="a picture in the style of {token}", help="training prompt ({token})")
+    ti.add_argument("--epsilon", type=float, default=1.0)
+    ti.add_argument("--no-dp", action="store_true", help="dpagg without noise or clipping bound: comparison only")
+    ti.add_argument("--delta", type=float, default=None, help="δ (default 1/(10 n))")
+    ti.add_argument("--clip", type=float, default=0.5, help="dpagg: bound C on each embedding's centred norm")
+    ti.add_argument("--sample-rate", type=float, default=1.0, help="dpagg: Poisson subsampling rate q")
+    ti.add_argument("--num-subsets", type=int, default=None, help="dpagg: disjoint subsets (default: one per image)")
+    ti.add_argument("--steps", type=int, default=100, help="dpagg: optimisation steps of every embedding")
+    ti.add_argument("--epochs", type=float, default=20.0, help="dpsgd: passes over the data")
+    ti.add_argument("--max-grad-norm", type=float, default=0.01, help="dpsgd: per-example clipping bound")
+    ti.add_argument("--batch-size", type=int, default=16)
+    ti.add_argument("--lr", type=float, default=5e-3)
+    ti.add_argument("--num-items", type=int, default=None, help="items of a procedural set")
+    ti.add_argument("--a1111", action="store_true", help="also write an A1111 .pt (with a .privacy.json sidecar)")
+
     audit = sub.add_parser("audit", help="measure what a released model gives away")
     attacks = audit.add_subparsers(dest="attack", required=True, metavar="ATTACK")
     mia = attacks.add_parser("mia", help="loss-threshold membership inference on a DP-LDM output")
@@ -128,6 +150,56 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    if args.method == "dp-ti":
+        return _cmd_train_ti(args)
+    return _cmd_train_ldm(args)
+
+
+def _cmd_train_ti(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .data import load_dataset
+    from .models.loading import load_pipeline
+    from .pipelines.dp_ti import DPAggConfig, DPSGDTIConfig, train_dpagg_ti, train_dpsgd_ti
+
+    if args.data is None:
+        raise ValueError("--data is required: a folder of images, or a procedural set's name (e.g. style).")
+    if args.ti_method == "dpsgd" and args.no_dp:
+        raise ValueError("--no-dp is for dpagg comparison runs; DP-SGD TI is always private.")
+    common = dict(token=args.token, init_word=args.init_word, num_vectors=args.num_vectors, template=args.template,
+                  delta=args.delta, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    if args.ti_method == "dpagg":
+        config = DPAggConfig(epsilon=None if args.no_dp else args.epsilon, clip=args.clip, sample_rate=args.sample_rate,
+                             num_subsets=args.num_subsets, steps=args.steps, **common)
+        train = train_dpagg_ti
+    else:
+        config = DPSGDTIConfig(epsilon=args.epsilon, max_grad_norm=args.max_grad_norm, epochs=args.epochs, **common)
+        train = train_dpsgd_ti
+    pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    dataset = load_dataset(data=args.data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
+                           seed=args.seed, num_items=args.num_items)
+    bar = tqdm(desc=f"dp-ti ({args.ti_method}, all per-image embeddings)" if args.ti_method == "dpagg" else "dp-ti (dpsgd)",
+               unit="step")
+
+    def progress(step, total):
+        bar.total = total
+        bar.update(1)
+
+    try:
+        result = train(pipeline=pipeline, dataset=dataset, out=args.out, config=config, progress=progress,
+                       a1111=args.a1111)
+    finally:
+        bar.close()
+    eps = "without DP" if result.epsilon is None else f"ε = {result.epsilon:.3g}"
+    print(f"DP-TI {args.ti_method} finished ({eps}, {result.num_units} units) -> {result.out}")
+    for kind, path in result.files.items():
+        print(f"  {kind}: {path}")
+    print(f'  diffusers: pipe.load_textual_inversion("{result.files["diffusers"]}", token="{args.token}")')
+    return 0
+
+
+def _cmd_train_ldm(args) -> int:
     import signal
 
     from tqdm.auto import tqdm

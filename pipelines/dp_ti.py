@@ -203,3 +203,96 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
     files = save_embedding(vectors=result.release, token=config.token, text_encoder=text_encoder, out=out,
                            record=record, a1111=a1111)
     return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=n)
+
+
+@dataclass(frozen=True)
+class DPSGDTIConfig:
+    """The DP-SGD TI baseline: one embedding over the whole set, per-sample clipping and noise."""
+
+    token: str = "<my-style>"
+    init_word: str = "painting"
+    num_vectors: int = 1
+    template: str = "a picture in the style of {token}"
+    epsilon: float = 1.0
+    delta: float | None = None
+    max_grad_norm: float = 0.01
+    epochs: float = 20.0
+    batch_size: int = 16
+    learning_rate: float = 5e-3
+    seed: int = 0
+    secure_noise: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon={self.epsilon} must be positive.")
+        if "{token}" not in self.template:
+            raise ValueError(f"template={self.template!r} must contain {{token}}.")
+        if self.batch_size < 1 or not self.epochs > 0 or self.num_vectors < 1:
+            raise ValueError("batch_size, epochs and num_vectors must be positive.")
+
+
+def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig = DPSGDTIConfig(),
+                   progress: Callable[[int, int], None] | None = None, a1111: bool = False) -> DPAggResult:
+    """Train one embedding with DP-SGD on privdiff's engine: per-sample gradients of the new rows only."""
+    from diffusers import DDPMScheduler
+
+    from ..data.base import DatasetError
+    from ..privacy.dp_sgd import secure_generator
+    from ..privacy.engine import DPConfig, DPSGDEngine
+    from ..privacy.record import record_for_dp_sgd
+    from .dp_ldm import encode_latents
+    from .textual_inversion import add_placeholder_tokens, check_new_token, placeholder_names, save_embedding
+
+    n = len(dataset)
+    if n < 2:
+        raise DatasetError(f"the dataset has {n} image(s); DP-SGD TI needs at least 2.")
+    if config.batch_size > n:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the dataset ({n} images).")
+    delta = config.delta if config.delta is not None else 1.0 / (10 * n)
+    names = placeholder_names(token=config.token, num_vectors=config.num_vectors)
+    tokenizer, text_encoder = copy.deepcopy(pipeline.tokenizer), pipeline.text_encoder
+    for name in names:
+        check_new_token(tokenizer=tokenizer, token=name)
+    rows, _, _ = add_placeholder_tokens(tokenizer=tokenizer, text_encoder=text_encoder, names=names,
+                                        init_word=config.init_word)
+    try:
+        with torch.no_grad():
+            pixels = torch.stack([dataset[i]["pixel_values"] for i in range(n)]).to(pipeline.vae.dtype)
+            latents = torch.cat([encode_latents(vae=pipeline.vae, pixels=pixels[i:i + 64]) for i in range(0, n, 64)])
+        prompt_ids = tokenizer([config.template.format(token=" ".join(names))], padding="max_length",
+                               max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        pipeline.unet.requires_grad_(False)
+        optimizer = torch.optim.AdamW([rows.rows], lr=config.learning_rate * config.batch_size / 16, weight_decay=0.0)
+        steps = max(1, math.ceil(config.epochs * n / config.batch_size))
+        train_generator = torch.Generator().manual_seed(config.seed + 1)
+        engine = DPSGDEngine(
+            model=text_encoder, optimizer=optimizer, num_examples=n,
+            config=DPConfig(delta=delta, max_grad_norm=config.max_grad_norm, sample_rate=config.batch_size / n,
+                            steps=steps, target_epsilon=config.epsilon, physical_batch_size=64),
+            generator=secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed),
+        )
+
+        def per_sample_loss(indices):
+            z0 = latents[indices]
+            noise = torch.randn(z0.shape, generator=train_generator)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(indices),), generator=train_generator)
+            context = text_encoder(prompt_ids.expand(len(indices), -1))[0]
+            prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context).sample
+            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+            return (prediction - target).pow(2).mean(dim=(1, 2, 3))
+
+        for step in range(steps):
+            engine.step(per_sample_loss)
+            if progress is not None:
+                progress(step + 1, steps)
+        vectors = rows.rows.detach().clone()
+        engine.clipper.remove()
+    finally:
+        text_encoder.set_input_embeddings(rows.base)
+    record = record_for_dp_sgd(history=engine.accountant, clip=config.max_grad_norm, num_examples=n, delta=delta,
+                               extra={"dp_ti": {"method": "dpsgd", "token": config.token, "init_word": config.init_word,
+                                                "num_vectors": config.num_vectors, "template": config.template}})
+    files = save_embedding(vectors=vectors, token=config.token, text_encoder=text_encoder, out=out, record=record,
+                           a1111=a1111)
+    return DPAggResult(out=Path(out), files=files, epsilon=record.epsilon, num_units=n)

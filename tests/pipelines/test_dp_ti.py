@@ -112,3 +112,24 @@ def test_bad_input_writes_nothing(pipe, tmp_path, kwargs, n, message):
     with pytest.raises(ValueError, match=message):
         train_dpagg_ti(pipeline=pipe, dataset=_data(n), out=tmp_path / "ti", config=config)
     assert not (tmp_path / "ti").exists()
+
+
+def test_dpsgd_ti_trains_only_the_new_rows(pipe, tmp_path):
+    from privdiff.pipelines.dp_ti import DPSGDTIConfig, train_dpsgd_ti
+    from privdiff.privacy.accounting import epsilon as epsilon_of
+
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    config = DPSGDTIConfig(token="<stripes>", init_word="circle", epochs=1.0, batch_size=3, epsilon=4.0,
+                           secure_noise=False)
+    result = train_dpsgd_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "ti", config=config)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, before)
+    assert all(torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
+    record = read_record(result.files["diffusers"])
+    assert record.mechanism == "dp-sgd" and record.epsilon <= 4.0
+    independent = epsilon_of(noise_multiplier=record.noise_multiplier, sample_rate=0.5, steps=record.steps,
+                             delta=record.delta, accountant="pld")
+    assert abs(record.epsilon - independent) / independent < 0.05
+    vectors = load_file(str(result.files["diffusers"]))["<stripes>"]
+    init = before[pipe.tokenizer("circle", add_special_tokens=False).input_ids[0]]
+    assert vectors.shape == (1, 32) and not torch.allclose(vectors[0], init)
