@@ -1,0 +1,26 @@
+"""ComfyUI's own embedding loader reads privdiff's DP-TI files (ComfyUI format, and A1111 .pt)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.comfyui
+
+
+def test_comfy_load_embed_reads_the_released_vectors(comfyui_root, tmp_path):
+    import comfy.sd1_clip
+
+    from privdiff.models.tiny import TinySpec, tiny_pipeline
+    from privdiff.pipelines.dp_ti import DPAggConfig, train_dpagg_ti
+    from privdiff.data import load_dataset
+
+    pipe = tiny_pipeline(spec=TinySpec(), seed=0)
+    config = DPAggConfig(token="<stripes>", init_word="circle", num_vectors=2, steps=1, batch_size=3, secure_noise=False)
+    with torch.inference_mode(False):
+        result = train_dpagg_ti(pipeline=pipe, dataset=load_dataset(data="style", num_items=6), out=tmp_path / "emb",
+                                config=config, a1111=True)
+    expected = load_file(str(result.files["diffusers"]))["<stripes>"]
+    for kind in ("comfyui", "a1111"):
+        path = result.files[kind]
+        loaded = comfy.sd1_clip.load_embed(path.stem, str(path.parent), expected.shape[1], "clip_l")
+        assert loaded is not None and torch.allclose(loaded.float(), expected), kind
