@@ -119,11 +119,32 @@ def _demo_dp_ldm(ctx: DemoContext) -> list[str]:
     ]
 
 
+def _demo_dp_ti(ctx: DemoContext) -> list[str]:
+    from ..data import load_dataset
+    from ..models.loading import load_pipeline
+    from .dp_ti import DPAggConfig, train_dpagg_ti
+
+    # DPAgg-TI on 16 private style images: 16 embeddings trained in one batch, clipped, noisily averaged.
+    pipeline = load_pipeline(base=ctx.base)
+    pipeline.set_progress_bar_config(disable=True)
+    dataset = load_dataset(data="style", num_items=16, seed=ctx.seed,
+                           resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+    config = DPAggConfig(token="<privdiff-style>", init_word="circle", epsilon=1.0, steps=5, batch_size=16,
+                         seed=ctx.seed)
+    result = train_dpagg_ti(pipeline=pipeline, dataset=dataset, out=ctx.out / "dp-ti", config=config)
+    return [
+        f"DPAgg-TI on 16 style images: {result.num_units} per-image embeddings -> one token at ε={result.epsilon:.3g}",
+        f"embedding (ComfyUI models/embeddings): {result.files['comfyui'].relative_to(ctx.out)}; diffusers: "
+        f"load_textual_inversion('{result.files['diffusers'].relative_to(ctx.out)}', token='<privdiff-style>')",
+    ]
+
+
 DEMO_FEATURES: dict[str, Callable[[DemoContext], list[str]]] = {
     "data": _demo_data,
     "generate": _demo_generate,
     "single-file": _demo_single_file,
     "dp-ldm": _demo_dp_ldm,
+    "dp-ti": _demo_dp_ti,
 }
 
 
