@@ -113,6 +113,7 @@ class _Run:
         self.chosen = select_trainable(unet=self.unet, trainable=config.trainable,
                                        ablation_blocks=config.ablation_blocks, lora_rank=config.lora_rank)
         self.text_rows = None
+        pipeline.text_encoder.requires_grad_(False)  # only chosen rows of it ever train
         if config.conditioning_words:
             self.text_rows = _attach_conditioning_rows(pipeline=pipeline, words=config.conditioning_words)
         # One container for everything trained: the engine clips the UNet set and the text rows together.
@@ -212,6 +213,8 @@ class _Run:
     def save_checkpoint(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
+        if not _is_main_process():
+            return  # under torchrun every rank holds the same state; rank 0 writes it
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
         state = self.optimizer.state_dict()
@@ -345,6 +348,8 @@ def train_dp_ldm(
     if resume and not (byproducts / "checkpoint.json").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {byproducts}; start without --resume.")
 
+    if config.epsilon is None and _rank_and_world()[1] > 1:
+        raise ValueError("non-private comparison runs are single-process; run them without torchrun.")
     run = _Run(pipeline=pipeline, dataset=dataset, config=config, num_examples=num_examples)
     if config.epsilon is not None and run.engine.planned_epsilon() > config.epsilon * (1 + 1e-9):
         raise ValueError(f"the plan ({run.total_steps} steps) would exceed epsilon={config.epsilon}; "
@@ -365,7 +370,23 @@ def train_dp_ldm(
     if stopped:
         return DPLDMResult(out=out, steps_done=run.step, total_steps=run.total_steps, stopped=True,
                            epsilon=run.engine.accountant.epsilon(delta=run.delta) if run.engine else None)
+    if not _is_main_process():
+        return DPLDMResult(out=out, steps_done=run.step, total_steps=run.total_steps, stopped=False,
+                           epsilon=run.engine.accountant.epsilon(delta=run.delta))
     return _release(run=run, out=out)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_main_process() -> bool:
+    """True in a single process, and on rank 0 under torchrun (the one rank that writes files)."""
+    return _rank_and_world()[0] == 0
 
 
 def _release(*, run: _Run, out: Path) -> DPLDMResult:
