@@ -166,6 +166,17 @@ class GradSampleClipper:
         """Per-group squared gradient norms of a Linear (or 1x1 conv) weight and bias."""
         weight_trainable = layer.weight.requires_grad
         bias_trainable = layer.bias is not None and layer.bias.requires_grad
+        if num_groups == x.shape[0] and torch.equal(groups, torch.arange(num_groups)):
+            # One unit per sample: every sample at once, as batched matrix products.
+            sq = torch.zeros(num_groups, dtype=torch.float64, device=x.device)
+            if weight_trainable:
+                if self._use_ghost(x.shape[1], x.shape[2], g.shape[2]):
+                    sq += (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2)).double()
+                else:
+                    sq += torch.bmm(g.transpose(1, 2), x).pow(2).sum(dim=(1, 2)).double()
+            if bias_trainable:
+                sq += g.sum(1).pow(2).sum(1).double()
+            return sq
         xs, gs = _group_tokens(x, groups, num_groups), _group_tokens(g, groups, num_groups)
         sq = torch.zeros(num_groups, dtype=torch.float64, device=x.device)
         for s, (xg, gg) in enumerate(zip(xs, gs)):
