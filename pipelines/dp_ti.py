@@ -107,6 +107,19 @@ class DPAggResult:
     num_units: int = 0
 
 
+def _encode_dataset(*, pipeline, dataset, chunk: int = 64) -> torch.Tensor:
+    """Every image's VAE latent, encoded once (the VAE is frozen), in chunks that fit in memory."""
+    from .dp_ldm import encode_latents
+
+    with torch.no_grad():
+        return torch.cat([
+            encode_latents(vae=pipeline.vae, pixels=torch.stack(
+                [dataset[i]["pixel_values"] for i in range(start, min(start + chunk, len(dataset)))]
+            ).to(pipeline.vae.dtype))
+            for start in range(0, len(dataset), chunk)
+        ])
+
+
 def _units(*, num_images: int, num_subsets: int | None) -> list[list[int]]:
     if num_subsets is None:
         return [[i] for i in range(num_images)]
@@ -122,7 +135,6 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
     from ..data.base import DatasetError
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
-    from .dp_ldm import encode_latents
     from .textual_inversion import add_placeholder_tokens, check_new_token, placeholder_names, save_embedding
 
     out = Path(out)
@@ -149,10 +161,7 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
     rows, ids, init = add_placeholder_tokens(tokenizer=tokenizer, text_encoder=text_encoder,
                                              names=[t for group in names for t in group], init_word=config.init_word)
     try:
-        with torch.no_grad():
-            pixels = torch.stack([dataset[i]["pixel_values"] for i in range(n_images)]).to(pipeline.vae.dtype)
-            latents = torch.cat([encode_latents(vae=pipeline.vae, pixels=pixels[i:i + 64])
-                                 for i in range(0, n_images, 64)])
+        latents = _encode_dataset(pipeline=pipeline, dataset=dataset)
         unit_of = torch.empty(n_images, dtype=torch.long)
         for u, members in enumerate(units):
             unit_of[members] = u
@@ -240,7 +249,6 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.engine import DPConfig, DPSGDEngine
     from ..privacy.record import record_for_dp_sgd
-    from .dp_ldm import encode_latents
     from .textual_inversion import add_placeholder_tokens, check_new_token, placeholder_names, save_embedding
 
     n = len(dataset)
@@ -256,9 +264,7 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     rows, _, _ = add_placeholder_tokens(tokenizer=tokenizer, text_encoder=text_encoder, names=names,
                                         init_word=config.init_word)
     try:
-        with torch.no_grad():
-            pixels = torch.stack([dataset[i]["pixel_values"] for i in range(n)]).to(pipeline.vae.dtype)
-            latents = torch.cat([encode_latents(vae=pipeline.vae, pixels=pixels[i:i + 64]) for i in range(0, n, 64)])
+        latents = _encode_dataset(pipeline=pipeline, dataset=dataset)
         prompt_ids = tokenizer([config.template.format(token=" ".join(names))], padding="max_length",
                                max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)

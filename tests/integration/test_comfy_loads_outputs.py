@@ -10,31 +10,14 @@ QUICK = dict(batch_size=4, physical_batch_size=4, epochs=1.0, secure_noise=False
              max_grad_norm=0.1, learning_rate=3e-3, epsilon=8.0, sample_prompts=("a red circle",))
 
 
-def _comfy_model(spec):
-    import comfy.latent_formats
-    import comfy.model_detection
+def _patcher(model):
     import comfy.model_patcher
-    import comfy.supported_models
 
-    config = comfy.model_detection.detect_unet_config(spec.unet_state_dict, "")
-    config.update(spec.unet_extra_config)
-
-    class TinyLatent(comfy.latent_formats.SD15):
-        def __init__(self):
-            super().__init__(scale_factor=spec.latent_scale_factor)
-
-    class PrivdiffTiny(comfy.supported_models.SD15):
-        unet_config = dict(config)
-        unet_extra_config = {}
-        latent_format = TinyLatent
-
-    model = PrivdiffTiny(config).get_model({})
-    model.diffusion_model.load_state_dict(spec.unet_state_dict, strict=True)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("trainable,file_key", [("lora", "lora"), ("attention", "comfyui")])
-def test_comfy_lora_loader_applies_the_output(comfyui_root, tmp_path, trainable, file_key):
+def test_comfy_lora_loader_applies_the_output(comfy_tiny_model, tmp_path, trainable, file_key):
     import comfy.lora
     import comfy.utils
 
@@ -49,7 +32,7 @@ def test_comfy_lora_loader_applies_the_output(comfyui_root, tmp_path, trainable,
         result = train_dp_ldm(base=trained, data="shapes", num_items=8, out=tmp_path / "run",
                               config=DPLDMConfig(trainable=trainable, **QUICK))
 
-    patcher = _comfy_model(spec)
+    patcher = _patcher(comfy_tiny_model(spec))
     lora = comfy.utils.load_torch_file(str(result.weights[file_key]), safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     patches = comfy.lora.load_lora(lora, key_map)

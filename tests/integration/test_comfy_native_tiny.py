@@ -25,25 +25,8 @@ def spec(pipeline):
     return comfy_native_spec(pipeline)
 
 
-def test_unet_matches(comfyui_root, pipeline, spec):
-    import comfy.latent_formats
-    import comfy.model_detection
-    import comfy.supported_models
-
-    config = comfy.model_detection.detect_unet_config(spec.unet_state_dict, "")
-    config.update(spec.unet_extra_config)
-
-    class TinyLatent(comfy.latent_formats.SD15):
-        def __init__(self):
-            super().__init__(scale_factor=spec.latent_scale_factor)
-
-    class PrivdiffTiny(comfy.supported_models.SD15):
-        unet_config = dict(config)
-        unet_extra_config = {}
-        latent_format = TinyLatent
-
-    model = PrivdiffTiny(config).get_model({})
-    missing, unexpected = model.diffusion_model.load_state_dict(spec.unet_state_dict, strict=True), None
+def test_unet_matches(comfy_tiny_model, pipeline, spec):
+    model = comfy_tiny_model(spec)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=generator)
     context = torch.randn(2, 77, spec.clip_embedding_size, generator=generator)
