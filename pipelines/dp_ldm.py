@@ -186,8 +186,7 @@ class _Run:
         context = self.pipeline.text_encoder(self.caption_ids[indices])[0] if self.text_rows is not None \
             else self.context[indices]
         prediction = self.unet(zt, t, context).sample
-        target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else \
-            self.noise_scheduler.get_velocity(z0, noise, t)
+        target = denoising_target(scheduler=self.noise_scheduler, z0=z0, noise=noise, t=t)
         return (prediction - target).pow(2).mean(dim=(1, 2, 3))
 
     def train_step(self) -> TrainProgress:
@@ -285,6 +284,11 @@ def encode_latents(*, vae, pixels):
     return latents.contiguous(memory_format=torch.contiguous_format)
 
 
+def denoising_target(*, scheduler, z0, noise, t):
+    """What the UNet is trained to predict: the noise (ε-prediction) or the velocity (v-prediction)."""
+    return noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+
+
 def _attach_conditioning_rows(*, pipeline, words):
     from ..models.embedding_rows import attach_trainable_rows, single_token_ids
 
@@ -348,7 +352,9 @@ def train_dp_ldm(
     if resume and not (byproducts / "checkpoint.json").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {byproducts}; start without --resume.")
 
-    if config.epsilon is None and _rank_and_world()[1] > 1:
+    from ..privacy.engine import distributed_rank_and_size
+
+    if config.epsilon is None and distributed_rank_and_size()[1] > 1:
         raise ValueError("non-private comparison runs are single-process; run them without torchrun.")
     run = _Run(pipeline=pipeline, dataset=dataset, config=config, num_examples=num_examples)
     if config.epsilon is not None and run.engine.planned_epsilon() > config.epsilon * (1 + 1e-9):
@@ -376,17 +382,11 @@ def train_dp_ldm(
     return _release(run=run, out=out)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _is_main_process() -> bool:
     """True in a single process, and on rank 0 under torchrun (the one rank that writes files)."""
-    return _rank_and_world()[0] == 0
+    from ..privacy.engine import distributed_rank_and_size
+
+    return distributed_rank_and_size()[0] == 0
 
 
 def _release(*, run: _Run, out: Path) -> DPLDMResult:

@@ -135,6 +135,7 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
     from ..data.base import DatasetError
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
+    from .dp_ldm import denoising_target
     from .textual_inversion import add_placeholder_tokens, check_new_token, placeholder_names, save_embedding
 
     out = Path(out)
@@ -186,7 +187,7 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(picks),), generator=generator)
             context = text_encoder(prompt_ids[unit_of[picks]])[0]
             prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context).sample
-            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+            target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=t)
             (prediction - target).pow(2).mean(dim=(1, 2, 3)).sum().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -249,6 +250,7 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.engine import DPConfig, DPSGDEngine
     from ..privacy.record import record_for_dp_sgd
+    from .dp_ldm import denoising_target
     from .textual_inversion import add_placeholder_tokens, check_new_token, placeholder_names, save_embedding
 
     n = len(dataset)
@@ -285,7 +287,7 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(indices),), generator=train_generator)
             context = text_encoder(prompt_ids.expand(len(indices), -1))[0]
             prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context).sample
-            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+            target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=t)
             return (prediction - target).pow(2).mean(dim=(1, 2, 3))
 
         for step in range(steps):

@@ -37,7 +37,7 @@ def diffusion_losses(*, pipeline, dataset, indices, config: MembershipAuditConfi
     import torch
     from diffusers import DDPMScheduler
 
-    from .dp_ldm import encode_latents
+    from .dp_ldm import denoising_target, encode_latents
 
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     if max(config.timesteps) >= scheduler.config.num_train_timesteps:
@@ -60,8 +60,7 @@ def diffusion_losses(*, pipeline, dataset, indices, config: MembershipAuditConfi
                     noise = torch.randn(z0.shape[1:], generator=generator).expand_as(z0)
                     steps = torch.full((len(items),), t, dtype=torch.long)
                     zt = scheduler.add_noise(z0, noise, steps)
-                    target = noise if scheduler.config.prediction_type == "epsilon" else \
-                        scheduler.get_velocity(z0, noise, steps)
+                    target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=steps)
                     prediction = unet(zt, steps, context).sample
                     total += (prediction - target).pow(2).mean(dim=(1, 2, 3)).double()
             out.append((total / (len(config.timesteps) * config.noise_draws)).numpy())

@@ -96,7 +96,7 @@ class DPSGDEngine:
         self.optimizer = optimizer
         self.config = config
         self.generator = generator if generator is not None else secure_generator()
-        self.rank, self.world_size = _distributed_rank_and_size()
+        self.rank, self.world_size = distributed_rank_and_size()
         if sampling_generator is None:
             sampling_generator = self.generator if self.world_size == 1 else _shared_generator(self.generator)
         self.accountant = accountant or Accountant(accountant=config.accountant)
@@ -189,7 +189,7 @@ class DPSGDEngine:
         return {"batch_units": units, "loss": mean_loss, "epsilon": self._epsilon}
 
 
-def _distributed_rank_and_size() -> tuple[int, int]:
+def distributed_rank_and_size() -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
