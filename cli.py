@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--conditioning-word", action="append", default=None,
                      help="also train this public word's token-table row (repeatable; e.g. class names the "
                           "base model never saw; never words taken from the private captions)")
+    ldm.add_argument("--conditioning-clip-share", type=float, default=0.0,
+                     help="share of the clipping budget C² kept for the conditioning rows (group-wise clipping; "
+                          "ε is unchanged; default 0: one joint clip)")
     ldm.add_argument("--ablation-blocks", type=int, default=0, help="train only transformer blocks >= k")
     ldm.add_argument("--backend", default="privdiff", choices=["privdiff", "opacus"],
                      help="per-sample clipping: privdiff's fast clipping (default) or opacus' hooks (reference)")
@@ -73,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--max-examples-per-subject", type=int, default=1)
     ldm.add_argument("--num-items", type=int, default=None, help="items of a procedural set (default: its own)")
     ldm.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    ldm.add_argument("--device", default=None, help="where to train: cuda, cpu, ... (default: cpu)")
     ldm.add_argument("--sample-prompt", action="append", default=None,
                      help="prompt for samples.png (repeatable; default: the set's public prompt templates)")
     ldm.add_argument("--keep-byproducts", action="store_true",
@@ -210,7 +214,7 @@ def _cmd_train_ldm(args) -> int:
         raise ValueError("--data is required: a folder of images with captions, or a procedural set's name.")
     config = DPLDMConfig(
         trainable=args.trainable, ablation_blocks=args.ablation_blocks, lora_rank=args.lora_rank,
-        conditioning_words=tuple(args.conditioning_word or ()),
+        conditioning_words=tuple(args.conditioning_word or ()), conditioning_clip_share=args.conditioning_clip_share,
         backend=args.backend, epsilon=None if args.no_dp else args.epsilon,
         delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,
@@ -237,7 +241,7 @@ def _cmd_train_ldm(args) -> int:
 
     try:
         result = train_dp_ldm(base=args.base, data=args.data, out=args.out, config=config, num_items=args.num_items,
-                              resume=args.resume, progress=progress, should_stop=lambda: stop["requested"])
+                              device=args.device, resume=args.resume, progress=progress, should_stop=lambda: stop["requested"])
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)

@@ -21,19 +21,28 @@ from pathlib import Path
 
 
 def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 200, workdir=None,
-          log=print) -> dict:
+          device: str | None = None, log=print) -> dict:
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
     from privdiff.pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
     from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
+    from privdiff.data import procedural_dataset
+    from privdiff.data.private_sets import DIGITS_TOTAL, DIGITS_TRAIN_SIZE
     from privdiff.pipelines.membership import audit_membership
 
     sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="privdiff-digits-"))
-    base = load_privdiff_tiny()
+    base = load_privdiff_tiny().to(device or "cpu")
     base.set_progress_bar_config(disable=True)
     rows = {"base": {"digit_accuracy": evaluate_quality(pipeline=base, set_name="digits", num=num_eval,
                                                         sampling=sampling).metrics["digit_accuracy"]}}
     log(f"base model: accuracy {rows['base']['digit_accuracy']:.3f}")
+    del base
+    # Non-members for the audit: the train split's next items while there are enough of them, else the
+    # classifier split (never trained on by anyone; the same distribution).
+    nonmembers = None
+    if 2 * num_items > DIGITS_TRAIN_SIZE:
+        nonmembers = procedural_dataset(name="digits", num_items=min(num_items, DIGITS_TOTAL - DIGITS_TRAIN_SIZE),
+                                        split="classifier")
     for epsilon in epsilons:
         name = "no DP" if epsilon is None else f"eps={epsilon:g}"
         config = DPLDMConfig(epsilon=epsilon, sample_prompts=tuple(f"a handwritten digit {d}" for d in range(10)),
@@ -43,11 +52,13 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
         start = time.perf_counter()
         out = workdir / name.replace("=", "")
         shutil.rmtree(out, ignore_errors=True)
-        result = train_dp_ldm(base=pipeline, data="digits", num_items=num_items, out=out, config=config)
+        result = train_dp_ldm(base=pipeline, data="digits", num_items=num_items, out=out, config=config,
+                              device=device)
         seconds = time.perf_counter() - start
         accuracy = evaluate_quality(pipeline=pipeline, set_name="digits", num=num_eval,
                                     sampling=sampling).metrics["digit_accuracy"]
-        audit = audit_membership(pipeline=pipeline, data="digits", num_members=num_items, data_seed=config.seed)
+        audit = audit_membership(pipeline=pipeline, data="digits", num_members=num_items, data_seed=config.seed,
+                                 nonmember_data=nonmembers)
         rows[name] = {"epsilon": result.epsilon, "digit_accuracy": accuracy, "mia_auc": audit.auc,
                       "mia_tpr_at_1pct_fpr": audit.tpr_at_1pct_fpr, "steps": result.total_steps,
                       "train_seconds": round(seconds), "samples": str(result.sample_grid)}
@@ -62,12 +73,14 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
 # embedder, which privdiff-tiny needs because its text encoder never saw digit words.
 DIGIT_WORDS = tuple(str(d) for d in range(10))
 DEFAULTS = dict(num_items=500, num_eval=200, trainable="attention", epochs=60.0, batch_size=50, lr=3e-3,
-                max_grad_norm=0.01, conditioning_words=DIGIT_WORDS)
+                max_grad_norm=0.01, conditioning_words=DIGIT_WORDS, conditioning_clip_share=0.0)
 
 
-def _overrides(*, trainable, epochs, batch_size, lr, max_grad_norm, conditioning_words) -> dict:
+def _overrides(*, trainable, epochs, batch_size, lr, max_grad_norm, conditioning_words,
+               conditioning_clip_share) -> dict:
     return dict(trainable=trainable, epochs=epochs, batch_size=batch_size, physical_batch_size=min(batch_size, 64),
-                learning_rate=lr, max_grad_norm=max_grad_norm, conditioning_words=tuple(conditioning_words))
+                learning_rate=lr, max_grad_norm=max_grad_norm, conditioning_words=tuple(conditioning_words),
+                conditioning_clip_share=conditioning_clip_share if conditioning_words else 0.0)
 
 
 def default_arguments() -> dict:
@@ -88,14 +101,18 @@ def main(argv=None) -> int:
     parser.add_argument("--max-grad-norm", type=float, default=DEFAULTS["max_grad_norm"])
     parser.add_argument("--conditioning-words", nargs="*", default=list(DEFAULTS["conditioning_words"]),
                         help="public words whose token rows train too (default: the ten digits; none: no words)")
+    parser.add_argument("--conditioning-clip-share", type=float, default=DEFAULTS["conditioning_clip_share"])
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cpu)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     overrides = _overrides(trainable=args.trainable, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                           max_grad_norm=args.max_grad_norm, conditioning_words=args.conditioning_words)
+                           max_grad_norm=args.max_grad_norm, conditioning_words=args.conditioning_words,
+                           conditioning_clip_share=args.conditioning_clip_share)
     figures = study(epsilons=epsilons, num_items=args.num_items, config_overrides=overrides,
-                    num_eval=args.num_eval, workdir=args.workdir)
+                    num_eval=args.num_eval, workdir=args.workdir, device=args.device,
+                    log=lambda line: print(line, flush=True))
     print(json.dumps(figures["rows"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -32,6 +32,10 @@ class DPLDMConfig:
     # The conditioning embedder: token-table rows of these (public, single-token) words are trained
     # too, e.g. class names a base model never saw. Chosen by the user, never from the private captions.
     conditioning_words: tuple[str, ...] = ()
+    # Share of the clipping budget C² reserved for the conditioning rows (group-wise clipping: the
+    # rows and the UNet set are clipped separately to C·sqrt(share) and C·sqrt(1-share); ε unchanged).
+    # 0: one joint clip, where a few hundred row values can be crowded out by the UNet's gradient.
+    conditioning_clip_share: float = 0.0
     epsilon: float | None = 10.0  # None: a non-private run (no clipping, no noise), for comparison
     delta: float | None = None  # default: 1 / (10 N)
     max_grad_norm: float = 0.01
@@ -73,6 +77,10 @@ class DPLDMConfig:
             raise ValueError(f"backend={self.backend!r} must be 'privdiff' or 'opacus'.")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank={self.lora_rank} must be at least 1.")
+        if not 0 <= self.conditioning_clip_share < 1:
+            raise ValueError(f"conditioning_clip_share={self.conditioning_clip_share} must lie in [0, 1).")
+        if self.conditioning_clip_share and not self.conditioning_words:
+            raise ValueError("conditioning_clip_share applies to conditioning_words; give some, or leave it 0.")
         if self.conditioning_words and self.trainable == "lora":
             raise ValueError("conditioning_words go with the weight-difference sets (attention, transformer, ...), "
                              "not with lora: a LoRA file has no place for token-table rows.")
@@ -110,6 +118,7 @@ class _Run:
         self.config = config
         self.pipeline = pipeline
         self.unet = pipeline.unet
+        self.device = self.unet.device
         self.chosen = select_trainable(unet=self.unet, trainable=config.trainable,
                                        ablation_blocks=config.ablation_blocks, lora_rank=config.lora_rank)
         self.text_rows = None
@@ -127,7 +136,10 @@ class _Run:
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.0)
         self.train_generator = torch.Generator().manual_seed(config.seed + 1)
-        noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed)
+        # DP noise is drawn where the parameters live (a CPU draw of every trainable weight per step
+        # would dominate a GPU step); the Poisson batches always come from a CPU stream.
+        noise_generator = (secure_generator(self.device) if config.secure_noise
+                           else torch.Generator(self.device).manual_seed(config.seed))
         self.step = 0
         self.losses: list[float] = []
         self._prepare(dataset)
@@ -135,7 +147,7 @@ class _Run:
         if config.epsilon is None:
             self.engine = None
             self.sampler = PoissonSampler(num_examples=num_examples, sample_rate=self.sample_rate,
-                                          steps=self.total_steps, generator=noise_generator)
+                                          steps=self.total_steps, generator=torch.Generator().manual_seed(config.seed))
         else:
             self.engine = DPSGDEngine(
                 model=self.model,
@@ -146,6 +158,8 @@ class _Run:
                     max_examples_per_subject=config.max_examples_per_subject,
                     physical_batch_size=config.physical_batch_size, accountant=config.accountant,
                     backend=config.backend,
+                    clip_budget_shares=((("text_encoder.", config.conditioning_clip_share),)
+                                        if config.conditioning_clip_share else ()),
                 ),
                 num_examples=num_examples,
                 subjects=subjects,
@@ -162,16 +176,16 @@ class _Run:
         with torch.no_grad():
             for start in range(0, self.num_examples, 64):
                 items = [dataset[i] for i in range(start, min(start + 64, self.num_examples))]
-                pixels = torch.stack([item["pixel_values"] for item in items]).to(pipe.vae.dtype)
+                pixels = torch.stack([item["pixel_values"] for item in items]).to(self.device, pipe.vae.dtype)
                 latents.append(encode_latents(vae=pipe.vae, pixels=pixels))
                 captions.extend(item["caption"] for item in items)
             unique = sorted(set(captions))
             ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
             table = pipe.text_encoder(ids)[0]
         row = {c: i for i, c in enumerate(unique)}
         self.latents = torch.cat(latents)
-        which = torch.tensor([row[c] for c in captions])
+        which = torch.tensor([row[c] for c in captions], device=self.device)
         self.context = table[which]
         self.caption_ids = ids[which]  # the text encoder reruns on these when its rows train
         self.noise_scheduler = _training_scheduler(pipe)
@@ -179,9 +193,12 @@ class _Run:
     def per_sample_loss(self, indices):
         import torch
 
+        # Draws come from a CPU generator whatever the device: a run resumes exactly, on any device.
+        indices = indices.to(self.device)
         z0 = self.latents[indices]
-        noise = torch.randn(z0.shape, generator=self.train_generator)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(z0),), generator=self.train_generator)
+        noise = torch.randn(z0.shape, generator=self.train_generator).to(self.device, z0.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(z0),),
+                          generator=self.train_generator).to(self.device)
         zt = self.noise_scheduler.add_noise(z0, noise, t)
         context = self.pipeline.text_encoder(self.caption_ids[indices])[0] if self.text_rows is not None \
             else self.context[indices]
@@ -215,11 +232,12 @@ class _Run:
         if not _is_main_process():
             return  # under torchrun every rank holds the same state; rank 0 writes it
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"param.{n}": p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                   if p.requires_grad}
         state = self.optimizer.state_dict()
         for index, values in state["state"].items():
             for key, value in values.items():
-                tensors[f"optim.{index}.{key}"] = value.detach().contiguous().reshape(value.shape)
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
         tensors["rng.train"] = self.train_generator.get_state()
         tensors["rng.sampling"] = self.sampler.generator.get_state()
         tensors["rng.noise"] = (self.engine.generator if self.engine else self.sampler.generator).get_state()
@@ -327,6 +345,7 @@ def train_dp_ldm(
     out: str | Path,
     config: DPLDMConfig = DPLDMConfig(),
     num_items: int | None = None,
+    device: str | None = None,
     resume: bool = False,
     progress: Callable[[TrainProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -334,7 +353,7 @@ def train_dp_ldm(
     """Fine-tune `base` on `data` with DP-LDM and write the outputs into `out`.
 
     `base` is a pipeline object or anything `load_pipeline` takes; `data` a dataset, a folder or a
-    procedural set's name. Every setting is checked before anything is written. `should_stop` is
+    procedural set's name; `device` ("cuda", "cpu", ...) moves the pipeline there (default: where it is). Every setting is checked before anything is written. `should_stop` is
     polled after each step: a stopped run leaves a checkpoint that `resume=True` continues exactly.
     """
     from ..data import load_dataset
@@ -342,6 +361,8 @@ def train_dp_ldm(
 
     out = Path(out)
     pipeline = load_pipeline(base=base) if isinstance(base, (str, Path)) else base
+    if device is not None:
+        pipeline.to(device)
     dataset = data if hasattr(data, "__getitem__") and not isinstance(data, (str, Path)) else load_dataset(
         data=data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
         seed=config.seed, num_items=num_items)
@@ -406,6 +427,7 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
         settings["lora_rank"] = config.lora_rank
     if config.conditioning_words:
         settings["conditioning_words"] = list(config.conditioning_words)
+        settings["conditioning_clip_share"] = config.conditioning_clip_share
     if run.engine is not None:
         record = record_for_dp_sgd(history=run.engine.accountant, clip=config.max_grad_norm,
                                    num_examples=run.num_examples, delta=run.delta, accountant=config.accountant,

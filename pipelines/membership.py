@@ -43,26 +43,27 @@ def diffusion_losses(*, pipeline, dataset, indices, config: MembershipAuditConfi
     if max(config.timesteps) >= scheduler.config.num_train_timesteps:
         raise ValueError(f"timesteps must be below {scheduler.config.num_train_timesteps}.")
     unet, vae = pipeline.unet, pipeline.vae
+    device = unet.device
     out = []
     with torch.no_grad():
         for start in range(0, len(indices), config.batch_size):
             items = [dataset[int(i)] for i in indices[start:start + config.batch_size]]
-            pixels = torch.stack([item["pixel_values"] for item in items]).to(vae.dtype)
+            pixels = torch.stack([item["pixel_values"] for item in items]).to(device, vae.dtype)
             z0 = encode_latents(vae=vae, pixels=pixels)
             ids = pipeline.tokenizer([item["caption"] for item in items], padding="max_length",
                                      max_length=pipeline.tokenizer.model_max_length, truncation=True,
-                                     return_tensors="pt").input_ids
+                                     return_tensors="pt").input_ids.to(device)
             context = pipeline.text_encoder(ids)[0]
             generator = torch.Generator().manual_seed(config.seed)
             total = torch.zeros(len(items), dtype=torch.float64)
             for t in config.timesteps:
                 for _ in range(config.noise_draws):
-                    noise = torch.randn(z0.shape[1:], generator=generator).expand_as(z0)
-                    steps = torch.full((len(items),), t, dtype=torch.long)
+                    noise = torch.randn(z0.shape[1:], generator=generator).to(device, z0.dtype).expand_as(z0)
+                    steps = torch.full((len(items),), t, dtype=torch.long, device=device)
                     zt = scheduler.add_noise(z0, noise, steps)
                     target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=steps)
                     prediction = unet(zt, steps, context).sample
-                    total += (prediction - target).pow(2).mean(dim=(1, 2, 3)).double()
+                    total += (prediction - target).pow(2).mean(dim=(1, 2, 3)).double().cpu()
             out.append((total / (len(config.timesteps) * config.noise_draws)).numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -78,7 +79,8 @@ def audit_membership(
     config: MembershipAuditConfig = MembershipAuditConfig(),
 ):
     """Loss-threshold attack on `pipeline`: members are items 0..num_members-1 of `data` (as the
-    training run loaded them with `data_seed`); non-members the next items, or `nonmember_data`."""
+    training run loaded them with `data_seed`); non-members the next items, or `nonmember_data`
+    (a folder, a procedural set's name, or a dataset object)."""
     from ..data import PROCEDURAL_DATASETS, load_dataset
     from ..privacy.audit import loss_threshold_audit
 
@@ -94,8 +96,13 @@ def audit_membership(
         nonmember_indices = range(num_members, num_members + num_nonmembers)
     else:
         members = load_dataset(data=data, resolution=resolution, seed=data_seed, num_items=num_members)
-        held_out = load_dataset(data=nonmember_data, resolution=resolution, seed=data_seed, num_items=num_nonmembers)
-        nonmember_indices = range(len(held_out))
+        if hasattr(nonmember_data, "__getitem__") and not isinstance(nonmember_data, (str, Path)):
+            held_out = nonmember_data  # a dataset object, e.g. another split of a procedural set
+            num_nonmembers = min(num_nonmembers, len(held_out))
+        else:
+            held_out = load_dataset(data=nonmember_data, resolution=resolution, seed=data_seed,
+                                    num_items=num_nonmembers)
+        nonmember_indices = range(num_nonmembers)
     member_losses = diffusion_losses(pipeline=pipeline, dataset=members, indices=range(num_members), config=config)
     nonmember_losses = diffusion_losses(pipeline=pipeline, dataset=held_out, indices=nonmember_indices, config=config)
     return loss_threshold_audit(member_losses=member_losses, nonmember_losses=nonmember_losses)

@@ -21,6 +21,8 @@ output gradient in the backward pass of the summed per-sample losses.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,7 @@ def _tokens(x: torch.Tensor, module: nn.Module, *, is_input: bool = False) -> to
 @dataclass
 class _Capture:
     inputs: torch.Tensor | None = None
+    output: torch.Tensor | None = None  # kept until `backward` asks autograd for its gradient
     grad_outputs: torch.Tensor | None = None
 
 
@@ -68,13 +71,18 @@ class GradSampleClipper:
     Usage, per physical batch:
         clipper = GradSampleClipper(module=unet, max_grad_norm=C)
         losses = per_sample_loss(unet(...))          # shape [B]
-        losses.sum().backward()
+        clipper.backward(losses.sum())               # or losses.sum().backward(), which also fills .grad
         norms = clipper.clip_and_accumulate(groups=None)   # adds sum_i c_i g_i into .summed_grad
     Trainable layers must be Linear, ungrouped zero-padded Conv2d, LayerNorm or GroupNorm: every
     parameter of an SD-class UNet, and LoRA adapters.
     """
 
-    def __init__(self, *, module: nn.Module, max_grad_norm: float, strategy: str = "auto"):
+    def __init__(self, *, module: nn.Module, max_grad_norm: float, strategy: str = "auto",
+                 budget_shares: Mapping[str, float] | None = None):
+        """`budget_shares` ({layer-name prefix: share}) clips groups of layers separately: the layers
+        under a prefix get C·sqrt(share), the rest C·sqrt(1 - sum of shares). Each unit's whole
+        gradient still has norm at most C (group-wise clipping), so the noise and ε are unchanged;
+        it keeps a small group (a few token rows) from being crowded out of the clip by a large one."""
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={max_grad_norm} must be positive.")
         if strategy not in ("auto", "ghost", "explicit"):
@@ -100,6 +108,9 @@ class GradSampleClipper:
             self._handles.append(layer.register_forward_hook(self._forward_hook(name)))
         if not self.layers:
             raise ValueError("the module has no trainable parameters: nothing to clip.")
+        self._clip_group, self._group_norms = _clip_groups(layer_names=list(self.layers),
+                                                           max_grad_norm=self.max_grad_norm,
+                                                           budget_shares=dict(budget_shares or {}))
         self.summed_grad: dict[torch.nn.Parameter, torch.Tensor] = {}
 
     def _forward_hook(self, name: str):
@@ -115,6 +126,7 @@ class GradSampleClipper:
                     "layer used once per pass (use the opacus backend for weight sharing)."
                 )
             capture.inputs = inputs[0].detach()
+            capture.output = output
             capture.grad_outputs = None
 
             def grad_hook(grad):
@@ -123,6 +135,23 @@ class GradSampleClipper:
             output.register_hook(grad_hook)
 
         return hook
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate `loss` only as far as the trainable layers' outputs.
+
+        Clipping needs each layer's input and output gradient, never autograd's summed weight
+        gradient, so asking for the output gradients alone skips one weight-gradient product per
+        layer (and leaves every .grad untouched).
+        """
+        names = [n for n, c in self._captures.items() if c.output is not None]
+        if not names:
+            raise RuntimeError("no trainable layer ran in the forward pass: nothing to backpropagate to.")
+        outputs = [self._captures[n].output for n in names]
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        for name, output, grad in zip(names, outputs, grads):
+            capture = self._captures[name]
+            capture.grad_outputs = torch.zeros_like(output) if grad is None else grad.detach()
+            capture.output = None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -207,45 +236,50 @@ class GradSampleClipper:
         groups = groups.to(torch.long).cpu()
         num_groups = int(groups.max()) + 1 if len(groups) else 0
 
-        sq_norms = torch.zeros(num_groups, dtype=torch.float64)
+        # Norms stay on the model's device until the end: one host sync per step, not one per layer.
+        device = next(iter(captured.values())).inputs.device
+        # One row of squared norms per clip group (a single row unless budget_shares split C).
+        sq_norms = torch.zeros(len(self._group_norms), num_groups, dtype=torch.float64, device=device)
         norm_layer_grads = {}
         for name, layer in self.layers.items():
             capture = self._captures[name]
+            k = self._clip_group[name]
             if _explicit(layer):
                 per_sample = self._explicit_grads(layer, capture.inputs, capture.grad_outputs)
                 for param, grads in per_sample.items():
                     flat = grads.reshape(batch, -1)
                     per_group = torch.zeros(num_groups, flat.shape[1], dtype=flat.dtype, device=flat.device)
                     per_group.index_add_(0, groups.to(flat.device), flat)
-                    sq_norms += per_group.pow(2).sum(1).double().cpu()
+                    sq_norms[k] += per_group.pow(2).sum(1).double().to(device)
                     norm_layer_grads[param] = per_group
             else:
                 x, g = _tokens(capture.inputs, layer, is_input=True), _tokens(capture.grad_outputs, layer)
-                sq_norms += self._linear_sq_norms(layer, x, g, groups, num_groups).cpu()
+                sq_norms[k] += self._linear_sq_norms(layer, x, g, groups, num_groups).to(device)
 
-        norms = sq_norms.sqrt()
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        per_sample_factor = factors[groups]
+        bounds = torch.tensor(self._group_norms, dtype=torch.float64, device=device)[:, None]
+        factors = (bounds / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)  # [clip groups, units]
+        per_sample_factor = factors[:, groups.to(device)]
 
         for name, layer in self.layers.items():
             capture = self._captures[name]
+            k = self._clip_group[name]
             if _explicit(layer):
                 for param in layer.parameters(recurse=False):
                     if param in norm_layer_grads:
                         per_group = norm_layer_grads[param]
-                        clipped = (factors.to(per_group.device, per_group.dtype)[:, None] * per_group).sum(0)
+                        clipped = (factors[k].to(per_group.device, per_group.dtype)[:, None] * per_group).sum(0)
                         self._add(param, clipped.reshape(param.shape))
                 continue
             x, g = _tokens(capture.inputs, layer, is_input=True), _tokens(capture.grad_outputs, layer)
-            scaled = g * per_sample_factor.to(g.device, g.dtype)[:, None, None]
+            scaled = g * per_sample_factor[k].to(g.device, g.dtype)[:, None, None]
             if layer.weight.requires_grad:
                 weight = scaled.reshape(-1, scaled.shape[-1]).T @ x.reshape(-1, x.shape[-1])
                 self._add(layer.weight, weight.reshape(layer.weight.shape))
             if layer.bias is not None and layer.bias.requires_grad:
                 self._add(layer.bias, scaled.sum(dim=(0, 1)))
         for capture in self._captures.values():
-            capture.inputs = capture.grad_outputs = None
-        return norms.float()
+            capture.inputs = capture.output = capture.grad_outputs = None
+        return sq_norms.sum(0).sqrt().float().cpu()
 
     def _add(self, param: nn.Parameter, value: torch.Tensor) -> None:
         value = value.to(param.dtype)
@@ -256,6 +290,29 @@ class GradSampleClipper:
 
     def reset(self) -> None:
         self.summed_grad.clear()
+
+
+def _clip_groups(*, layer_names: list[str], max_grad_norm: float,
+                 budget_shares: dict[str, float]) -> tuple[dict[str, int], list[float]]:
+    """Each layer's clip group and each group's bound; the squares of the bounds add up to C²."""
+    total = sum(budget_shares.values())
+    if any(not 0 < share < 1 for share in budget_shares.values()) or total > 1 + 1e-12:
+        raise ValueError(f"budget_shares={budget_shares} must be fractions in (0, 1) that add up to at most 1.")
+    group, bounds = {}, []
+    for k, (prefix, share) in enumerate(budget_shares.items()):
+        matched = [n for n in layer_names if n.startswith(prefix)]
+        if not matched:
+            raise ValueError(f"budget_shares: no trainable layer's name starts with {prefix!r}.")
+        group.update({n: k for n in matched if n not in group})
+        bounds.append(max_grad_norm * math.sqrt(share))
+    rest = [n for n in layer_names if n not in group]
+    if rest:
+        if total >= 1 - 1e-12:
+            raise ValueError(f"budget_shares leave no clipping budget for {rest[0]!r} and the other layers "
+                             "outside their prefixes; give shares that add up to less than 1.")
+        group.update({n: len(bounds) for n in rest})
+        bounds.append(max_grad_norm * math.sqrt(1 - total))
+    return group, bounds
 
 
 def _explicit(layer: nn.Module) -> bool:

@@ -45,6 +45,8 @@ class DPConfig:
     physical_batch_size: int = 16
     accountant: str = "prv"
     backend: str = "privdiff"
+    # Group-wise clipping: ((layer-name prefix, share of C²), ...); see GradSampleClipper.
+    clip_budget_shares: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
@@ -67,6 +69,8 @@ class DPConfig:
             raise ValueError(f"backend={self.backend!r} must be one of {', '.join(BACKENDS)}.")
         if self.physical_batch_size < 1:
             raise ValueError(f"physical_batch_size={self.physical_batch_size} must be at least 1.")
+        if self.clip_budget_shares and self.backend == "opacus":
+            raise ValueError("clip_budget_shares (group-wise clipping) needs backend='privdiff'.")
 
 
 class DPSGDEngine:
@@ -98,7 +102,7 @@ class DPSGDEngine:
         self.generator = generator if generator is not None else secure_generator()
         self.rank, self.world_size = distributed_rank_and_size()
         if sampling_generator is None:
-            sampling_generator = self.generator if self.world_size == 1 else _shared_generator(self.generator)
+            sampling_generator = _sampling_generator(self.generator, world_size=self.world_size)
         self.accountant = accountant or Accountant(accountant=config.accountant)
         if config.noise_multiplier is None:
             self.noise_multiplier = calibrate_noise_multiplier(
@@ -118,7 +122,8 @@ class DPSGDEngine:
 
             self.clipper = OpacusClipper(module=model, max_grad_norm=config.max_grad_norm)
         else:
-            self.clipper = GradSampleClipper(module=model, max_grad_norm=config.max_grad_norm)
+            self.clipper = GradSampleClipper(module=model, max_grad_norm=config.max_grad_norm,
+                                             budget_shares=dict(config.clip_budget_shares))
         # ε for progress reports is refreshed every `epsilon_every` steps (and at the last one): at most
         # about 100 accountant runs per training run.
         self.epsilon_every = max(1, config.steps // 100)
@@ -164,7 +169,7 @@ class DPSGDEngine:
             loss = per_sample_loss(chunk_indices)
             if loss.shape != (len(chunk_indices),):
                 raise ValueError(f"per_sample_loss returned shape {tuple(loss.shape)}; it must return one loss per example.")
-            loss.sum().backward()
+            self.clipper.backward(loss.sum())
             self.clipper.clip_and_accumulate(groups=chunk_groups)
             losses.append(loss.detach())
             for p in self.parameters:
@@ -197,13 +202,32 @@ def distributed_rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def _shared_generator(generator: torch.Generator) -> torch.Generator:
-    """A sampling generator identical on every rank, seeded from rank 0's (noise) generator."""
+def _sampling_generator(generator: torch.Generator, *, world_size: int) -> torch.Generator:
+    """The Poisson sampler's generator: a CPU one (the sampler draws there), the same on every rank.
+
+    In one process a CPU noise generator serves both; otherwise a CPU stream is seeded from rank 0's
+    noise generator (which may live on a GPU) and broadcast.
+    """
     import torch.distributed as dist
 
-    seed = torch.randint(0, 2**62, (1,), generator=generator) if dist.get_rank() == 0 else torch.zeros(1, dtype=torch.long)
-    dist.broadcast(seed, src=0)
+    if world_size == 1 and generator.device.type == "cpu":
+        return generator
+    seed = torch.zeros(1, dtype=torch.long)
+    if world_size == 1 or dist.get_rank() == 0:
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).cpu()
+    if world_size > 1:
+        seed = seed.to(_collective_device())
+        dist.broadcast(seed, src=0)
     return torch.Generator().manual_seed(int(seed))
+
+
+def _collective_device() -> torch.device:
+    """Where collective buffers must live: the GPU for NCCL, the CPU for gloo."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
@@ -219,6 +243,6 @@ def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
 
 
 def _all_reduce_sum_floats(values: list[float]) -> list[float]:
-    buffer = torch.tensor(values, dtype=torch.float64)
+    buffer = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     _all_reduce_sum([buffer])
     return buffer.tolist()

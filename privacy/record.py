@@ -420,8 +420,8 @@ def write_safetensors(
     if METADATA_KEY in md:
         raise ValueError(f"metadata must not contain {METADATA_KEY!r}: pass the record as record= instead")
     md[METADATA_KEY] = record.to_json()
-    # safetensors refuses non-contiguous tensors; a contiguous copy stores the same values.
-    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    # safetensors refuses non-contiguous tensors; a contiguous CPU copy stores the same values.
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     with _atomic_target(path) as tmp:
         save_file(tensors, str(tmp), metadata=md)
     return path

@@ -166,3 +166,63 @@ def test_a_layer_called_twice_is_refused():
     x = torch.randn(2, 3)
     with pytest.raises(RuntimeError, match="called twice"):
         layer(layer(x))
+
+
+@pytest.mark.parametrize("per_subject", [False, True])
+def test_backward_to_layer_outputs_gives_the_same_clipped_sum_and_leaves_grad_alone(per_subject):
+    torch.manual_seed(1)
+    model = Block().double()
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    context = torch.randn(5, 7, 5, dtype=torch.float64)
+    groups = torch.tensor([0, 1, 1, 2, 0]) if per_subject else torch.arange(5)
+    params, expected, _ = _loop_reference(model, (x, context), _losses, groups, 0.05)
+    model.zero_grad(set_to_none=True)
+    clipper = GradSampleClipper(module=model, max_grad_norm=0.05)
+    clipper.backward(_losses(model, x, context).sum())
+    clipper.clip_and_accumulate(groups=groups)
+    for p, e in zip(params, expected):
+        assert p.grad is None  # autograd's unclipped weight gradient is never formed
+        assert torch.allclose(clipper.summed_grad[p], e, rtol=1e-5, atol=1e-12)
+
+
+def test_group_wise_clipping_matches_a_loop_and_bounds_each_unit_by_c():
+    torch.manual_seed(2)
+    model = Block().double()
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    context = torch.randn(6, 7, 5, dtype=torch.float64)
+    clip, shares = 0.05, {"q": 0.3, "k": 0.2}  # q and k each clipped alone; the other layers share the rest
+    params = dict(model.named_parameters())
+    groups = [("q", shares["q"]), ("k", shares["k"]), (None, 1 - sum(shares.values()))]
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    clipped_any = False
+    for i in range(6):
+        model.zero_grad()
+        _losses(model, x[i:i + 1], context[i:i + 1]).sum().backward()
+        clipped_norm_sq = 0.0
+        for layer, share in groups:
+            owner = [n.split(".")[0] for n in params]
+            names = [n for n, o in zip(params, owner) if (o == layer if layer else o not in shares)]
+            norm = float(torch.sqrt(sum(params[n].grad.pow(2).sum() for n in names)))
+            factor = min(1.0, clip * share ** 0.5 / (norm + 1e-6))
+            clipped_any |= factor < 1
+            clipped_norm_sq += (factor * norm) ** 2
+            for n in names:
+                expected[n] += factor * params[n].grad
+        assert clipped_norm_sq ** 0.5 <= clip * (1 + 1e-9)  # the whole unit stays within C
+    assert clipped_any
+    model.zero_grad(set_to_none=True)
+    clipper = GradSampleClipper(module=model, max_grad_norm=clip, budget_shares=shares)
+    clipper.backward(_losses(model, x, context).sum())
+    clipper.clip_and_accumulate()
+    for n, p in params.items():
+        assert torch.allclose(clipper.summed_grad[p], expected[n], rtol=1e-5, atol=1e-12), n
+
+
+def test_group_wise_clipping_refuses_bad_shares():
+    model = Block()
+    with pytest.raises(ValueError, match="no trainable layer"):
+        GradSampleClipper(module=model, max_grad_norm=1.0, budget_shares={"nothing": 0.5})
+    with pytest.raises(ValueError, match="add up"):
+        GradSampleClipper(module=model, max_grad_norm=1.0, budget_shares={"q": 0.7, "k": 0.6})
+    with pytest.raises(ValueError, match="no clipping budget"):
+        GradSampleClipper(module=model, max_grad_norm=1.0, budget_shares={"q": 0.5, "k": 0.5})
