@@ -36,6 +36,9 @@ class DPAggConfig:
     center: bool = True  # clip e_i - init rather than e_i
     sample_rate: float = 1.0  # q: Poisson subsampling of the per-image embeddings
     num_subsets: int | None = None  # None: one embedding per image; k: k disjoint subsets
+    # "example": the unit is an image (or a subset); "subject": one embedding per person, from all
+    # of that person's images (the dataset's subject ids), so the guarantee covers whole people.
+    privacy_unit: str = "example"
     steps: int = 100  # optimisation steps of every embedding
     batch_size: int = 16  # samples per step (each naming its own embedding's token)
     learning_rate: float = 5e-3
@@ -53,6 +56,10 @@ class DPAggConfig:
             raise ValueError(f"sample_rate={self.sample_rate} must lie in (0, 1].")
         if self.num_subsets is not None and self.num_subsets < 1:
             raise ValueError(f"num_subsets={self.num_subsets} must be at least 1.")
+        if self.privacy_unit not in ("example", "subject"):
+            raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
+        if self.privacy_unit == "subject" and self.num_subsets is not None:
+            raise ValueError("privacy_unit='subject' makes one embedding per subject; leave num_subsets unset.")
         for name in ("steps", "batch_size", "num_vectors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
@@ -120,7 +127,19 @@ def _encode_dataset(*, pipeline, dataset, chunk: int = 64) -> torch.Tensor:
         ])
 
 
-def _units(*, num_images: int, num_subsets: int | None) -> list[list[int]]:
+def _units(*, num_images: int, num_subsets: int | None, dataset=None, privacy_unit: str = "example") -> list[list[int]]:
+    """The images behind each released unit's embedding: one image, a disjoint subset, or a subject's images."""
+    if privacy_unit == "subject":
+        subjects = dataset.subjects() if hasattr(dataset, "subjects") else None
+        if not subjects or any(s is None for s in subjects):
+            raise ValueError("privacy_unit='subject' needs a subject id for every image (a `subject` column in "
+                             "the folder's captions file, or num_subjects for a procedural set).")
+        members: dict = {}
+        for index, subject in enumerate(subjects):
+            members.setdefault(subject, []).append(index)
+        if len(members) < 2:
+            raise ValueError(f"the dataset has {len(members)} subject(s); DPAgg-TI needs at least 2.")
+        return list(members.values())
     if num_subsets is None:
         return [[i] for i in range(num_images)]
     if num_subsets > num_images:
@@ -131,18 +150,26 @@ def _units(*, num_images: int, num_subsets: int | None) -> list[list[int]]:
 
 def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = DPAggConfig(),
                    progress: Callable[[int, int], None] | None = None, a1111: bool = False) -> DPAggResult:
-    """Train one embedding per unit in one batched run, release their DP average, write the files."""
+    """Train one embedding per unit in one batched run, release their DP average, write the files.
+
+    Works on SD1/SD2 and SDXL pipelines (the token gets rows in both SDXL encoders; a unit's rows in
+    both are clipped together as one vector)."""
     from ..data.base import DatasetError
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
     from .dp_ldm import denoising_target
-    from .textual_inversion import add_placeholder_tokens, check_new_token, placeholder_names, save_embedding
+    from .textual_inversion import (Placeholders, check_new_token, encode_prompts, encoder_slots, placeholder_names,
+                                    save_embedding)
 
     out = Path(out)
     n_images = len(dataset)
     if n_images < 2:
         raise DatasetError(f"the dataset has {n_images} image(s); DPAgg-TI needs at least 2.")
-    units = _units(num_images=n_images, num_subsets=config.num_subsets)
+    if a1111 and getattr(pipeline, "text_encoder_2", None) is not None:
+        raise ValueError("A1111 reads SDXL embeddings as the clip_l/clip_g safetensors file: use the ComfyUI file "
+                         "(leave out a1111).")
+    units = _units(num_images=n_images, num_subsets=config.num_subsets, dataset=dataset,
+                   privacy_unit=config.privacy_unit)
     n = len(units)
     delta = config.delta if config.delta is not None else 1.0 / (10 * n)
     if config.epsilon is not None:
@@ -152,27 +179,25 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
         sigma = calibrate_aggregate_sigma(epsilon=config.epsilon, delta=delta, sample_rate=config.sample_rate)
     else:
         sigma = 0.0
-    # A copy of the tokenizer holds the per-unit tokens, so they never outlive the run.
-    tokenizer, text_encoder = copy.deepcopy(pipeline.tokenizer), pipeline.text_encoder
-    check_new_token(tokenizer=tokenizer, token=config.token)
-    for word in placeholder_names(token=config.token, num_vectors=config.num_vectors)[1:]:
-        check_new_token(tokenizer=tokenizer, token=word)
-    # One placeholder per unit; the released token's name is set only when the file is written.
+    for word in placeholder_names(token=config.token, num_vectors=config.num_vectors):
+        for tokenizer, _ in encoder_slots(pipeline):
+            check_new_token(tokenizer=tokenizer, token=word)
+    # One placeholder per unit (on tokenizer copies); the released token's name is set only when the file is written.
     names = [placeholder_names(token=f"<privdiff-unit-{u}>", num_vectors=config.num_vectors) for u in range(n)]
-    rows, ids, init = add_placeholder_tokens(tokenizer=tokenizer, text_encoder=text_encoder,
-                                             names=[t for group in names for t in group], init_word=config.init_word)
+    placeholders = Placeholders(pipeline=pipeline, names=[t for group in names for t in group],
+                                init_word=config.init_word)
+    image_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     try:
         latents = _encode_dataset(pipeline=pipeline, dataset=dataset)
         unit_of = torch.empty(n_images, dtype=torch.long)
         for u, members in enumerate(units):
             unit_of[members] = u
-        prompts = [config.template.format(token=" ".join(names[u])) for u in range(n)]
-        prompt_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids
+        prompt_ids = placeholders.prompt_ids([config.template.format(token=" ".join(names[u])) for u in range(n)])
         from diffusers import DDPMScheduler
 
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-        optimizer = torch.optim.AdamW([rows.rows], lr=config.learning_rate, weight_decay=0.0)
+        optimizer = torch.optim.AdamW([rows.rows for rows in placeholders.rows], lr=config.learning_rate,
+                                      weight_decay=0.0)
         generator = torch.Generator().manual_seed(config.seed)
         order = torch.randperm(n_images, generator=generator)
         cursor = 0
@@ -185,23 +210,30 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
             z0 = latents[picks]
             noise = torch.randn(z0.shape, generator=generator)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(picks),), generator=generator)
-            context = text_encoder(prompt_ids[unit_of[picks]])[0]
-            prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context).sample
+            context, added = encode_prompts(pipeline=pipeline, ids=[ids[unit_of[picks]] for ids in prompt_ids],
+                                            image_size=image_size)
+            prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context, added_cond_kwargs=added).sample
             target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=t)
             (prediction - target).pow(2).mean(dim=(1, 2, 3)).sum().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if progress is not None:
                 progress(step + 1, total_steps)
-        embeddings = rows.rows.detach().reshape(n, config.num_vectors, -1)
+        # A unit's embedding is its rows in every encoder, side by side: clipped as one vector.
+        widths = [rows.rows.shape[1] for rows in placeholders.rows]
+        embeddings = torch.cat([rows.rows.detach().reshape(n, config.num_vectors, -1) for rows in placeholders.rows],
+                               dim=-1)
+        init = torch.cat(placeholders.init)
         noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed + 1)
         result = aggregate(embeddings=embeddings, init=init, clip=config.clip, noise_multiplier=sigma,
                            sample_rate=config.sample_rate, generator=noise_generator, center=config.center)
+        del embeddings  # the per-unit embeddings: the most sensitive by-product, never written
     finally:
-        text_encoder.set_input_embeddings(rows.base)  # the pipeline's own table, unchanged
+        placeholders.restore()  # the pipeline's own tables, unchanged
     settings = {"method": "dpagg", "token": config.token, "init_word": config.init_word,
                 "num_vectors": config.num_vectors, "template": config.template, "steps": config.steps,
-                "center": config.center, "num_images": n_images}
+                "center": config.center, "num_images": n_images, "privacy_unit": config.privacy_unit,
+                "num_subsets": config.num_subsets}
     if config.epsilon is not None:
         record = record_for_gaussian_aggregate(noise_multiplier=sigma, clip=config.clip, sample_rate=config.sample_rate,
                                                num_examples=n, delta=delta, extra={"dp_ti": settings})
@@ -210,7 +242,8 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
         record = PrivacyRecord(mechanism="none", extra={"dp_ti": settings,
                                                         "warning": "averaged WITHOUT differential privacy"})
         epsilon = None
-    files = save_embedding(vectors=result.release, token=config.token, text_encoder=text_encoder, out=out,
+    vectors = list(torch.split(result.release, widths, dim=-1))
+    files = save_embedding(vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders, out=out,
                            record=record, a1111=a1111)
     return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=n)
 
@@ -229,10 +262,14 @@ class DPSGDTIConfig:
     epochs: float = 20.0
     batch_size: int = 16
     learning_rate: float = 5e-3
+    privacy_unit: str = "example"  # or "subject": subjects sampled, their images clipped together
+    max_examples_per_subject: int = 1
     seed: int = 0
     secure_noise: bool = True
 
     def __post_init__(self) -> None:
+        if self.privacy_unit not in ("example", "subject"):
+            raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
         if not self.epsilon > 0:
             raise ValueError(f"epsilon={self.epsilon} must be positive.")
         if "{token}" not in self.template:
@@ -243,41 +280,53 @@ class DPSGDTIConfig:
 
 def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig = DPSGDTIConfig(),
                    progress: Callable[[int, int], None] | None = None, a1111: bool = False) -> DPAggResult:
-    """Train one embedding with DP-SGD on privdiff's engine: per-sample gradients of the new rows only."""
+    """Train one embedding with DP-SGD on privdiff's engine: per-sample gradients of the new rows only
+    (in both encoders for SDXL, clipped together)."""
     from diffusers import DDPMScheduler
 
     from ..data.base import DatasetError
+    from ..privacy.accounting import check_delta
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.engine import DPConfig, DPSGDEngine
     from ..privacy.record import record_for_dp_sgd
     from .dp_ldm import denoising_target
-    from .textual_inversion import add_placeholder_tokens, check_new_token, placeholder_names, save_embedding
+    from .textual_inversion import Placeholders, encode_prompts, placeholder_names, save_embedding
 
     n = len(dataset)
     if n < 2:
         raise DatasetError(f"the dataset has {n} image(s); DP-SGD TI needs at least 2.")
     if config.batch_size > n:
         raise ValueError(f"batch_size={config.batch_size} is larger than the dataset ({n} images).")
-    delta = config.delta if config.delta is not None else 1.0 / (10 * n)
+    if a1111 and getattr(pipeline, "text_encoder_2", None) is not None:
+        raise ValueError("A1111 reads SDXL embeddings as the clip_l/clip_g safetensors file: use the ComfyUI file "
+                         "(leave out a1111).")
+    subjects = dataset.subjects() if config.privacy_unit == "subject" else None
+    if subjects is not None and (not subjects or any(x is None for x in subjects)):
+        raise ValueError("privacy_unit='subject' needs a subject id for every image.")
+    units = n if subjects is None else len(set(subjects))
+    if config.batch_size > units:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {units} privacy units.")
+    delta = config.delta if config.delta is not None else 1.0 / (10 * units)
+    check_delta(delta=delta, num_examples=units)
     names = placeholder_names(token=config.token, num_vectors=config.num_vectors)
-    tokenizer, text_encoder = copy.deepcopy(pipeline.tokenizer), pipeline.text_encoder
-    for name in names:
-        check_new_token(tokenizer=tokenizer, token=name)
-    rows, _, _ = add_placeholder_tokens(tokenizer=tokenizer, text_encoder=text_encoder, names=names,
-                                        init_word=config.init_word)
+    placeholders = Placeholders(pipeline=pipeline, names=names, init_word=config.init_word)
+    image_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     try:
         latents = _encode_dataset(pipeline=pipeline, dataset=dataset)
-        prompt_ids = tokenizer([config.template.format(token=" ".join(names))], padding="max_length",
-                               max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        prompt_ids = placeholders.prompt_ids([config.template.format(token=" ".join(names))])
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         pipeline.unet.requires_grad_(False)
-        optimizer = torch.optim.AdamW([rows.rows], lr=config.learning_rate * config.batch_size / 16, weight_decay=0.0)
-        steps = max(1, math.ceil(config.epochs * n / config.batch_size))
+        optimizer = torch.optim.AdamW([rows.rows for rows in placeholders.rows],
+                                      lr=config.learning_rate * config.batch_size / 16, weight_decay=0.0)
+        steps = max(1, math.ceil(config.epochs * units / config.batch_size))
         train_generator = torch.Generator().manual_seed(config.seed + 1)
         engine = DPSGDEngine(
-            model=text_encoder, optimizer=optimizer, num_examples=n,
-            config=DPConfig(delta=delta, max_grad_norm=config.max_grad_norm, sample_rate=config.batch_size / n,
-                            steps=steps, target_epsilon=config.epsilon, physical_batch_size=64),
+            model=torch.nn.ModuleList(placeholders.text_encoders), optimizer=optimizer, num_examples=n,
+            config=DPConfig(delta=delta, max_grad_norm=config.max_grad_norm, sample_rate=config.batch_size / units,
+                            steps=steps, target_epsilon=config.epsilon, physical_batch_size=64,
+                            privacy_unit=config.privacy_unit,
+                            max_examples_per_subject=config.max_examples_per_subject),
+            subjects=subjects,
             generator=secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed),
         )
 
@@ -285,8 +334,9 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
             z0 = latents[indices]
             noise = torch.randn(z0.shape, generator=train_generator)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(indices),), generator=train_generator)
-            context = text_encoder(prompt_ids.expand(len(indices), -1))[0]
-            prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context).sample
+            context, added = encode_prompts(pipeline=pipeline, ids=[ids.expand(len(indices), -1) for ids in prompt_ids],
+                                            image_size=image_size)
+            prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context, added_cond_kwargs=added).sample
             target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=t)
             return (prediction - target).pow(2).mean(dim=(1, 2, 3))
 
@@ -294,13 +344,14 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
             engine.step(per_sample_loss)
             if progress is not None:
                 progress(step + 1, steps)
-        vectors = rows.rows.detach().clone()
+        vectors = [rows.rows.detach().clone() for rows in placeholders.rows]
         engine.clipper.remove()
     finally:
-        text_encoder.set_input_embeddings(rows.base)
-    record = record_for_dp_sgd(history=engine.accountant, clip=config.max_grad_norm, num_examples=n, delta=delta,
+        placeholders.restore()
+    record = record_for_dp_sgd(history=engine.accountant, clip=config.max_grad_norm, num_examples=units, delta=delta,
+                               privacy_unit=config.privacy_unit,
                                extra={"dp_ti": {"method": "dpsgd", "token": config.token, "init_word": config.init_word,
                                                 "num_vectors": config.num_vectors, "template": config.template}})
-    files = save_embedding(vectors=vectors, token=config.token, text_encoder=text_encoder, out=out, record=record,
-                           a1111=a1111)
-    return DPAggResult(out=Path(out), files=files, epsilon=record.epsilon, num_units=n)
+    files = save_embedding(vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders, out=out,
+                           record=record, a1111=a1111)
+    return DPAggResult(out=Path(out), files=files, epsilon=record.epsilon, num_units=units)

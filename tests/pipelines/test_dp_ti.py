@@ -133,3 +133,84 @@ def test_dpsgd_ti_trains_only_the_new_rows(pipe, tmp_path):
     vectors = load_file(str(result.files["diffusers"]))["<stripes>"]
     init = before[pipe.tokenizer("circle", add_special_tokens=False).input_ids[0]]
     assert vectors.shape == (1, 32) and not torch.allclose(vectors[0], init)
+
+
+@pytest.fixture()
+def sdxl_pipe():
+    pipeline = tiny_pipeline(spec=TinySpec(family="sdxl"), seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _encodings(pipeline, prompt):
+    from privdiff.pipelines.textual_inversion import encode_prompts
+
+    ids = [tok([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+           for tok in (pipeline.tokenizer, pipeline.tokenizer_2)]
+    with torch.no_grad():
+        context, added = encode_prompts(pipeline=pipeline, ids=ids, image_size=32)
+    return context, added["text_embeds"]
+
+
+@pytest.mark.parametrize("method", ["dpagg", "dpsgd"])
+def test_sdxl_token_trains_rows_in_both_encoders_and_loads_into_both(sdxl_pipe, tmp_path, method):
+    from privdiff.pipelines.dp_ti import DPSGDTIConfig, train_dpsgd_ti
+    from privdiff.pipelines.textual_inversion import load_embedding
+
+    tables = [te.get_input_embeddings().weight.detach().clone() for te in (sdxl_pipe.text_encoder,
+                                                                           sdxl_pipe.text_encoder_2)]
+    if method == "dpagg":
+        result = train_dpagg_ti(pipeline=sdxl_pipe, dataset=_data(6), out=tmp_path / "ti", config=DPAggConfig(
+            token="<stripes>", init_word="circle", steps=2, batch_size=4, epsilon=1.0, secure_noise=False))
+    else:
+        result = train_dpsgd_ti(pipeline=sdxl_pipe, dataset=_data(6), out=tmp_path / "ti", config=DPSGDTIConfig(
+            token="<stripes>", init_word="circle", epochs=1.0, batch_size=3, epsilon=4.0, secure_noise=False))
+    for te, table in zip((sdxl_pipe.text_encoder, sdxl_pipe.text_encoder_2), tables):
+        assert torch.equal(te.get_input_embeddings().weight, table)  # the pipeline's own tables are untouched
+    for kind in ("diffusers", "comfyui"):
+        tensors = load_file(str(result.files[kind]))
+        assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
+    tensors = load_file(str(result.files["diffusers"]))
+    inits = [table[tok("circle", add_special_tokens=False).input_ids[0]]
+             for table, tok in zip(tables, (sdxl_pipe.tokenizer, sdxl_pipe.tokenizer_2))]
+    assert not torch.allclose(tensors["clip_l"][0], inits[0]) and not torch.allclose(tensors["clip_g"][0], inits[1])
+    before = _encodings(sdxl_pipe, "a picture in the style of <stripes>")
+    load_embedding(pipeline=sdxl_pipe, path=result.files["diffusers"], token="<stripes>")
+    after = _encodings(sdxl_pipe, "a picture in the style of <stripes>")
+    width = 32  # the first encoder's share of the context
+    assert not torch.allclose(before[0][..., :width], after[0][..., :width])  # clip_l went into encoder 1
+    assert not torch.allclose(before[0][..., width:], after[0][..., width:])  # clip_g into encoder 2
+    assert not torch.allclose(before[1], after[1])
+    for te, key in ((sdxl_pipe.text_encoder, "clip_l"), (sdxl_pipe.text_encoder_2, "clip_g")):
+        token_id = (sdxl_pipe.tokenizer if key == "clip_l" else sdxl_pipe.tokenizer_2).convert_tokens_to_ids("<stripes>")
+        assert torch.allclose(te.get_input_embeddings().weight[token_id], tensors[key][0])
+
+
+def test_sdxl_refuses_a1111(sdxl_pipe, tmp_path):
+    with pytest.raises(ValueError, match="A1111"):
+        train_dpagg_ti(pipeline=sdxl_pipe, dataset=_data(4), out=tmp_path / "ti",
+                       config=DPAggConfig(steps=1, batch_size=2, secure_noise=False), a1111=True)
+    assert not (tmp_path / "ti").exists()
+
+
+def test_subject_units_make_one_embedding_per_person(pipe, tmp_path):
+    from privdiff.data import load_dataset
+    from privdiff.pipelines.dp_ti import DPSGDTIConfig, _units, train_dpsgd_ti
+
+    data = load_dataset(data="style", num_items=9, seed=0, num_subjects=3)
+    assert _units(num_images=9, num_subsets=None, dataset=data, privacy_unit="subject") == [[0, 3, 6], [1, 4, 7],
+                                                                                          [2, 5, 8]]
+    result = train_dpagg_ti(pipeline=pipe, dataset=data, out=tmp_path / "agg", config=DPAggConfig(
+        token="<stripes>", init_word="circle", steps=1, batch_size=3, epsilon=1.0, delta=1e-2,
+        privacy_unit="subject", secure_noise=False))
+    record = read_record(result.files["diffusers"])
+    assert result.num_units == 3 and record.num_examples == 3
+    result = train_dpsgd_ti(pipeline=pipe, dataset=data, out=tmp_path / "sgd", config=DPSGDTIConfig(
+        token="<stripes>", init_word="circle", epochs=1.0, batch_size=2, epsilon=8.0, delta=1e-2,
+        privacy_unit="subject", secure_noise=False))
+    record = read_record(result.files["diffusers"])
+    assert record.privacy_unit == "subject" and record.num_examples == 3
+    with pytest.raises(ValueError, match="subject id for every image"):
+        train_dpagg_ti(pipeline=pipe, dataset=_data(4), out=tmp_path / "none",
+                       config=DPAggConfig(steps=1, batch_size=2, privacy_unit="subject", secure_noise=False))
+    assert not (tmp_path / "none").exists()

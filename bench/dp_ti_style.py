@@ -1,0 +1,120 @@
+"""DP Textual Inversion's utility on privdiff-tiny and the `style` set: base, non-private TI, DPAgg-TI, DP-SGD TI.
+
+    python bench/dp_ti_style.py                  # the published settings (bench/RESULTS.md), about 20 min on 2 cores
+    python bench/dp_ti_style.py --epsilon 1 --num-eval 100 --json out.json
+
+Every token is trained on the first 100 images of the `style` set with the public template
+"a picture in the style of {token}", saved as the released files, loaded back into a fresh
+privdiff-tiny with diffusers' `load_textual_inversion`, and scored by the style analyzer (fraction of
+pixels in the unseen palette) on generations for that same template. The base row uses the template
+with the initialiser word in place of the token: what the embedding starts from.
+
+Rows:
+- `non-private TI`: one token trained on every image (DPAgg-TI's trainer with one subset and no noise);
+- `DPAgg σ=0`: the plain mean of the clipped per-image embeddings (no privacy: shows what clipping and
+  averaging alone cost);
+- `DPAgg-TI ε`: the private release;
+- `DP-SGD TI ε`: the baseline, one token with per-sample clipping and noise at the same ε.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+TEMPLATE = "a picture in the style of {token}"
+TOKEN = "<privdiff-style>"
+
+# The published settings (bench/RESULTS.md and the slow acceptance test).
+DEFAULTS = dict(num_images=100, num_eval=100, init_word="painting", steps=60, batch_size=16, learning_rate=5e-3,
+                clip=0.3, dpsgd_epochs=60.0, dpsgd_max_grad_norm=0.01, dpsgd_learning_rate=5e-3)
+
+
+def _score(*, files: dict | None, init_word: str, num_eval: int, sampling) -> float:
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.evaluation import evaluate_quality
+    from privdiff.pipelines.textual_inversion import load_embedding
+
+    pipeline = load_privdiff_tiny()
+    pipeline.set_progress_bar_config(disable=True)
+    if files is None:
+        prompt = TEMPLATE.format(token=init_word)
+    else:
+        load_embedding(pipeline=pipeline, path=files["diffusers"], token=TOKEN)
+        prompt = TEMPLATE.format(token=TOKEN)
+    report = evaluate_quality(pipeline=pipeline, set_name="style", num=num_eval, sampling=sampling,
+                              prompt_transform=lambda caption: prompt)
+    return report.metrics["style_match"]
+
+
+def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: str, steps: int, batch_size: int,
+          learning_rate: float, clip: float, dpsgd_epochs: float, dpsgd_max_grad_norm: float,
+          dpsgd_learning_rate: float, workdir=None, log=print) -> dict:
+    from privdiff.data import load_dataset
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.dp_ti import DPAggConfig, DPSGDTIConfig, train_dpagg_ti, train_dpsgd_ti
+    from privdiff.pipelines.evaluation import SamplingConfig
+
+    sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="privdiff-style-"))
+    dataset = load_dataset(data="style", num_items=num_images)
+    common = dict(token=TOKEN, init_word=init_word, template=TEMPLATE, seed=0)
+    dpagg = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, clip=clip, **common)
+    runs = {
+        "non-private TI": lambda out: train_dpagg_ti(
+            pipeline=load_privdiff_tiny(), dataset=dataset, out=out,
+            config=DPAggConfig(epsilon=None, num_subsets=1, **dpagg)),
+        "DPAgg σ=0 (no privacy)": lambda out: train_dpagg_ti(
+            pipeline=load_privdiff_tiny(), dataset=dataset, out=out, config=DPAggConfig(epsilon=None, **dpagg)),
+        f"DPAgg-TI ε={epsilon:g}": lambda out: train_dpagg_ti(
+            pipeline=load_privdiff_tiny(), dataset=dataset, out=out, config=DPAggConfig(epsilon=epsilon, **dpagg)),
+        f"DP-SGD TI ε={epsilon:g}": lambda out: train_dpsgd_ti(
+            pipeline=load_privdiff_tiny(), dataset=dataset, out=out,
+            config=DPSGDTIConfig(epsilon=epsilon, epochs=dpsgd_epochs, batch_size=batch_size,
+                                 max_grad_norm=dpsgd_max_grad_norm, learning_rate=dpsgd_learning_rate, **common)),
+    }
+    rows = {"base (initialiser word)": {"style_match": _score(files=None, init_word=init_word, num_eval=num_eval,
+                                                              sampling=sampling)}}
+    log(f"base: style match {rows['base (initialiser word)']['style_match']:.3f}")
+    for index, (name, train) in enumerate(runs.items()):
+        out = workdir / f"run{index}"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        result = train(out)
+        seconds = time.perf_counter() - start
+        score = _score(files=result.files, init_word=init_word, num_eval=num_eval, sampling=sampling)
+        rows[name] = {"style_match": score, "epsilon": result.epsilon, "train_seconds": round(seconds)}
+        log(f"{name}: style match {score:.3f}, ε {result.epsilon}, trained in {seconds / 60:.1f} min")
+    base = rows["base (initialiser word)"]["style_match"]
+    gain = rows["non-private TI"]["style_match"] - base
+    for name in rows:
+        rows[name]["share_of_non_private_gain"] = (rows[name]["style_match"] - base) / gain if gain > 0 else None
+    return {"num_images": num_images, "num_eval": num_eval, "template": TEMPLATE, "epsilon": epsilon,
+            "settings": dict(init_word=init_word, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                             clip=clip, dpsgd_epochs=dpsgd_epochs, dpsgd_max_grad_norm=dpsgd_max_grad_norm,
+                             dpsgd_learning_rate=dpsgd_learning_rate),
+            "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epsilon", type=float, default=1.0)
+    for key, value in DEFAULTS.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    settings = {key: getattr(args, key) for key in DEFAULTS}
+    figures = study(epsilon=args.epsilon, workdir=args.workdir, log=lambda line: print(line, flush=True), **settings)
+    print(json.dumps(figures["rows"], indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
