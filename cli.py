@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--max-grad-norm", type=float, default=0.01, help="dpsgd: per-example clipping bound")
     ti.add_argument("--batch-size", type=int, default=16)
     ti.add_argument("--lr", type=float, default=5e-3)
+    ti.add_argument("--privacy-unit", default="example", choices=["example", "subject"],
+                    help="subject: the guarantee covers each person's images together (needs subject ids)")
+    ti.add_argument("--max-examples-per-subject", type=int, default=1, help="dpsgd with --privacy-unit subject")
     ti.add_argument("--num-items", type=int, default=None, help="items of a procedural set")
     ti.add_argument("--a1111", action="store_true", help="also write an A1111 .pt (with a .privacy.json sidecar)")
 
@@ -171,13 +174,15 @@ def _cmd_train_ti(args) -> int:
     if args.ti_method == "dpsgd" and args.no_dp:
         raise ValueError("--no-dp is for dpagg comparison runs; DP-SGD TI is always private.")
     common = dict(token=args.token, init_word=args.init_word, num_vectors=args.num_vectors, template=args.template,
-                  delta=args.delta, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+                  delta=args.delta, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                  privacy_unit=args.privacy_unit)
     if args.ti_method == "dpagg":
         config = DPAggConfig(epsilon=None if args.no_dp else args.epsilon, clip=args.clip, sample_rate=args.sample_rate,
                              num_subsets=args.num_subsets, steps=args.steps, **common)
         train = train_dpagg_ti
     else:
-        config = DPSGDTIConfig(epsilon=args.epsilon, max_grad_norm=args.max_grad_norm, epochs=args.epochs, **common)
+        config = DPSGDTIConfig(epsilon=args.epsilon, max_grad_norm=args.max_grad_norm, epochs=args.epochs,
+                               max_examples_per_subject=args.max_examples_per_subject, **common)
         train = train_dpsgd_ti
     pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
     pipeline.set_progress_bar_config(disable=True)

@@ -106,3 +106,29 @@ def test_transformer_set_trains_on_encoded_latents(tmp_path):
                           config=DPLDMConfig(trainable="transformer", epsilon=8.0, **{**QUICK, "num_samples": 1}))
     diffs = load_file(str(result.weights["diffusers"]))
     assert any(".norm" in k for k in diffs) and any(v.abs().sum() > 0 for v in diffs.values())
+
+
+def test_group_wise_clipping_of_the_conditioning_rows_keeps_the_record(tmp_path):
+    config = DPLDMConfig(epsilon=8.0, conditioning_words=("circle", "red"), conditioning_clip_share=0.5, **QUICK)
+    result = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "run", config=config)
+    record = read_record(result.weights["diffusers"])
+    assert record.clip == QUICK["max_grad_norm"] and record.epsilon <= 8.0  # the whole unit is still bounded by C
+    assert record.extra["dp_ldm"]["conditioning_clip_share"] == 0.5
+    with pytest.raises(ValueError, match="conditioning_words"):
+        DPLDMConfig(conditioning_clip_share=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        DPLDMConfig(conditioning_words=("red",), conditioning_clip_share=1.0)
+
+
+@pytest.mark.gpu
+def test_trains_on_a_gpu_and_resumes_there(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    config = DPLDMConfig(epsilon=8.0, conditioning_words=("circle",), **QUICK)
+    stopped = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "run", config=config,
+                           device="cuda", should_stop=lambda: True)
+    assert stopped.stopped
+    result = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "run", config=config,
+                          device="cuda", resume=True)
+    diffs = load_file(str(result.weights["diffusers"]))
+    assert all(v.device.type == "cpu" for v in diffs.values()) and any(v.abs().sum() > 0 for v in diffs.values())
