@@ -5,9 +5,14 @@
 
 Every token is trained on the first 100 images of the `style` set with the public template
 "a picture in the style of {token}", saved as the released files, loaded back into a fresh
-privdiff-tiny with diffusers' `load_textual_inversion`, and scored by the style analyzer (fraction of
-pixels in the unseen palette) on generations for that same template. The base row uses the template
-with the initialiser word in place of the token: what the embedding starts from.
+privdiff-tiny with diffusers' `load_textual_inversion`, and measured two ways on that same template:
+- `style_match`: the style analyzer (fraction of pixels in the unseen palette) on generations;
+- `heldout_loss`: the mean denoising loss on 100 held-out style images the token never saw (fixed
+  timesteps and noise for every row, as the membership audit draws them): lower means the token
+  carries the style into the model's own (latent) space.
+The base row uses the template with the initialiser word in place of the token: what the embedding
+starts from. `--vae-ceiling` also scores the real images after a round trip through the frozen VAE:
+no method that keeps the VAE frozen (Textual Inversion, DP-LDM) can draw more of the style than that.
 
 Rows:
 - `non-private TI`: one token trained on every image (DPAgg-TI's trainer with one subset and no noise);
@@ -34,9 +39,25 @@ DEFAULTS = dict(num_images=100, num_eval=100, init_word="painting", steps=60, ba
                 clip=0.3, dpsgd_epochs=60.0, dpsgd_max_grad_norm=0.01, dpsgd_learning_rate=5e-3)
 
 
-def _score(*, files: dict | None, init_word: str, num_eval: int, sampling) -> float:
+class _Prompted:
+    """A dataset whose every caption is `prompt` (the template with the token), pixels unchanged."""
+
+    def __init__(self, dataset, prompt: str):
+        self.dataset, self.prompt = dataset, prompt
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], "caption": self.prompt}
+
+
+def _score(*, files: dict | None, init_word: str, num_eval: int, sampling, heldout) -> dict:
+    import numpy as np
+
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
     from privdiff.pipelines.evaluation import evaluate_quality
+    from privdiff.pipelines.membership import MembershipAuditConfig, diffusion_losses
     from privdiff.pipelines.textual_inversion import load_embedding
 
     pipeline = load_privdiff_tiny()
@@ -48,7 +69,28 @@ def _score(*, files: dict | None, init_word: str, num_eval: int, sampling) -> fl
         prompt = TEMPLATE.format(token=TOKEN)
     report = evaluate_quality(pipeline=pipeline, set_name="style", num=num_eval, sampling=sampling,
                               prompt_transform=lambda caption: prompt)
-    return report.metrics["style_match"]
+    losses = diffusion_losses(pipeline=pipeline, dataset=_Prompted(heldout, prompt), indices=range(len(heldout)),
+                              config=MembershipAuditConfig(timesteps=(100, 300, 500, 700), noise_draws=2))
+    return {"style_match": report.metrics["style_match"], "heldout_loss": float(np.mean(losses))}
+
+
+def vae_ceiling(*, num: int = 100) -> dict:
+    """The style analyzer on real style images, as they are and after the frozen VAE's round trip."""
+    import torch
+
+    from privdiff.data import load_dataset
+    from privdiff.data.analyzers import StyleAnalyzer, images_from_pixel_values
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.dp_ldm import encode_latents
+
+    vae = load_privdiff_tiny().vae
+    dataset = load_dataset(data="style", num_items=num)
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(num)])
+    with torch.no_grad():
+        decoded = vae.decode(encode_latents(vae=vae, pixels=pixels) / vae.config.scaling_factor).sample.clamp(-1, 1)
+    analyzer = StyleAnalyzer()
+    return {"real": analyzer.score(images=images_from_pixel_values(pixel_values=pixels)).value,
+            "vae_round_trip": analyzer.score(images=images_from_pixel_values(pixel_values=decoded)).value}
 
 
 def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: str, steps: int, batch_size: int,
@@ -62,6 +104,7 @@ def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: st
     sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="privdiff-style-"))
     dataset = load_dataset(data="style", num_items=num_images)
+    heldout = load_dataset(data="style", num_items=100, seed=1)  # another seed: other images, never trained on
     common = dict(token=TOKEN, init_word=init_word, template=TEMPLATE, seed=0)
     dpagg = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, clip=clip, **common)
     runs = {
@@ -77,22 +120,24 @@ def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: st
             config=DPSGDTIConfig(epsilon=epsilon, epochs=dpsgd_epochs, batch_size=batch_size,
                                  max_grad_norm=dpsgd_max_grad_norm, learning_rate=dpsgd_learning_rate, **common)),
     }
-    rows = {"base (initialiser word)": {"style_match": _score(files=None, init_word=init_word, num_eval=num_eval,
-                                                              sampling=sampling)}}
-    log(f"base: style match {rows['base (initialiser word)']['style_match']:.3f}")
+    rows = {"base (initialiser word)": _score(files=None, init_word=init_word, num_eval=num_eval, sampling=sampling,
+                                              heldout=heldout)}
+    log(f"base: {rows['base (initialiser word)']}")
     for index, (name, train) in enumerate(runs.items()):
         out = workdir / f"run{index}"
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
         result = train(out)
         seconds = time.perf_counter() - start
-        score = _score(files=result.files, init_word=init_word, num_eval=num_eval, sampling=sampling)
-        rows[name] = {"style_match": score, "epsilon": result.epsilon, "train_seconds": round(seconds)}
-        log(f"{name}: style match {score:.3f}, ε {result.epsilon}, trained in {seconds / 60:.1f} min")
-    base = rows["base (initialiser word)"]["style_match"]
-    gain = rows["non-private TI"]["style_match"] - base
-    for name in rows:
-        rows[name]["share_of_non_private_gain"] = (rows[name]["style_match"] - base) / gain if gain > 0 else None
+        scores = _score(files=result.files, init_word=init_word, num_eval=num_eval, sampling=sampling, heldout=heldout)
+        rows[name] = {**scores, "epsilon": result.epsilon, "train_seconds": round(seconds)}
+        log(f"{name}: {scores}, ε {result.epsilon}, trained in {seconds / 60:.1f} min")
+    base = rows["base (initialiser word)"]
+    reference = rows["non-private TI"]
+    for name, row in rows.items():
+        for metric, sign in (("style_match", 1), ("heldout_loss", -1)):
+            gain = sign * (reference[metric] - base[metric])
+            row[f"{metric}_share_of_non_private_gain"] = sign * (row[metric] - base[metric]) / gain if gain > 0 else None
     return {"num_images": num_images, "num_eval": num_eval, "template": TEMPLATE, "epsilon": epsilon,
             "settings": dict(init_word=init_word, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                              clip=clip, dpsgd_epochs=dpsgd_epochs, dpsgd_max_grad_norm=dpsgd_max_grad_norm,
@@ -105,11 +150,15 @@ def main(argv=None) -> int:
     parser.add_argument("--epsilon", type=float, default=1.0)
     for key, value in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--vae-ceiling", action="store_true", help="also score real images after the VAE round trip")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     settings = {key: getattr(args, key) for key in DEFAULTS}
     figures = study(epsilon=args.epsilon, workdir=args.workdir, log=lambda line: print(line, flush=True), **settings)
+    if args.vae_ceiling:
+        figures["vae_ceiling"] = vae_ceiling()
+        print(f"style analyzer on real images: {figures['vae_ceiling']}")
     print(json.dumps(figures["rows"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
