@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out images of the same source (needed for a folder; default: the set's next items)")
     mia.add_argument("--num-nonmembers", type=int, default=None, help="default: as many as members")
 
+    split = sub.add_parser("split", help="split-learning ControlNet: keys (server and training still to come)")
+    split_actions = split.add_subparsers(dest="split_action", required=True, metavar="ACTION")
+    keys = split_actions.add_parser("keys", help="create a CurveZMQ key pair (<name>.key public, <name>.key_secret)")
+    keys.add_argument("--out", required=True, help="folder for the key files")
+    keys.add_argument("--name", required=True, help="'server', or a client's name")
+
     inspect = sub.add_parser("inspect", help="tell what a single-file checkpoint holds (reads names and shapes only)")
     inspect.add_argument("checkpoint", help="a .safetensors or .ckpt file")
     return parser
@@ -294,8 +300,17 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_split(args) -> int:
+    from .transport.keys import create_keys
+
+    public, secret = create_keys(folder=args.out, name=args.name)
+    print(f"public key: {public} (share it: a client's goes into the server's allowlist folder, the server's "
+          f"to every client)\nsecret key: {secret} (keep it on this machine)")
+    return 0
+
+
 COMMANDS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "train": _cmd_train, "audit": _cmd_audit,
-            "inspect": _cmd_inspect}
+            "inspect": _cmd_inspect, "split": _cmd_split}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,151 @@
+"""Client and server over CurveZMQ on loopback: allowlist, several clients, bad traffic contained."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from privdiff.transport.codec import Message, encode
+from privdiff.transport.keys import create_keys
+from privdiff.transport.peer import SplitClient, SplitServer, TransportError
+
+
+@pytest.fixture()
+def keys(tmp_path):
+    create_keys(folder=tmp_path / "server", name="server")
+    for name in ("alice", "bob", "mallory"):
+        create_keys(folder=tmp_path / name, name=name)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("alice", "bob"):
+        (allowed / f"{name}.key").write_bytes((tmp_path / name / f"{name}.key").read_bytes())
+    return tmp_path
+
+
+@pytest.fixture()
+def server(keys):
+    seen = []
+
+    def handler(name, message):
+        seen.append((name, message.kind, {k: v.copy() for k, v in message.tensors.items()}))
+        return Message(kind="ack", fields={"received": int(message.tensors["z"].shape[0])})
+
+    server = SplitServer(bind="tcp://127.0.0.1:*", server_key=keys / "server" / "server.key_secret",
+                         allowed_clients=keys / "allowed", handler=handler)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, kwargs={"should_stop": stop.is_set}, daemon=True)
+    thread.start()
+    yield server, seen
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def _client(keys, server, name, **kwargs):
+    return SplitClient(connect=server.endpoint, client_key=keys / name / f"{name}.key_secret",
+                       server_public_key=keys / "server" / "server.key", name=name, **kwargs)
+
+
+def test_allowed_clients_are_served_at_once_and_replies_carry_no_tensors(keys, server):
+    server, seen = server
+    alice, bob = _client(keys, server, "alice"), _client(keys, server, "bob")
+    z = np.ones((3, 4, 8, 8), dtype=np.float16)
+    assert alice.request(Message(kind="batch", tensors={"z": z})).fields == {"received": 3}
+    reply = bob.request(Message(kind="batch", tensors={"z": z[:2]}))
+    assert reply.fields == {"received": 2} and not reply.tensors
+    assert alice.request(Message(kind="heartbeat")).kind == "heartbeat"
+    assert [(name, kind) for name, kind, _ in seen] == [("alice", "batch"), ("bob", "batch")]
+    assert np.array_equal(seen[0][2]["z"], z)
+    alice.close(), bob.close()
+
+
+def test_a_key_outside_the_allowlist_never_reaches_the_server(keys, server):
+    server, seen = server
+    with pytest.raises(TransportError, match="allowlist"):
+        _client(keys, server, "mallory", timeout=1.0)
+    assert not seen and all(s.name != "mallory" for s in server.sessions.values())
+
+
+def test_garbage_from_one_client_does_not_harm_another(keys, server):
+    server, seen = server
+    alice, bob = _client(keys, server, "alice"), _client(keys, server, "bob")
+    rejected = server.rejected
+    for frames in ([b"not json", b"x"], [b"{}"], [b'{"v":1}', b"", b""]):
+        bob.socket.send_multipart(frames)
+    bob.last_out += 1  # and a replay of an old sequence number with a valid MAC
+    bob.socket.send_multipart(encode(Message(kind="heartbeat"), key=bob.key, session=bob.session, seq=1))
+    z = np.zeros((1, 4, 8, 8), dtype=np.float16)
+    assert alice.request(Message(kind="batch", tensors={"z": z})).fields == {"received": 1}
+    assert server.rejected >= rejected + 4
+    alice.close(), bob.close()
+
+
+def test_the_server_refuses_to_answer_a_batch_with_tensors(keys):
+    def leaky(name, message):
+        return Message(kind="ack", tensors={"gradient": np.zeros(3, dtype=np.float32)})
+
+    server = SplitServer(bind="tcp://127.0.0.1:*", server_key=keys / "server" / "server.key_secret",
+                         allowed_clients=keys / "allowed", handler=leaky)
+    errors = []
+
+    def serve():
+        try:
+            server.serve(should_stop=lambda: bool(errors))
+        except RuntimeError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    alice = _client(keys, server, "alice", timeout=2.0, retries=0)
+    with pytest.raises(TransportError):
+        alice.request(Message(kind="batch", tensors={"z": np.zeros((1, 4, 8, 8), dtype=np.float16)}))
+    thread.join(timeout=5)
+    assert errors and "without tensors" in str(errors[0])
+    alice.close()
+    server.close()
+
+
+def test_keys_are_not_overwritten(tmp_path):
+    create_keys(folder=tmp_path, name="server")
+    with pytest.raises(FileExistsError):
+        create_keys(folder=tmp_path, name="server")
+    assert oct((tmp_path / "server.key_secret").stat().st_mode)[-3:] == "600"
+
+
+def test_a_client_reconnects_to_a_restarted_server_with_a_new_session(keys):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+    def start():
+        server = SplitServer(bind=endpoint, server_key=keys / "server" / "server.key_secret",
+                             allowed_clients=keys / "allowed",
+                             handler=lambda name, m: Message(kind="ack", fields={"n": int(m.tensors["z"].shape[0])}))
+        stop = threading.Event()
+        thread = threading.Thread(target=server.serve, kwargs={"should_stop": stop.is_set}, daemon=True)
+        thread.start()
+        return server, stop, thread
+
+    first, stop, thread = start()
+    alice = SplitClient(connect=endpoint, client_key=keys / "alice" / "alice.key_secret",
+                        server_public_key=keys / "server" / "server.key", name="alice", timeout=2.0)
+    z = np.zeros((2, 4, 8, 8), dtype=np.float16)
+    assert alice.request(Message(kind="batch", tensors={"z": z})).fields == {"n": 2}
+    old_session = alice.session
+    stop.set(), thread.join(), first.close()
+    second, stop, thread = start()
+    assert alice.request(Message(kind="batch", tensors={"z": z})).fields == {"n": 2}
+    assert alice.session != old_session
+    alice.close()
+    stop.set(), thread.join(), second.close()
+
+
+def test_cli_creates_keys_and_refuses_to_overwrite(tmp_path, capsys):
+    from privdiff.cli import main
+
+    assert main(["split", "keys", "--out", str(tmp_path), "--name", "client-1"]) == 0
+    assert (tmp_path / "client-1.key").is_file() and (tmp_path / "client-1.key_secret").is_file()
+    assert main(["split", "keys", "--out", str(tmp_path), "--name", "client-1"]) == 2
+    assert "already exists" in capsys.readouterr().err

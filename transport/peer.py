@@ -1,0 +1,241 @@
+"""Client (DEALER) and server (ROUTER) over CurveZMQ, speaking the codec's authenticated messages.
+
+Security: the server has a Curve key pair and admits only clients whose public key lies in its
+allowlist folder (ZeroMQ's ZAP handler checks it during the handshake, before any message of that
+client reaches privdiff); every message is encrypted by Curve and then authenticated by the codec's
+HMAC with a per-session key, with sequence numbers in both directions.
+
+A session starts with the client's `hello`, which carries a fresh random MAC key (inside the
+encrypted, authenticated Curve channel) and a client name. Then the client sends requests and waits
+for each reply (one request in flight: backpressure by construction); every wait has a timeout.
+`heartbeat` keeps an idle session alive; the server forgets sessions silent for longer than
+`session_timeout`. After a timeout the client reconnects with a new socket and a new session.
+
+Which kinds of message exist is fixed here, so a reviewer can see that during training nothing flows
+back that the client must apply: the server answers `hello` with `welcome`, a `batch` with `ack`
+(counts only, no tensors), `heartbeat` with `heartbeat`, and only `download` with `weights`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .codec import Limits, Message, ProtocolError, decode, encode, peek_header
+
+CLIENT_KINDS = ("hello", "batch", "heartbeat", "download", "bye")
+#: What the server may send, and for which request. Only `download` is answered with tensors.
+REPLY_KINDS = {"hello": "welcome", "batch": "ack", "heartbeat": "heartbeat", "download": "weights", "bye": "bye"}
+
+
+class TransportError(RuntimeError):
+    """The peer did not answer in time, refused the session, or sent something invalid."""
+
+
+@dataclass
+class _Session:
+    key: bytes
+    name: str
+    session_id: str
+    last_in: int = 1  # the hello was message 1
+    last_out: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class SplitServer:
+    """Serves several clients at once; `handler(client_name, message) -> Message` answers each
+    request (the reply's kind is forced to the one allowed for the request)."""
+
+    def __init__(self, *, bind: str, server_key: str | os.PathLike, allowed_clients: str | os.PathLike,
+                 handler: Callable[[str, Message], Message], limits: Limits = Limits(),
+                 session_timeout: float = 60.0):
+        import zmq
+        from zmq.auth.thread import ThreadAuthenticator
+
+        from .keys import load_keys
+
+        public, secret = load_keys(server_key)
+        if secret is None:
+            raise ValueError(f"{server_key} holds no secret key; give the server's .key_secret file.")
+        allowed = Path(allowed_clients)
+        if not allowed.is_dir() or not any(allowed.glob("*.key")):
+            raise ValueError(f"{allowed} holds no client .key files: no client could connect. Copy each "
+                             "client's public .key file there.")
+        self.handler, self.limits, self.session_timeout = handler, limits, session_timeout
+        self.context = zmq.Context()
+        self.auth = ThreadAuthenticator(self.context)
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=str(allowed))
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.curve_secretkey, self.socket.curve_publickey, self.socket.curve_server = secret, public, True
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises instead of vanishing
+        self.socket.bind(bind)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sessions: dict[bytes, _Session] = {}
+        self.rejected = 0  # messages dropped as malformed, unauthentic or out of sequence
+
+    def serve(self, *, should_stop: Callable[[], bool], poll_ms: int = 100) -> None:
+        import zmq
+
+        while not should_stop():
+            if self.socket.poll(poll_ms, zmq.POLLIN):
+                self._handle(self.socket.recv_multipart(copy=False))
+            self._expire()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for identity in [i for i, s in self.sessions.items() if now - s.last_seen > self.session_timeout]:
+            del self.sessions[identity]
+
+    def _handle(self, frames) -> None:
+        identity, frames = frames[0].bytes, [f.buffer for f in frames[1:]]
+        try:
+            header = peek_header(frames, limits=self.limits)
+            if header["kind"] not in CLIENT_KINDS:
+                raise ProtocolError(f"unknown message kind {header['kind']!r}.")
+            if header["kind"] == "hello":
+                key = bytes.fromhex(str(header["fields"].get("mac_key", "")))
+                if len(key) != 32:
+                    raise ProtocolError("hello needs a 32-byte mac_key.")
+                message, _ = decode(frames, key=key, session=header["session"], last_seq=0, limits=self.limits)
+                name = str(message.fields.get("name", ""))[:64]
+                self.sessions[identity] = session = _Session(key=key, name=name, session_id=header["session"])
+            else:
+                session = self.sessions.get(identity)
+                if session is None or header["session"] != session.session_id:
+                    self._reply_unknown(identity, header)
+                    return
+                message, session.last_in = decode(frames, key=session.key, session=session.session_id,
+                                                  last_seq=session.last_in, limits=self.limits)
+        except (ProtocolError, ValueError):
+            self.rejected += 1  # dropped without a reply: garbage gets no amplification
+            return
+        session.last_seen = time.monotonic()
+        if message.kind == "heartbeat":
+            reply = Message(kind="heartbeat")
+        elif message.kind == "hello":
+            reply = Message(kind="welcome", fields={"protocol": "privdiff-split"})
+        else:
+            reply = self.handler(session.name, message)
+            allowed = REPLY_KINDS[message.kind]
+            if reply.kind != allowed or (reply.tensors and allowed != "weights"):
+                raise RuntimeError(f"the handler answered {message.kind!r} with {reply.kind!r}"
+                                   f"{' carrying tensors' if reply.tensors else ''}; only {allowed!r}"
+                                   f"{'' if allowed == 'weights' else ' without tensors'} is allowed.")
+        session.last_out += 1
+        self._send(identity, encode(reply, key=session.key, session=session.session_id, seq=session.last_out))
+        if message.kind == "bye":
+            self.sessions.pop(identity, None)
+
+    def _reply_unknown(self, identity: bytes, header: dict) -> None:
+        # Not authenticated (no key for this session): an unsigned notice, which the client treats
+        # only as a reason to say hello again, never as data.
+        self.rejected += 1
+        self._send(identity, [b'{"unknown_session":true}'])
+
+    def _send(self, identity: bytes, frames) -> None:
+        import zmq
+
+        try:
+            self.socket.send_multipart([identity, *frames], copy=False)
+        except zmq.ZMQError:
+            self.sessions.pop(identity, None)  # the client is gone
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self.auth.stop()
+        self.context.term()
+
+
+class SplitClient:
+    """One session with a SplitServer; `request(message)` sends and waits for the (verified) reply."""
+
+    def __init__(self, *, connect: str, client_key: str | os.PathLike, server_public_key: str | os.PathLike,
+                 name: str = "client", timeout: float = 30.0, limits: Limits = Limits(), retries: int = 3):
+        from .keys import load_keys
+
+        self.public, self.secret = load_keys(client_key)
+        if self.secret is None:
+            raise ValueError(f"{client_key} holds no secret key; give this client's .key_secret file.")
+        self.server_public, _ = load_keys(server_public_key)
+        self.connect_to, self.name, self.timeout, self.limits, self.retries = connect, name, timeout, limits, retries
+        self.context = None
+        self.socket = None
+        self._open()
+
+    def _open(self) -> None:
+        import zmq
+
+        self.close()
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.curve_secretkey, self.socket.curve_publickey = self.secret, self.public
+        self.socket.curve_serverkey = self.server_public
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(self.connect_to)
+        self.session, self.key = os.urandom(16).hex(), os.urandom(32)
+        self.last_out = self.last_in = 0
+        welcome = self._exchange(Message(kind="hello", fields={"mac_key": self.key.hex(), "name": self.name}))
+        if welcome.kind != "welcome":
+            raise TransportError(f"the server answered hello with {welcome.kind!r}.")
+
+    def _exchange(self, message: Message) -> Message:
+        import zmq
+
+        self.last_out += 1
+        self.socket.send_multipart(encode(message, key=self.key, session=self.session, seq=self.last_out), copy=False)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.socket.poll(int(left * 1000), zmq.POLLIN):
+                raise TransportError(
+                    f"no answer from {self.connect_to} within {self.timeout:g} s: the server is down or busy, or "
+                    "it does not admit this client's key (its operator must add this client's .key file to the "
+                    "server's allowlist).")
+            frames = [f.buffer for f in self.socket.recv_multipart(copy=False)]
+            if len(frames) == 1 and bytes(frames[0]) == b'{"unknown_session":true}':
+                raise _UnknownSession()
+            try:
+                reply, self.last_in = decode(frames, key=self.key, session=self.session, last_seq=self.last_in,
+                                             limits=self.limits)
+            except ProtocolError:
+                continue  # not from our session's peer: ignored
+            expected = REPLY_KINDS[message.kind]
+            if reply.kind != expected:
+                raise TransportError(f"the server answered {message.kind!r} with {reply.kind!r}, not {expected!r}.")
+            return reply
+
+    def request(self, message: Message) -> Message:
+        """Send one request and return its reply; on a timeout or a server that lost the session,
+        reconnect (new socket, new session) and send it again, up to `retries` times."""
+        if message.kind not in CLIENT_KINDS or message.kind == "hello":
+            raise ValueError(f"kind {message.kind!r} is not a client request; use one of {CLIENT_KINDS[1:]}.")
+        for attempt in range(self.retries + 1):
+            try:
+                return self._exchange(message)
+            except (TransportError, _UnknownSession):
+                if attempt == self.retries:
+                    raise
+                time.sleep(min(2.0 ** attempt * 0.2, 5.0))
+                self._reopen_quietly()
+        raise AssertionError("unreachable")
+
+    def _reopen_quietly(self) -> None:
+        try:
+            self._open()
+        except (TransportError, _UnknownSession):
+            pass  # the next attempt's exchange fails the same way and counts as a retry
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+            self.context.term()
+            self.socket = self.context = None
+
+
+class _UnknownSession(Exception):
+    """The server has no session for us (it restarted, or forgot an idle session)."""
