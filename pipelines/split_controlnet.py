@@ -1,0 +1,176 @@
+"""Split-learning ControlNet (arXiv 2409.08503), client side: what leaves the client, per sample.
+
+The client holds the images, hints and prompts and only frozen parts (VAE encoder, noising, and in
+`paper` mode the UNet's `conv_in`); the server trains the ControlNet from what is sent and sends
+nothing back during training. Per sample and training step the client sends (DESIGN.md 3.1):
+
+- `paper` (the reference design; it leaks): `conv_in(z_t)`, `h`, `t` and the label ε. `conv_in` is
+  public and linear, so the server recovers z_t, then z_0 = (z_t - sqrt(1 - ab_t) ε) / sqrt(ab_t)
+  exactly, and the image with the public VAE decoder;
+- `hardened` (the default): z_t itself (same information as conv_in(z_t), far fewer bytes), `h`,
+  `t` drawn only where the signal-to-noise ratio ab_t / (1 - ab_t) is at most `snr_bound`, and the
+  label ε + σ_label·n (the MSE gradient stays unbiased in expectation); the hint latent may get
+  Gaussian noise σ_hint before it is mixed into `h`.
+
+h = fp16(symsigmoid(hint_latent + z_t)), symsigmoid(x) = |x|·(2·sigmoid(x) - 1): the privacy
+activation. Every random draw is fixed by (seed, sample id, step), so a batch re-sent after a
+reconnect shows the server nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..privacy.attacks import signal_to_noise, symsigmoid
+
+MODES = ("hardened", "paper")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    mode: str = "hardened"
+    # k: hardened mode draws t only where ab_t / (1 - ab_t) <= k. Each message tells the server z_0
+    # up to an error of variance 1 / (SNR_t (1 + 1/σ_label²)) per latent value, and E linked epochs
+    # divide it by E: 0.01 keeps ten linked epochs at an error of about 2 latent standard deviations.
+    snr_bound: float = 0.01
+    sigma_label: float = 1.0  # hardened: the label is ε + σ_label·n
+    sigma_hint: float = 0.0  # hardened: Gaussian noise on the hint latent (a dial: hint privacy vs hint-following)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} must be one of {MODES}.")
+        if not self.snr_bound > 0:
+            raise ValueError(f"snr_bound={self.snr_bound} must be positive.")
+        if self.sigma_label < 0 or self.sigma_hint < 0:
+            raise ValueError("sigma_label and sigma_hint must not be negative.")
+
+
+def allowed_timesteps(*, scheduler, config: SplitConfig) -> torch.Tensor:
+    """Timesteps the client may draw: all of them in paper mode, those with SNR <= k when hardened."""
+    alphas = scheduler.alphas_cumprod.double()
+    if config.mode == "paper":
+        return torch.arange(len(alphas))
+    allowed = (signal_to_noise(alphas) <= config.snr_bound).nonzero().flatten()
+    if len(allowed) == 0:
+        raise ValueError(f"no timestep has a signal-to-noise ratio at or below snr_bound={config.snr_bound}; "
+                         f"raise it (the noisiest timestep's is {float(signal_to_noise(alphas)[-1]):.3g}).")
+    return allowed
+
+
+def _draw_generator(*, seed: int, sample_id: int, step: int) -> torch.Generator:
+    digest = hashlib.sha256(f"privdiff-split/{seed}/{sample_id}/{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def client_payload(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor, sample_ids, step: int,
+                   config: SplitConfig) -> dict[str, np.ndarray]:
+    """What the client sends for one batch: numpy arrays ready for the wire.
+
+    `pixels` and `hint_pixels` are [B, 3, H, W] in [-1, 1] (the hint as `2c - 1`); `sample_ids` the
+    samples' stable ids (the draws depend on them, not on the batch's order).
+    """
+    from .dp_ldm import encode_latents
+
+    if config.mode == "paper":
+        warnings.warn("split mode 'paper' is the reference design: the server can reconstruct every private "
+                      "image exactly from what it receives. Use mode='hardened' for private data.", stacklevel=2)
+    vae, unet = pipeline.vae, pipeline.unet
+    scheduler = pipeline.scheduler
+    allowed = allowed_timesteps(scheduler=scheduler, config=config)
+    with torch.no_grad():
+        z0 = encode_latents(vae=vae, pixels=pixels.to(vae.dtype)).float()
+        hint_latent = encode_latents(vae=vae, pixels=hint_pixels.to(vae.dtype)).float()
+        draws = [_draw_generator(seed=config.seed, sample_id=int(i), step=step) for i in sample_ids]
+        t = torch.stack([allowed[torch.randint(len(allowed), (1,), generator=g)][0] for g in draws])
+        eps = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in draws])
+        alphas = scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+        z_t = alphas.sqrt() * z0 + (1 - alphas).sqrt() * eps
+        if config.mode == "hardened":
+            hint_noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in draws])
+            label_noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in draws])
+            hint_latent = hint_latent + config.sigma_hint * hint_noise
+            label = eps + config.sigma_label * label_noise
+        else:
+            label = eps
+        h = symsigmoid(hint_latent + z_t).half()
+        payload = {"h": h, "t": t.long(), "label": label.half()}
+        if config.mode == "paper":
+            payload["conv_in_z_t"] = unet.conv_in(z_t.to(unet.dtype)).half()
+        else:
+            payload["z_t"] = z_t.half()
+    return {name: value.cpu().numpy() for name, value in payload.items()}
+
+
+@dataclass(frozen=True)
+class ReconstructionReport:
+    image_psnr: float  # the linked estimate of z_0, decoded, against D(E(x))
+    image_psnr_first_epoch: float
+    mean_image_psnr: float  # guessing the dataset's mean image
+    hint_psnr: float  # the recovered hint latent, decoded, against D(E(hint))
+    hint_mean_psnr: float
+    epochs: int
+
+
+def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hint_pixels: torch.Tensor,
+                             sigma_label: float = 0.0) -> ReconstructionReport:
+    """Run the server-side attacks on the messages one image set produced over several epochs.
+
+    `payloads[e]` is what the server received for the same samples (same order) in epoch e. The
+    attacker knows the public weights and the design, including the label-noise scale `sigma_label`
+    (0 in paper mode). Each message gives two independent estimates of z_0: z_t / sqrt(ab_t) (error
+    variance 1/SNR_t) and the label's (error variance σ²/SNR_t, exact when σ = 0); all of them, over
+    all epochs, are combined with inverse-variance weights.
+    """
+    from ..privacy.attacks import (estimate_z0, invert_conv_in, inverse_symsigmoid, link_epochs, mean_image_psnr,
+                                   psnr, signal_to_noise)
+    from .dp_ldm import encode_latents
+
+    vae, alphas = pipeline.vae, pipeline.scheduler.alphas_cumprod
+    estimates, weights, hints = [], [], []
+    for payload in payloads:
+        t = torch.as_tensor(payload["t"]).long()
+        if "z_t" in payload:
+            z_t = torch.as_tensor(payload["z_t"]).double()
+        else:
+            z_t = invert_conv_in(conv_in=pipeline.unet.conv_in, output=torch.as_tensor(payload["conv_in_z_t"]))
+        hints.append(inverse_symsigmoid(torch.as_tensor(payload["h"]).double()) - z_t)
+        snr = signal_to_noise(alphas.double()[t])
+        from_label = estimate_z0(z_t=z_t, label=torch.as_tensor(payload["label"]), t=t, alphas_cumprod=alphas)
+        if sigma_label == 0:
+            estimates.append(from_label)  # exact: nothing else can add to it
+            weights.append(torch.ones_like(snr))
+            continue
+        estimates += [from_label, z_t / alphas.double()[t].sqrt().view(-1, 1, 1, 1)]
+        weights += [snr / sigma_label ** 2, snr]
+    linked = link_epochs(estimates=estimates, weights=weights)
+    if sigma_label > 0:
+        # The stronger, empirical-Bayes attacker: shrink each noisy estimate towards the set's mean by
+        # the signal's share of its variance (the linear MMSE estimate), never worse than the mean guess.
+        error_variance = (1.0 / sum(weights)).view(-1, 1, 1, 1)
+        mean = linked.mean(0, keepdim=True)
+        signal_variance = (linked.var(0, keepdim=True) - error_variance.mean()).clamp(min=0)
+        linked = mean + signal_variance / (signal_variance + error_variance) * (linked - mean)
+    hint_latent = torch.stack(hints).mean(0)  # z_t is known exactly, so hint estimates only differ by quantisation
+
+    def decode(latents):
+        with torch.no_grad():
+            images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        return (images.float().clamp(-1, 1) + 1) / 2
+
+    with torch.no_grad():
+        reference = decode(encode_latents(vae=vae, pixels=pixels.to(vae.dtype)))
+        hint_reference = decode(encode_latents(vae=vae, pixels=hint_pixels.to(vae.dtype)))
+    return ReconstructionReport(
+        image_psnr=psnr(estimate=decode(linked), reference=reference),
+        image_psnr_first_epoch=psnr(estimate=decode(estimates[0]), reference=reference),
+        mean_image_psnr=mean_image_psnr(reference=reference),
+        hint_psnr=psnr(estimate=decode(hint_latent), reference=hint_reference),
+        hint_mean_psnr=mean_image_psnr(reference=hint_reference),
+        epochs=len(payloads),
+    )
