@@ -174,3 +174,56 @@ def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Te
         hint_mean_psnr=mean_image_psnr(reference=hint_reference),
         epochs=len(payloads),
     )
+
+
+class SplitTrainer:
+    """The server's side of one training job: a frozen UNet and a trainable ControlNet initialised
+    from it, whose hint input is the 4-channel latent-resolution `h` (no down-sampling in its hint
+    embedding). It learns from client payloads only; its loss stays on the server and nothing it
+    computes is ever sent to a client during training.
+    """
+
+    def __init__(self, *, unet, learning_rate: float = 1e-5, seed: int = 0):
+        from diffusers import ControlNetModel
+
+        torch.manual_seed(seed)
+        self.unet = unet.requires_grad_(False).eval()
+        self.controlnet = ControlNetModel.from_unet(unet, conditioning_channels=unet.config.in_channels,
+                                                    conditioning_embedding_out_channels=(16,)).train()
+        self.optimizer = torch.optim.AdamW(self.controlnet.parameters(), lr=learning_rate, weight_decay=0.0)
+        self.steps = 0
+
+    def _context(self, batch: int) -> torch.Tensor:
+        # The server never sees a prompt: an all-zero text context, as in the reference design.
+        return torch.zeros(batch, 1, self.unet.config.cross_attention_dim, dtype=self.unet.dtype,
+                           device=self.unet.device)
+
+    def train_on(self, payload: dict) -> float:
+        """One AdamW step of the ControlNet on one received batch; returns the loss (server-side only)."""
+        device, dtype = self.unet.device, self.unet.dtype
+
+        def tensor(name):
+            return torch.as_tensor(np.asarray(payload[name])).to(device)
+
+        t, h, label = tensor("t").long(), tensor("h").to(dtype), tensor("label").float()
+        paper = "conv_in_z_t" in payload
+        sample = tensor("conv_in_z_t" if paper else "z_t").to(dtype)
+        context = self._context(len(t))
+        # Paper mode: the client already applied conv_in, so both networks start after it.
+        swapped = [(m, m.conv_in) for m in (self.unet, self.controlnet)] if paper else []
+        for module, _ in swapped:
+            module.conv_in = torch.nn.Identity()
+        try:
+            down, mid = self.controlnet(sample, t, encoder_hidden_states=context, controlnet_cond=h,
+                                        return_dict=False)
+            prediction = self.unet(sample, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                                   mid_block_additional_residual=mid).sample
+        finally:
+            for module, conv_in in swapped:
+                module.conv_in = conv_in
+        loss = (prediction.float() - label).pow(2).mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return float(loss.detach())

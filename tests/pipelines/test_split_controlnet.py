@@ -82,3 +82,27 @@ def test_hardened_default_keeps_images_near_the_mean_guess_even_with_epochs_link
     assert report.image_psnr <= report.mean_image_psnr + 2, report
     # The hint is not protected at sigma_hint = 0: that is the dial the user sets.
     assert report.hint_psnr >= 30, report
+
+
+@pytest.mark.parametrize("mode", ["hardened", "paper"])
+def test_server_trains_the_controlnet_from_payloads_alone(tiny, batch, mode):
+    import copy
+    import warnings
+
+    from privdiff.pipelines.split_controlnet import SplitTrainer
+
+    unet = copy.deepcopy(tiny.unet)
+    frozen = {k: v.clone() for k, v in unet.state_dict().items()}
+    trainer = SplitTrainer(unet=unet, learning_rate=1e-3)
+    before = {k: v.clone() for k, v in trainer.controlnet.state_dict().items()}
+    pixels, hints = batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses = [trainer.train_on(client_payload(pipeline=tiny, pixels=pixels, hint_pixels=hints,
+                                                  sample_ids=range(len(pixels)), step=s, config=SplitConfig(mode=mode)))
+                  for s in range(3)]
+    assert all(np.isfinite(losses)) and trainer.steps == 3
+    assert all(torch.equal(v, frozen[k]) for k, v in unet.state_dict().items())  # the UNet stays frozen
+    changed = [k for k, v in trainer.controlnet.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("controlnet_down_blocks" in k for k in changed)  # the zero convolutions start to learn
+    assert isinstance(unet.conv_in, torch.nn.Conv2d)  # paper mode's swap is undone
