@@ -227,3 +227,68 @@ class SplitTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return float(loss.detach())
+
+
+SPLIT_CONFIG_KEY = "privdiff_split_controlnet"  # in the saved ControlNet's config.json
+
+
+def save_split_controlnet(*, controlnet, out, record=None) -> None:
+    """Save in diffusers format; the config says how its hint input is formed, so loaders can tell a
+    split ControlNet (hint = symsigmoid(E(2c - 1) + z_t), recomputed every step) from a stock one."""
+    controlnet.register_to_config(**{SPLIT_CONFIG_KEY: {"version": 1, "hint_input": "symsigmoid(E(2c-1) + z_t)",
+                                                        "context": "zeros"}})
+    controlnet.save_pretrained(str(out))
+
+
+def _split_pipeline_class():
+    from diffusers import StableDiffusionControlNetPipeline
+
+    class SplitControlNetPipeline(StableDiffusionControlNetPipeline):
+        """Text-to-image with a split-learning ControlNet: its hint input h = fp16(symsigmoid(hint
+        latent + z_t)) mixes the hint with the current latents, so it is recomputed at every step;
+        the ControlNet sees the zero text context it was trained with, the UNet the prompt."""
+
+        @torch.no_grad()
+        def __call__(self, prompt, image, *, num_inference_steps: int = 30, guidance_scale: float = 5.0,
+                     controlnet_conditioning_scale: float = 1.0, generator=None, output_type: str = "np"):
+            from .dp_ldm import encode_latents
+
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            device, dtype = self.unet.device, self.unet.dtype
+            hints = self.image_processor.preprocess(image).to(device, self.vae.dtype)  # [-1, 1] = 2c - 1
+            if hints.shape[0] != len(prompts):
+                raise ValueError(f"{hints.shape[0]} hint images for {len(prompts)} prompts; give one per prompt.")
+            hint_latent = encode_latents(vae=self.vae, pixels=hints).to(dtype)
+            embeds, negative = self.encode_prompt(prompts, device, 1, guidance_scale > 1)
+            text = torch.cat([negative, embeds]) if guidance_scale > 1 else embeds
+            control_context = torch.zeros(len(prompts), 1, self.unet.config.cross_attention_dim, device=device,
+                                          dtype=dtype)
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            latents = self.prepare_latents(len(prompts), self.unet.config.in_channels, hints.shape[2], hints.shape[3],
+                                           dtype, device, generator)
+            for t in self.progress_bar(self.scheduler.timesteps):
+                model_input = self.scheduler.scale_model_input(latents, t)
+                h = symsigmoid(hint_latent + model_input).half().to(dtype)
+                down, mid = self.controlnet(model_input, t, encoder_hidden_states=control_context, controlnet_cond=h,
+                                            conditioning_scale=controlnet_conditioning_scale, return_dict=False)
+                if guidance_scale > 1:
+                    down, mid = [torch.cat([d, d]) for d in down], torch.cat([mid, mid])
+                    model_input = torch.cat([model_input, model_input])
+                noise = self.unet(model_input, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                                  mid_block_additional_residual=mid).sample
+                if guidance_scale > 1:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(noise, t, latents).prev_sample
+            images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+            return self.image_processor.postprocess(images, output_type=output_type)
+
+    return SplitControlNetPipeline
+
+
+def split_controlnet_pipeline(*, base, controlnet):
+    """A SplitControlNetPipeline from a base text-to-image pipeline and a trained split ControlNet."""
+    cls = _split_pipeline_class()
+    return cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+               controlnet=controlnet, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+               requires_safety_checker=False)

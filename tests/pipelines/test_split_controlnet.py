@@ -106,3 +106,27 @@ def test_server_trains_the_controlnet_from_payloads_alone(tiny, batch, mode):
     changed = [k for k, v in trainer.controlnet.state_dict().items() if not torch.equal(v, before[k])]
     assert any("controlnet_down_blocks" in k for k in changed)  # the zero convolutions start to learn
     assert isinstance(unet.conv_in, torch.nn.Conv2d)  # paper mode's swap is undone
+
+
+def test_saved_split_controlnet_reloads_and_generates_with_its_hint(tiny, batch, tmp_path):
+    import json
+
+    from diffusers import ControlNetModel
+
+    from privdiff.pipelines.split_controlnet import (SPLIT_CONFIG_KEY, SplitTrainer, save_split_controlnet,
+                                                     split_controlnet_pipeline)
+
+    trainer = SplitTrainer(unet=tiny.unet)
+    save_split_controlnet(controlnet=trainer.controlnet, out=tmp_path / "cn")
+    assert json.loads((tmp_path / "cn" / "config.json").read_text())[SPLIT_CONFIG_KEY]["version"] == 1
+    controlnet = ControlNetModel.from_pretrained(tmp_path / "cn")
+    pipe = split_controlnet_pipeline(base=tiny, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    hints = [((h.permute(1, 2, 0).numpy() + 1) / 2) for h in batch[1][:2]]
+    images = pipe(["a red circle on a blue background"] * 2, hints, num_inference_steps=4,
+                  generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+    # A fresh ControlNet's zero convolutions add nothing: the output equals the plain pipeline's.
+    plain = tiny(["a red circle on a blue background"] * 2, num_inference_steps=4, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.allclose(images, plain, atol=1e-4)
