@@ -20,6 +20,7 @@ reconnect shows the server nothing new.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 
@@ -203,7 +204,7 @@ class SplitTrainer:
         device, dtype = self.unet.device, self.unet.dtype
 
         def tensor(name):
-            return torch.as_tensor(np.asarray(payload[name])).to(device)
+            return torch.from_numpy(np.array(payload[name])).to(device)  # a copy: received buffers are read-only
 
         t, h, label = tensor("t").long(), tensor("h").to(dtype), tensor("label").float()
         paper = "conv_in_z_t" in payload
@@ -292,3 +293,85 @@ def split_controlnet_pipeline(*, base, controlnet):
     return cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
                controlnet=controlnet, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
                requires_safety_checker=False)
+
+
+DOWNLOAD_CHUNK = 64 * 2**20  # values per chunk of a downloaded ControlNet
+
+
+class SplitJob:
+    """The server's training job: answers clients' requests (a SplitServer handler).
+
+    `batch` trains one step unless its `batch_id` was already applied (a batch re-sent after a
+    reconnect is acknowledged, not trained twice); `download` returns the ControlNet's weights, the
+    only message that carries tensors back, sent only when a client asks at the end.
+    """
+
+    def __init__(self, *, trainer: SplitTrainer):
+        self.trainer = trainer
+        self.applied: set[str] = set()
+        self.losses: list[float] = []  # server-side only; never sent
+
+    def __call__(self, client: str, message):
+        from ..transport.codec import Message
+
+        if message.kind == "batch":
+            batch_id = f"{client}/{message.fields.get('batch_id')}"
+            duplicate = batch_id in self.applied
+            if not duplicate:
+                self.losses.append(self.trainer.train_on(dict(message.tensors)))
+                self.applied.add(batch_id)
+            return Message(kind="ack", fields={"steps": self.trainer.steps, "duplicate": duplicate})
+        if message.kind == "download":
+            state = self.trainer.controlnet.state_dict()
+            # One flat float32 vector in chunks of at most 64M values (256 MB, within the codec's
+            # per-tensor limit), and an index of names and shapes: a few frames whatever the model.
+            flat = torch.cat([v.detach().float().cpu().reshape(-1) for v in state.values()])
+            chunks = {f"chunk_{i}": c.numpy() for i, c in enumerate(torch.split(flat, DOWNLOAD_CHUNK))}
+            config = {k: v for k, v in self.trainer.controlnet.config.items() if not k.startswith("_")}
+            return Message(kind="weights", tensors=chunks, fields={
+                "config": json.loads(json.dumps(config, default=list)), "steps": self.trainer.steps,
+                "index": [[name, list(value.shape)] for name, value in state.items()]})
+        return Message(kind="bye")
+
+
+def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: int, config: SplitConfig,
+                       progress=None) -> int:
+    """Send every batch of `dataset` for `epochs` epochs through `client`; returns the server's step count.
+
+    Batches are cut in a fixed order, so after a failure the same call re-sends exactly the same
+    messages and the server skips those it already applied."""
+    steps = 0
+    for epoch in range(epochs):
+        for start in range(0, len(dataset), batch_size):
+            ids = list(range(start, min(start + batch_size, len(dataset))))
+            items = [dataset[i] for i in ids]
+            payload = client_payload(pipeline=pipeline, pixels=torch.stack([it["pixel_values"] for it in items]),
+                                     hint_pixels=torch.stack([it["hint"] for it in items]) * 2 - 1,
+                                     sample_ids=ids, step=epoch, config=config)
+            from ..transport.codec import Message
+
+            reply = client.request(Message(kind="batch", fields={"batch_id": f"{epoch}/{start}"}, tensors=payload))
+            steps = reply.fields["steps"]
+            if progress is not None:
+                progress(epoch, start, steps)
+    return steps
+
+
+def download_controlnet(*, client):
+    """Ask the server for the trained ControlNet (the explicit end-of-job request)."""
+    from diffusers import ControlNetModel
+
+    from ..transport.codec import Message
+
+    reply = client.request(Message(kind="download"))
+    flat = torch.cat([torch.from_numpy(np.array(reply.tensors[f"chunk_{i}"])) for i in range(len(reply.tensors))])
+    state, offset = {}, 0
+    for name, shape in reply.fields["index"]:
+        size = int(np.prod(shape))
+        state[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    if offset != flat.numel():
+        raise ValueError(f"the downloaded weights hold {flat.numel()} values; their index describes {offset}.")
+    controlnet = ControlNetModel.from_config(reply.fields["config"])
+    controlnet.load_state_dict(state)
+    return controlnet

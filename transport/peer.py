@@ -202,8 +202,9 @@ class SplitClient:
             try:
                 reply, self.last_in = decode(frames, key=self.key, session=self.session, last_seq=self.last_in,
                                              limits=self.limits)
-            except ProtocolError:
-                continue  # not from our session's peer: ignored
+            except ProtocolError as error:
+                # Only the server can reach this socket (Curve), so an invalid reply is a real fault.
+                raise TransportError(f"the server's reply was refused: {error}") from None
             expected = REPLY_KINDS[message.kind]
             if reply.kind != expected:
                 raise TransportError(f"the server answered {message.kind!r} with {reply.kind!r}, not {expected!r}.")

@@ -130,3 +130,49 @@ def test_saved_split_controlnet_reloads_and_generates_with_its_hint(tiny, batch,
     plain = tiny(["a red circle on a blue background"] * 2, num_inference_steps=4, guidance_scale=5.0,
                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert np.allclose(images, plain, atol=1e-4)
+
+
+def test_two_clients_train_one_job_over_curve_on_loopback_and_download_it(tiny, tmp_path):
+    import copy
+    import threading
+
+    from privdiff.data import load_dataset
+    from privdiff.pipelines.split_controlnet import SplitJob, SplitTrainer, download_controlnet, train_split_client
+    from privdiff.transport.codec import Message
+    from privdiff.transport.keys import create_keys
+    from privdiff.transport.peer import SplitClient, SplitServer
+
+    create_keys(folder=tmp_path / "server", name="server")
+    allowed = tmp_path / "allowed"
+    for name in ("a", "b"):
+        create_keys(folder=tmp_path / name, name=name)
+        allowed.mkdir(exist_ok=True)
+        (allowed / f"{name}.key").write_bytes((tmp_path / name / f"{name}.key").read_bytes())
+    job = SplitJob(trainer=SplitTrainer(unet=copy.deepcopy(tiny.unet), learning_rate=1e-4))
+    server = SplitServer(bind="tcp://127.0.0.1:*", server_key=tmp_path / "server" / "server.key_secret",
+                         allowed_clients=allowed, handler=job)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, kwargs={"should_stop": stop.is_set}, daemon=True)
+    thread.start()
+    try:
+        clients = [SplitClient(connect=server.endpoint, client_key=tmp_path / n / f"{n}.key_secret",
+                               server_public_key=tmp_path / "server" / "server.key", name=n) for n in ("a", "b")]
+        data = load_dataset(data="circles", num_items=6)
+        for client in clients:
+            train_split_client(client=client, pipeline=tiny, dataset=data, epochs=1, batch_size=3, config=SplitConfig())
+        assert job.trainer.steps == 4
+        # A batch re-sent (say after a reconnect) is acknowledged but not trained twice.
+        reply = clients[0].request(Message(kind="batch", fields={"batch_id": "0/0"}, tensors=client_payload(
+            pipeline=tiny, pixels=torch.stack([data[i]["pixel_values"] for i in range(3)]),
+            hint_pixels=torch.stack([data[i]["hint"] for i in range(3)]) * 2 - 1, sample_ids=[0, 1, 2], step=0,
+            config=SplitConfig())))
+        assert reply.fields == {"steps": 4, "duplicate": True}
+        downloaded = download_controlnet(client=clients[1])
+        for key, value in job.trainer.controlnet.state_dict().items():
+            assert torch.equal(downloaded.state_dict()[key], value.float()), key
+        for client in clients:
+            client.close()
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
