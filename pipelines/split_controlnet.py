@@ -281,8 +281,11 @@ def _split_pipeline_class():
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
                 latents = self.scheduler.step(noise, t, latents).prev_sample
+            from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
             images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-            return self.image_processor.postprocess(images, output_type=output_type)
+            return StableDiffusionPipelineOutput(images=self.image_processor.postprocess(images, output_type=output_type),
+                                                 nsfw_content_detected=None)
 
     return SplitControlNetPipeline
 
