@@ -314,6 +314,46 @@ class SplitJob:
         self.applied: set[str] = set()
         self.losses: list[float] = []  # server-side only; never sent
 
+    def save_checkpoint(self, folder) -> None:
+        """ControlNet, optimizer, step count and applied batch ids (safetensors + JSON, no pickle),
+        written atomically: a server killed at any moment restarts from the last complete one."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"controlnet.{k}": v.detach().cpu().contiguous() for k, v in self.trainer.controlnet.state_dict().items()}
+        state = self.trainer.optimizer.state_dict()
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+        meta = {"steps": self.trainer.steps, "applied": sorted(self.applied), "losses": self.losses,
+                "param_groups": state["param_groups"],
+                "note": "server-side training state; the losses were computed on client data"}
+        save_file(tensors, str(folder / "job.safetensors.tmp"))
+        (folder / "job.json.tmp").write_text(json.dumps(meta))
+        (folder / "job.safetensors.tmp").replace(folder / "job.safetensors")
+        (folder / "job.json.tmp").replace(folder / "job.json")
+
+    def load_checkpoint(self, folder) -> None:
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        tensors = load_file(str(folder / "job.safetensors"))
+        meta = json.loads((folder / "job.json").read_text())
+        self.trainer.controlnet.load_state_dict({k[len("controlnet."):]: v for k, v in tensors.items()
+                                                 if k.startswith("controlnet.")})
+        optimizer_state = {"state": {}, "param_groups": meta["param_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optimizer_state["state"].setdefault(int(index), {})[name] = value
+        self.trainer.optimizer.load_state_dict(optimizer_state)
+        self.trainer.steps, self.applied, self.losses = meta["steps"], set(meta["applied"]), list(meta["losses"])
+
     def __call__(self, client: str, message):
         from ..transport.codec import Message
 

@@ -188,3 +188,31 @@ def test_hardened_mode_sends_at_most_a_twentieth_of_the_reference_layout_at_sd15
     figures = bench.wire_bytes_per_sample(resolution=512, batch=16)
     assert figures["hardened"] <= figures["reference"] / 20, figures
     assert 3 * 64 * 64 * 4 * 2 < figures["hardened"] < 3 * 64 * 64 * 4 * 2 + 1000  # z_t, h, label in fp16, plus t
+
+
+def test_a_restarted_job_continues_exactly_and_skips_batches_it_already_applied(tiny, batch, tmp_path):
+    import copy
+
+    from privdiff.pipelines.split_controlnet import SplitJob, SplitTrainer
+    from privdiff.transport.codec import Message
+
+    pixels, hints = batch
+
+    def message(step):
+        return Message(kind="batch", fields={"batch_id": f"0/{step}"}, tensors=client_payload(
+            pipeline=tiny, pixels=pixels, hint_pixels=hints, sample_ids=range(len(pixels)), step=step,
+            config=SplitConfig()))
+
+    straight = SplitJob(trainer=SplitTrainer(unet=copy.deepcopy(tiny.unet), learning_rate=1e-3))
+    for step in range(3):
+        straight("a", message(step))
+    first = SplitJob(trainer=SplitTrainer(unet=copy.deepcopy(tiny.unet), learning_rate=1e-3))
+    for step in range(2):
+        first("a", message(step))
+    first.save_checkpoint(tmp_path / "job")
+    restarted = SplitJob(trainer=SplitTrainer(unet=copy.deepcopy(tiny.unet), learning_rate=1e-3))
+    restarted.load_checkpoint(tmp_path / "job")
+    assert restarted("a", message(1)).fields == {"steps": 2, "duplicate": True}  # re-sent after the restart
+    assert restarted("a", message(2)).fields == {"steps": 3, "duplicate": False}
+    for key, value in straight.trainer.controlnet.state_dict().items():
+        assert torch.allclose(restarted.trainer.controlnet.state_dict()[key], value, atol=1e-6), key
