@@ -120,11 +120,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out images of the same source (needed for a folder; default: the set's next items)")
     mia.add_argument("--num-nonmembers", type=int, default=None, help="default: as many as members")
 
-    split = sub.add_parser("split", help="split-learning ControlNet: keys (server and training still to come)")
+    split = sub.add_parser("split", help="split-learning ControlNet: keys, a training server, a client")
     split_actions = split.add_subparsers(dest="split_action", required=True, metavar="ACTION")
     keys = split_actions.add_parser("keys", help="create a CurveZMQ key pair (<name>.key public, <name>.key_secret)")
     keys.add_argument("--out", required=True, help="folder for the key files")
     keys.add_argument("--name", required=True, help="'server', or a client's name")
+    serve = split_actions.add_parser("serve", help="run a training job's server (Ctrl-C: checkpoint and stop)")
+    _add_base(serve)
+    serve.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to listen on")
+    serve.add_argument("--server-key", required=True, help="the server's .key_secret file")
+    serve.add_argument("--allowed-clients", required=True, help="folder of the admitted clients' public .key files")
+    serve.add_argument("--out", required=True, help="job folder: checkpoints (resumed from when present)")
+    serve.add_argument("--lr", type=float, default=1e-5)
+    serve.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    serve.add_argument("--seed", type=int, default=0)
+    client = split_actions.add_parser("train", help="send a private dataset's batches to a server, then download "
+                                                    "the trained ControlNet")
+    _add_base(client)
+    _add_common(client, data_default=None, out_required=True)
+    client.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    client.add_argument("--client-key", required=True, help="this client's .key_secret file")
+    client.add_argument("--server-key", required=True, help="the server's public .key file")
+    client.add_argument("--mode", default="hardened", choices=["hardened", "paper"],
+                        help="paper: the reference design, which gives the images away (for reproduction only)")
+    client.add_argument("--snr-bound", type=float, default=None, help="hardened: largest SNR of a timestep drawn")
+    client.add_argument("--sigma-label", type=float, default=None)
+    client.add_argument("--sigma-hint", type=float, default=None)
+    client.add_argument("--epochs", type=int, default=1)
+    client.add_argument("--batch-size", type=int, default=16)
+    client.add_argument("--num-items", type=int, default=None, help="items of a procedural set")
+    client.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
 
     inspect = sub.add_parser("inspect", help="tell what a single-file checkpoint holds (reads names and shapes only)")
     inspect.add_argument("checkpoint", help="a .safetensors or .ckpt file")
@@ -301,11 +326,87 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_split(args) -> int:
+    if args.split_action == "serve":
+        return _cmd_split_serve(args)
+    if args.split_action == "train":
+        return _cmd_split_train(args)
     from .transport.keys import create_keys
 
     public, secret = create_keys(folder=args.out, name=args.name)
     print(f"public key: {public} (share it: a client's goes into the server's allowlist folder, the server's "
           f"to every client)\nsecret key: {secret} (keep it on this machine)")
+    return 0
+
+
+def _cmd_split_serve(args) -> int:
+    import signal
+    from pathlib import Path
+
+    from .models.loading import load_pipeline
+    from .pipelines.split_controlnet import SplitJob, SplitTrainer
+    from .transport.peer import SplitServer
+
+    pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
+    job = SplitJob(trainer=SplitTrainer(unet=pipeline.unet, learning_rate=args.lr, seed=args.seed))
+    out = Path(args.out)
+    if (out / "job.json").is_file():
+        job.load_checkpoint(out)
+        print(f"resumed the job at step {job.trainer.steps} from {out}", flush=True)
+    last_saved = {"step": job.trainer.steps}
+
+    def handler(client, message):
+        reply = job(client, message)
+        if job.trainer.steps - last_saved["step"] >= args.checkpoint_every:
+            job.save_checkpoint(out)
+            last_saved["step"] = job.trainer.steps
+        return reply
+
+    server = SplitServer(bind=args.bind, server_key=args.server_key, allowed_clients=args.allowed_clients,
+                         handler=handler)
+    stop = {"requested": False}
+    signal.signal(signal.SIGINT, lambda *a: stop.update(requested=True))
+    signal.signal(signal.SIGTERM, lambda *a: stop.update(requested=True))
+    print(f"serving the split ControlNet job on {server.endpoint} (Ctrl-C: checkpoint and stop)", flush=True)
+    try:
+        server.serve(should_stop=lambda: stop["requested"])
+    finally:
+        job.save_checkpoint(out)
+        server.close()
+    print(f"stopped at step {job.trainer.steps}; checkpoint in {out}")
+    return 0
+
+
+def _cmd_split_train(args) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from .data import load_dataset
+    from .models.loading import load_pipeline
+    from .pipelines.split_controlnet import (SplitConfig, download_controlnet, save_split_controlnet,
+                                             train_split_client)
+    from .transport.peer import SplitClient
+
+    if args.data is None:
+        raise ValueError("--data is required: a folder of images with hints, or a procedural set such as circles.")
+    overrides = {k: getattr(args, k) for k in ("snr_bound", "sigma_label", "sigma_hint") if getattr(args, k) is not None}
+    config = SplitConfig(mode=args.mode, seed=args.seed, **overrides)
+    pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
+    dataset = load_dataset(data=args.data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
+                           seed=args.seed, num_items=args.num_items)
+    client = SplitClient(connect=args.connect, client_key=args.client_key, server_public_key=args.server_key,
+                         name=Path(args.client_key).name.split(".")[0], timeout=args.timeout)
+    bar = tqdm(total=args.epochs * -(-len(dataset) // args.batch_size), desc=f"split ({args.mode})", unit="batch")
+    try:
+        steps = train_split_client(client=client, pipeline=pipeline, dataset=dataset, epochs=args.epochs,
+                                   batch_size=args.batch_size, config=config,
+                                   progress=lambda epoch, start, steps: (bar.update(1), bar.set_postfix(server_steps=steps)))
+        controlnet = download_controlnet(client=client)
+    finally:
+        bar.close()
+        client.close()
+    save_split_controlnet(controlnet=controlnet, out=Path(args.out) / "controlnet")
+    print(f"the server trained {steps} steps; split ControlNet saved to {Path(args.out) / 'controlnet'}")
     return 0
 
 

@@ -1,0 +1,76 @@
+"""Real processes on loopback: `privdiff split serve` killed mid-training and restarted from its
+checkpoint; the `privdiff split train` client reconnects and the job ends with every batch trained once."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _free_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def _wait_for(predicate, *, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_server_killed_mid_training_restarts_and_the_client_finishes_with_no_step_lost_or_doubled(tmp_path):
+    from privdiff.transport.keys import create_keys
+
+    create_keys(folder=tmp_path / "keys", name="server")
+    create_keys(folder=tmp_path / "keys", name="client-a")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "client-a.key").write_bytes((tmp_path / "keys" / "client-a.key").read_bytes())
+    endpoint, job = _free_endpoint(), tmp_path / "job"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    serve = [sys.executable, "-m", "privdiff", "split", "serve", "--bind", endpoint,
+             "--server-key", str(tmp_path / "keys" / "server.key_secret"), "--allowed-clients", str(allowed),
+             "--out", str(job), "--checkpoint-every", "1", "--lr", "1e-4"]
+    server = subprocess.Popen(serve, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = subprocess.Popen(
+        [sys.executable, "-m", "privdiff", "split", "train", "--data", "circles", "--num-items", "16",
+         "--batch-size", "2", "--epochs", "2", "--connect", endpoint, "--timeout", "5",
+         "--client-key", str(tmp_path / "keys" / "client-a.key_secret"),
+         "--server-key", str(tmp_path / "keys" / "server.key"), "--out", str(tmp_path / "client")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def steps_saved():
+            try:
+                return json.loads((job / "job.json").read_text())["steps"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                return 0
+
+        _wait_for(lambda: steps_saved() >= 2, timeout=120, what="two checkpointed steps")
+        server.send_signal(signal.SIGKILL)  # a hard kill, mid-training
+        steps_at_kill = steps_saved()
+        server.wait(timeout=30)
+        server = subprocess.Popen(serve, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = client.communicate(timeout=300)
+        assert client.returncode == 0, out
+        assert steps_at_kill < 16, "the kill came after the job's end: nothing was tested"
+        assert "the server trained 16 steps" in out, out  # 16 batches (8 per epoch, 2 epochs), each once
+        assert (tmp_path / "client" / "controlnet" / "config.json").is_file()
+    finally:
+        for process in (client, server):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    meta = json.loads((job / "job.json").read_text())
+    assert meta["steps"] == 16 and len(meta["applied"]) == 16
