@@ -73,6 +73,9 @@ class SplitServer:
         self.socket.curve_secretkey, self.socket.curve_publickey, self.socket.curve_server = secret, public, True
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises instead of vanishing
+        # libzmq drops a peer whose frame is larger than this before allocating it: oversize messages
+        # never reach memory, let alone the codec.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max(limits.max_tensor_bytes, limits.max_header_bytes))
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sessions: dict[bytes, _Session] = {}

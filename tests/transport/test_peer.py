@@ -153,3 +153,43 @@ def test_cli_creates_keys_and_refuses_to_overwrite(tmp_path, capsys):
     assert (tmp_path / "client-1.key").is_file() and (tmp_path / "client-1.key_secret").is_file()
     assert main(["split", "keys", "--out", str(tmp_path), "--name", "client-1"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_ten_thousand_bad_messages_and_an_oversize_frame_leave_the_server_serving(keys):
+    import os
+    import random
+    import tracemalloc
+
+    from privdiff.transport.codec import Limits
+
+    server = SplitServer(bind="tcp://127.0.0.1:*", server_key=keys / "server" / "server.key_secret",
+                         allowed_clients=keys / "allowed", limits=Limits(max_tensor_bytes=1 << 20),
+                         handler=lambda name, m: Message(kind="ack", fields={"n": len(m.tensors)}))
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, kwargs={"should_stop": stop.is_set, "poll_ms": 10}, daemon=True)
+    thread.start()
+    try:
+        alice, bob = _client(keys, server, "alice"), _client(keys, server, "bob")
+        rng = random.Random(1)
+        tracemalloc.start()
+        for i in range(10_000):
+            bob.socket.send_multipart([rng.randbytes(rng.randint(0, 64)) for _ in range(rng.randint(1, 5))])
+            if i == 1_000:
+                settle = time.monotonic() + 30
+                while server.rejected < 1_000 and time.monotonic() < settle:
+                    time.sleep(0.01)
+                baseline = tracemalloc.get_traced_memory()[0]
+        deadline = time.monotonic() + 60
+        while server.rejected < 10_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        grown = tracemalloc.get_traced_memory()[0] - baseline
+        tracemalloc.stop()
+        assert server.rejected >= 10_000 and grown < 1 << 20, (server.rejected, grown)
+        bob.socket.send_multipart([b"{}", os.urandom(2 << 20)])  # a frame over the 1 MB limit: dropped by libzmq
+        reply = alice.request(Message(kind="batch", tensors={"z": np.zeros((1, 4, 8, 8), dtype=np.float16)}))
+        assert reply.fields == {"n": 1}
+        alice.close(), bob.close()
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
