@@ -235,7 +235,11 @@ def _cmd_train_ti(args) -> int:
     print(f"DP-TI {args.ti_method} finished ({eps}, {result.num_units} units) -> {result.out}")
     for kind, path in result.files.items():
         print(f"  {kind}: {path}")
-    print(f'  diffusers: pipe.load_textual_inversion("{result.files["diffusers"]}", token="{args.token}")')
+    if getattr(pipeline, "text_encoder_2", None) is None:
+        print(f'  diffusers: pipe.load_textual_inversion("{result.files["diffusers"]}", token="{args.token}")')
+    else:  # SDXL: one tensor per text encoder
+        print(f'  diffusers: privdiff.pipelines.textual_inversion.load_embedding(pipeline=pipe, '
+              f'path="{result.files["diffusers"]}", token="{args.token}")')
     return 0
 
 

@@ -7,6 +7,7 @@ on 2 CPU cores.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,12 +105,15 @@ def _demo_single_file(ctx: DemoContext) -> list[str]:
 
 def _demo_dp_ldm(ctx: DemoContext) -> list[str]:
     from ..privacy.record import read_record
-    from .dp_ldm import DPLDMConfig, default_sample_prompts, train_dp_ldm
+    from .dp_ldm import WEIGHTS_DIFFUSERS, DPLDMConfig, default_sample_prompts, train_dp_ldm
 
     # A few DP-SGD steps on 64 handwritten digits: enough to show the outputs and their record.
     config = DPLDMConfig(epsilon=10.0, epochs=1.0, batch_size=16, physical_batch_size=16, seed=ctx.seed,
                          num_samples=8, sample_prompts=tuple(default_sample_prompts(data="digits", num=8)))
-    result = train_dp_ldm(base=ctx.base, data="digits", num_items=64, out=ctx.out / "dp-ldm", config=config)
+    out = ctx.out / "dp-ldm"
+    if (out / WEIGHTS_DIFFUSERS).exists():
+        shutil.rmtree(out)  # the demo's own earlier result: a re-run into the same --out replaces it
+    result = train_dp_ldm(base=ctx.base, data="digits", num_items=64, out=out, config=config)
     record = read_record(result.weights["comfyui"])
     return [
         f"DP-LDM on 64 digits, {result.total_steps} steps: ε={record.epsilon:.3g}, δ={record.delta:.2g}, "

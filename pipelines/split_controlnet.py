@@ -383,6 +383,8 @@ def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: in
 
     Batches are cut in a fixed order, so after a failure the same call re-sends exactly the same
     messages and the server skips those it already applied."""
+    from ..transport.codec import Message
+
     steps = 0
     for epoch in range(epochs):
         for start in range(0, len(dataset), batch_size):
@@ -391,8 +393,6 @@ def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: in
             payload = client_payload(pipeline=pipeline, pixels=torch.stack([it["pixel_values"] for it in items]),
                                      hint_pixels=torch.stack([it["hint"] for it in items]) * 2 - 1,
                                      sample_ids=ids, step=epoch, config=config)
-            from ..transport.codec import Message
-
             reply = client.request(Message(kind="batch", fields={"batch_id": f"{epoch}/{start}"}, tensors=payload))
             steps = reply.fields["steps"]
             if progress is not None:

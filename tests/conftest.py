@@ -66,3 +66,19 @@ def tiny_sd1():
     pipe = tiny_pipeline(spec=TinySpec(family="sd1"), seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture()
+def load_bench():
+    """Import a script of bench/ by name (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

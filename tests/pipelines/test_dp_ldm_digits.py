@@ -5,24 +5,12 @@ Slow (about an hour on 2 CPU cores): python -m pytest -m slow tests/pipelines/te
 The same study, with ε = 1, 10 and without DP, is `python bench/dp_ldm_digits.py` (bench/RESULTS.md).
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "dp_ldm_digits.py"
-
-
-def _study_module():
-    spec = importlib.util.spec_from_file_location("dp_ldm_digits", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
-def test_epsilon_10_learns_digits_and_epsilon_1_resists_membership_inference(tmp_path):
-    module = _study_module()
+def test_epsilon_10_learns_digits_and_epsilon_1_resists_membership_inference(tmp_path, load_bench):
+    module = load_bench("dp_ldm_digits")
     args = module.default_arguments()
     figures = module.study(epsilons=[1.0, 10.0], workdir=tmp_path, **args)
     rows = figures["rows"]

@@ -8,24 +8,12 @@ cannot pass with the shipped privdiff-tiny: its frozen VAE does not carry the st
 images score 1.0, after the VAE's round trip 0.004), so no token can make the model draw it.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "dp_ti_style.py"
-
-
-def _study_module():
-    spec = importlib.util.spec_from_file_location("dp_ti_style", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
-def test_dpagg_keeps_half_the_non_private_style_gain_and_dpsgd_keeps_less(tmp_path):
-    module = _study_module()
+def test_dpagg_keeps_half_the_non_private_style_gain_and_dpsgd_keeps_less(tmp_path, load_bench):
+    module = load_bench("dp_ti_style")
     figures = module.study(epsilon=1.0, workdir=tmp_path, **module.DEFAULTS)
     rows = figures["rows"]
     base = rows["base (initialiser word)"]["style_match"]

@@ -178,14 +178,8 @@ def test_two_clients_train_one_job_over_curve_on_loopback_and_download_it(tiny, 
         server.close()
 
 
-def test_hardened_mode_sends_at_most_a_twentieth_of_the_reference_layout_at_sd15_shapes():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("split_bench", Path(__file__).resolve().parents[2] / "bench" / "split.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    figures = bench.wire_bytes_per_sample(resolution=512, batch=16)
+def test_hardened_mode_sends_at_most_a_twentieth_of_the_reference_layout_at_sd15_shapes(load_bench):
+    figures = load_bench("split").wire_bytes_per_sample(resolution=512, batch=16)
     assert figures["hardened"] <= figures["reference"] / 20, figures
     assert 3 * 64 * 64 * 4 * 2 < figures["hardened"] < 3 * 64 * 64 * 4 * 2 + 1000  # z_t, h, label in fp16, plus t
 
