@@ -15,7 +15,6 @@ enter a released file.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,15 +126,20 @@ def _encode_dataset(*, pipeline, dataset, chunk: int = 64) -> torch.Tensor:
         ])
 
 
+def _subject_ids(dataset) -> list:
+    """Every image's subject id, refusing a dataset where any is missing."""
+    subjects = dataset.subjects() if hasattr(dataset, "subjects") else None
+    if not subjects or any(s is None for s in subjects):
+        raise ValueError("privacy_unit='subject' needs a subject id for every image (a `subject` column in "
+                         "the folder's captions file, or num_subjects for a procedural set).")
+    return subjects
+
+
 def _units(*, num_images: int, num_subsets: int | None, dataset=None, privacy_unit: str = "example") -> list[list[int]]:
     """The images behind each released unit's embedding: one image, a disjoint subset, or a subject's images."""
     if privacy_unit == "subject":
-        subjects = dataset.subjects() if hasattr(dataset, "subjects") else None
-        if not subjects or any(s is None for s in subjects):
-            raise ValueError("privacy_unit='subject' needs a subject id for every image (a `subject` column in "
-                             "the folder's captions file, or num_subjects for a procedural set).")
         members: dict = {}
-        for index, subject in enumerate(subjects):
+        for index, subject in enumerate(_subject_ids(dataset)):
             members.setdefault(subject, []).append(index)
         if len(members) < 2:
             raise ValueError(f"the dataset has {len(members)} subject(s); DPAgg-TI needs at least 2.")
@@ -158,16 +162,14 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
     from .dp_ldm import denoising_target
-    from .textual_inversion import (Placeholders, check_new_token, encode_prompts, encoder_slots, placeholder_names,
-                                    save_embedding)
+    from .textual_inversion import (Placeholders, check_a1111, check_new_token, encode_prompts, encoder_slots,
+                                    placeholder_names, save_embedding)
 
     out = Path(out)
     n_images = len(dataset)
     if n_images < 2:
         raise DatasetError(f"the dataset has {n_images} image(s); DPAgg-TI needs at least 2.")
-    if a1111 and getattr(pipeline, "text_encoder_2", None) is not None:
-        raise ValueError("A1111 reads SDXL embeddings as the clip_l/clip_g safetensors file: use the ComfyUI file "
-                         "(leave out a1111).")
+    check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
     units = _units(num_images=n_images, num_subsets=config.num_subsets, dataset=dataset,
                    privacy_unit=config.privacy_unit)
     n = len(units)
@@ -290,19 +292,16 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     from ..privacy.engine import DPConfig, DPSGDEngine
     from ..privacy.record import record_for_dp_sgd
     from .dp_ldm import denoising_target
-    from .textual_inversion import Placeholders, encode_prompts, placeholder_names, save_embedding
+    from .textual_inversion import (Placeholders, check_a1111, encode_prompts, encoder_slots, placeholder_names,
+                                    save_embedding)
 
     n = len(dataset)
     if n < 2:
         raise DatasetError(f"the dataset has {n} image(s); DP-SGD TI needs at least 2.")
     if config.batch_size > n:
         raise ValueError(f"batch_size={config.batch_size} is larger than the dataset ({n} images).")
-    if a1111 and getattr(pipeline, "text_encoder_2", None) is not None:
-        raise ValueError("A1111 reads SDXL embeddings as the clip_l/clip_g safetensors file: use the ComfyUI file "
-                         "(leave out a1111).")
-    subjects = dataset.subjects() if config.privacy_unit == "subject" else None
-    if subjects is not None and (not subjects or any(x is None for x in subjects)):
-        raise ValueError("privacy_unit='subject' needs a subject id for every image.")
+    check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
+    subjects = _subject_ids(dataset) if config.privacy_unit == "subject" else None
     units = n if subjects is None else len(set(subjects))
     if config.batch_size > units:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {units} privacy units.")

@@ -138,6 +138,13 @@ def encode_prompts(*, pipeline, ids: list[torch.Tensor], image_size: int):
     return context, {"text_embeds": second.text_embeds, "time_ids": time_ids}
 
 
+def check_a1111(*, a1111: bool, num_encoders: int) -> None:
+    """A1111's .pt holds one encoder's vectors: refuse it for SDXL (checked before training starts)."""
+    if a1111 and num_encoders > 1:
+        raise ValueError("A1111 reads SDXL embeddings as the clip_l/clip_g safetensors file: use the ComfyUI file "
+                         "(leave out a1111).")
+
+
 def save_embedding(*, vectors: list[torch.Tensor], token: str, text_encoders: list, out: str | Path, record,
                    stem: str = "learned_embeds", a1111: bool = False) -> dict[str, Path]:
     """Write the released embedding ([k, d] per text encoder) in diffusers and ComfyUI formats (and
@@ -146,9 +153,7 @@ def save_embedding(*, vectors: list[torch.Tensor], token: str, text_encoders: li
 
     vectors = [v.detach().float().cpu().contiguous() for v in vectors]
     keyed = {comfy_key(te, second=i == 1): v for i, (te, v) in enumerate(zip(text_encoders, vectors))}
-    if a1111 and len(vectors) > 1:
-        raise ValueError("A1111 reads SDXL embeddings as the clip_l/clip_g safetensors file: use the ComfyUI file "
-                         "(leave out a1111).")
+    check_a1111(a1111=a1111, num_encoders=len(vectors))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {

@@ -110,7 +110,7 @@ class SplitServer:
             else:
                 session = self.sessions.get(identity)
                 if session is None or header["session"] != session.session_id:
-                    self._reply_unknown(identity, header)
+                    self._reply_unknown(identity)
                     return
                 message, session.last_in = decode(frames, key=session.key, session=session.session_id,
                                                   last_seq=session.last_in, limits=self.limits)
@@ -134,7 +134,7 @@ class SplitServer:
         if message.kind == "bye":
             self.sessions.pop(identity, None)
 
-    def _reply_unknown(self, identity: bytes, header: dict) -> None:
+    def _reply_unknown(self, identity: bytes) -> None:
         # Not authenticated (no key for this session): an unsigned notice, which the client treats
         # only as a reason to say hello again, never as data.
         self.rejected += 1
