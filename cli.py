@@ -146,8 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--snr-bound", type=float, default=None, help="hardened: largest SNR of a timestep drawn")
     client.add_argument("--sigma-label", type=float, default=None)
     client.add_argument("--sigma-hint", type=float, default=None)
+    client.add_argument("--draws-per-image", type=int, default=None,
+                        help="hardened: distinct noisings per image over the whole run (default 1; 0: a fresh one "
+                             "every epoch)")
     client.add_argument("--epochs", type=int, default=1)
     client.add_argument("--batch-size", type=int, default=16)
+    attack = split_actions.add_parser("attack", help="train a short job on loopback, record the traffic as the "
+                                                     "server sees it and run the server's attacks on it")
+    _add_base(attack)
+    _add_common(attack, data_default="circles", out_required=False)
+    attack.add_argument("--mode", default="hardened", choices=["hardened", "paper"])
+    attack.add_argument("--snr-bound", type=float, default=None)
+    attack.add_argument("--sigma-label", type=float, default=None)
+    attack.add_argument("--sigma-hint", type=float, default=None)
+    attack.add_argument("--draws-per-image", type=int, default=None, help="as for train (0: fresh every epoch)")
+    attack.add_argument("--num-items", type=int, default=None, help="private images (default 32)")
+    attack.add_argument("--epochs", type=int, default=5)
+    attack.add_argument("--batch-size", type=int, default=8)
+    attack.add_argument("--optimisation-steps", type=int, default=100,
+                        help="steps of the total-variation inversion attack (0: skip it)")
     client.add_argument("--num-items", type=int, default=None, help="items of a procedural set")
     client.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
 
@@ -334,11 +351,64 @@ def _cmd_split(args) -> int:
         return _cmd_split_serve(args)
     if args.split_action == "train":
         return _cmd_split_train(args)
+    if args.split_action == "attack":
+        return _cmd_split_attack(args)
     from .transport.keys import create_keys
 
     public, secret = create_keys(folder=args.out, name=args.name)
     print(f"public key: {public} (share it: a client's goes into the server's allowlist folder, the server's "
           f"to every client)\nsecret key: {secret} (keep it on this machine)")
+    return 0
+
+
+def _split_config(args):
+    from .pipelines.split_controlnet import SplitConfig
+
+    overrides = {k: getattr(args, k) for k in ("snr_bound", "sigma_label", "sigma_hint", "draws_per_image")
+                 if getattr(args, k) is not None}
+    if overrides.get("draws_per_image") == 0:
+        overrides["draws_per_image"] = None
+    return SplitConfig(mode=args.mode, seed=args.seed, **overrides)
+
+
+def _cmd_split_attack(args) -> int:
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import load_dataset
+    from .models.loading import load_pipeline
+    from .pipelines.split_controlnet import reconstruct_from_traffic, run_loopback_job, traffic_by_epoch
+
+    config = _split_config(args)
+    if args.epochs < 1 or args.batch_size < 1:
+        raise ValueError("--epochs and --batch-size must be at least 1.")
+    pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
+    dataset = load_dataset(data=args.data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
+                           seed=args.seed, num_items=args.num_items or 32)
+    bar = tqdm(total=args.epochs * -(-len(dataset) // args.batch_size), desc=f"split on loopback ({args.mode})",
+               unit="batch")
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        if config.mode == "paper":
+            print("paper mode: the reference design, which the attacks below rebuild exactly", flush=True)
+            warnings.simplefilter("ignore")
+        run = run_loopback_job(pipeline=pipeline, datasets={"client": dataset}, config=config, epochs=args.epochs,
+                               batch_size=args.batch_size, folder=Path(args.out or scratch), seed=args.seed,
+                               record=True, progress=lambda *a: bar.update(1))
+    bar.close()
+    items = [dataset[i] for i in range(len(dataset))]
+    pixels = torch.stack([it["pixel_values"] for it in items])
+    hints = torch.stack([it["hint"] for it in items]) * 2 - 1
+    traffic = traffic_by_epoch(messages=run.traffic["client"], num_samples=len(dataset), batch_size=args.batch_size)
+    report = reconstruct_from_traffic(pipeline=pipeline, payloads=traffic, pixels=pixels, hint_pixels=hints,
+                                      sigma_label=0.0 if config.mode == "paper" else config.sigma_label,
+                                      optimisation_steps=args.optimisation_steps)
+    print(f"{config.mode} mode, {len(dataset)} images, {run.job.trainer.steps} server steps; what the server rebuilds "
+          "(PSNR/SSIM against the VAE's own reconstructions):")
+    print("\n".join(report.lines()))
     return 0
 
 
@@ -393,8 +463,7 @@ def _cmd_split_train(args) -> int:
 
     if args.data is None:
         raise ValueError("--data is required: a folder of images with hints, or a procedural set such as circles.")
-    overrides = {k: getattr(args, k) for k in ("snr_bound", "sigma_label", "sigma_hint") if getattr(args, k) is not None}
-    config = SplitConfig(mode=args.mode, seed=args.seed, **overrides)
+    config = _split_config(args)
     pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
     dataset = load_dataset(data=args.data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
                            seed=args.seed, num_items=args.num_items)

@@ -41,6 +41,11 @@ class SplitConfig:
     snr_bound: float = 0.01
     sigma_label: float = 1.0  # hardened: the label is ε + σ_label·n
     sigma_hint: float = 0.0  # hardened: Gaussian noise on the hint latent (a dial: hint privacy vs hint-following)
+    # How many different noisings (t, ε, label and hint noise) one image ever gets: epoch e reuses draw
+    # e mod M, so a server linking every message of a run learns no more than from M of them, however
+    # long the run. None: a fresh draw every epoch (paper mode's behaviour). Measured (RESULTS.md): at
+    # k = 0.01 one draw keeps the public-model attack within 1 dB of the mean-image guess, two do not.
+    draws_per_image: int | None = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +55,17 @@ class SplitConfig:
             raise ValueError(f"snr_bound={self.snr_bound} must be positive.")
         if self.sigma_label < 0 or self.sigma_hint < 0:
             raise ValueError("sigma_label and sigma_hint must not be negative.")
+        if self.draws_per_image is not None and (isinstance(self.draws_per_image, bool)
+                                                 or not isinstance(self.draws_per_image, int)
+                                                 or self.draws_per_image < 1):
+            raise ValueError(f"draws_per_image={self.draws_per_image!r} must be a whole number >= 1, or None "
+                             "for a fresh draw every epoch.")
+
+    def draw_index(self, step: int) -> int:
+        """Which of an image's draws its message at `step` (the epoch) uses."""
+        if self.mode == "paper" or self.draws_per_image is None:
+            return step
+        return step % self.draws_per_image
 
 
 def allowed_timesteps(*, scheduler, config: SplitConfig) -> torch.Tensor:
@@ -69,25 +85,38 @@ def _draw_generator(*, seed: int, sample_id: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def client_payload(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor, sample_ids, step: int,
-                   config: SplitConfig) -> dict[str, np.ndarray]:
-    """What the client sends for one batch: numpy arrays ready for the wire.
-
-    `pixels` and `hint_pixels` are [B, 3, H, W] in [-1, 1] (the hint as `2c - 1`); `sample_ids` the
-    samples' stable ids (the draws depend on them, not on the batch's order).
-    """
+def client_latents(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen VAE encoder's latents of images and hints ([B, 3, H, W] in [-1, 1]; the hint as
+    `2c - 1`). They never change, so a client may compute them once and reuse them every epoch."""
     from .dp_ldm import encode_latents
 
+    vae = pipeline.vae
+    with torch.no_grad():
+        return (encode_latents(vae=vae, pixels=pixels.to(vae.device, vae.dtype)).float().cpu(),
+                encode_latents(vae=vae, pixels=hint_pixels.to(vae.device, vae.dtype)).float().cpu())
+
+
+def client_payload(*, pipeline, sample_ids, step: int, config: SplitConfig, pixels: torch.Tensor | None = None,
+                   hint_pixels: torch.Tensor | None = None, latents: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> dict[str, np.ndarray]:
+    """What the client sends for one batch: numpy arrays ready for the wire.
+
+    Give `pixels` and `hint_pixels` ([B, 3, H, W] in [-1, 1], the hint as `2c - 1`), or their
+    `latents` from `client_latents`; `sample_ids` are the samples' stable ids (the draws depend on
+    them, not on the batch's order).
+    """
     if config.mode == "paper":
         warnings.warn("split mode 'paper' is the reference design: the server can reconstruct every private "
                       "image exactly from what it receives. Use mode='hardened' for private data.", stacklevel=2)
-    vae, unet = pipeline.vae, pipeline.unet
-    scheduler = pipeline.scheduler
+    if (latents is None) == (pixels is None or hint_pixels is None):
+        raise ValueError("give either pixels and hint_pixels, or latents=(image latents, hint latents).")
+    z0, hint_latent = latents if latents is not None else client_latents(pipeline=pipeline, pixels=pixels,
+                                                                         hint_pixels=hint_pixels)
+    unet, scheduler = pipeline.unet, pipeline.scheduler
     allowed = allowed_timesteps(scheduler=scheduler, config=config)
     with torch.no_grad():
-        z0 = encode_latents(vae=vae, pixels=pixels.to(vae.dtype)).float()
-        hint_latent = encode_latents(vae=vae, pixels=hint_pixels.to(vae.dtype)).float()
-        draws = [_draw_generator(seed=config.seed, sample_id=int(i), step=step) for i in sample_ids]
+        z0, hint_latent = z0.float().cpu(), hint_latent.float().cpu()
+        draws = [_draw_generator(seed=config.seed, sample_id=int(i), step=config.draw_index(step)) for i in sample_ids]
         t = torch.stack([allowed[torch.randint(len(allowed), (1,), generator=g)][0] for g in draws])
         eps = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in draws])
         alphas = scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
@@ -102,7 +131,7 @@ def client_payload(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor,
         h = symsigmoid(hint_latent + z_t).half()
         payload = {"h": h, "t": t.long(), "label": label.half()}
         if config.mode == "paper":
-            payload["conv_in_z_t"] = unet.conv_in(z_t.to(unet.dtype)).half()
+            payload["conv_in_z_t"] = unet.conv_in(z_t.to(unet.device, unet.dtype)).half().cpu()
         else:
             payload["z_t"] = z_t.half()
     return {name: value.cpu().numpy() for name, value in payload.items()}
@@ -110,31 +139,53 @@ def client_payload(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor,
 
 @dataclass(frozen=True)
 class ReconstructionReport:
-    image_psnr: float  # the linked estimate of z_0, decoded, against D(E(x))
-    image_psnr_first_epoch: float
-    mean_image_psnr: float  # guessing the dataset's mean image
+    """What the server's attacks recover from one image set's traffic. PSNR (dB) and SSIM are against
+    the VAE's own reconstructions D(E(x)); `image_*` is the best attack's, `attacks` every attack's."""
+
+    image_psnr: float  # the best attack on all epochs linked
+    image_ssim: float
+    image_latent_error: float  # MSE of the linked z_0 estimate / the latents' variance (1.0 = mean guess)
+    mean_image_psnr: float  # guessing the dataset's mean image: the floor an attack must beat
+    mean_image_ssim: float
+    image_psnr_by_epochs: tuple[float, ...]  # the linear + denoiser attacks on the first 1, 2, ... epochs
+    attacks: dict  # attack name -> {"psnr": ..., "ssim": ...}
     hint_psnr: float  # the recovered hint latent, decoded, against D(E(hint))
+    hint_ssim: float
     hint_mean_psnr: float
     epochs: int
 
+    @property
+    def image_psnr_first_epoch(self) -> float:
+        return self.image_psnr_by_epochs[0]
 
-def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hint_pixels: torch.Tensor,
-                             sigma_label: float = 0.0) -> ReconstructionReport:
-    """Run the server-side attacks on the messages one image set produced over several epochs.
+    @property
+    def gain_over_mean_guess(self) -> float:
+        return self.image_psnr - self.mean_image_psnr
 
-    `payloads[e]` is what the server received for the same samples (same order) in epoch e. The
-    attacker knows the public weights and the design, including the label-noise scale `sigma_label`
-    (0 in paper mode). Each message gives two independent estimates of z_0: z_t / sqrt(ab_t) (error
-    variance 1/SNR_t) and the label's (error variance σ²/SNR_t, exact when σ = 0); all of them, over
-    all epochs, are combined with inverse-variance weights.
-    """
-    from ..privacy.attacks import (estimate_z0, invert_conv_in, inverse_symsigmoid, link_epochs, mean_image_psnr,
-                                   psnr, signal_to_noise)
-    from .dp_ldm import encode_latents
+    def lines(self) -> list[str]:
+        """Human-readable summary."""
+        rows = [f"images, {self.epochs} epochs linked: {self.image_psnr:.1f} dB PSNR, SSIM {self.image_ssim:.3f} "
+                f"(mean-image guess {self.mean_image_psnr:.1f} dB, SSIM {self.mean_image_ssim:.3f}); latent error "
+                f"{self.image_latent_error:.3f} of the mean guess's"]
+        rows += [f"  attack {name}: {v['psnr']:.1f} dB, SSIM {v['ssim']:.3f}" for name, v in self.attacks.items()]
+        rows.append("  by epochs linked: " + ", ".join(f"{p:.1f}" for p in self.image_psnr_by_epochs) + " dB")
+        rows.append(f"hints: {self.hint_psnr:.1f} dB PSNR, SSIM {self.hint_ssim:.3f} (mean guess {self.hint_mean_psnr:.1f} dB)")
+        return rows
 
-    vae, alphas = pipeline.vae, pipeline.scheduler.alphas_cumprod
+
+def _linked_estimate(*, pipeline, payloads: list[dict], sigma_label: float):
+    """Each message gives two independent estimates of z_0: z_t / sqrt(ab_t) (error variance
+    1/SNR_t) and the label's (σ²/SNR_t; exact when σ = 0); all of them are combined with
+    inverse-variance weights. Returns (linked z_0, its error variance per image, hint latent)."""
+    from ..privacy.attacks import estimate_z0, invert_conv_in, inverse_symsigmoid, link_epochs, signal_to_noise
+
+    alphas = pipeline.scheduler.alphas_cumprod
     estimates, weights, hints = [], [], []
-    for payload in payloads:
+    distinct = []
+    for payload in payloads:  # a message repeated in a later epoch (draws_per_image) adds nothing
+        if not any(all(np.array_equal(payload[k], seen[k]) for k in payload) for seen in distinct):
+            distinct.append(payload)
+    for payload in distinct:
         t = torch.as_tensor(payload["t"]).long()
         if "z_t" in payload:
             z_t = torch.as_tensor(payload["z_t"]).double()
@@ -145,19 +196,42 @@ def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Te
         from_label = estimate_z0(z_t=z_t, label=torch.as_tensor(payload["label"]), t=t, alphas_cumprod=alphas)
         if sigma_label == 0:
             estimates.append(from_label)  # exact: nothing else can add to it
-            weights.append(torch.ones_like(snr))
+            weights.append(torch.full_like(snr, 1e12))
             continue
         estimates += [from_label, z_t / alphas.double()[t].sqrt().view(-1, 1, 1, 1)]
         weights += [snr / sigma_label ** 2, snr]
     linked = link_epochs(estimates=estimates, weights=weights)
-    if sigma_label > 0:
-        # The stronger, empirical-Bayes attacker: shrink each noisy estimate towards the set's mean by
-        # the signal's share of its variance (the linear MMSE estimate), never worse than the mean guess.
-        error_variance = (1.0 / sum(weights)).view(-1, 1, 1, 1)
-        mean = linked.mean(0, keepdim=True)
-        signal_variance = (linked.var(0, keepdim=True) - error_variance.mean()).clamp(min=0)
-        linked = mean + signal_variance / (signal_variance + error_variance) * (linked - mean)
     hint_latent = torch.stack(hints).mean(0)  # z_t is known exactly, so hint estimates only differ by quantisation
+    return linked, 1.0 / sum(weights), hint_latent
+
+
+def _shrink(linked: torch.Tensor, error_variance: torch.Tensor) -> torch.Tensor:
+    """The empirical-Bayes attacker: shrink each noisy estimate towards the set's mean by the signal's
+    share of its variance (the linear MMSE estimate), never worse than the mean guess."""
+    mean = linked.mean(0, keepdim=True)
+    signal_variance = (linked.var(0, keepdim=True) - error_variance.mean()).clamp(min=0)
+    v = error_variance.view(-1, 1, 1, 1)
+    return mean + signal_variance / (signal_variance + v) * (linked - mean)
+
+
+def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hint_pixels: torch.Tensor,
+                             sigma_label: float = 0.0, optimisation_steps: int = 100) -> ReconstructionReport:
+    """Run the server-side attacks on the messages one image set produced over several epochs.
+
+    `payloads[e]` is what the server received for the same samples (same order) in epoch e. The
+    attacker knows the public weights and the design, including the label-noise scale `sigma_label`
+    (0 in paper mode). Attacks on the linked estimate: `linear` (inverse-variance mean, shrunk
+    towards the set's mean), `denoiser` (the public UNet's posterior mean, DESIGN.md 5) and, when
+    `optimisation_steps` > 0, `tv-inversion` (an image optimised through the public VAE encoder under
+    a total-variation prior, at two prior weights) and `hint-regions` (the estimate averaged over the
+    flat regions the recovered hint outlines). The best of them, judged against the truth
+    (the attacker's most favourable choice), is the headline.
+    """
+    from ..privacy.attacks import (denoiser_estimate, hint_regions, latent_error, mean_image_psnr, psnr,
+                                   region_average, ssim, total_variation_inversion)
+    from .dp_ldm import encode_latents
+
+    vae, unet, alphas = pipeline.vae, pipeline.unet, pipeline.scheduler.alphas_cumprod
 
     def decode(latents):
         with torch.no_grad():
@@ -165,13 +239,58 @@ def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Te
         return (images.float().clamp(-1, 1) + 1) / 2
 
     with torch.no_grad():
-        reference = decode(encode_latents(vae=vae, pixels=pixels.to(vae.dtype)))
+        true_latents = encode_latents(vae=vae, pixels=pixels.to(vae.dtype)).double()
+        reference = decode(true_latents)
         hint_reference = decode(encode_latents(vae=vae, pixels=hint_pixels.to(vae.dtype)))
+    if getattr(pipeline, "text_encoder", None) is not None:
+        with torch.no_grad():  # the public model's unconditional context: the server has it too
+            context = pipeline.encode_prompt([""], unet.device, 1, False)[0].expand(len(pixels), -1, -1)
+    else:
+        context = torch.zeros(len(pixels), 1, unet.config.cross_attention_dim)
+
+    def linear_and_denoiser(epochs: int):
+        linked, variance, hint_latent = _linked_estimate(pipeline=pipeline, payloads=payloads[:epochs],
+                                                         sigma_label=sigma_label)
+        if sigma_label == 0:
+            return {"linear": linked}, linked, variance, hint_latent
+        # The hint (recovered exactly when σ_hint = 0) outlines flat regions: pooling the estimate over
+        # each region divides its noise by the region's area.
+        regions = hint_regions(hint_images=decode(hint_latent), latent_size=tuple(linked.shape[-2:]))
+        return ({"linear": _shrink(linked, variance),
+                 "denoiser": denoiser_estimate(unet=unet, z0_estimate=linked, error_variance=variance,
+                                               alphas_cumprod=alphas, context=context),
+                 "hint-regions": region_average(estimate=_shrink(linked, variance), regions=regions)},
+                linked, variance, hint_latent)
+
+    by_epochs = []
+    for epochs in range(1, len(payloads) + 1):
+        latents, *_ = linear_and_denoiser(epochs)
+        by_epochs.append(max(psnr(estimate=decode(z), reference=reference) for z in latents.values()))
+    latents, linked, variance, hint_latent = linear_and_denoiser(len(payloads))
+    images = {name: decode(z) for name, z in latents.items()}
+    if sigma_label > 0 and optimisation_steps > 0:
+        def encode(x):
+            return encode_latents(vae=vae, pixels=(x * 2 - 1).to(vae.dtype)).float()
+
+        start = images["linear"]
+        for weight in (1.0, 10.0):
+            with torch.enable_grad():
+                images[f"tv-inversion({weight:g})"] = total_variation_inversion(
+                    encode=encode, z0_estimate=linked, error_variance=variance, start=start,
+                    tv_weight=weight / float(variance.mean()), steps=optimisation_steps)
+    attacks = {name: {"psnr": psnr(estimate=x, reference=reference), "ssim": ssim(estimate=x, reference=reference)}
+               for name, x in images.items()}
+    best = max(attacks, key=lambda name: attacks[name]["psnr"])
+    mean_guess = reference.double().mean(0, keepdim=True).expand_as(reference)
+    hint_images = decode(hint_latent)
     return ReconstructionReport(
-        image_psnr=psnr(estimate=decode(linked), reference=reference),
-        image_psnr_first_epoch=psnr(estimate=decode(estimates[0]), reference=reference),
+        image_psnr=attacks[best]["psnr"], image_ssim=max(v["ssim"] for v in attacks.values()),
+        image_latent_error=min(latent_error(estimate=z, reference=true_latents) for z in latents.values()),
         mean_image_psnr=mean_image_psnr(reference=reference),
-        hint_psnr=psnr(estimate=decode(hint_latent), reference=hint_reference),
+        mean_image_ssim=ssim(estimate=mean_guess, reference=reference),
+        image_psnr_by_epochs=tuple(by_epochs), attacks=attacks,
+        hint_psnr=psnr(estimate=hint_images, reference=hint_reference),
+        hint_ssim=ssim(estimate=hint_images, reference=hint_reference),
         hint_mean_psnr=mean_image_psnr(reference=hint_reference),
         epochs=len(payloads),
     )
@@ -378,21 +497,36 @@ class SplitJob:
 
 
 def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: int, config: SplitConfig,
-                       progress=None) -> int:
+                       progress=None, cache_latents: bool = True) -> int:
     """Send every batch of `dataset` for `epochs` epochs through `client`; returns the server's step count.
 
     Batches are cut in a fixed order, so after a failure the same call re-sends exactly the same
-    messages and the server skips those it already applied."""
+    messages and the server skips those it already applied. With `cache_latents` the client runs
+    its VAE encoder once per image (two thirds of its work per batch) and keeps the latents in memory
+    (privdiff-tiny: 0.5 KB per image and hint; SD1.5 at 512 px: 64 KB)."""
     from ..transport.codec import Message
 
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be at least 1.")
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     steps = 0
     for epoch in range(epochs):
         for start in range(0, len(dataset), batch_size):
             ids = list(range(start, min(start + batch_size, len(dataset))))
-            items = [dataset[i] for i in ids]
-            payload = client_payload(pipeline=pipeline, pixels=torch.stack([it["pixel_values"] for it in items]),
-                                     hint_pixels=torch.stack([it["hint"] for it in items]) * 2 - 1,
-                                     sample_ids=ids, step=epoch, config=config)
+            missing = [i for i in ids if i not in cache]
+            if missing:
+                items = [dataset[i] for i in missing]
+                z0, hint_latent = client_latents(pipeline=pipeline,
+                                                 pixels=torch.stack([it["pixel_values"] for it in items]),
+                                                 hint_pixels=torch.stack([it["hint"] for it in items]) * 2 - 1)
+                fresh = {i: (z0[k], hint_latent[k]) for k, i in enumerate(missing)}
+                if cache_latents:
+                    cache.update(fresh)
+            else:
+                fresh = {}
+            pairs = [cache[i] if i in cache else fresh[i] for i in ids]
+            latents = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+            payload = client_payload(pipeline=pipeline, latents=latents, sample_ids=ids, step=epoch, config=config)
             reply = client.request(Message(kind="batch", fields={"batch_id": f"{epoch}/{start}"}, tensors=payload))
             steps = reply.fields["steps"]
             if progress is not None:
@@ -418,3 +552,76 @@ def download_controlnet(*, client):
     controlnet = ControlNetModel.from_config(reply.fields["config"])
     controlnet.load_state_dict(state)
     return controlnet
+
+
+@dataclass
+class LoopbackRun:
+    """What `run_loopback_job` returns: the server's job, the downloaded ControlNet and, when recorded,
+    every batch message each client sent, as the server received it (one list per client, in order)."""
+
+    job: "SplitJob"
+    controlnet: object
+    traffic: dict
+
+
+def run_loopback_job(*, pipeline, datasets: dict, config: SplitConfig, epochs: int, batch_size: int, folder,
+                     learning_rate: float = 1e-4, seed: int = 0, record: bool = False, progress=None) -> LoopbackRun:
+    """A whole split job on this machine, over the real transport: a CurveZMQ server in a thread and one
+    client per entry of `datasets` (name -> dataset), one after the other; the last downloads the
+    ControlNet. Keys live in `folder`/keys. With `record`, the server also keeps a copy of every batch
+    it receives (what an honest-but-curious server could store), for the attacks."""
+    import copy
+    import threading
+    from pathlib import Path
+
+    from ..transport.keys import create_keys
+    from ..transport.peer import SplitClient, SplitServer
+
+    folder = Path(folder)
+    keys, allowed = folder / "keys", folder / "allowed-clients"
+    allowed.mkdir(parents=True, exist_ok=True)
+    for name in ("server", *datasets):
+        if not (keys / f"{name}.key").exists():
+            create_keys(folder=keys, name=name)
+        if name != "server":
+            (allowed / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+    job = SplitJob(trainer=SplitTrainer(unet=copy.deepcopy(pipeline.unet), learning_rate=learning_rate, seed=seed))
+    traffic: dict[str, list[dict]] = {name: [] for name in datasets}
+
+    def handler(client, message):
+        if record and message.kind == "batch" and client in traffic:
+            traffic[client].append({k: np.array(v) for k, v in message.tensors.items()})
+        return job(client, message)
+
+    server = SplitServer(bind="tcp://127.0.0.1:*", server_key=keys / "server.key_secret", allowed_clients=allowed,
+                         handler=handler)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, kwargs={"should_stop": stop.is_set}, daemon=True)
+    thread.start()
+    controlnet = None
+    try:
+        for index, (name, dataset) in enumerate(datasets.items()):
+            client = SplitClient(connect=server.endpoint, client_key=keys / f"{name}.key_secret",
+                                 server_public_key=keys / "server.key", name=name)
+            try:
+                train_split_client(client=client, pipeline=pipeline, dataset=dataset, epochs=epochs,
+                                   batch_size=batch_size, config=config, progress=progress)
+                if index == len(datasets) - 1:
+                    controlnet = download_controlnet(client=client)
+            finally:
+                client.close()
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    return LoopbackRun(job=job, controlnet=controlnet, traffic=traffic)
+
+
+def traffic_by_epoch(*, messages: list[dict], num_samples: int, batch_size: int) -> list[dict]:
+    """Regroup one client's recorded batch messages (in the order `train_split_client` sends them)
+    into one payload per epoch covering all its samples in order."""
+    per_epoch = -(-num_samples // batch_size)
+    if len(messages) % per_epoch:
+        raise ValueError(f"{len(messages)} recorded batches are not whole epochs of {per_epoch} batches.")
+    return [{name: np.concatenate([m[name] for m in messages[e:e + per_epoch]]) for name in messages[e]}
+            for e in range(0, len(messages), per_epoch)]

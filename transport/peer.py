@@ -8,8 +8,11 @@ HMAC with a per-session key, with sequence numbers in both directions.
 A session starts with the client's `hello`, which carries a fresh random MAC key (inside the
 encrypted, authenticated Curve channel) and a client name. Then the client sends requests and waits
 for each reply (one request in flight: backpressure by construction); every wait has a timeout.
-`heartbeat` keeps an idle session alive; the server forgets sessions silent for longer than
-`session_timeout`. After a timeout the client reconnects with a new socket and a new session.
+While the client computes between requests (encoding a batch can take long on a laptop), a
+background thread sends `heartbeat` every `heartbeat_interval` seconds of silence, so the server
+keeps its session; the server forgets sessions silent for longer than `session_timeout`. Both
+sockets also use ZeroMQ's own (ZMTP) heartbeats to notice a dead connection. After a timeout the
+client reconnects with a new socket and a new session.
 
 Which kinds of message exist is fixed here, so a reviewer can see that during training nothing flows
 back that the client must apply: the server answers `hello` with `welcome`, a `batch` with `ack`
@@ -19,6 +22,7 @@ back that the client must apply: the server answers `hello` with `welcome`, a `b
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +76,7 @@ class SplitServer:
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.curve_secretkey, self.socket.curve_publickey, self.socket.curve_server = secret, public, True
         self.socket.setsockopt(zmq.LINGER, 0)
+        _set_transport_heartbeats(self.socket)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises instead of vanishing
         # libzmq drops a peer whose frame is larger than this before allocating it: oversize messages
         # never reach memory, let alone the codec.
@@ -158,7 +163,8 @@ class SplitClient:
     """One session with a SplitServer; `request(message)` sends and waits for the (verified) reply."""
 
     def __init__(self, *, connect: str, client_key: str | os.PathLike, server_public_key: str | os.PathLike,
-                 name: str = "client", timeout: float = 30.0, limits: Limits = Limits(), retries: int = 3):
+                 name: str = "client", timeout: float = 30.0, limits: Limits = Limits(), retries: int = 3,
+                 heartbeat_interval: float | None = 10.0):
         from .keys import load_keys
 
         self.public, self.secret = load_keys(client_key)
@@ -168,23 +174,47 @@ class SplitClient:
         self.connect_to, self.name, self.timeout, self.limits, self.retries = connect, name, timeout, limits, retries
         self.context = None
         self.socket = None
+        # One exchange at a time: requests and the heartbeat thread share the socket under this lock.
+        self._lock = threading.Lock()
+        self._last_exchange = time.monotonic()
+        self._broken = False  # a heartbeat went unanswered: the next request reconnects first
         self._open()
+        self._stop_heartbeats = threading.Event()
+        self._heartbeats = None
+        if heartbeat_interval is not None:
+            if not heartbeat_interval > 0:
+                raise ValueError(f"heartbeat_interval={heartbeat_interval} must be positive, or None for none.")
+            self._heartbeats = threading.Thread(target=self._send_heartbeats, args=(heartbeat_interval,),
+                                                daemon=True, name="privdiff-split-heartbeat")
+            self._heartbeats.start()
+
+    def _send_heartbeats(self, interval: float) -> None:
+        while not self._stop_heartbeats.wait(interval / 4):
+            with self._lock:
+                if self.socket is None or self._broken or time.monotonic() - self._last_exchange < interval:
+                    continue
+                try:
+                    self._exchange(Message(kind="heartbeat"))
+                except (TransportError, _UnknownSession):
+                    self._broken = True  # left to the next request, which reconnects and retries
 
     def _open(self) -> None:
         import zmq
 
-        self.close()
+        self._close_socket()
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.curve_secretkey, self.socket.curve_publickey = self.secret, self.public
         self.socket.curve_serverkey = self.server_public
         self.socket.setsockopt(zmq.LINGER, 0)
+        _set_transport_heartbeats(self.socket)
         self.socket.connect(self.connect_to)
         self.session, self.key = os.urandom(16).hex(), os.urandom(32)
         self.last_out = self.last_in = 0
         welcome = self._exchange(Message(kind="hello", fields={"mac_key": self.key.hex(), "name": self.name}))
         if welcome.kind != "welcome":
             raise TransportError(f"the server answered hello with {welcome.kind!r}.")
+        self._broken = False
 
     def _exchange(self, message: Message) -> Message:
         import zmq
@@ -211,6 +241,7 @@ class SplitClient:
             expected = REPLY_KINDS[message.kind]
             if reply.kind != expected:
                 raise TransportError(f"the server answered {message.kind!r} with {reply.kind!r}, not {expected!r}.")
+            self._last_exchange = time.monotonic()
             return reply
 
     def request(self, message: Message) -> Message:
@@ -218,14 +249,17 @@ class SplitClient:
         reconnect (new socket, new session) and send it again, up to `retries` times."""
         if message.kind not in CLIENT_KINDS or message.kind == "hello":
             raise ValueError(f"kind {message.kind!r} is not a client request; use one of {CLIENT_KINDS[1:]}.")
-        for attempt in range(self.retries + 1):
-            try:
-                return self._exchange(message)
-            except (TransportError, _UnknownSession):
-                if attempt == self.retries:
-                    raise
-                time.sleep(min(2.0 ** attempt * 0.2, 5.0))
+        with self._lock:
+            if self._broken:
                 self._reopen_quietly()
+            for attempt in range(self.retries + 1):
+                try:
+                    return self._exchange(message)
+                except (TransportError, _UnknownSession):
+                    if attempt == self.retries:
+                        raise
+                    time.sleep(min(2.0 ** attempt * 0.2, 5.0))
+                    self._reopen_quietly()
         raise AssertionError("unreachable")
 
     def _reopen_quietly(self) -> None:
@@ -235,10 +269,27 @@ class SplitClient:
             pass  # the next attempt's exchange fails the same way and counts as a retry
 
     def close(self) -> None:
+        stop = getattr(self, "_stop_heartbeats", None)
+        if stop is not None:
+            stop.set()
+            if self._heartbeats is not None and self._heartbeats is not threading.current_thread():
+                self._heartbeats.join()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         if self.socket is not None:
             self.socket.close(0)
             self.context.term()
             self.socket = self.context = None
+
+
+def _set_transport_heartbeats(socket) -> None:
+    """ZMTP-level pings: a connection whose peer stopped answering for 30 s is dropped and re-dialled."""
+    import zmq
+
+    socket.setsockopt(zmq.HEARTBEAT_IVL, 5_000)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30_000)
+    socket.setsockopt(zmq.HEARTBEAT_TTL, 30_000)
 
 
 class _UnknownSession(Exception):

@@ -193,3 +193,24 @@ def test_ten_thousand_bad_messages_and_an_oversize_frame_leave_the_server_servin
         stop.set()
         thread.join()
         server.close()
+
+
+@pytest.mark.parametrize("heartbeats", [True, False])
+def test_heartbeats_keep_an_idle_session_that_the_server_would_forget(keys, heartbeats):
+    server = SplitServer(bind="tcp://127.0.0.1:*", server_key=keys / "server" / "server.key_secret",
+                         allowed_clients=keys / "allowed", session_timeout=1.0,
+                         handler=lambda name, m: Message(kind="ack"))
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, kwargs={"should_stop": stop.is_set, "poll_ms": 20}, daemon=True)
+    thread.start()
+    try:
+        alice = _client(keys, server, "alice", heartbeat_interval=0.3 if heartbeats else None, timeout=2.0)
+        session = alice.session
+        time.sleep(2.5)  # idle, e.g. encoding the next batch, for longer than the server's session_timeout
+        assert alice.request(Message(kind="batch", tensors={"z": np.zeros(1, np.float16)})).kind == "ack"
+        # With heartbeats the same session goes on; without, the server forgot it and the client said hello again.
+        assert (alice.session == session) is heartbeats
+        alice.close()
+        assert not alice._heartbeats or not alice._heartbeats.is_alive()
+    finally:
+        stop.set(), thread.join(), server.close()
