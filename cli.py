@@ -427,9 +427,15 @@ def _cmd_split_serve(args) -> int:
         job.load_checkpoint(out)
         print(f"resumed the job at step {job.trainer.steps} from {out}", flush=True)
     last_saved = {"step": job.trainer.steps}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(initial=job.trainer.steps, desc="split job", unit="step")
 
     def handler(client, message):
         reply = job(client, message)
+        if message.kind == "batch" and not reply.fields.get("duplicate"):
+            bar.update(1)
+            bar.set_postfix(client=client, loss=f"{job.losses[-1]:.4f}", refresh=False)
         if job.trainer.steps - last_saved["step"] >= args.checkpoint_every:
             job.save_checkpoint(out)
             last_saved["step"] = job.trainer.steps
@@ -444,6 +450,7 @@ def _cmd_split_serve(args) -> int:
     try:
         server.serve(should_stop=lambda: stop["requested"])
     finally:
+        bar.close()
         job.save_checkpoint(out)
         server.close()
     print(f"stopped at step {job.trainer.steps}; checkpoint in {out}")

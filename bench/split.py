@@ -1,6 +1,7 @@
-"""Split-learning ControlNet on the wire: bytes per sample for each layout at SD1.5 shapes.
+"""Split-learning ControlNet: bytes per sample on the wire, and training samples/s over loopback.
 
-    python bench/split.py                      # 512 px, SD1.5 shapes (4 latent channels, conv_in to 320)
+    python bench/split.py                      # wire bytes at 512 px, SD1.5 shapes; samples/s on privdiff-tiny
+    python bench/split.py --throughput-model sd15 --device cuda --dtype bf16 --resolution 512 --batch 16
 
 Each layout's batch is encoded by privdiff's codec (header, buffers and MAC: what travels inside the
 Curve channel) and divided by the batch size:
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import numpy as np
 
@@ -42,10 +44,102 @@ def wire_bytes_per_sample(*, resolution: int, batch: int) -> dict[str, float]:
     return out
 
 
+def training_throughput(*, model: str, device: str, dtype: str, resolution: int | None, batch: int, steps: int,
+                        warmup: int) -> dict:
+    """Hardened split training, samples/s: the client's noising and the server's ControlNet step in one
+    process, against the same through the real transport (CurveZMQ + codec + MAC, a server thread and a
+    client on loopback, one batch in flight). Latents are random (the client's VAE is not timed: it
+    runs once per image, see `train_split_client`); the UNet is privdiff-tiny's or random from a
+    bundled config (sd15)."""
+    import tempfile
+    import types
+
+    import torch
+
+    from privdiff.pipelines.split_controlnet import SplitConfig, SplitTrainer, client_payload, run_loopback_job
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if model == "tiny":
+        from privdiff.models.privdiff_tiny import load_privdiff_tiny
+
+        tiny = load_privdiff_tiny()
+        unet, scheduler = tiny.unet, tiny.scheduler
+    else:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        from privdiff.models.loading import CONFIGS_DIR
+
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS_DIR / model / "unet"))
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    unet = unet.to(device=device, dtype=torch_dtype)
+    side = (resolution // 8) if resolution else unet.config.sample_size
+    pool = 4 * batch
+    generator = torch.Generator().manual_seed(0)
+    latents = (torch.randn(pool, unet.config.in_channels, side, side, generator=generator),
+               torch.randn(pool, unet.config.in_channels, side, side, generator=generator))
+    client_side = types.SimpleNamespace(unet=unet, scheduler=scheduler)
+    config = SplitConfig()
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def batch_latents(step):
+        ids = [(step * batch + i) % pool for i in range(batch)]
+        return ids, (latents[0][ids], latents[1][ids])
+
+    trainer = SplitTrainer(unet=unet, learning_rate=1e-5)
+    for step in range(warmup):
+        ids, lat = batch_latents(step)
+        trainer.train_on(client_payload(pipeline=client_side, latents=lat, sample_ids=ids, step=0, config=config))
+    sync()
+    start = time.perf_counter()
+    for step in range(steps):
+        ids, lat = batch_latents(step)
+        trainer.train_on(client_payload(pipeline=client_side, latents=lat, sample_ids=ids, step=0, config=config))
+    sync()
+    in_process = steps * batch / (time.perf_counter() - start)
+    del trainer
+
+    # The loopback run: the same steps through run_loopback_job's server and client, the client's
+    # latent cache pre-filled (so no dataset item is read), timed after the warm-up steps.
+    timings = []
+
+    class Placeholder:  # what train_split_client iterates over; every index is already in the cache
+        def __len__(self):
+            return pool
+
+    cache = {i: (latents[0][i], latents[1][i]) for i in range(pool)}
+    epochs = -(-(warmup + steps) * batch // pool)
+
+    def progress(epoch, start_index, server_steps):
+        if server_steps in (warmup, warmup + steps):
+            sync()
+            timings.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as folder:
+        run = run_loopback_job(pipeline=client_side, datasets={"client": Placeholder()}, config=config, epochs=epochs,
+                               batch_size=batch, folder=folder, learning_rate=1e-5, progress=progress,
+                               download=False, latent_caches={"client": cache})
+    loopback = steps * batch / (timings[1] - timings[0])
+    return {"model": model, "device": device, "dtype": dtype, "latent_side": side, "batch": batch, "steps": steps,
+            "in_process_samples_per_s": in_process, "loopback_samples_per_s": loopback,
+            "loopback_vs_in_process": loopback / in_process, "server_steps": run.job.trainer.steps}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=512, help="wire bytes: image side in pixels")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--throughput-model", default="tiny", help="tiny, or a bundled config such as sd15; none: skip")
+    parser.add_argument("--throughput-resolution", type=int, default=None,
+                        help="samples/s: image side (default: the model's own)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     figures = wire_bytes_per_sample(resolution=args.resolution, batch=args.batch)
     print(json.dumps(figures))
@@ -53,6 +147,18 @@ def main(argv=None) -> int:
     print("| --- | --- | --- |")
     for name, value in figures.items():
         print(f"| {name} | {value:,.0f} | 1/{figures['reference'] / value:.1f} |")
+    result = {"wire_bytes_per_sample": figures}
+    if args.throughput_model != "none":
+        result["throughput"] = throughput = training_throughput(
+            model=args.throughput_model, device=args.device, dtype=args.dtype, resolution=args.throughput_resolution,
+            batch=args.batch, steps=args.steps, warmup=args.warmup)
+        print(json.dumps(throughput))
+        print(f"split training, {throughput['model']} on {args.device} ({args.dtype}), batch {args.batch}: "
+              f"{throughput['in_process_samples_per_s']:.1f} samples/s in one process, "
+              f"{throughput['loopback_samples_per_s']:.1f} over loopback ({throughput['loopback_vs_in_process']:.2f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 

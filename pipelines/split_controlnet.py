@@ -309,7 +309,10 @@ class SplitTrainer:
         torch.manual_seed(seed)
         self.unet = unet.requires_grad_(False).eval()
         self.controlnet = ControlNetModel.from_unet(unet, conditioning_channels=unet.config.in_channels,
-                                                    conditioning_embedding_out_channels=(16,)).train()
+                                                    conditioning_embedding_out_channels=(16,))
+        if self.controlnet.dtype != unet.dtype:
+            self.controlnet = self.controlnet.to(dtype=unet.dtype)
+        self.controlnet = self.controlnet.to(device=unet.device).train()
         self.optimizer = torch.optim.AdamW(self.controlnet.parameters(), lr=learning_rate, weight_decay=0.0)
         self.steps = 0
 
@@ -497,18 +500,19 @@ class SplitJob:
 
 
 def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: int, config: SplitConfig,
-                       progress=None, cache_latents: bool = True) -> int:
+                       progress=None, cache_latents: bool = True, latent_cache: dict | None = None) -> int:
     """Send every batch of `dataset` for `epochs` epochs through `client`; returns the server's step count.
 
     Batches are cut in a fixed order, so after a failure the same call re-sends exactly the same
     messages and the server skips those it already applied. With `cache_latents` the client runs
     its VAE encoder once per image (two thirds of its work per batch) and keeps the latents in memory
-    (privdiff-tiny: 0.5 KB per image and hint; SD1.5 at 512 px: 64 KB)."""
+    (privdiff-tiny: 0.5 KB per image and hint; SD1.5 at 512 px: 64 KB). Pass your own `latent_cache`
+    (sample index -> (image latent, hint latent)) to keep it across calls, e.g. when a call is retried."""
     from ..transport.codec import Message
 
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be at least 1.")
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {} if latent_cache is None else latent_cache
     steps = 0
     for epoch in range(epochs):
         for start in range(0, len(dataset), batch_size):
@@ -565,11 +569,13 @@ class LoopbackRun:
 
 
 def run_loopback_job(*, pipeline, datasets: dict, config: SplitConfig, epochs: int, batch_size: int, folder,
-                     learning_rate: float = 1e-4, seed: int = 0, record: bool = False, progress=None) -> LoopbackRun:
+                     learning_rate: float = 1e-4, seed: int = 0, record: bool = False, progress=None,
+                     download: bool = True, latent_caches: dict | None = None) -> LoopbackRun:
     """A whole split job on this machine, over the real transport: a CurveZMQ server in a thread and one
     client per entry of `datasets` (name -> dataset), one after the other; the last downloads the
-    ControlNet. Keys live in `folder`/keys. With `record`, the server also keeps a copy of every batch
-    it receives (what an honest-but-curious server could store), for the attacks."""
+    ControlNet (unless `download` is off). Keys live in `folder`/keys. With `record`, the server also
+    keeps a copy of every batch it receives (what an honest-but-curious server could store), for the
+    attacks. `latent_caches` (name -> latent cache) is handed to each client's `train_split_client`."""
     import copy
     import threading
     from pathlib import Path
@@ -605,8 +611,9 @@ def run_loopback_job(*, pipeline, datasets: dict, config: SplitConfig, epochs: i
                                  server_public_key=keys / "server.key", name=name)
             try:
                 train_split_client(client=client, pipeline=pipeline, dataset=dataset, epochs=epochs,
-                                   batch_size=batch_size, config=config, progress=progress)
-                if index == len(datasets) - 1:
+                                   batch_size=batch_size, config=config, progress=progress,
+                                   latent_cache=(latent_caches or {}).get(name))
+                if download and index == len(datasets) - 1:
                     controlnet = download_controlnet(client=client)
             finally:
                 client.close()

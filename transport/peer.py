@@ -55,7 +55,7 @@ class SplitServer:
 
     def __init__(self, *, bind: str, server_key: str | os.PathLike, allowed_clients: str | os.PathLike,
                  handler: Callable[[str, Message], Message], limits: Limits = Limits(),
-                 session_timeout: float = 60.0):
+                 session_timeout: float = 60.0, receive_queue: int = 64):
         import zmq
         from zmq.auth.thread import ThreadAuthenticator
 
@@ -81,6 +81,9 @@ class SplitServer:
         # libzmq drops a peer whose frame is larger than this before allocating it: oversize messages
         # never reach memory, let alone the codec.
         self.socket.setsockopt(zmq.MAXMSGSIZE, max(limits.max_tensor_bytes, limits.max_header_bytes))
+        # Backpressure: each client has one request in flight, and at most this many wait in the queue
+        # (libzmq then drops more, whose senders time out and retry), so memory stays bounded.
+        self.socket.setsockopt(zmq.RCVHWM, receive_queue)
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sessions: dict[bytes, _Session] = {}

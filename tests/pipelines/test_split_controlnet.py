@@ -223,6 +223,13 @@ def test_hardened_mode_sends_at_most_a_twentieth_of_the_reference_layout_at_sd15
     assert 3 * 64 * 64 * 4 * 2 < figures["hardened"] < 3 * 64 * 64 * 4 * 2 + 1000  # z_t, h, label in fp16, plus t
 
 
+def test_throughput_bench_runs_the_same_steps_in_process_and_over_loopback(load_bench):
+    figures = load_bench("split").training_throughput(model="tiny", device="cpu", dtype="fp32", resolution=None,
+                                                      batch=4, steps=2, warmup=1)
+    assert figures["in_process_samples_per_s"] > 0 and figures["loopback_samples_per_s"] > 0
+    assert figures["server_steps"] >= 3 and figures["latent_side"] == 8
+
+
 def test_a_restarted_job_continues_exactly_and_skips_batches_it_already_applied(tiny, batch, tmp_path):
     import copy
 
