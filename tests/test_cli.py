@@ -59,3 +59,14 @@ def test_inspect_reports_layout(tmp_path, tiny_sd1, capsys):
 def test_python_dash_m_runs_the_same_command():
     result = subprocess.run([sys.executable, "-m", "privdiff", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("privdiff ")
+
+
+def test_demo_split_trains_two_clients_on_loopback_and_attacks_the_recorded_traffic(tmp_path, capsys):
+    import json
+
+    assert main(["demo", "--out", str(tmp_path), "--only", "split"]) == 0
+    out = capsys.readouterr().out
+    assert "2 clients, 12 server steps" in out and "mean-image guess" in out
+    config = json.loads((tmp_path / "split" / "controlnet" / "config.json").read_text())
+    assert config["privdiff_split_controlnet"]["version"] == 1
+    assert not list((tmp_path / "split").glob("**/*.npy"))  # the recorded traffic stays in memory
