@@ -405,6 +405,7 @@ def _cmd_split_attack(args) -> int:
     traffic = traffic_by_epoch(messages=run.traffic["client"], num_samples=len(dataset), batch_size=args.batch_size)
     report = reconstruct_from_traffic(pipeline=pipeline, payloads=traffic, pixels=pixels, hint_pixels=hints,
                                       sigma_label=0.0 if config.mode == "paper" else config.sigma_label,
+                                      sigma_hint=0.0 if config.mode == "paper" else config.sigma_hint,
                                       optimisation_steps=args.optimisation_steps)
     print(f"{config.mode} mode, {len(dataset)} images, {run.job.trainer.steps} server steps; what the server rebuilds "
           "(PSNR/SSIM against the VAE's own reconstructions):")

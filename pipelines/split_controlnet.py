@@ -215,12 +215,13 @@ def _shrink(linked: torch.Tensor, error_variance: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hint_pixels: torch.Tensor,
-                             sigma_label: float = 0.0, optimisation_steps: int = 100) -> ReconstructionReport:
+                             sigma_label: float = 0.0, sigma_hint: float = 0.0,
+                             optimisation_steps: int = 100) -> ReconstructionReport:
     """Run the server-side attacks on the messages one image set produced over several epochs.
 
     `payloads[e]` is what the server received for the same samples (same order) in epoch e. The
-    attacker knows the public weights and the design, including the label-noise scale `sigma_label`
-    (0 in paper mode). Attacks on the linked estimate: `linear` (inverse-variance mean, shrunk
+    attacker knows the public weights and the design, including the label- and hint-noise scales
+    `sigma_label` (0 in paper mode) and `sigma_hint`. Attacks on the linked estimate: `linear` (inverse-variance mean, shrunk
     towards the set's mean), `denoiser` (the public UNet's posterior mean, DESIGN.md 5) and, when
     `optimisation_steps` > 0, `tv-inversion` (an image optimised through the public VAE encoder under
     a total-variation prior, at two prior weights) and `hint-regions` (the estimate averaged over the
@@ -283,6 +284,11 @@ def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Te
     best = max(attacks, key=lambda name: attacks[name]["psnr"])
     mean_guess = reference.double().mean(0, keepdim=True).expand_as(reference)
     hint_images = decode(hint_latent)
+    if sigma_hint > 0:  # the client's hint noise is known: shrink towards the hints' mean, as for images
+        distinct = len({payload["h"].tobytes() for payload in payloads})
+        shrunk = decode(_shrink(hint_latent, torch.full((len(hint_latent),), sigma_hint ** 2 / distinct)))
+        if psnr(estimate=shrunk, reference=hint_reference) > psnr(estimate=hint_images, reference=hint_reference):
+            hint_images = shrunk
     return ReconstructionReport(
         image_psnr=attacks[best]["psnr"], image_ssim=max(v["ssim"] for v in attacks.values()),
         image_latent_error=min(latent_error(estimate=z, reference=true_latents) for z in latents.values()),

@@ -113,6 +113,14 @@ def test_hardened_default_keeps_images_near_the_mean_guess_even_with_epochs_link
     assert report.hint_psnr >= 30, report
 
 
+def test_sigma_hint_hides_the_hint_from_the_server(tiny, batch):
+    config = SplitConfig(sigma_hint=1.0)
+    report = reconstruct_from_traffic(pipeline=tiny, payloads=_traffic(tiny, batch, config, epochs=3), pixels=batch[0],
+                                      hint_pixels=batch[1], sigma_label=config.sigma_label,
+                                      sigma_hint=config.sigma_hint, optimisation_steps=0)
+    assert report.hint_psnr <= report.hint_mean_psnr + 2, report  # at sigma_hint = 0 it is 88 dB (above)
+
+
 def test_fresh_noise_every_epoch_would_leak_which_is_why_the_default_reuses_one_draw(tiny, batch):
     # The attacks are strong enough to see a leak: ten fresh draws, linked, and the public UNet as a prior.
     config = SplitConfig(draws_per_image=None)
@@ -276,3 +284,18 @@ def test_cli_split_attack_trains_on_loopback_and_scores_what_the_server_recorded
         assert best >= 30, out
     else:
         assert best <= mean + 2, out
+
+
+def test_circles_bench_trains_scores_and_draws_its_grid(load_bench, tmp_path):
+    import argparse
+
+    from PIL import Image
+
+    bench = load_bench("split_circles")
+    args = argparse.Namespace(mode="hardened", snr_bound=1.0, sigma_hint=0.0, draws_per_image=1, seed=0, num_items=16,
+                              steps=2, batch=4, lr=1e-3, eval_every=2, eval_num=4, out=None,
+                              grid=str(tmp_path / "grid.png"))
+    result = bench.utility(args)
+    assert result["evaluations"][-1]["step"] == 2 and 0 <= result["evaluations"][-1]["circle_iou"] <= 1
+    assert 0 < result["base"]["circle_iou"] < 1
+    assert Image.open(tmp_path / "grid.png").size[0] > 8 * 64

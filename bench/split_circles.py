@@ -1,0 +1,168 @@
+"""Split ControlNet on `circles`: what the ControlNet learns and what the server rebuilds, per setting.
+
+    python bench/split_circles.py utility --mode paper --steps 3000 --batch 16
+    python bench/split_circles.py utility --mode hardened --snr-bound 1 --draws-per-image 0 --steps 1000 --batch 64
+    python bench/split_circles.py attack --mode hardened --snr-bound 0.01 --draws-per-image 1 --epochs 10
+
+`utility` trains a SplitTrainer on client payloads of 1,000 `circles` images (the client's latents are
+computed once, as `train_split_client` caches them; batches are drawn at random) and prints the circle
+IoU of 50 (`--eval-num`) generations against their hints every `--eval-every` steps, next to the base model's.
+`attack` runs every server attack of `reconstruct_from_traffic` on `--epochs` epochs of traffic of 32
+images. `--draws-per-image 0` means a fresh noising every step (or epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+
+def _config(args):
+    from privdiff.pipelines.split_controlnet import SplitConfig
+
+    return SplitConfig(mode=args.mode, snr_bound=args.snr_bound, sigma_hint=args.sigma_hint,
+                       draws_per_image=args.draws_per_image or None, seed=args.seed)
+
+
+def _latents(pipeline, dataset):
+    import torch
+
+    from privdiff.pipelines.split_controlnet import client_latents
+
+    parts = []
+    for start in range(0, len(dataset), 100):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + 100))]
+        parts.append(client_latents(pipeline=pipeline, pixels=torch.stack([it["pixel_values"] for it in items]),
+                                    hint_pixels=torch.stack([it["hint"] for it in items]) * 2 - 1))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def utility(args) -> dict:
+    import warnings
+
+    import torch
+
+    from privdiff.data import load_dataset
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality, evaluation_items
+    from privdiff.pipelines.split_controlnet import SplitTrainer, client_payload, split_controlnet_pipeline
+
+    warnings.simplefilter("ignore")  # paper mode warns on every batch
+    tiny = load_privdiff_tiny()
+    tiny.set_progress_bar_config(disable=True)
+    config = _config(args)
+    image_latents, hint_latents = _latents(tiny, load_dataset(data="circles", num_items=args.num_items))
+    trainer = SplitTrainer(unet=copy.deepcopy(tiny.unet), learning_rate=args.lr, seed=args.seed)
+    sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
+    hints = [it["hint"].permute(1, 2, 0).numpy() for it in evaluation_items(set_name="circles", num=args.eval_num)]
+
+    def evaluate():
+        pipe = split_controlnet_pipeline(base=tiny, controlnet=trainer.controlnet.eval())
+        pipe.set_progress_bar_config(disable=True)
+        metrics = evaluate_quality(pipeline=pipe, set_name="circles", num=args.eval_num, sampling=sampling,
+                                   image=hints).metrics
+        trainer.controlnet.train()
+        return metrics
+
+    generator = torch.Generator().manual_seed(args.seed)
+    losses, evaluations, start = [], [], time.time()
+    for step in range(args.steps):
+        ids = torch.randint(len(image_latents), (args.batch,), generator=generator)
+        payload = client_payload(pipeline=tiny, latents=(image_latents[ids], hint_latents[ids]),
+                                 sample_ids=ids.tolist(), step=step, config=config)
+        losses.append(trainer.train_on(payload))
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1}: loss {sum(losses[-100:]) / 100:.4f} ({time.time() - start:.0f} s)", flush=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            evaluations.append({"step": step + 1, "samples": (step + 1) * args.batch, **evaluate()})
+            print(json.dumps(evaluations[-1]), flush=True)
+            if args.out:
+                trainer.controlnet.save_pretrained(args.out)
+    base = evaluate_quality(pipeline=tiny, set_name="circles", num=args.eval_num, sampling=sampling).metrics
+    if args.grid:
+        save_grid(base=tiny, controlnet=trainer.controlnet.eval(), path=args.grid, label=args.mode)
+    return {"config": repr(config), "lr": args.lr, "batch": args.batch, "base": base, "evaluations": evaluations,
+            "loss_first_100": sum(losses[:100]) / min(100, len(losses)),
+            "loss_last_100": sum(losses[-100:]) / min(100, len(losses))}
+
+
+def save_grid(*, base, controlnet, path, label: str, num: int = 8) -> None:
+    """Hints, their targets, the base model and the split ControlNet on the same prompts, one row each."""
+    from privdiff.data.images import make_grid, save_png
+    from privdiff.pipelines.evaluation import SamplingConfig, evaluation_items, generate
+    from privdiff.pipelines.split_controlnet import split_controlnet_pipeline
+
+    items = evaluation_items(set_name="circles", num=num)
+    hints = [it["hint"].permute(1, 2, 0).numpy() for it in items]
+    prompts = [it["caption"] for it in items]
+    sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
+    pipe = split_controlnet_pipeline(base=base, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    rows = [hints, [it["pixel_values"].permute(1, 2, 0).numpy() * 0.5 + 0.5 for it in items],
+            generate(pipeline=base, prompts=prompts, sampling=sampling),
+            generate(pipeline=pipe, prompts=prompts, sampling=sampling, image=hints)]
+    labels = [name for name in ("hint", "target", "base", f"split {label}") for _ in range(num)]
+    save_png(make_grid([image for row in rows for image in row], columns=num, labels=labels, cell_size=96), path)
+
+
+def attack(args) -> dict:
+    import torch
+
+    from privdiff.data import load_dataset
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.split_controlnet import client_payload, reconstruct_from_traffic
+
+    tiny = load_privdiff_tiny()
+    config = _config(args)
+    dataset = load_dataset(data="circles", num_items=args.num_items)
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+    hints = torch.stack([dataset[i]["hint"] for i in range(len(dataset))]) * 2 - 1
+    latents = _latents(tiny, dataset)
+    ids = list(range(len(dataset)))
+    traffic = [client_payload(pipeline=tiny, latents=latents, sample_ids=ids, step=e, config=config)
+               for e in range(args.epochs)]
+    hardened = config.mode == "hardened"
+    report = reconstruct_from_traffic(pipeline=tiny, payloads=traffic, pixels=pixels, hint_pixels=hints,
+                                      sigma_label=config.sigma_label if hardened else 0.0,
+                                      sigma_hint=config.sigma_hint if hardened else 0.0,
+                                      optimisation_steps=args.optimisation_steps)
+    print("\n".join(report.lines()))
+    return {"config": repr(config), "epochs": args.epochs, "image_psnr": report.image_psnr,
+            "image_ssim": report.image_ssim, "mean_image_psnr": report.mean_image_psnr,
+            "mean_image_ssim": report.mean_image_ssim, "by_epochs": report.image_psnr_by_epochs,
+            "attacks": report.attacks, "hint_psnr": report.hint_psnr, "hint_mean_psnr": report.hint_mean_psnr}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["utility", "attack"])
+    parser.add_argument("--mode", default="hardened", choices=["hardened", "paper"])
+    parser.add_argument("--snr-bound", type=float, default=0.01)
+    parser.add_argument("--sigma-hint", type=float, default=0.0)
+    parser.add_argument("--draws-per-image", type=int, default=1, help="0: a fresh noising every step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-items", type=int, default=None, help="default: 1000 (utility) or 32 (attack)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-num", type=int, default=50, help="generations scored per evaluation")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--optimisation-steps", type=int, default=30)
+    parser.add_argument("--out", default=None, help="utility: save the ControlNet here at every evaluation")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("--grid", default=None, help="utility: save a picture of hints, targets, base and split here")
+    args = parser.parse_args(argv)
+    args.num_items = args.num_items or (1000 if args.what == "utility" else 32)
+    result = utility(args) if args.what == "utility" else attack(args)
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
