@@ -120,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out images of the same source (needed for a folder; default: the set's next items)")
     mia.add_argument("--num-nonmembers", type=int, default=None, help="default: as many as members")
 
+    fed = sub.add_parser("fed", help="federated diffusion on Flower (FedAvg across clients)")
+    fed_actions = fed.add_subparsers(dest="fed_action", required=True, metavar="ACTION")
+    simulate = fed_actions.add_parser("simulate", help="a Flower simulation: one SuperNode per client on this machine")
+    _add_base(simulate)
+    _add_common(simulate, data_default="digits", out_required=True)
+    simulate.add_argument("--num-items", type=int, default=600, help="examples shared among the clients")
+    simulate.add_argument("--heldout-items", type=int, default=100, help="held-out examples for the per-round loss")
+    simulate.add_argument("--clients", type=int, default=3)
+    simulate.add_argument("--rounds", type=int, default=3)
+    simulate.add_argument("--beta", type=float, default=None, help="Dirichlet non-IID split by label (default: IID)")
+    simulate.add_argument("--trainable", default="attention", help="what travels and trains: attention, lora, full, ...")
+    simulate.add_argument("--local-epochs", type=float, default=1.0)
+    simulate.add_argument("--batch-size", type=int, default=32)
+    simulate.add_argument("--lr", type=float, default=1e-4)
+    simulate.add_argument("--local-epsilon", type=float, default=None, help="local DP-SGD on each client (default off)")
+
     split = sub.add_parser("split", help="split-learning ControlNet: keys, a training server, a client")
     split_actions = split.add_subparsers(dest="split_action", required=True, metavar="ACTION")
     keys = split_actions.add_parser("keys", help="create a CurveZMQ key pair (<name>.key public, <name>.key_secret)")
@@ -346,6 +362,24 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_fed(args) -> int:
+    from .federated.fedavg import FederatedConfig, simulate
+
+    if args.config or args.tokenizer:
+        raise ValueError("fed simulate loads --base on every client; give a model folder that loads on its own "
+                         "(no --config or --tokenizer).")
+    config = FederatedConfig(base=args.base or "tiny", data=args.data, num_items=args.num_items,
+                             heldout_items=args.heldout_items, num_clients=args.clients, rounds=args.rounds,
+                             beta=args.beta, seed=args.seed, trainable=args.trainable, local_epochs=args.local_epochs,
+                             batch_size=args.batch_size, learning_rate=args.lr, local_epsilon=args.local_epsilon)
+    state = simulate(config=config, out=args.out)
+    losses = state.get("heldout_loss", {})
+    print("held-out loss per round: " + ", ".join(f"{r}: {losses[r]:.4f}" for r in sorted(losses, key=int)))
+    print(f"global model after round {state['last_round']}: {args.out}/global-round-{state['last_round']}.safetensors; "
+          f"plot: {args.out}/loss-per-round.png")
+    return 0
+
+
 def _cmd_split(args) -> int:
     if args.split_action == "serve":
         return _cmd_split_serve(args)
@@ -492,7 +526,7 @@ def _cmd_split_train(args) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "train": _cmd_train, "audit": _cmd_audit,
-            "inspect": _cmd_inspect, "split": _cmd_split}
+            "inspect": _cmd_inspect, "split": _cmd_split, "fed": _cmd_fed}
 
 
 def main(argv: list[str] | None = None) -> int:

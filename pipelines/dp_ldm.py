@@ -403,6 +403,56 @@ def train_dp_ldm(
     return _release(run=run, out=out)
 
 
+@dataclass(frozen=True)
+class LocalTrainingResult:
+    """One in-memory fine-tune (a federated client's round): the trained set's values, and what to report."""
+
+    parameters: dict  # name -> tensor (CPU), the trained set after training, keyed as `trained_parameters` does
+    num_examples: int
+    steps: int
+    mean_loss: float | None  # computed on private data: outside any DP guarantee, for progress only
+    epsilon: float | None  # this run's local DP-SGD ε (None: no local DP)
+
+
+def trained_parameters(*, pipeline, config: DPLDMConfig) -> dict:
+    """The trainable set's current values, by name ("unet.<param>", LoRA adapters included), for a
+    pipeline that `train_in_memory` has prepared (or any pipeline after `select_trainable`)."""
+    import torch
+
+    model = torch.nn.ModuleDict({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train_in_memory(*, pipeline, dataset, config: DPLDMConfig, initial: dict | None = None,
+                    progress: Callable[[TrainProgress], None] | None = None) -> LocalTrainingResult:
+    """Fine-tune `pipeline`'s trainable set on `dataset` in memory (no files): the same trainer as
+    `train_dp_ldm` (DP-SGD when `config.epsilon` is set, plain AdamW when None). `initial` (name ->
+    tensor, as `trained_parameters` returns) is loaded into the set first, e.g. the global model of a
+    federated round. The pipeline is changed in place (its set is trained)."""
+    import torch
+
+    num_examples = _validate(dataset=dataset, config=config)
+    run = _Run(pipeline=pipeline, dataset=dataset, config=config, num_examples=num_examples)
+    if initial is not None:
+        current = dict(run.model.named_parameters())
+        trained = {n for n, p in current.items() if p.requires_grad}
+        if set(initial) != trained:
+            missing, extra = sorted(trained - set(initial)), sorted(set(initial) - trained)
+            raise ValueError(f"the initial parameters do not match the trainable set {config.trainable!r}: "
+                             f"missing {missing[:3]}, unexpected {extra[:3]}.")
+        with torch.no_grad():
+            for name, value in initial.items():
+                current[name].copy_(value)
+    while run.step < run.total_steps:
+        info = run.train_step()
+        if progress is not None:
+            progress(info)
+    return LocalTrainingResult(
+        parameters=trained_parameters(pipeline=pipeline, config=config), num_examples=num_examples,
+        steps=run.step, mean_loss=sum(run.losses) / len(run.losses) if run.losses else None,
+        epsilon=run.engine.accountant.epsilon(delta=run.delta) if run.engine else None)
+
+
 def _is_main_process() -> bool:
     """True in a single process, and on rank 0 under torchrun (the one rank that writes files)."""
     from ..privacy.engine import distributed_rank_and_size

@@ -1,0 +1,324 @@
+"""Federated diffusion on Flower (arXiv 2311.16538): FedAvg of a diffusion model's trainable set.
+
+Flower does the federated parts: the ServerApp and ClientApp (Message API), `FedAvg` weighted by each
+client's example count, the simulation engine and the deployment runtime. privdiff supplies the model,
+the data and the local trainer ([3/7]'s `train_in_memory`: plain AdamW, or DP-SGD per client when
+`local_epsilon` is set). Only the trainable set travels (`attention`, `lora`, `full`, ...). The server
+checkpoints the global set after every round and a run resumes from its last round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+#: Flower, Ray and Hugging Face phone home unless told not to; privdiff runs offline by default.
+QUIET_ENVIRONMENT = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                     "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1",
+                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+HELDOUT_TIMESTEPS = (50, 200, 400, 600, 800)
+
+
+def quiet_telemetry() -> None:
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    base: str = "tiny"
+    data: str = "digits"
+    num_items: int = 600  # examples shared among the clients
+    heldout_items: int = 100  # the set's next items: the held-out loss after every round
+    num_clients: int = 3
+    rounds: int = 3
+    beta: float | None = None  # Dirichlet(β) non-IID split by label; None: IID
+    seed: int = 0
+    trainable: str = "attention"
+    lora_rank: int = 4
+    local_epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    local_epsilon: float | None = None  # local DP-SGD on every client (per-client accounting); None: off
+    local_max_grad_norm: float = 0.01
+
+    def __post_init__(self) -> None:
+        from ..pipelines.trainable import TRAINABLE_SETS
+        from .partition import check_partition_request
+
+        check_partition_request(num_examples=self.num_items, num_clients=self.num_clients, beta=self.beta)
+        if self.rounds < 1:
+            raise ValueError(f"rounds={self.rounds} must be at least 1.")
+        if self.trainable not in TRAINABLE_SETS:
+            raise ValueError(f"trainable={self.trainable!r} is not a parameter set privdiff knows; choose one of "
+                             f"{', '.join(TRAINABLE_SETS)}.")
+        if self.heldout_items < 1:
+            raise ValueError(f"heldout_items={self.heldout_items} must be at least 1.")
+
+    def local_config(self, *, client: int, round_number: int):
+        """The DP-LDM trainer's settings for one client's local training in one round."""
+        from ..pipelines.dp_ldm import DPLDMConfig
+
+        return DPLDMConfig(trainable=self.trainable, lora_rank=self.lora_rank, epsilon=self.local_epsilon,
+                           max_grad_norm=self.local_max_grad_norm, epochs=self.local_epochs,
+                           batch_size=self.batch_size, learning_rate=self.learning_rate,
+                           seed=self.seed + 1000 * round_number + client)
+
+    def to_run_config(self) -> dict:
+        """Flower run config (flat scalars; None written as the empty string / -1)."""
+        values = asdict(self)
+        values["beta"] = -1.0 if self.beta is None else float(self.beta)
+        values["local_epsilon"] = -1.0 if self.local_epsilon is None else float(self.local_epsilon)
+        return {key.replace("_", "-"): value for key, value in values.items()}
+
+    @classmethod
+    def from_run_config(cls, run_config) -> "FederatedConfig":
+        values = {key.replace("-", "_"): value for key, value in dict(run_config).items()
+                  if key.replace("-", "_") in cls.__dataclass_fields__}
+        for key in ("beta", "local_epsilon"):
+            if key in values and float(values[key]) < 0:
+                values[key] = None
+        for key in ("num_items", "heldout_items", "num_clients", "rounds", "seed", "lora_rank", "batch_size"):
+            if key in values:
+                values[key] = int(values[key])
+        return cls(**values)
+
+
+class _Subset:
+    """The items of a dataset a client holds (its partition), with the same item interface."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+    def subjects(self):
+        subjects = self.dataset.subjects()
+        return [subjects[i] for i in self.indices]
+
+
+def load_data(config: FederatedConfig, *, resolution: int):
+    """The whole set: the clients' `num_items` examples followed by `heldout_items` held-out ones."""
+    from ..data import load_dataset
+
+    return load_dataset(data=config.data, resolution=resolution, seed=config.seed,
+                        num_items=config.num_items + config.heldout_items)
+
+
+def client_partition(config: FederatedConfig, dataset):
+    from .partition import dataset_labels, dirichlet_partition
+
+    labels = dataset_labels(dataset)[:config.num_items]
+    return dirichlet_partition(labels=labels, num_clients=config.num_clients, beta=config.beta, seed=config.seed)
+
+
+def initial_parameters(config: FederatedConfig, pipeline) -> dict:
+    """The base model's trainable set (adapters added for `lora`): round 0's global model."""
+    from ..pipelines.dp_ldm import trained_parameters
+    from ..pipelines.trainable import select_trainable
+
+    select_trainable(unet=pipeline.unet, trainable=config.trainable, lora_rank=config.lora_rank)
+    pipeline.text_encoder.requires_grad_(False)
+    return trained_parameters(pipeline=pipeline, config=config.local_config(client=0, round_number=0))
+
+
+def check_request(config: FederatedConfig) -> dict:
+    """Everything that can be checked before any Flower process starts: the model loads, has the
+    trainable set, the data exists and splits into non-empty partitions. Returns a summary."""
+    from ..models.loading import load_pipeline
+
+    pipeline = load_pipeline(base=config.base)
+    parameters = initial_parameters(config, pipeline)  # raises if the model lacks the set
+    dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+    partition = client_partition(config, dataset)
+    return {"parameters": len(parameters), "values": sum(v.numel() for v in parameters.values()),
+            "partition_sizes": partition.sizes}
+
+
+def heldout_loss(*, pipeline, dataset, config: FederatedConfig) -> float:
+    """Mean denoising loss on the held-out items under fixed timesteps and noise (comparable across rounds)."""
+    from ..pipelines.membership import MembershipAuditConfig, diffusion_losses
+
+    indices = list(range(config.num_items, config.num_items + config.heldout_items))
+    losses = diffusion_losses(pipeline=pipeline, dataset=dataset, indices=indices,
+                              config=MembershipAuditConfig(timesteps=HELDOUT_TIMESTEPS, noise_draws=1))
+    return float(losses.mean())
+
+
+def load_parameters(pipeline, parameters: dict) -> None:
+    import torch
+
+    model = torch.nn.ModuleDict({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
+    current = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in parameters.items():
+            current[name].copy_(value)
+
+
+# ---- the Flower apps ------------------------------------------------------------------------
+
+
+def client_app():
+    """A Flower ClientApp: trains its partition from the round's global set, replies with its set
+    and its example count (FedAvg's weight)."""
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        import torch
+
+        from ..models.loading import load_pipeline
+        from ..pipelines.dp_ldm import train_in_memory
+
+        torch.set_num_threads(1)  # one core per client: the simulation runs clients side by side
+        config = FederatedConfig.from_run_config(context.run_config or message.content["config"])
+        client = int(context.node_config["partition-id"])
+        round_number = int(message.content["config"]["server-round"])
+        pipeline = load_pipeline(base=config.base)
+        dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+        partition = client_partition(config, dataset)
+        subset = _Subset(dataset, partition.indices[client])
+        local = config.local_config(client=client, round_number=round_number)
+        if local.batch_size > len(subset):
+            local = type(local)(**{**asdict(local), "batch_size": len(subset)})
+        result = train_in_memory(pipeline=pipeline, dataset=subset, config=local,
+                                 initial=message.content["arrays"].to_torch_state_dict())
+        metrics = {"num-examples": result.num_examples, "local-steps": result.steps,
+                   "local-epsilon": result.epsilon if result.epsilon is not None else -1.0}
+        if config.local_epsilon is None and result.mean_loss is not None:
+            # A loss on private data is outside any DP guarantee: it is reported only by non-private runs.
+            metrics["train-loss"] = result.mean_loss
+        return Message(RecordDict({"arrays": ArrayRecord(result.parameters), "metrics": MetricRecord(metrics)}),
+                       reply_to=message)
+
+    return app
+
+
+def _strategy_class():
+    from flwr.serverapp.strategy import FedAvg
+
+    class CheckpointingFedAvg(FedAvg):
+        """FedAvg that saves the global set after each round it aggregates and counts rounds from
+        where a resumed run left off."""
+
+        def __init__(self, *, out: Path, round_offset: int, **kwargs):
+            super().__init__(**kwargs)
+            self.out, self.round_offset = out, round_offset
+
+        def configure_train(self, server_round, arrays, config, grid):
+            return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
+            if arrays is not None:
+                save_round(out=self.out, round_number=server_round + self.round_offset,
+                           parameters=arrays.to_torch_state_dict(),
+                           clients=[{k: float(v) for k, v in r.content["metrics"].items()}
+                                    for r in replies if r.has_content()])
+            return arrays, metrics
+
+    return CheckpointingFedAvg
+
+
+def save_round(*, out: Path, round_number: int, parameters: dict, clients: list[dict]) -> None:
+    """The global set after `round_number` (safetensors) and the run's state (JSON), atomically."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in parameters.items()}, str(out / f"global-round-{round_number}.tmp"))
+    (out / f"global-round-{round_number}.tmp").replace(out / f"global-round-{round_number}.safetensors")
+    state = load_state(out)
+    state["last_round"] = round_number
+    state.setdefault("rounds", {})[str(round_number)] = {"clients": clients}
+    (out / "state.json.tmp").write_text(json.dumps(state, indent=1))
+    (out / "state.json.tmp").replace(out / "state.json")
+
+
+def load_state(out: Path) -> dict:
+    path = Path(out) / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {"last_round": 0, "rounds": {}}
+
+
+def server_app(*, config: FederatedConfig, out: str | Path):
+    """A Flower ServerApp running `config.rounds` rounds of FedAvg (resuming from `out` if a
+    previous run left rounds there), with the held-out loss measured after every round."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+    from flwr.serverapp import Grid, ServerApp
+
+    app = ServerApp()
+    out = Path(out)
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from safetensors.torch import load_file
+
+        from ..models.loading import load_pipeline
+
+        pipeline = load_pipeline(base=config.base)
+        parameters = initial_parameters(config, pipeline)
+        dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+        done = load_state(out)["last_round"]
+        if done:
+            parameters = load_file(str(out / f"global-round-{done}.safetensors"))
+        if done >= config.rounds:
+            return
+        strategy = _strategy_class()(out=out, round_offset=done, fraction_train=1.0, fraction_evaluate=0.0,
+                                     min_train_nodes=config.num_clients, min_available_nodes=config.num_clients)
+
+        def evaluate(server_round: int, arrays: ArrayRecord):
+            round_number = server_round + done
+            load_parameters(pipeline, arrays.to_torch_state_dict())
+            loss = heldout_loss(pipeline=pipeline, dataset=dataset, config=config)
+            state = load_state(out)
+            state.setdefault("heldout_loss", {})[str(round_number)] = loss
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "state.json").write_text(json.dumps(state, indent=1))
+            print(f"[privdiff fed] round {round_number}/{config.rounds}: held-out loss {loss:.4f}", flush=True)
+            return MetricRecord({"heldout-loss": loss})
+
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(parameters), num_rounds=config.rounds - done,
+                       timeout=3600, train_config=ConfigRecord(config.to_run_config()), evaluate_fn=evaluate)
+
+    return app
+
+
+def simulate(*, config: FederatedConfig, out: str | Path, verbose: bool = False) -> dict:
+    """Run (or resume) a federated run in Flower's simulation engine: one SuperNode per client, one
+    CPU each. Returns the run state (held-out loss per round, clients' reports)."""
+    quiet_telemetry()
+    from flwr.simulation import run_simulation
+
+    out = Path(out)
+    check_request(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
+    run_simulation(server_app=server_app(config=config, out=out), client_app=client_app(),
+                   num_supernodes=config.num_clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
+                   verbose_logging=verbose)
+    state = load_state(out)
+    plot_rounds(out=out, state=state)
+    return state
+
+
+def plot_rounds(*, out: Path, state: dict) -> Path | None:
+    """`loss-per-round.png`: the global model's held-out loss after each round (round 0: the base)."""
+    from ..data.images import line_chart, save_png
+
+    losses = state.get("heldout_loss", {})
+    if not losses:
+        return None
+    series = [losses[str(r)] for r in range(max(int(r) for r in losses) + 1) if str(r) in losses]
+    return save_png(line_chart({"held-out loss": series}, title="federated diffusion: global model per round",
+                               x_label="round"), Path(out) / "loss-per-round.png")

@@ -1,0 +1,106 @@
+"""Federated diffusion in Flower's simulation engine, on privdiff-tiny and `digits`."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="federated diffusion needs Flower: pip install 'privdiff[federated]'")
+
+from privdiff.federated.fedavg import (FederatedConfig, _Subset, client_partition, initial_parameters,  # noqa: E402
+                                       load_data, simulate)
+
+CONFIG = FederatedConfig(num_items=48, heldout_items=16, num_clients=3, rounds=2, beta=1.0, batch_size=8,
+                         local_epochs=1.0, learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = simulate(config=CONFIG, out=out)
+    return out, state
+
+
+def test_the_global_model_is_the_sample_weighted_average_of_the_client_models(straight_run):
+    from safetensors.torch import load_file
+
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.dp_ldm import train_in_memory
+
+    out, state = straight_run
+    assert state["last_round"] == 2
+    # Redo round 1 here: each client's local training is deterministic (seeded, one thread).
+    torch.set_num_threads(1)
+    base = load_privdiff_tiny()
+    start = initial_parameters(CONFIG, base)
+    dataset = load_data(CONFIG, resolution=64)
+    partition = client_partition(CONFIG, dataset)
+    assert len(set(partition.sizes)) > 1  # unequal clients, so the weighting matters
+    models, weights = [], []
+    for client, indices in enumerate(partition.indices):
+        pipeline = load_privdiff_tiny()
+        local = CONFIG.local_config(client=client, round_number=1)
+        from dataclasses import replace
+
+        local = replace(local, batch_size=min(local.batch_size, len(indices)))
+        result = train_in_memory(pipeline=pipeline, dataset=_Subset(dataset, indices), config=local, initial=start)
+        models.append(result.parameters)
+        weights.append(result.num_examples)
+    assert sorted(c["num-examples"] for c in state["rounds"]["1"]["clients"]) == sorted(weights)  # any order
+    global_model = load_file(str(out / "global-round-1.safetensors"))
+    assert set(global_model) == set(start)
+    total = sum(weights)
+    for name, value in global_model.items():
+        expected = sum(w * m[name].double() for w, m in zip(weights, models)) / total
+        assert torch.allclose(value.double(), expected, rtol=1e-5, atol=1e-7), name
+    assert not torch.equal(global_model[name], start[name])
+
+
+def test_held_out_loss_falls_over_rounds_and_the_plot_is_written(straight_run):
+    out, state = straight_run
+    losses = state["heldout_loss"]
+    assert set(losses) == {"0", "1", "2"} and losses["2"] < losses["0"], losses
+    assert (out / "loss-per-round.png").is_file()
+    assert json.loads((out / "config.json").read_text())["num_clients"] == 3
+
+
+def test_a_run_resumes_from_its_last_round_and_ends_where_a_straight_run_does(straight_run, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    out, _ = straight_run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = simulate(config=replace(CONFIG, rounds=1), out=tmp_path)
+        assert first["last_round"] == 1
+        resumed = simulate(config=CONFIG, out=tmp_path)  # rounds=2: only round 2 runs
+    assert resumed["last_round"] == 2
+    straight, again = load_file(str(out / "global-round-2.safetensors")), load_file(str(tmp_path / "global-round-2.safetensors"))
+    for name, value in straight.items():
+        assert torch.allclose(again[name], value, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_items": 2, "num_clients": 3}, "at least one example"),
+    ({"beta": 0.0}, "must be positive"),
+    ({"beta": -2.0}, "must be positive"),
+    ({"trainable": "attn_everything"}, "not a parameter set"),
+    ({"rounds": 0}, "rounds"),
+])
+def test_bad_requests_fail_before_any_process_starts(overrides, message):
+    from dataclasses import asdict
+
+    with pytest.raises(ValueError, match=message):
+        FederatedConfig(**{**asdict(CONFIG), **overrides})
+
+
+def test_cli_refuses_bad_input_with_a_clear_message(tmp_path, capsys):
+    from privdiff.cli import main
+
+    assert main(["fed", "simulate", "--out", str(tmp_path), "--clients", "5", "--num-items", "4"]) == 2
+    assert "at least one example" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written, nothing started
