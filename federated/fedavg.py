@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +44,9 @@ class FederatedConfig:
     learning_rate: float = 1e-4
     local_epsilon: float | None = None  # local DP-SGD on every client (per-client accounting); None: off
     local_max_grad_norm: float = 0.01
+    # Token rows of these public words train and travel too (DP-LDM's conditioning embedder), e.g.
+    # "0".."9" for digits, which privdiff-tiny's text encoder never learnt to tell apart.
+    conditioning_words: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from ..pipelines.trainable import TRAINABLE_SETS
@@ -62,6 +66,7 @@ class FederatedConfig:
         from ..pipelines.dp_ldm import DPLDMConfig
 
         return DPLDMConfig(trainable=self.trainable, lora_rank=self.lora_rank, epsilon=self.local_epsilon,
+                           conditioning_words=tuple(self.conditioning_words),
                            max_grad_norm=self.local_max_grad_norm, epochs=self.local_epochs,
                            batch_size=self.batch_size, learning_rate=self.learning_rate,
                            seed=self.seed + 1000 * round_number + client)
@@ -71,6 +76,7 @@ class FederatedConfig:
         values = asdict(self)
         values["beta"] = -1.0 if self.beta is None else float(self.beta)
         values["local_epsilon"] = -1.0 if self.local_epsilon is None else float(self.local_epsilon)
+        values["conditioning_words"] = " ".join(self.conditioning_words)
         return {key.replace("_", "-"): value for key, value in values.items()}
 
     @classmethod
@@ -83,6 +89,8 @@ class FederatedConfig:
         for key in ("num_items", "heldout_items", "num_clients", "rounds", "seed", "lora_rank", "batch_size"):
             if key in values:
                 values[key] = int(values[key])
+        if "conditioning_words" in values:
+            values["conditioning_words"] = tuple(str(values["conditioning_words"]).split())
         return cls(**values)
 
 
@@ -120,11 +128,13 @@ def client_partition(config: FederatedConfig, dataset):
 
 def initial_parameters(config: FederatedConfig, pipeline) -> dict:
     """The base model's trainable set (adapters added for `lora`): round 0's global model."""
-    from ..pipelines.dp_ldm import trained_parameters
+    from ..pipelines.dp_ldm import attach_conditioning_rows, trained_parameters
     from ..pipelines.trainable import select_trainable
 
     select_trainable(unet=pipeline.unet, trainable=config.trainable, lora_rank=config.lora_rank)
     pipeline.text_encoder.requires_grad_(False)
+    if config.conditioning_words:
+        attach_conditioning_rows(pipeline=pipeline, words=config.conditioning_words)
     return trained_parameters(pipeline=pipeline, config=config.local_config(client=0, round_number=0))
 
 
@@ -187,12 +197,14 @@ def client_app():
         dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
         partition = client_partition(config, dataset)
         subset = _Subset(dataset, partition.indices[client])
+        started = time.perf_counter()
         local = config.local_config(client=client, round_number=round_number)
         if local.batch_size > len(subset):
             local = type(local)(**{**asdict(local), "batch_size": len(subset)})
         result = train_in_memory(pipeline=pipeline, dataset=subset, config=local,
                                  initial=message.content["arrays"].to_torch_state_dict())
         metrics = {"num-examples": result.num_examples, "local-steps": result.steps,
+                   "local-seconds": time.perf_counter() - started,
                    "local-epsilon": result.epsilon if result.epsilon is not None else -1.0}
         if config.local_epsilon is None and result.mean_loss is not None:
             # A loss on private data is outside any DP guarantee: it is reported only by non-private runs.
@@ -215,6 +227,7 @@ def _strategy_class():
             self.out, self.round_offset = out, round_offset
 
         def configure_train(self, server_round, arrays, config, grid):
+            self.round_started = time.perf_counter()
             return super().configure_train(server_round + self.round_offset, arrays, config, grid)
 
         def aggregate_train(self, server_round, replies):
@@ -223,6 +236,7 @@ def _strategy_class():
             if arrays is not None:
                 save_round(out=self.out, round_number=server_round + self.round_offset,
                            parameters=arrays.to_torch_state_dict(),
+                           wall_seconds=time.perf_counter() - self.round_started,
                            clients=[{k: float(v) for k, v in r.content["metrics"].items()}
                                     for r in replies if r.has_content()])
             return arrays, metrics
@@ -230,7 +244,8 @@ def _strategy_class():
     return CheckpointingFedAvg
 
 
-def save_round(*, out: Path, round_number: int, parameters: dict, clients: list[dict]) -> None:
+def save_round(*, out: Path, round_number: int, parameters: dict, clients: list[dict],
+               wall_seconds: float | None = None) -> None:
     """The global set after `round_number` (safetensors) and the run's state (JSON), atomically."""
     from safetensors.torch import save_file
 
@@ -239,7 +254,7 @@ def save_round(*, out: Path, round_number: int, parameters: dict, clients: list[
     (out / f"global-round-{round_number}.tmp").replace(out / f"global-round-{round_number}.safetensors")
     state = load_state(out)
     state["last_round"] = round_number
-    state.setdefault("rounds", {})[str(round_number)] = {"clients": clients}
+    state.setdefault("rounds", {})[str(round_number)] = {"clients": clients, "wall_seconds": wall_seconds}
     (out / "state.json.tmp").write_text(json.dumps(state, indent=1))
     (out / "state.json.tmp").replace(out / "state.json")
 
@@ -249,20 +264,24 @@ def load_state(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"last_round": 0, "rounds": {}}
 
 
-def server_app(*, config: FederatedConfig, out: str | Path):
+def server_app(*, config: FederatedConfig | None = None, out: str | Path | None = None):
     """A Flower ServerApp running `config.rounds` rounds of FedAvg (resuming from `out` if a
-    previous run left rounds there), with the held-out loss measured after every round."""
+    previous run left rounds there), with the held-out loss measured after every round. Without
+    `config` / `out` (a deployed app), both come from the run config (`flwr run --run-config`)."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
     from flwr.serverapp import Grid, ServerApp
 
     app = ServerApp()
-    out = Path(out)
+    fixed_config, fixed_out = config, out
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from safetensors.torch import load_file
 
         from ..models.loading import load_pipeline
+
+        config = fixed_config or FederatedConfig.from_run_config(context.run_config)
+        out = Path(fixed_out or context.run_config["out"])
 
         pipeline = load_pipeline(base=config.base)
         parameters = initial_parameters(config, pipeline)

@@ -124,7 +124,7 @@ class _Run:
         self.text_rows = None
         pipeline.text_encoder.requires_grad_(False)  # only chosen rows of it ever train
         if config.conditioning_words:
-            self.text_rows = _attach_conditioning_rows(pipeline=pipeline, words=config.conditioning_words)
+            self.text_rows = attach_conditioning_rows(pipeline=pipeline, words=config.conditioning_words)
         # One container for everything trained: the engine clips the UNet set and the text rows together.
         self.model = torch.nn.ModuleDict({"unet": self.unet, "text_encoder": pipeline.text_encoder})
         self.base_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -307,7 +307,7 @@ def denoising_target(*, scheduler, z0, noise, t):
     return noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
 
 
-def _attach_conditioning_rows(*, pipeline, words):
+def attach_conditioning_rows(*, pipeline, words):
     from ..models.embedding_rows import attach_trainable_rows, single_token_ids
 
     pipeline.text_encoder.requires_grad_(False)

@@ -104,3 +104,30 @@ def test_cli_refuses_bad_input_with_a_clear_message(tmp_path, capsys):
     assert main(["fed", "simulate", "--out", str(tmp_path), "--clients", "5", "--num-items", "4"]) == 2
     assert "at least one example" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written, nothing started
+
+
+def test_bytes_bench_measures_the_flower_payload_of_each_trainable_set(load_bench):
+    figures = load_bench("federated").bytes_per_round(model="tiny", num_clients=3)
+    assert figures["lora"]["bytes_per_round"] < figures["attention"]["bytes_per_round"] < figures["full"]["bytes_per_round"]
+    for row in figures.values():  # fp32 arrays both ways, plus a little framing per array
+        assert 2 * 4 * row["values"] <= row["bytes_per_client_per_round"] < 2 * (4 * row["values"] + 256 * row["arrays"])
+        assert row["bytes_per_round"] == 3 * row["bytes_per_client_per_round"]
+
+
+def test_the_flower_app_folder_is_a_small_bundle_with_every_setting(tmp_path):
+    import subprocess
+    import sys
+    import tomllib
+    from dataclasses import fields
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[2] / "federated" / "privdiff-fed"
+    config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert {f.name.replace("_", "-") for f in fields(FederatedConfig)} | {"out"} == set(config)
+    assert FederatedConfig.from_run_config(config) == FederatedConfig(num_clients=2, data="digits", rounds=3)
+    flwr = Path(sys.executable).with_name("flwr")
+    env = {"FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": str(flwr.parent)}
+    subprocess.run([str(flwr), "build", "--app", str(app)], cwd=tmp_path, env=env, check=True, capture_output=True)
+    bundle = next(tmp_path.glob("*.fab"))
+    assert bundle.stat().st_size < 20_000  # code and config only: weights and data never ride in it

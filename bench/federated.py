@@ -1,0 +1,115 @@
+"""Federated diffusion: bytes per round for each trainable set, round time, and utility on `digits`.
+
+    python bench/federated.py bytes                         # privdiff-tiny and SD1.5 shapes, 3 clients
+    python bench/federated.py digits --out /tmp/fed-digits  # a simulation, then digit accuracy vs the base
+
+`bytes`: the serialised arrays of the Flower messages each client receives and sends per round (the
+global set down, its own set up; fp32), for `full`, `attention` and `lora`. `digits`: `privdiff fed simulate` on privdiff-tiny
+with `digits` (IID or `--beta`), then the held-out digit classifier on 200 generations of the base
+model and of the final global model, and each round's wall time against the sum (and the largest) of
+its clients' local training times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def bytes_per_round(*, model: str, num_clients: int, lora_rank: int = 4) -> dict:
+    from privdiff.federated.fedavg import FederatedConfig, initial_parameters
+
+    if model == "tiny":
+        from privdiff.models.privdiff_tiny import load_privdiff_tiny
+
+        def pipeline():
+            return load_privdiff_tiny()
+    else:
+        import types
+
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        from privdiff.models.loading import CONFIGS_DIR
+
+        def pipeline():  # random weights at the real shapes; no text encoder (an empty module)
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS_DIR / model / "unet"))
+            return types.SimpleNamespace(unet=unet, text_encoder=torch.nn.Module())
+
+    from flwr.app import ArrayRecord
+
+    out = {}
+    for trainable in ("full", "attention", "lora"):
+        config = FederatedConfig(trainable=trainable, lora_rank=lora_rank, num_clients=num_clients)
+        parameters = initial_parameters(config, pipeline())
+        # What Flower puts in a message: the ArrayRecord's serialised arrays (one each way per client).
+        record_bytes = sum(len(array.data) for array in ArrayRecord(parameters).values())
+        out[trainable] = {"values": sum(v.numel() for v in parameters.values()), "arrays": len(parameters),
+                          "bytes_per_client_per_round": 2 * record_bytes,
+                          "bytes_per_round": 2 * record_bytes * num_clients}
+    return out
+
+
+def digits(args) -> dict:
+    import warnings
+
+    from privdiff.federated.fedavg import FederatedConfig, load_parameters, simulate
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
+
+    config = FederatedConfig(data="digits", num_items=args.num_items, heldout_items=100, num_clients=args.clients,
+                             rounds=args.rounds, beta=args.beta, seed=args.seed, trainable=args.trainable,
+                             local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                             conditioning_words=tuple("0123456789") if args.digit_words else ())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = simulate(config=config, out=args.out)
+    from safetensors.torch import load_file
+
+    from privdiff.federated.fedavg import initial_parameters
+
+    sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
+    base = load_privdiff_tiny()
+    base.set_progress_bar_config(disable=True)
+    base_accuracy = evaluate_quality(pipeline=base, set_name="digits", num=args.eval_num, sampling=sampling).metrics
+    tuned = load_privdiff_tiny()
+    tuned.set_progress_bar_config(disable=True)
+    initial_parameters(config, tuned)  # the same set (and rows) as the run, then its final values
+    load_parameters(tuned, load_file(f"{args.out}/global-round-{state['last_round']}.safetensors"))
+    tuned_accuracy = evaluate_quality(pipeline=tuned, set_name="digits", num=args.eval_num, sampling=sampling).metrics
+    rounds = {r: {"wall_seconds": v["wall_seconds"],
+                  "sum_local_seconds": sum(c["local-seconds"] for c in v["clients"]),
+                  "max_local_seconds": max(c["local-seconds"] for c in v["clients"])}
+              for r, v in state["rounds"].items()}
+    return {"config": repr(config), "heldout_loss": state["heldout_loss"], "base": base_accuracy,
+            "federated": tuned_accuracy, "rounds": rounds}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["bytes", "digits"])
+    parser.add_argument("--model", default="tiny", help="bytes: tiny or sd15")
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--out", default="/tmp/privdiff-fed-digits")
+    parser.add_argument("--num-items", type=int, default=600)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--beta", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trainable", default="attention")
+    parser.add_argument("--local-epochs", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--digit-words", action="store_true", help="train the token rows of '0'..'9' too")
+    parser.add_argument("--eval-num", type=int, default=200)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    result = bytes_per_round(model=args.model, num_clients=args.clients) if args.what == "bytes" else digits(args)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

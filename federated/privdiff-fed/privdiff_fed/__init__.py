@@ -1,0 +1,1 @@
+"""The Flower app around privdiff.federated (thin: all logic lives in the installed privdiff)."""
