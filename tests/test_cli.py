@@ -70,3 +70,11 @@ def test_demo_split_trains_two_clients_on_loopback_and_attacks_the_recorded_traf
     config = json.loads((tmp_path / "split" / "controlnet" / "config.json").read_text())
     assert config["privdiff_split_controlnet"]["version"] == 1
     assert not list((tmp_path / "split").glob("**/*.npy"))  # the recorded traffic stays in memory
+
+
+def test_demo_fed_runs_two_simulated_clients_and_saves_each_round(tmp_path, capsys):
+    pytest.importorskip("flwr", reason="the federated demo needs Flower")
+    assert main(["demo", "--out", str(tmp_path), "--only", "fed"]) == 0
+    assert "2 clients, 2 FedAvg rounds" in capsys.readouterr().out
+    assert (tmp_path / "federated" / "global-round-2.safetensors").is_file()
+    assert (tmp_path / "federated" / "loss-per-round.png").is_file()
