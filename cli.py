@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--batch-size", type=int, default=32)
     simulate.add_argument("--lr", type=float, default=1e-4)
     simulate.add_argument("--local-epsilon", type=float, default=None, help="local DP-SGD on each client (default off)")
+    simulate.add_argument("--client-dp-noise", type=float, default=None,
+                          help="client-level DP (Flower, clipping on clients): noise multiplier z (default off)")
+    simulate.add_argument("--client-dp-clip", type=float, default=0.1, help="client-level DP: update clipping norm C")
+    simulate.add_argument("--client-dp-delta", type=float, default=None, help="client-level DP: δ (default 1/(10 clients))")
 
     split = sub.add_parser("split", help="split-learning ControlNet: keys, a training server, a client")
     split_actions = split.add_subparsers(dest="split_action", required=True, metavar="ACTION")
@@ -371,10 +375,16 @@ def _cmd_fed(args) -> int:
     config = FederatedConfig(base=args.base or "tiny", data=args.data, num_items=args.num_items,
                              heldout_items=args.heldout_items, num_clients=args.clients, rounds=args.rounds,
                              beta=args.beta, seed=args.seed, trainable=args.trainable, local_epochs=args.local_epochs,
-                             batch_size=args.batch_size, learning_rate=args.lr, local_epsilon=args.local_epsilon)
+                             batch_size=args.batch_size, learning_rate=args.lr, local_epsilon=args.local_epsilon,
+                             client_dp_noise_multiplier=args.client_dp_noise, client_dp_clipping_norm=args.client_dp_clip,
+                             client_dp_delta=args.client_dp_delta)
     state = simulate(config=config, out=args.out)
     losses = state.get("heldout_loss", {})
     print("held-out loss per round: " + ", ".join(f"{r}: {losses[r]:.4f}" for r in sorted(losses, key=int)))
+    if "client_level_dp" in state:
+        dp = state["client_level_dp"]
+        print(f"client-level DP: ε = {dp['epsilon']:.3g} at δ = {dp['delta']:.3g} after {dp['rounds']} rounds "
+              f"(z = {dp['noise_multiplier']}, C = {dp['clipping_norm']}, {dp['clients_per_round']} clients per round)")
     print(f"global model after round {state['last_round']}: {args.out}/global-round-{state['last_round']}.safetensors; "
           f"plot: {args.out}/loss-per-round.png")
     return 0

@@ -47,6 +47,12 @@ class FederatedConfig:
     # Token rows of these public words train and travel too (DP-LDM's conditioning embedder), e.g.
     # "0".."9" for digits, which privdiff-tiny's text encoder never learnt to tell apart.
     conditioning_words: tuple[str, ...] = ()
+    # Client-level DP from Flower (DifferentialPrivacyClientSideFixedClipping): each client's update is
+    # clipped to this L2 norm on the client, the server adds N(0, (z·C/m)²) to the equal-weight mean of
+    # the m updates. None: off.
+    client_dp_noise_multiplier: float | None = None
+    client_dp_clipping_norm: float = 0.1
+    client_dp_delta: float | None = None  # default 1 / (10 · clients)
 
     def __post_init__(self) -> None:
         from ..pipelines.trainable import TRAINABLE_SETS
@@ -60,6 +66,40 @@ class FederatedConfig:
                              f"{', '.join(TRAINABLE_SETS)}.")
         if self.heldout_items < 1:
             raise ValueError(f"heldout_items={self.heldout_items} must be at least 1.")
+        if self.client_dp_noise_multiplier is not None and not self.client_dp_noise_multiplier > 0:
+            raise ValueError(f"client_dp_noise_multiplier={self.client_dp_noise_multiplier} must be positive.")
+        if not self.client_dp_clipping_norm > 0:
+            raise ValueError(f"client_dp_clipping_norm={self.client_dp_clipping_norm} must be positive.")
+        if self.client_dp_delta is not None and not 0 < self.client_dp_delta < 1:
+            raise ValueError(f"client_dp_delta={self.client_dp_delta} must lie in (0, 1).")
+
+    @property
+    def client_dp(self) -> bool:
+        return self.client_dp_noise_multiplier is not None
+
+    @property
+    def client_level_delta(self) -> float:
+        return self.client_dp_delta if self.client_dp_delta is not None else 1.0 / (10 * self.num_clients)
+
+    def client_level_privacy(self, *, rounds: int) -> dict | None:
+        """What the state file reports: (ε, δ) after `rounds` rounds and the mechanism's settings."""
+        if not self.client_dp:
+            return None
+        return {"epsilon": self.client_level_epsilon(rounds=rounds), "delta": self.client_level_delta,
+                "rounds": rounds, "noise_multiplier": self.client_dp_noise_multiplier,
+                "clipping_norm": self.client_dp_clipping_norm, "clients_per_round": self.num_clients,
+                "accountant": "prv (privdiff), Gaussian mechanism composed over rounds, no sampling amplification"}
+
+    def client_level_epsilon(self, *, rounds: int | None = None) -> float | None:
+        """ε of client-level DP after `rounds` rounds (default: all): every client takes part in every
+        round, so each round is one Gaussian mechanism of noise multiplier z on the clipped mean, and
+        rounds compose (privdiff's PRV accountant; no amplification by sampling is claimed)."""
+        from ..privacy.accounting import epsilon
+
+        if not self.client_dp:
+            return None
+        return epsilon(noise_multiplier=self.client_dp_noise_multiplier, sample_rate=1.0,
+                       steps=self.rounds if rounds is None else rounds, delta=self.client_level_delta)
 
     def local_config(self, *, client: int, round_number: int):
         """The DP-LDM trainer's settings for one client's local training in one round."""
@@ -77,13 +117,16 @@ class FederatedConfig:
         values["beta"] = -1.0 if self.beta is None else float(self.beta)
         values["local_epsilon"] = -1.0 if self.local_epsilon is None else float(self.local_epsilon)
         values["conditioning_words"] = " ".join(self.conditioning_words)
+        values["client_dp_noise_multiplier"] = (-1.0 if self.client_dp_noise_multiplier is None
+                                                else float(self.client_dp_noise_multiplier))
+        values["client_dp_delta"] = -1.0 if self.client_dp_delta is None else float(self.client_dp_delta)
         return {key.replace("_", "-"): value for key, value in values.items()}
 
     @classmethod
     def from_run_config(cls, run_config) -> "FederatedConfig":
         values = {key.replace("-", "_"): value for key, value in dict(run_config).items()
                   if key.replace("-", "_") in cls.__dataclass_fields__}
-        for key in ("beta", "local_epsilon"):
+        for key in ("beta", "local_epsilon", "client_dp_noise_multiplier", "client_dp_delta"):
             if key in values and float(values[key]) < 0:
                 values[key] = None
         for key in ("num_items", "heldout_items", "num_clients", "rounds", "seed", "lora_rank", "batch_size"):
@@ -182,7 +225,7 @@ def client_app():
 
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[_clip_when_asked])
     def train(message: Message, context: Context) -> Message:
         import torch
 
@@ -206,7 +249,8 @@ def client_app():
         metrics = {"num-examples": result.num_examples, "local-steps": result.steps,
                    "local-seconds": time.perf_counter() - started,
                    "local-epsilon": result.epsilon if result.epsilon is not None else -1.0}
-        if config.local_epsilon is None and result.mean_loss is not None:
+        metrics["dp-weight"] = 1.0  # client-level DP averages clients with equal weights
+        if config.local_epsilon is None and not config.client_dp and result.mean_loss is not None:
             # A loss on private data is outside any DP guarantee: it is reported only by non-private runs.
             metrics["train-loss"] = result.mean_loss
         return Message(RecordDict({"arrays": ArrayRecord(result.parameters), "metrics": MetricRecord(metrics)}),
@@ -215,16 +259,27 @@ def client_app():
     return app
 
 
+def _clip_when_asked(message, context, call_next):
+    """Flower's `fixedclipping_mod` when the server asked for clipping (client-level DP on), else nothing."""
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    if "clipping_norm" in message.content["config"]:
+        return fixedclipping_mod(message, context, call_next)
+    return call_next(message, context)
+
+
 def _strategy_class():
     from flwr.serverapp.strategy import FedAvg
 
     class CheckpointingFedAvg(FedAvg):
-        """FedAvg that saves the global set after each round it aggregates and counts rounds from
-        where a resumed run left off."""
+        """FedAvg that counts rounds from where a resumed run left off and keeps each round's client
+        reports and wall time for the checkpoint, which is written after the round's final model
+        exists (after Flower's DP noise, when that is on)."""
 
-        def __init__(self, *, out: Path, round_offset: int, **kwargs):
+        def __init__(self, *, round_offset: int, **kwargs):
             super().__init__(**kwargs)
-            self.out, self.round_offset = out, round_offset
+            self.round_offset = round_offset
+            self.reports: dict[int, dict] = {}
 
         def configure_train(self, server_round, arrays, config, grid):
             self.round_started = time.perf_counter()
@@ -233,19 +288,16 @@ def _strategy_class():
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
             arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
-            if arrays is not None:
-                save_round(out=self.out, round_number=server_round + self.round_offset,
-                           parameters=arrays.to_torch_state_dict(),
-                           wall_seconds=time.perf_counter() - self.round_started,
-                           clients=[{k: float(v) for k, v in r.content["metrics"].items()}
-                                    for r in replies if r.has_content()])
+            self.reports[server_round + self.round_offset] = {
+                "clients": [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies if r.has_content()],
+                "wall_seconds": time.perf_counter() - self.round_started}
             return arrays, metrics
 
     return CheckpointingFedAvg
 
 
 def save_round(*, out: Path, round_number: int, parameters: dict, clients: list[dict],
-               wall_seconds: float | None = None) -> None:
+               wall_seconds: float | None = None, privacy: dict | None = None) -> None:
     """The global set after `round_number` (safetensors) and the run's state (JSON), atomically."""
     from safetensors.torch import save_file
 
@@ -254,6 +306,8 @@ def save_round(*, out: Path, round_number: int, parameters: dict, clients: list[
     (out / f"global-round-{round_number}.tmp").replace(out / f"global-round-{round_number}.safetensors")
     state = load_state(out)
     state["last_round"] = round_number
+    if privacy is not None:
+        state["client_level_dp"] = privacy
     state.setdefault("rounds", {})[str(round_number)] = {"clients": clients, "wall_seconds": wall_seconds}
     (out / "state.json.tmp").write_text(json.dumps(state, indent=1))
     (out / "state.json.tmp").replace(out / "state.json")
@@ -291,18 +345,34 @@ def server_app(*, config: FederatedConfig | None = None, out: str | Path | None 
             parameters = load_file(str(out / f"global-round-{done}.safetensors"))
         if done >= config.rounds:
             return
-        strategy = _strategy_class()(out=out, round_offset=done, fraction_train=1.0, fraction_evaluate=0.0,
-                                     min_train_nodes=config.num_clients, min_available_nodes=config.num_clients)
+        inner = _strategy_class()(round_offset=done, fraction_train=1.0, fraction_evaluate=0.0,
+                                  min_train_nodes=config.num_clients, min_available_nodes=config.num_clients,
+                                  weighted_by_key="dp-weight" if config.client_dp else "num-examples")
+        strategy = inner
+        if config.client_dp:
+            from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+            strategy = DifferentialPrivacyClientSideFixedClipping(
+                inner, noise_multiplier=config.client_dp_noise_multiplier,
+                clipping_norm=config.client_dp_clipping_norm, num_sampled_clients=config.num_clients)
 
         def evaluate(server_round: int, arrays: ArrayRecord):
             round_number = server_round + done
-            load_parameters(pipeline, arrays.to_torch_state_dict())
+            parameters = arrays.to_torch_state_dict()
+            if server_round > 0:  # the round's final global model (noised, under client-level DP)
+                report = inner.reports.pop(round_number, {"clients": [], "wall_seconds": None})
+                save_round(out=out, round_number=round_number, parameters=parameters, clients=report["clients"],
+                           wall_seconds=report["wall_seconds"],
+                           privacy=config.client_level_privacy(rounds=round_number))
+            load_parameters(pipeline, parameters)
             loss = heldout_loss(pipeline=pipeline, dataset=dataset, config=config)
             state = load_state(out)
             state.setdefault("heldout_loss", {})[str(round_number)] = loss
             out.mkdir(parents=True, exist_ok=True)
             (out / "state.json").write_text(json.dumps(state, indent=1))
-            print(f"[privdiff fed] round {round_number}/{config.rounds}: held-out loss {loss:.4f}", flush=True)
+            eps = config.client_level_epsilon(rounds=round_number) if round_number else None
+            print(f"[privdiff fed] round {round_number}/{config.rounds}: held-out loss {loss:.4f}"
+                  + (f", client-level ε {eps:.3g}" if eps is not None else ""), flush=True)
             return MetricRecord({"heldout-loss": loss})
 
         strategy.start(grid=grid, initial_arrays=ArrayRecord(parameters), num_rounds=config.rounds - done,

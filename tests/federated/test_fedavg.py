@@ -131,3 +131,32 @@ def test_the_flower_app_folder_is_a_small_bundle_with_every_setting(tmp_path):
     subprocess.run([str(flwr), "build", "--app", str(app)], cwd=tmp_path, env=env, check=True, capture_output=True)
     bundle = next(tmp_path.glob("*.fab"))
     assert bundle.stat().st_size < 20_000  # code and config only: weights and data never ride in it
+
+
+def test_client_level_dp_clips_on_clients_noises_the_saved_model_and_reports_the_accountants_epsilon(tmp_path):
+    from dataclasses import replace
+
+    import dp_accounting
+    from dp_accounting import pld
+    from safetensors.torch import load_file
+
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+
+    config = replace(CONFIG, rounds=1, client_dp_noise_multiplier=1.0, client_dp_clipping_norm=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = simulate(config=config, out=tmp_path)
+    reported = state["client_level_dp"]
+    independent = pld.PLDAccountant()
+    independent.compose(dp_accounting.GaussianDpEvent(1.0), 1)
+    assert reported["epsilon"] == pytest.approx(independent.get_epsilon(reported["delta"]), rel=0.05)
+    assert reported["delta"] == pytest.approx(1 / 30)
+    # The clipped mean moves the model by at most C; the saved model moved far more: it is the noised one
+    # (N(0, (zC/m)²) per value), so nothing un-noised is ever written.
+    start = initial_parameters(config, load_privdiff_tiny())
+    saved = load_file(str(tmp_path / "global-round-1.safetensors"))
+    moved = torch.sqrt(sum((saved[k].double() - start[k].double()).pow(2).sum() for k in start))
+    values = sum(v.numel() for v in start.values())
+    expected_noise = 1.0 * 0.05 / 3 * values ** 0.5
+    assert 0.9 * expected_noise < moved < 1.1 * expected_noise + 0.05
+    assert all("train-loss" not in c for c in state["rounds"]["1"]["clients"])  # no loss outside the guarantee
