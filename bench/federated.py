@@ -2,6 +2,7 @@
 
     python bench/federated.py bytes                         # privdiff-tiny and SD1.5 shapes, 3 clients
     python bench/federated.py digits --out /tmp/fed-digits  # a simulation, then digit accuracy vs the base
+    python bench/federated.py non-iid --betas 0.1 5 --rounds 3 --num-items 300 --digit-words --out /tmp/fed-beta
 
 `bytes`: the serialised arrays of the Flower messages each client receives and sends per round (the
 global set down, its own set up; fp32), for `full`, `attention` and `lora`. `digits`: `privdiff fed simulate` on privdiff-tiny
@@ -85,9 +86,35 @@ def digits(args) -> dict:
             "federated": tuned_accuracy, "rounds": rounds}
 
 
+def non_iid(args) -> dict:
+    """The same federated run at several β (digits split by label, fixed seeds): final held-out loss."""
+    import warnings
+    from pathlib import Path
+
+    from privdiff.federated.fedavg import FederatedConfig, client_partition, load_data, simulate
+    from privdiff.federated.partition import dataset_labels, label_skew
+
+    results = {}
+    for beta in args.betas:
+        config = FederatedConfig(data="digits", num_items=args.num_items, heldout_items=100, num_clients=args.clients,
+                                 rounds=args.rounds, beta=beta, seed=args.seed, trainable=args.trainable,
+                                 local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                                 conditioning_words=tuple("0123456789") if args.digit_words else ())
+        dataset = load_data(config, resolution=64)
+        partition = client_partition(config, dataset)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = simulate(config=config, out=Path(args.out) / f"beta-{beta:g}")
+        results[str(beta)] = {"heldout_loss": state["heldout_loss"], "partition_sizes": partition.sizes,
+                              "label_skew": label_skew(labels=dataset_labels(dataset)[:args.num_items],
+                                                       partition=partition)}
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["bytes", "digits"])
+    parser.add_argument("what", choices=["bytes", "digits", "non-iid"])
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 5.0], help="non-iid: the β to compare")
     parser.add_argument("--model", default="tiny", help="bytes: tiny or sd15")
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--out", default="/tmp/privdiff-fed-digits")
@@ -103,7 +130,10 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-num", type=int, default=200)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    result = bytes_per_round(model=args.model, num_clients=args.clients) if args.what == "bytes" else digits(args)
+    if args.what == "bytes":
+        result = bytes_per_round(model=args.model, num_clients=args.clients)
+    else:
+        result = digits(args) if args.what == "digits" else non_iid(args)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

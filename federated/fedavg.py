@@ -53,6 +53,7 @@ class FederatedConfig:
     client_dp_noise_multiplier: float | None = None
     client_dp_clipping_norm: float = 0.1
     client_dp_delta: float | None = None  # default 1 / (10 · clients)
+    secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the clients' sum
 
     def __post_init__(self) -> None:
         from ..pipelines.trainable import TRAINABLE_SETS
@@ -120,6 +121,7 @@ class FederatedConfig:
         values["client_dp_noise_multiplier"] = (-1.0 if self.client_dp_noise_multiplier is None
                                                 else float(self.client_dp_noise_multiplier))
         values["client_dp_delta"] = -1.0 if self.client_dp_delta is None else float(self.client_dp_delta)
+        values["secure_aggregation"] = int(self.secure_aggregation)
         return {key.replace("_", "-"): value for key, value in values.items()}
 
     @classmethod
@@ -129,6 +131,8 @@ class FederatedConfig:
         for key in ("beta", "local_epsilon", "client_dp_noise_multiplier", "client_dp_delta"):
             if key in values and float(values[key]) < 0:
                 values[key] = None
+        if "secure_aggregation" in values:
+            values["secure_aggregation"] = str(values["secure_aggregation"]).lower() in ("1", "true", "1.0")
         for key in ("num_items", "heldout_items", "num_clients", "rounds", "seed", "lora_rank", "batch_size"):
             if key in values:
                 values[key] = int(values[key])
@@ -217,6 +221,33 @@ def load_parameters(pipeline, parameters: dict) -> None:
 # ---- the Flower apps ------------------------------------------------------------------------
 
 
+def train_round(*, config: FederatedConfig, client: int, round_number: int, initial: dict) -> tuple[dict, dict]:
+    """One client's local training in one round, from the global set `initial`: its trained set and
+    what it reports (example count, steps, time; its loss only when no DP is on)."""
+    import torch
+
+    from ..models.loading import load_pipeline
+    from ..pipelines.dp_ldm import train_in_memory
+
+    torch.set_num_threads(1)  # one core per client: the simulation runs clients side by side
+    pipeline = load_pipeline(base=config.base)
+    dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+    subset = _Subset(dataset, client_partition(config, dataset).indices[client])
+    started = time.perf_counter()
+    local = config.local_config(client=client, round_number=round_number)
+    if local.batch_size > len(subset):
+        local = type(local)(**{**asdict(local), "batch_size": len(subset)})
+    result = train_in_memory(pipeline=pipeline, dataset=subset, config=local, initial=initial)
+    metrics = {"num-examples": result.num_examples, "local-steps": result.steps,
+               "local-seconds": time.perf_counter() - started,
+               "local-epsilon": result.epsilon if result.epsilon is not None else -1.0,
+               "dp-weight": 1.0}  # client-level DP averages clients with equal weights
+    if config.local_epsilon is None and not config.client_dp and result.mean_loss is not None:
+        # A loss on private data is outside any DP guarantee: it is reported only by non-private runs.
+        metrics["train-loss"] = result.mean_loss
+    return result.parameters, metrics
+
+
 def client_app():
     """A Flower ClientApp: trains its partition from the round's global set, replies with its set
     and its example count (FedAvg's weight)."""
@@ -227,33 +258,13 @@ def client_app():
 
     @app.train(mods=[_clip_when_asked])
     def train(message: Message, context: Context) -> Message:
-        import torch
+        import torch  # noqa: F401  (Flower's to_torch_state_dict needs torch imported first)
 
-        from ..models.loading import load_pipeline
-        from ..pipelines.dp_ldm import train_in_memory
-
-        torch.set_num_threads(1)  # one core per client: the simulation runs clients side by side
         config = FederatedConfig.from_run_config(context.run_config or message.content["config"])
-        client = int(context.node_config["partition-id"])
-        round_number = int(message.content["config"]["server-round"])
-        pipeline = load_pipeline(base=config.base)
-        dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
-        partition = client_partition(config, dataset)
-        subset = _Subset(dataset, partition.indices[client])
-        started = time.perf_counter()
-        local = config.local_config(client=client, round_number=round_number)
-        if local.batch_size > len(subset):
-            local = type(local)(**{**asdict(local), "batch_size": len(subset)})
-        result = train_in_memory(pipeline=pipeline, dataset=subset, config=local,
-                                 initial=message.content["arrays"].to_torch_state_dict())
-        metrics = {"num-examples": result.num_examples, "local-steps": result.steps,
-                   "local-seconds": time.perf_counter() - started,
-                   "local-epsilon": result.epsilon if result.epsilon is not None else -1.0}
-        metrics["dp-weight"] = 1.0  # client-level DP averages clients with equal weights
-        if config.local_epsilon is None and not config.client_dp and result.mean_loss is not None:
-            # A loss on private data is outside any DP guarantee: it is reported only by non-private runs.
-            metrics["train-loss"] = result.mean_loss
-        return Message(RecordDict({"arrays": ArrayRecord(result.parameters), "metrics": MetricRecord(metrics)}),
+        parameters, metrics = train_round(config=config, client=int(context.node_config["partition-id"]),
+                                          round_number=int(message.content["config"]["server-round"]),
+                                          initial=message.content["arrays"].to_torch_state_dict())
+        return Message(RecordDict({"arrays": ArrayRecord(parameters), "metrics": MetricRecord(metrics)}),
                        reply_to=message)
 
     return app
@@ -391,7 +402,13 @@ def simulate(*, config: FederatedConfig, out: str | Path, verbose: bool = False)
     check_request(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
-    run_simulation(server_app=server_app(config=config, out=out), client_app=client_app(),
+    if config.secure_aggregation:
+        from .secure import secagg_client_app, secagg_server_app
+
+        apps = {"server_app": secagg_server_app(config=config, out=out), "client_app": secagg_client_app()}
+    else:
+        apps = {"server_app": server_app(config=config, out=out), "client_app": client_app()}
+    run_simulation(**apps,
                    num_supernodes=config.num_clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"include_dashboard": False, "log_to_driver": verbose}},

@@ -160,3 +160,21 @@ def test_client_level_dp_clips_on_clients_noises_the_saved_model_and_reports_the
     expected_noise = 1.0 * 0.05 / 3 * values ** 0.5
     assert 0.9 * expected_noise < moved < 1.1 * expected_noise + 0.05
     assert all("train-loss" not in c for c in state["rounds"]["1"]["clients"])  # no loss outside the guarantee
+
+
+def test_secagg_plus_gives_the_same_global_model_as_plain_fedavg_up_to_its_quantisation(straight_run, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from privdiff.federated.secure import secagg_tolerance
+
+    out, _ = straight_run
+    config = replace(CONFIG, rounds=1, secure_aggregation=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = simulate(config=config, out=tmp_path)
+    assert state["secure_aggregation"] == "SecAgg+ (Flower)" and state["rounds"]["1"]["clients"] == []
+    plain, masked = load_file(str(out / "global-round-1.safetensors")), load_file(str(tmp_path / "global-round-1.safetensors"))
+    worst = max(float((plain[k].double() - masked[k].double()).abs().max()) for k in plain)
+    assert 0 < worst <= secagg_tolerance(config) * 1.01, worst  # quantised, and no further off than that
