@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="client-level DP (Flower, clipping on clients): noise multiplier z (default off)")
     simulate.add_argument("--client-dp-clip", type=float, default=0.1, help="client-level DP: update clipping norm C")
     simulate.add_argument("--client-dp-delta", type=float, default=None, help="client-level DP: δ (default 1/(10 clients))")
+    simulate.add_argument("--secure-aggregation", action="store_true",
+                          help="Flower's SecAgg+: the server sees only the sum of the clients' models")
 
     split = sub.add_parser("split", help="split-learning ControlNet: keys, a training server, a client")
     split_actions = split.add_subparsers(dest="split_action", required=True, metavar="ACTION")
@@ -377,7 +379,7 @@ def _cmd_fed(args) -> int:
                              beta=args.beta, seed=args.seed, trainable=args.trainable, local_epochs=args.local_epochs,
                              batch_size=args.batch_size, learning_rate=args.lr, local_epsilon=args.local_epsilon,
                              client_dp_noise_multiplier=args.client_dp_noise, client_dp_clipping_norm=args.client_dp_clip,
-                             client_dp_delta=args.client_dp_delta)
+                             client_dp_delta=args.client_dp_delta, secure_aggregation=args.secure_aggregation)
     state = simulate(config=config, out=args.out)
     losses = state.get("heldout_loss", {})
     print("held-out loss per round: " + ", ".join(f"{r}: {losses[r]:.4f}" for r in sorted(losses, key=int)))

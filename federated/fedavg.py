@@ -347,6 +347,9 @@ def server_app(*, config: FederatedConfig | None = None, out: str | Path | None 
 
         config = fixed_config or FederatedConfig.from_run_config(context.run_config)
         out = Path(fixed_out or context.run_config["out"])
+        if config.secure_aggregation:
+            raise ValueError("secure-aggregation=1: this app runs plain FedAvg; SecAgg+ runs in "
+                             "`privdiff fed simulate --secure-aggregation` (Flower's legacy workflow) for now.")
 
         pipeline = load_pipeline(base=config.base)
         parameters = initial_parameters(config, pipeline)
