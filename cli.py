@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--secure-aggregation", action="store_true",
                           help="Flower's SecAgg+: the server sees only the sum of the clients' models")
 
+    certs = fed_actions.add_parser("certs", help="TLS files for a SuperLink and authentication keys for SuperNodes")
+    certs.add_argument("--out", required=True, help="folder for ca.crt, server.pem, server.key and the node keys")
+    certs.add_argument("--nodes", nargs="+", default=[], help="one key pair per SuperNode (site) name")
+    certs.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1", "::1"],
+                       help="names and addresses the SuperLink is reached at")
+
     split = sub.add_parser("split", help="split-learning ControlNet: keys, a training server, a client")
     split_actions = split.add_subparsers(dest="split_action", required=True, metavar="ACTION")
     keys = split_actions.add_parser("keys", help="create a CurveZMQ key pair (<name>.key public, <name>.key_secret)")
@@ -371,6 +377,14 @@ def _cmd_inspect(args) -> int:
 def _cmd_fed(args) -> int:
     from .federated.fedavg import FederatedConfig, simulate
 
+    if args.fed_action == "certs":
+        from .federated.deploy import create_node_key, create_tls_material
+
+        files = create_tls_material(folder=args.out, hosts=tuple(args.hosts))
+        for name in args.nodes:
+            files.update({f"{name} ({kind})": path for kind, path in create_node_key(folder=args.out, name=name).items()})
+        print("\n".join(f"{name}: {path}" for name, path in files.items()))
+        return 0
     if args.config or args.tokenizer:
         raise ValueError("fed simulate loads --base on every client; give a model folder that loads on its own "
                          "(no --config or --tokenizer).")

@@ -238,7 +238,7 @@ def train_round(*, config: FederatedConfig, client: int, round_number: int, init
     if local.batch_size > len(subset):
         local = type(local)(**{**asdict(local), "batch_size": len(subset)})
     result = train_in_memory(pipeline=pipeline, dataset=subset, config=local, initial=initial)
-    metrics = {"num-examples": result.num_examples, "local-steps": result.steps,
+    metrics = {"num-examples": result.num_examples, "local-steps": result.steps, "partition-id": client,
                "local-seconds": time.perf_counter() - started,
                "local-epsilon": result.epsilon if result.epsilon is not None else -1.0,
                "dp-weight": 1.0}  # client-level DP averages clients with equal weights
@@ -297,7 +297,9 @@ def _strategy_class():
             return super().configure_train(server_round + self.round_offset, arrays, config, grid)
 
         def aggregate_train(self, server_round, replies):
-            replies = list(replies)
+            # In partition order, not arrival order: float sums then do not depend on which client
+            # finished first, so a resumed run ends exactly where a straight one does.
+            replies = sorted(replies, key=lambda r: r.content["metrics"]["partition-id"] if r.has_content() else -1)
             arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
             self.reports[server_round + self.round_offset] = {
                 "clients": [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies if r.has_content()],
