@@ -11,6 +11,7 @@ inside SecAgg+) and the server adds the noise to the unmasked aggregate.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -35,10 +36,12 @@ def secagg_tolerance(config: FederatedConfig) -> float:
                                                                   config.num_items)
 
 
-def _names(config: FederatedConfig) -> list[str]:
+@functools.lru_cache(maxsize=4)
+def _names(config: FederatedConfig) -> tuple[str, ...]:
+    """The trainable set's names in the order the arrays travel (once per process and setting)."""
     from ..models.loading import load_pipeline
 
-    return list(initial_parameters(config, load_pipeline(base=config.base)))
+    return tuple(initial_parameters(config, load_pipeline(base=config.base)))
 
 
 def secagg_client_app():
