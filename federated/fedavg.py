@@ -182,7 +182,7 @@ def initial_parameters(config: FederatedConfig, pipeline) -> dict:
     pipeline.text_encoder.requires_grad_(False)
     if config.conditioning_words:
         attach_conditioning_rows(pipeline=pipeline, words=config.conditioning_words)
-    return trained_parameters(pipeline=pipeline, config=config.local_config(client=0, round_number=0))
+    return trained_parameters(pipeline=pipeline)
 
 
 def check_request(config: FederatedConfig) -> dict:
@@ -211,8 +211,9 @@ def heldout_loss(*, pipeline, dataset, config: FederatedConfig) -> float:
 def load_parameters(pipeline, parameters: dict) -> None:
     import torch
 
-    model = torch.nn.ModuleDict({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
-    current = dict(model.named_parameters())
+    from ..pipelines.dp_ldm import training_modules
+
+    current = dict(training_modules(pipeline).named_parameters())
     with torch.no_grad():
         for name, value in parameters.items():
             current[name].copy_(value)
@@ -322,6 +323,11 @@ def save_round(*, out: Path, round_number: int, parameters: dict, clients: list[
     if privacy is not None:
         state["client_level_dp"] = privacy
     state.setdefault("rounds", {})[str(round_number)] = {"clients": clients, "wall_seconds": wall_seconds}
+    _write_state(out, state)
+
+
+def _write_state(out: Path, state: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "state.json.tmp").write_text(json.dumps(state, indent=1))
     (out / "state.json.tmp").replace(out / "state.json")
 
@@ -329,6 +335,43 @@ def save_round(*, out: Path, round_number: int, parameters: dict, clients: list[
 def load_state(out: Path) -> dict:
     path = Path(out) / "state.json"
     return json.loads(path.read_text()) if path.is_file() else {"last_round": 0, "rounds": {}}
+
+
+class ServerRun:
+    """What every privdiff ServerApp does around Flower's strategy: load the base model and the held-out
+    data, find where a resumed run starts, and after each round checkpoint the global set, measure
+    its held-out loss and report progress."""
+
+    def __init__(self, *, config: FederatedConfig, out: Path, label: str = "privdiff fed"):
+        from safetensors.torch import load_file
+
+        from ..models.loading import load_pipeline
+
+        self.config, self.out, self.label = config, Path(out), label
+        self.pipeline = load_pipeline(base=config.base)
+        self.parameters = initial_parameters(config, self.pipeline)  # names, order and dtypes of the set
+        self.dataset = load_data(config, resolution=self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor)
+        self.done = load_state(self.out)["last_round"]  # rounds a previous run completed
+        self.start = (load_file(str(self.out / f"global-round-{self.done}.safetensors")) if self.done
+                      else self.parameters)
+
+    def finish_round(self, *, round_number: int, parameters: dict, clients: list[dict] | None = None,
+                     wall_seconds: float | None = None, extra: dict | None = None) -> float:
+        """Round 0 is the starting model (measured, not saved); later rounds are saved first."""
+        config = self.config
+        if round_number > 0:
+            save_round(out=self.out, round_number=round_number, parameters=parameters, clients=clients or [],
+                       wall_seconds=wall_seconds, privacy=config.client_level_privacy(rounds=round_number))
+        load_parameters(self.pipeline, parameters)
+        loss = heldout_loss(pipeline=self.pipeline, dataset=self.dataset, config=config)
+        state = load_state(self.out)
+        state.setdefault("heldout_loss", {})[str(round_number)] = loss
+        state.update(extra or {})
+        _write_state(self.out, state)
+        eps = config.client_level_epsilon(rounds=round_number) if round_number else None
+        print(f"[{self.label}] round {round_number}/{config.rounds}: held-out loss {loss:.4f}"
+              + (f", client-level ε {eps:.3g}" if eps is not None else ""), flush=True)
+        return loss
 
 
 def server_app(*, config: FederatedConfig | None = None, out: str | Path | None = None):
@@ -343,22 +386,13 @@ def server_app(*, config: FederatedConfig | None = None, out: str | Path | None 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from safetensors.torch import load_file
-
-        from ..models.loading import load_pipeline
-
         config = fixed_config or FederatedConfig.from_run_config(context.run_config)
         out = Path(fixed_out or context.run_config["out"])
         if config.secure_aggregation:
             raise ValueError("secure-aggregation=1: this app runs plain FedAvg; SecAgg+ runs in "
                              "`privdiff fed simulate --secure-aggregation` (Flower's legacy workflow) for now.")
-
-        pipeline = load_pipeline(base=config.base)
-        parameters = initial_parameters(config, pipeline)
-        dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
-        done = load_state(out)["last_round"]
-        if done:
-            parameters = load_file(str(out / f"global-round-{done}.safetensors"))
+        run = ServerRun(config=config, out=out)
+        done = run.done
         if done >= config.rounds:
             return
         inner = _strategy_class()(round_offset=done, fraction_train=1.0, fraction_evaluate=0.0,
@@ -373,25 +407,13 @@ def server_app(*, config: FederatedConfig | None = None, out: str | Path | None 
                 clipping_norm=config.client_dp_clipping_norm, num_sampled_clients=config.num_clients)
 
         def evaluate(server_round: int, arrays: ArrayRecord):
-            round_number = server_round + done
-            parameters = arrays.to_torch_state_dict()
-            if server_round > 0:  # the round's final global model (noised, under client-level DP)
-                report = inner.reports.pop(round_number, {"clients": [], "wall_seconds": None})
-                save_round(out=out, round_number=round_number, parameters=parameters, clients=report["clients"],
-                           wall_seconds=report["wall_seconds"],
-                           privacy=config.client_level_privacy(rounds=round_number))
-            load_parameters(pipeline, parameters)
-            loss = heldout_loss(pipeline=pipeline, dataset=dataset, config=config)
-            state = load_state(out)
-            state.setdefault("heldout_loss", {})[str(round_number)] = loss
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "state.json").write_text(json.dumps(state, indent=1))
-            eps = config.client_level_epsilon(rounds=round_number) if round_number else None
-            print(f"[privdiff fed] round {round_number}/{config.rounds}: held-out loss {loss:.4f}"
-                  + (f", client-level ε {eps:.3g}" if eps is not None else ""), flush=True)
+            # Called after each round with its final global model (noised, under client-level DP).
+            report = inner.reports.pop(server_round + done, {"clients": [], "wall_seconds": None})
+            loss = run.finish_round(round_number=server_round + done, parameters=arrays.to_torch_state_dict(),
+                                    clients=report["clients"], wall_seconds=report["wall_seconds"])
             return MetricRecord({"heldout-loss": loss})
 
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(parameters), num_rounds=config.rounds - done,
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(run.start), num_rounds=config.rounds - done,
                        timeout=3600, train_config=ConfigRecord(config.to_run_config()), evaluate_fn=evaluate)
 
     return app

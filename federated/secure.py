@@ -15,8 +15,7 @@ import functools
 import time
 from pathlib import Path
 
-from .fedavg import (FederatedConfig, client_partition, heldout_loss, initial_parameters, load_data, load_parameters,
-                     load_state, save_round, train_round)
+from .fedavg import FederatedConfig, ServerRun, initial_parameters, train_round
 
 SECAGG_CLIPPING_RANGE = 8.0  # Flower's default: |weight / max_weight · value| must stay below it
 SECAGG_LEVELS = 2 ** 22  # Flower's default quantisation
@@ -88,18 +87,9 @@ def secagg_server_app(*, config: FederatedConfig, out: str | Path):
     @app.main()
     def main(grid, context) -> None:
         import torch
-        from safetensors.torch import load_file
 
-        from ..models.loading import load_pipeline
-
-        pipeline = load_pipeline(base=config.base)
-        parameters = initial_parameters(config, pipeline)
-        names = list(parameters)
-        dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
-        client_partition(config, dataset)
-        done = load_state(out)["last_round"]
-        if done:
-            parameters = load_file(str(out / f"global-round-{done}.safetensors"))
+        run = ServerRun(config=config, out=out, label="privdiff fed, SecAgg+")
+        done, names = run.done, list(run.parameters)
         if done >= config.rounds:
             return
         clock = {"started": time.perf_counter()}
@@ -109,27 +99,19 @@ def secagg_server_app(*, config: FederatedConfig, out: str | Path):
             return {**config.to_run_config(), "server-round": server_round + done}
 
         def evaluate(server_round: int, arrays, _config):
-            round_number = server_round + done
-            state = {name: torch.from_numpy(value.copy()).to(parameters[name].dtype)
-                     for name, value in zip(names, arrays)}
-            if server_round > 0:  # after the unmasked aggregate (and the DP noise, when on)
-                save_round(out=out, round_number=round_number, parameters=state, clients=[],
-                           wall_seconds=time.perf_counter() - clock["started"],
-                           privacy=config.client_level_privacy(rounds=round_number))
-            load_parameters(pipeline, state)
-            loss = heldout_loss(pipeline=pipeline, dataset=dataset, config=config)
-            record = load_state(out)
-            record.setdefault("heldout_loss", {})[str(round_number)] = loss
-            record["secure_aggregation"] = "SecAgg+ (Flower)"
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "state.json").write_text(__import__("json").dumps(record, indent=1))
-            print(f"[privdiff fed, SecAgg+] round {round_number}/{config.rounds}: held-out loss {loss:.4f}", flush=True)
+            # After the unmasked aggregate (and the DP noise, when on). The server never sees a
+            # client's own model, so there are no per-client reports.
+            parameters = {name: torch.from_numpy(value.copy()).to(run.parameters[name].dtype)
+                          for name, value in zip(names, arrays)}
+            loss = run.finish_round(round_number=server_round + done, parameters=parameters,
+                                    wall_seconds=time.perf_counter() - clock["started"],
+                                    extra={"secure_aggregation": "SecAgg+ (Flower)"})
             return loss, {}
 
         strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=config.num_clients,
                           min_available_clients=config.num_clients, on_fit_config_fn=fit_config,
                           evaluate_fn=evaluate,
-                          initial_parameters=ndarrays_to_parameters([parameters[n].numpy() for n in names]))
+                          initial_parameters=ndarrays_to_parameters([run.start[n].numpy() for n in names]))
         if config.client_dp:
             strategy = DifferentialPrivacyClientSideFixedClipping(
                 strategy, noise_multiplier=config.client_dp_noise_multiplier,

@@ -126,7 +126,7 @@ class _Run:
         if config.conditioning_words:
             self.text_rows = attach_conditioning_rows(pipeline=pipeline, words=config.conditioning_words)
         # One container for everything trained: the engine clips the UNet set and the text rows together.
-        self.model = torch.nn.ModuleDict({"unet": self.unet, "text_encoder": pipeline.text_encoder})
+        self.model = training_modules(pipeline)
         self.base_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         self.num_examples = num_examples
         self.sample_rate = min(1.0, config.batch_size / num_examples)
@@ -414,13 +414,19 @@ class LocalTrainingResult:
     epsilon: float | None  # this run's local DP-SGD ε (None: no local DP)
 
 
-def trained_parameters(*, pipeline, config: DPLDMConfig) -> dict:
-    """The trainable set's current values, by name ("unet.<param>", LoRA adapters included), for a
-    pipeline that `train_in_memory` has prepared (or any pipeline after `select_trainable`)."""
+def training_modules(pipeline):
+    """Everything a run may train, in one container: the UNet set and the text encoder's rows. Its
+    parameter names ("unet.<param>", "text_encoder.<param>") are the names runs save and exchange."""
     import torch
 
-    model = torch.nn.ModuleDict({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return torch.nn.ModuleDict({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
+
+
+def trained_parameters(*, pipeline) -> dict:
+    """The trainable set's current values, by name (LoRA adapters included), for a pipeline that
+    `train_in_memory` has prepared (or any pipeline after `select_trainable`)."""
+    return {name: p.detach().cpu().clone() for name, p in training_modules(pipeline).named_parameters()
+            if p.requires_grad}
 
 
 def train_in_memory(*, pipeline, dataset, config: DPLDMConfig, initial: dict | None = None,
@@ -448,7 +454,7 @@ def train_in_memory(*, pipeline, dataset, config: DPLDMConfig, initial: dict | N
         if progress is not None:
             progress(info)
     return LocalTrainingResult(
-        parameters=trained_parameters(pipeline=pipeline, config=config), num_examples=num_examples,
+        parameters=trained_parameters(pipeline=pipeline), num_examples=num_examples,
         steps=run.step, mean_loss=sum(run.losses) / len(run.losses) if run.losses else None,
         epsilon=run.engine.accountant.epsilon(delta=run.delta) if run.engine else None)
 
