@@ -264,11 +264,10 @@ def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Te
                 linked, variance, hint_latent)
 
     by_epochs = []
-    for epochs in range(1, len(payloads) + 1):
-        latents, *_ = linear_and_denoiser(epochs)
-        by_epochs.append(max(psnr(estimate=decode(z), reference=reference) for z in latents.values()))
-    latents, linked, variance, hint_latent = linear_and_denoiser(len(payloads))
-    images = {name: decode(z) for name, z in latents.items()}
+    for epochs in range(1, len(payloads) + 1):  # the last pass is the whole run's, kept below
+        latents, linked, variance, hint_latent = linear_and_denoiser(epochs)
+        images = {name: decode(z) for name, z in latents.items()}
+        by_epochs.append(max(psnr(estimate=x, reference=reference) for x in images.values()))
     if sigma_label > 0 and optimisation_steps > 0:
         def encode(x):
             return encode_latents(vae=vae, pixels=(x * 2 - 1).to(vae.dtype)).float()
