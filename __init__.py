@@ -5,3 +5,10 @@ imports nothing heavy: ComfyUI imports every node pack at start-up.
 """
 
 __version__ = "0.1.0"
+
+
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the node classes are imported only when ComfyUI asks for them."""
+    from .nodes import PrivDiffExtension
+
+    return PrivDiffExtension()

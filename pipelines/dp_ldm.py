@@ -67,6 +67,8 @@ class DPLDMConfig:
         for name in ("batch_size", "physical_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples={self.num_samples} must be 0 (no sample grid) or more.")
         if not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs} must be positive.")
         if not self.max_grad_norm > 0 or not self.learning_rate > 0:
@@ -514,9 +516,11 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
     pipe = run.pipeline
     pipe.set_progress_bar_config(disable=True)
     prompts = list(config.sample_prompts) or _public_prompts(num=config.num_samples, seed=config.seed)
-    images = pipe(prompts, num_inference_steps=30, guidance_scale=5.0, output_type="np",
-                  generator=torch.Generator().manual_seed(config.seed)).images
-    grid = save_png(make_grid(list(images), labels=prompts, columns=4, cell_size=96), out / "samples.png")
+    grid = None
+    if prompts:
+        images = pipe(prompts, num_inference_steps=30, guidance_scale=5.0, output_type="np",
+                      generator=torch.Generator().manual_seed(config.seed)).images
+        grid = save_png(make_grid(list(images), labels=prompts, columns=4, cell_size=96), out / "samples.png")
     byproducts = out / BYPRODUCTS
     if config.keep_byproducts:
         save_png(line_chart({"training loss": run.losses}, title="DP-LDM training loss",

@@ -192,6 +192,27 @@ class PrivacyRecord:
 
     # ----------------------------------------------------------------------------------- JSON
 
+    def summary_lines(self) -> list[str]:
+        """The record for people: the guarantee first, then the settings it rests on."""
+        if self.mechanism == "none":
+            lines = ["NO differential privacy: this artifact is public or was trained without DP."]
+        elif self.epsilon is not None:
+            unit = {"example": "each training example", "subject": "each person (all their examples)"}.get(
+                self.privacy_unit or "example", self.privacy_unit)
+            lines = [f"(ε = {self.epsilon:.4g}, δ = {self.delta:.3g})-differential privacy for {unit}",
+                     f"mechanism: {self.mechanism}"]
+        else:
+            lines = [f"mechanism: {self.mechanism} (no ε: see the measured figures below)"]
+        for label, value in (("noise multiplier σ/C", self.noise_multiplier), ("clip C", self.clip),
+                             ("sample rate q", self.sample_rate), ("steps", self.steps),
+                             ("examples", self.num_examples), ("accountant", self.accountant)):
+            if value is not None:
+                lines.append(f"{label}: {value:.4g}" if isinstance(value, float) else f"{label}: {value}")
+        for key, value in self.extra.items():
+            lines.append(f"{key}: {json.dumps(value)}")
+        lines.append(f"privdiff {self.privdiff_version}")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"format": _FORMAT, "format_version": _FORMAT_VERSION}
         for f in dataclasses.fields(self):

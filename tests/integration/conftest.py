@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # comfy_server.py, beside this file
+
 
 @pytest.fixture(scope="session")
 def comfyui_root() -> Path:
@@ -60,3 +62,19 @@ def _comfy_tiny_model(spec):
     model = PrivdiffTiny(config).get_model({})
     model.diffusion_model.load_state_dict(spec.unet_state_dict, strict=True)
     return model
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_root, tmp_path_factory):
+    """A real ComfyUI server (its own process, a fresh base folder) with this checkout as a node pack."""
+    import socket
+
+    from comfy_server import ComfyServer
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ComfyServer(comfyui_root=comfyui_root, base=tmp_path_factory.mktemp("comfy-base"), port=port)
+    server.start()
+    yield server
+    server.stop()

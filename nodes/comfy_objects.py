@@ -1,0 +1,230 @@
+"""Glue between ComfyUI's objects and the library's: models, progress, previews, folders.
+
+What the two layouts *are* lives in `models/` (plain data, no ComfyUI import); here they are turned
+into and out of ComfyUI's own classes, through ComfyUI's memory management.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+def privdiff_tiny_objects():
+    """privdiff-tiny as ComfyUI-native MODEL, CLIP and VAE, built from ComfyUI's own SD1 classes."""
+    import comfy.latent_formats
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import folder_paths
+
+    from ..models.comfy_layout import comfy_native_spec
+    from ..models.privdiff_tiny import SHIPPED_DIR, load_privdiff_tiny
+
+    spec = comfy_native_spec(load_privdiff_tiny())
+    unet_config = comfy.model_detection.detect_unet_config(spec.unet_state_dict, "")
+    unet_config.update(spec.unet_extra_config)
+
+    class TinyLatent(comfy.latent_formats.SD15):
+        def __init__(self):
+            super().__init__(scale_factor=spec.latent_scale_factor)
+
+    class PrivdiffTiny(comfy.supported_models.SD15):
+        latent_format = TinyLatent
+
+    PrivdiffTiny.unet_config = dict(unet_config)
+    PrivdiffTiny.unet_extra_config = {}
+    model_config = PrivdiffTiny(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(spec.unet_state_dict, strict=True)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+
+    tokenizer = functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(SHIPPED_DIR / "tokenizer"),
+                                  embedding_size=spec.clip_embedding_size, embedding_key="clip_l", max_length=77)
+    encoder = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=spec.clip_config,
+                                special_tokens=spec.clip_special_tokens, layer="last")
+    target = comfy.supported_models_base.ClipTarget(functools.partial(comfy.sd1_clip.SD1Tokenizer, tokenizer=tokenizer),
+                                                    functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=encoder))
+    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                         model_options={"dtype": torch.float32})
+    clip.load_sd(spec.clip_state_dict)
+    vae = comfy.sd.VAE(sd=spec.vae_state_dict, config=spec.vae_config, dtype=torch.float32)
+    return patcher, clip, vae
+
+
+def _sd1_tokenizer(clip):
+    slot = getattr(clip.tokenizer, "clip_l", None)
+    return getattr(slot, "tokenizer", None)
+
+
+def pipeline_from_comfy(*, model, clip, vae):
+    """A diffusers pipeline holding the connected MODEL's weights (its patches applied, as ComfyUI's
+    checkpoint saver does), CLIP's and VAE's: what the trainers take."""
+    import comfy.model_management as mm
+
+    from ..models.comfy_layout import pipeline_from_original_state_dict
+
+    mm.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    pipeline = pipeline_from_original_state_dict(state_dict=state, tokenizer=_sd1_tokenizer(clip))
+    del state
+    mm.soft_empty_cache()
+    return pipeline
+
+
+def training_device() -> str:
+    import comfy.model_management as mm
+
+    return str(mm.get_torch_device())
+
+
+def make_room_for_training() -> None:
+    """Training holds its own copy of the model: unload ComfyUI's cached models first."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+def model_with_weight_file(*, model, path: Path, strength: float = 1.0):
+    """MODEL with a LoRA / weight-difference file applied, as ComfyUI's LoraLoaderModelOnly does."""
+    import comfy.sd
+    import comfy.utils
+
+    patches = comfy.utils.load_torch_file(str(path), safe_load=True)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, patches, strength, 0)
+    return patched
+
+
+# ---- folders ------------------------------------------------------------------------------------
+
+
+def models_folder(kind: str) -> Path:
+    """ComfyUI's first folder for `kind` ("loras", "embeddings", "controlnet"), where its loaders look."""
+    import folder_paths
+
+    return Path(folder_paths.get_folder_paths(kind)[0])
+
+
+def run_folder(name: str) -> Path:
+    """Where a privdiff run keeps its working files (checkpoints to resume from, samples): output/privdiff/<name>."""
+    import folder_paths
+
+    return Path(folder_paths.get_output_directory()) / "privdiff" / name
+
+
+def input_path(text: str) -> Path:
+    """A user-typed path: absolute, or relative to ComfyUI's input folder."""
+    import folder_paths
+
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+
+
+def find_artifact(name: str) -> Path:
+    """A file named as ComfyUI's loaders name it (`loras`, `embeddings`, `controlnet`), or a path."""
+    import folder_paths
+
+    text = name.strip()
+    if text.startswith("embedding:"):
+        text = text[len("embedding:"):]
+    for kind in ("loras", "embeddings", "controlnet"):
+        for candidate in (text, f"{text}.safetensors"):
+            found = folder_paths.get_full_path(kind, candidate)
+            if found:
+                return Path(found)
+    path = input_path(text)
+    if path.exists():
+        return path
+    raise FileNotFoundError(f"no file named {name!r} in ComfyUI's loras, embeddings or controlnet folders, nor at {path}. "
+                            "Give a file name as those loaders list it, or a full path.")
+
+
+# ---- progress, stop button, previews -----------------------------------------------------------
+
+
+class NodeProgress:
+    """ComfyUI's progress bar (steps) and progress text (ε spent) for one node; the stop button."""
+
+    def __init__(self, *, node_id: str | None, total: int = 1):
+        import comfy.utils
+
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.losses: list[float] = []
+
+    def text(self, message: str) -> None:
+        from server import PromptServer
+
+        if self.node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(message, self.node_id)
+
+    def step(self, *, step: int, total: int, epsilon: float | None = None, loss: float | None = None) -> None:
+        self.bar.update_absolute(step, total)
+        if loss is not None:
+            self.losses.append(float(loss))
+        self.text(f"step {step}/{total}" + (f" · ε spent {epsilon:.3g}" if epsilon is not None else " · no DP"))
+
+    @staticmethod
+    def stop_requested() -> bool:
+        import comfy.model_management as mm
+
+        return mm.processing_interrupted()
+
+    @staticmethod
+    def raise_if_stopped() -> None:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+
+
+def image_batch(pictures) -> torch.Tensor:
+    """PIL images (or PNG paths) -> IMAGE [B,H,W,C] in 0..1, each on a white canvas of the largest size
+    (a batch has one size; resizing would distort charts)."""
+    import numpy as np
+    from PIL import Image
+
+    images = [(Image.open(p) if isinstance(p, (str, Path)) else p).convert("RGB") for p in pictures]
+    width, height = max(im.width for im in images), max(im.height for im in images)
+    canvases = []
+    for im in images:
+        canvas = Image.new("RGB", (width, height), "white")
+        canvas.paste(im, ((width - im.width) // 2, (height - im.height) // 2))
+        canvases.append(np.asarray(canvas, dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(canvases))
+
+
+def preview(pictures):
+    """A UI preview of PIL images / PNG files, saved to ComfyUI's temp folder without workflow metadata."""
+    from comfy_api.latest import ui
+
+    return ui.PreviewImage(image_batch(pictures), cls=None)  # cls=None: no prompt/workflow in the PNG
+
+
+def publish_to_comfy(*, source: Path, kind: str, name: str) -> Path:
+    """Copy a released file into ComfyUI's `kind` folder as <name>.safetensors (record included)."""
+    from ..pipelines.release import check_release_name, publish_release
+
+    return publish_release(source=source, destination=models_folder(kind) / f"{check_release_name(name)}.safetensors")
+
+
+def training_previews(*, losses: list[float], samples: Path | None, title: str):
+    """The node's previews: samples from the released model (covered by ε) and the loss curve,
+    labelled as computed on private data outside the guarantee; shown, never saved with the outputs."""
+    from ..data.images import line_chart
+
+    pictures = [samples] if samples is not None else []
+    if losses:
+        pictures.append(line_chart({"training loss": losses}, title=f"{title} training loss",
+                                   note="computed on private data: NOT covered by the DP guarantee"))
+    return preview(pictures) if pictures else None
