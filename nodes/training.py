@@ -145,13 +145,14 @@ class _TextualInversionNode(io.ComfyNode):
 
         progress = _progress(cls)
         make_room_for_training()
-        pipeline = pipeline_from_comfy(model=model, clip=clip, vae=vae).to(training_device())
 
         def report(step, total):
             progress.step(step=step, total=total)
             progress.raise_if_stopped()
 
+        # ComfyUI runs nodes under inference mode; weights made there cannot take part in autograd.
         with torch.inference_mode(False), tempfile.TemporaryDirectory(prefix="privdiff-ti-") as out:
+            pipeline = pipeline_from_comfy(model=model, clip=clip, vae=vae).to(training_device())
             result = trainer(pipeline=pipeline, dataset=dataset, out=out, config=config, progress=report)
             path = publish_to_comfy(source=result.files["comfyui"], kind="embeddings", name=name)
         return io.NodeOutput(f"embedding:{path.stem}", ui={"text": [f"embedding:{path.stem} · ε = {result.epsilon:.4g}"]})

@@ -515,7 +515,8 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
     # Samples from the private model are post-processing of the DP release: covered by ε.
     pipe = run.pipeline
     pipe.set_progress_bar_config(disable=True)
-    prompts = list(config.sample_prompts) or _public_prompts(num=config.num_samples, seed=config.seed)
+    prompts = list(config.sample_prompts) or (_public_prompts(num=config.num_samples, seed=config.seed)
+                                               if config.num_samples else [])
     grid = None
     if prompts:
         images = pipe(prompts, num_inference_steps=30, guidance_scale=5.0, output_type="np",

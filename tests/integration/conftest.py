@@ -78,3 +78,36 @@ def comfy_server(comfyui_root, tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+SD15_CACHE = Path(os.environ.get("PRIVDIFF_TEST_CACHE", "~/.cache/privdiff-tests")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfyui_root) -> Path:
+    """A randomly initialised SD1.5-shaped single-file checkpoint (fp16, ~2 GB), made once and cached
+    outside the repository: ComfyUI's own CheckpointLoaderSimple recognises it as SD1.5."""
+    path = SD15_CACHE / "sd15-random-fp16.safetensors"
+    if path.is_file():
+        return path
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from privdiff.models.loading import CONFIGS_DIR
+    from privdiff.models.original_layout import save_single_file
+    from privdiff.models.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    folder = CONFIGS_DIR / "sd15"
+    pipeline = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json")),
+        tokenizer=build_clip_tokenizer(), scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to(torch.float16)
+    partial = path.with_name(path.name + ".partial")
+    save_single_file(pipeline=pipeline, path=partial.with_suffix(".safetensors"))
+    partial.with_suffix(".safetensors").rename(path)
+    return path
