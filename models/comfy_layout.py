@@ -119,6 +119,7 @@ def pipeline_from_original_state_dict(*, state_dict: dict, tokenizer=None, torch
     a single file on disk (`load_single_file`, bundled configs), after undoing what ComfyUI's layout
     adds for privdiff-tiny (the CLIP token table padded to 49408 rows). `tokenizer`: an object or folder
     (ComfyUI's CLIP carries one); default: the bundled config's own."""
+    import copy
     import json
     import tempfile
     from pathlib import Path
@@ -148,4 +149,12 @@ def pipeline_from_original_state_dict(*, state_dict: dict, tokenizer=None, torch
                                                 f"{vocab}, which this model's vocabulary does not have.")
                 state[table_key] = table[:vocab].clone()
                 save_file(state, str(path))
-        return load_single_file(path, tokenizer=tokenizer, torch_dtype=torch_dtype or torch.float32)
+        if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+            tokenizer = copy.deepcopy(tokenizer)  # the caller's object stays as it is
+        pipeline = load_single_file(path, tokenizer=tokenizer, torch_dtype=torch_dtype or torch.float32)
+    # ComfyUI's tokenizers claim a long model_max_length (ComfyUI splits long prompts itself); the
+    # trainers pad to it, so it must be the text encoder's own context length.
+    context = pipeline.text_encoder.config.max_position_embeddings
+    if pipeline.tokenizer.model_max_length > context:
+        pipeline.tokenizer.model_max_length = context
+    return pipeline

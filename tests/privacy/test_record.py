@@ -239,3 +239,14 @@ def test_read_record_errors(tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(PrivacyRecordError, match="not a readable safetensors file"):
         read_record(junk)
+
+
+def test_summary_lines_state_the_guarantee_first():
+    from privdiff.privacy.record import PrivacyRecord
+
+    record = PrivacyRecord(mechanism="gaussian-aggregate", epsilon=1.0, delta=1e-5, noise_multiplier=3.2, clip=0.5,
+                           sample_rate=1.0, steps=1, num_examples=100, accountant="analytic")
+    lines = record.summary_lines()
+    assert lines[0] == "(ε = 1, δ = 1e-05)-differential privacy for each training example"
+    assert "clip C: 0.5" in lines and "examples: 100" in lines
+    assert PrivacyRecord(mechanism="none").summary_lines()[0].startswith("NO differential privacy")

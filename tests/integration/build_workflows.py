@@ -1,0 +1,115 @@
+"""Build `workflows/*.json` (ComfyUI's UI format) from the graphs below, through ComfyUI's real frontend,
+and take each workflow's screenshot for the README.
+
+    python tests/integration/build_workflows.py --server http://127.0.0.1:8199 [--screenshots workflows/screenshots]
+
+Needs a running ComfyUI with this pack, node with playwright-core (NODE_PATH) and Chromium.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKFLOWS = HERE.parents[1] / "workflows"
+
+SWAP_NOTE = ("Runs as is on privdiff-tiny (no download). For a real model: replace 'Load privdiff-tiny' with "
+             "ComfyUI's Load Checkpoint (an SD1.5 .safetensors from models/checkpoints), connect its MODEL, CLIP "
+             "and VAE to the same inputs, and set the dataset's resolution to 512 and the sampler's size to "
+             "512 x 512. For your own data use 'privdiff image folder' or 'privdiff images + captions' instead of "
+             "the procedural set.")
+TINY = {"1": {"class_type": "PrivDiffTinyLoader", "inputs": {}}}
+
+
+def _sampler(model, text):
+    return {
+        "20": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
+        "21": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "22": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "23": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["20", 0], "negative": ["21", 0],
+                                                    "latent_image": ["22", 0], "seed": 0, "steps": 20, "cfg": 5.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "24": {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 2]}},
+        "25": {"class_type": "PreviewImage", "inputs": {"images": ["24", 0]}},
+    }
+
+
+def _models(prefix):
+    return {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "name": prefix}
+
+
+GRAPHS = {
+    "privdiff-dp-ldm": {
+        **TINY,
+        "2": {"class_type": "PrivDiffProceduralDataset", "inputs": {"name": "shapes", "num_items": 32, "resolution": 64, "seed": 0}},
+        "3": {"class_type": "PrivDiffDPLDMTrain", "inputs": {
+            **_models("privdiff-dp-ldm-example"), "epsilon": 8.0, "trainable": "attention", "epochs": 2.0,
+            "batch_size": 8, "learning_rate": 0.003, "max_grad_norm": 0.1, "lora_rank": 4, "seed": 0,
+            "resume": False, "num_samples": 4}},
+        "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 1]}},
+        **_sampler(["3", 0], "a red circle on a blue background"),
+    },
+    "privdiff-dpagg-ti": {
+        **TINY,
+        "2": {"class_type": "PrivDiffProceduralDataset", "inputs": {"name": "style", "num_items": 12, "resolution": 64, "seed": 0}},
+        "3": {"class_type": "PrivDiffDPAggTITrain", "inputs": {
+            **_models("privdiff-dpagg-example"), "init_word": "painting", "num_vectors": 1,
+            "template": "a picture in the style of {token}", "epsilon": 1.0, "steps": 10, "clip_norm": 0.5,
+            "learning_rate": 0.005, "seed": 0}},
+        "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 0]}},
+        **_sampler(["1", 0], ["3", 0]),
+    },
+    "privdiff-dpsgd-ti": {
+        **TINY,
+        "2": {"class_type": "PrivDiffProceduralDataset", "inputs": {"name": "style", "num_items": 12, "resolution": 64, "seed": 0}},
+        "3": {"class_type": "PrivDiffDPSGDTITrain", "inputs": {
+            **_models("privdiff-dpsgd-example"), "init_word": "painting", "num_vectors": 1,
+            "template": "a picture in the style of {token}", "epsilon": 4.0, "epochs": 2.0, "batch_size": 4,
+            "max_grad_norm": 0.01, "learning_rate": 0.005, "seed": 0}},
+        "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 0]}},
+        **_sampler(["1", 0], ["3", 0]),
+    },
+}
+
+
+def frontend(*, server: str, mode: str, source: Path, target: Path, note: Path | None = None) -> None:
+    command = ["node", str(HERE / "frontend.cjs"), server, mode, str(source), str(target)] + ([str(note)] if note else [])
+    subprocess.run(command, check=True, env={**os.environ, "NODE_PATH": os.environ.get("NODE_PATH", str(Path("~/pw/node_modules").expanduser()))})
+
+
+def fixed_seeds(workflow: dict) -> dict:
+    """Example workflows keep their seeds: the frontend's 'randomize' default would change them every run."""
+    for node in workflow["nodes"]:
+        values = node.get("widgets_values")
+        if isinstance(values, list):
+            node["widgets_values"] = ["fixed" if v == "randomize" else v for v in values]
+    return workflow
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", default="http://127.0.0.1:8199")
+    parser.add_argument("--screenshots", default=None, help="folder for one PNG per workflow")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        note = Path(folder) / "note.txt"
+        note.write_text(SWAP_NOTE)
+        for name, graph in GRAPHS.items():
+            api, ui = Path(folder) / f"{name}.api.json", WORKFLOWS / f"{name}.json"
+            api.write_text(json.dumps(graph))
+            frontend(server=args.server, mode="from-api", source=api, target=ui, note=note)
+            ui.write_text(json.dumps(fixed_seeds(json.loads(ui.read_text())), indent=1) + "\n")
+            if args.screenshots:
+                Path(args.screenshots).mkdir(parents=True, exist_ok=True)
+                frontend(server=args.server, mode="screenshot", source=ui, target=Path(args.screenshots) / f"{name}.png")
+            print(ui)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+// Drives ComfyUI's real frontend in headless Chromium (playwright-core, Debian's chromium).
+//   node frontend.cjs <server url> to-api     <ui workflow.json>  <out api.json>
+//   node frontend.cjs <server url> from-api   <api prompt.json>   <out ui.json>   [note text file]
+//   node frontend.cjs <server url> screenshot <ui workflow.json>  <out .png>
+const fs = require('fs');
+const { chromium } = require('playwright-core');
+
+const [url, mode, input, output, noteFile] = process.argv.slice(2);
+const executablePath = process.env.PRIVDIFF_CHROMIUM || '/usr/bin/chromium';
+const flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync'];
+
+(async () => {
+  const browser = await chromium.launch({ executablePath, args: flags });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+    const errors = [];
+    page.on('pageerror', (e) => errors.push(String(e)));
+    await page.goto(url, { waitUntil: 'load', timeout: 120000 });
+    await page.waitForFunction(() => window.app && window.app.graph && window.app.vueAppReady !== false, null,
+      { timeout: 120000 });
+    await page.waitForTimeout(1500); // node definitions registered
+    const data = JSON.parse(fs.readFileSync(input, 'utf8'));
+    if (mode === 'to-api') {
+      const prompt = await page.evaluate(async (wf) => {
+        await window.app.loadGraphData(wf);
+        return (await window.app.graphToPrompt()).output;
+      }, data);
+      fs.writeFileSync(output, JSON.stringify(prompt, null, 1));
+    } else if (mode === 'from-api') {
+      const note = noteFile ? fs.readFileSync(noteFile, 'utf8') : null;
+      const workflow = await page.evaluate(async ([api, note]) => {
+        await window.app.loadApiJson(api, 'workflow');
+        const graph = window.app.graph;
+        if (note) {
+          const node = window.LiteGraph.createNode('Note');
+          node.widgets[0].value = note;
+          let left = Infinity, bottom = -Infinity;
+          for (const n of graph._nodes) { left = Math.min(left, n.pos[0]); bottom = Math.max(bottom, n.pos[1] + n.size[1]); }
+          node.pos = [left, bottom + 60];
+          node.size = [520, 160];
+          graph.add(node);
+        }
+        return graph.serialize();
+      }, [data, note]);
+      fs.writeFileSync(output, JSON.stringify(workflow, null, 1) + '\n');
+    } else if (mode === 'screenshot') {
+      await page.evaluate(async (wf) => {
+        await window.app.loadGraphData(wf);
+        const canvas = window.app.canvas;
+        if (canvas.ds && window.app.graph._nodes.length) {
+          let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+          for (const n of window.app.graph._nodes) {
+            x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 40);
+            x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+          }
+          const scale = Math.min(1.1, 1450 / (x1 - x0), 700 / (y1 - y0));
+          canvas.ds.scale = scale;
+          canvas.ds.offset = [-x0 + 50 / scale, -y0 + 80 / scale];
+          canvas.setDirty(true, true);
+        }
+      }, data);
+      await page.waitForTimeout(1500);
+      await page.screenshot({ path: output });
+    } else {
+      throw new Error(`unknown mode ${mode}`);
+    }
+    if (errors.length) console.error('page errors:\n' + errors.join('\n'));
+  } finally {
+    await browser.close();
+  }
+})().catch((e) => { console.error(e); process.exit(1); });
