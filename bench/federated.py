@@ -3,6 +3,7 @@
     python bench/federated.py bytes                         # privdiff-tiny and SD1.5 shapes, 3 clients
     python bench/federated.py digits --out /tmp/fed-digits  # a simulation, then digit accuracy vs the base
     python bench/federated.py non-iid --betas 0.1 5 --rounds 3 --num-items 300 --digit-words --out /tmp/fed-beta
+    python bench/federated.py non-iid-direct --clients 10 --rounds 3 --local-epochs 30 --batch-size 10 --lr 3e-3 --num-items 300 --digit-words
 
 `bytes`: the serialised arrays of the Flower messages each client receives and sends per round (the
 global set down, its own set up; fp32), for `full`, `attention` and `lora`. `digits`: `privdiff fed simulate` on privdiff-tiny
@@ -111,9 +112,49 @@ def non_iid(args) -> dict:
     return results
 
 
+def non_iid_direct(args) -> dict:
+    """The non-IID comparison without Flower or Ray: the same `train_round` the ClientApp calls and the
+    same sample-weighted average, in one process, with the held-out loss per timestep after every round."""
+    import numpy as np
+
+    from privdiff.federated.fedavg import (HELDOUT_TIMESTEPS, FederatedConfig, client_partition, initial_parameters,
+                                           load_data, load_parameters, train_round)
+    from privdiff.models.loading import load_pipeline
+    from privdiff.pipelines.membership import MembershipAuditConfig, diffusion_losses
+
+    results = {}
+    for beta in args.betas:
+        config = FederatedConfig(data="digits", num_items=args.num_items, heldout_items=100, num_clients=args.clients,
+                                 rounds=args.rounds, beta=beta, seed=args.seed, trainable=args.trainable,
+                                 local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                                 conditioning_words=tuple("0123456789") if args.digit_words else ())
+        pipeline = load_pipeline(base="tiny")
+        global_set = initial_parameters(config, pipeline)
+        dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+        heldout = list(range(config.num_items, config.num_items + config.heldout_items))
+
+        def per_timestep():
+            return {t: float(diffusion_losses(pipeline=pipeline, dataset=dataset, indices=heldout,
+                                              config=MembershipAuditConfig(timesteps=(t,), noise_draws=1)).mean())
+                    for t in HELDOUT_TIMESTEPS}
+
+        history = [per_timestep()]
+        for round_number in range(1, config.rounds + 1):
+            replies = [train_round(config=config, client=c, round_number=round_number, initial=global_set)
+                       for c in range(config.num_clients)]
+            total = sum(m["num-examples"] for _, m in replies)
+            global_set = {k: sum(p[k] * (m["num-examples"] / total) for p, m in replies) for k in global_set}
+            load_parameters(pipeline, global_set)
+            history.append(per_timestep())
+        results[str(beta)] = {"partition_sizes": client_partition(config, dataset).sizes,
+                              "heldout_loss": [float(np.mean(list(h.values()))) for h in history],
+                              "final_per_timestep": history[-1]}
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["bytes", "digits", "non-iid"])
+    parser.add_argument("what", choices=["bytes", "digits", "non-iid", "non-iid-direct"])
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 5.0], help="non-iid: the β to compare")
     parser.add_argument("--model", default="tiny", help="bytes: tiny or sd15")
     parser.add_argument("--clients", type=int, default=3)
@@ -133,7 +174,7 @@ def main(argv=None) -> int:
     if args.what == "bytes":
         result = bytes_per_round(model=args.model, num_clients=args.clients)
     else:
-        result = digits(args) if args.what == "digits" else non_iid(args)
+        result = {"digits": digits, "non-iid": non_iid, "non-iid-direct": non_iid_direct}[args.what](args)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
