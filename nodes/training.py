@@ -136,25 +136,30 @@ class _TextualInversionNode(io.ComfyNode):
         return True
 
     @classmethod
-    def _train(cls, *, trainer, config, model, clip, vae, dataset, name):
-        import tempfile
-
+    def _train(cls, *, trainer, config, model, clip, vae, dataset, name, resume: bool | None = None):
+        """resume None: the trainer has no checkpoints, the stop button just stops it; else a stop
+        leaves a checkpoint in output/privdiff/<name> and resume=True continues it."""
         import torch
 
-        from .comfy_objects import make_room_for_training, pipeline_from_comfy, publish_to_comfy, training_device
+        from .comfy_objects import (make_room_for_training, pipeline_from_comfy, publish_to_comfy, run_folder,
+                                    training_device)
 
         progress = _progress(cls)
         make_room_for_training()
 
         def report(step, total):
             progress.step(step=step, total=total)
-            progress.raise_if_stopped()
+            if resume is None:
+                progress.raise_if_stopped()
 
+        stopping = {} if resume is None else {"should_stop": progress.stop_requested, "resume": resume}
         # ComfyUI runs nodes under inference mode; weights made there cannot take part in autograd.
-        with torch.inference_mode(False), tempfile.TemporaryDirectory(prefix="privdiff-ti-") as out:
+        with torch.inference_mode(False):
             pipeline = pipeline_from_comfy(model=model, clip=clip, vae=vae).to(training_device())
-            result = trainer(pipeline=pipeline, dataset=dataset, out=out, config=config, progress=report)
-            path = publish_to_comfy(source=result.files["comfyui"], kind="embeddings", name=name)
+            result = trainer(pipeline=pipeline, dataset=dataset, out=run_folder(name), config=config, progress=report,
+                             **stopping)
+        progress.raise_if_stopped()
+        path = publish_to_comfy(source=result.files["comfyui"], kind="embeddings", name=name)
         return io.NodeOutput(f"embedding:{path.stem}", ui={"text": [f"embedding:{path.stem} · ε = {result.epsilon:.4g}"]})
 
 
@@ -173,7 +178,9 @@ class PrivDiffDPAggTITrain(_TextualInversionNode):
                     io.Float.Input("clip_norm", default=0.5, min=1e-4, max=100.0, step=0.01,
                                    tooltip="C: each embedding's distance from the init word is clipped to this norm"),
                     io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip="Adam's step size"),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="optimisation order (the DP noise comes from the OS)")],
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="optimisation order (the DP noise comes from the OS)"),
+                    io.Boolean.Input("resume", default=False,
+                                     tooltip="continue the stopped run of the same name from its checkpoint")],
             outputs=[io.String.Output(display_name="prompt_text", tooltip="embedding:<name>, to put in a prompt")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -182,14 +189,14 @@ class PrivDiffDPAggTITrain(_TextualInversionNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, init_word, num_vectors, template, epsilon, steps, clip_norm,
-                learning_rate, seed):
+                learning_rate, seed, resume):
         from ..pipelines.dp_ti import DPAggConfig, train_dpagg_ti
 
         config = DPAggConfig(token=f"<{name}>", init_word=init_word, num_vectors=num_vectors, template=template,
                              epsilon=epsilon, steps=steps, clip=clip_norm,
                              learning_rate=learning_rate, seed=seed)
         return cls._train(trainer=train_dpagg_ti, config=config, model=model, clip=clip, vae=vae, dataset=dataset,
-                          name=name)
+                          name=name, resume=resume)
 
 
 class PrivDiffDPSGDTITrain(_TextualInversionNode):

@@ -111,6 +111,54 @@ class DPAggResult:
     files: dict[str, Path] = field(default_factory=dict)
     epsilon: float | None = None
     num_units: int = 0
+    stopped: bool = False  # stopped on request: a checkpoint in out/BYPRODUCTS, nothing released
+    steps_done: int = 0
+
+
+# Where a stopped DPAgg-TI run keeps its checkpoint: the per-unit embeddings, the most sensitive
+# by-product (outside the guarantee). Deleted when the run releases its average.
+BYPRODUCTS = "byproducts-not-covered-by-dp"
+
+
+def _save_dpagg_checkpoint(*, folder: Path, step: int, cursor: int, placeholders, optimizer, generator,
+                           fingerprint: dict) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"rows.{i}": rows.rows.detach().cpu().contiguous() for i, rows in enumerate(placeholders.rows)}
+    tensors["generator"] = generator.get_state()
+    for i, rows in enumerate(placeholders.rows):
+        state = optimizer.state.get(rows.rows, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"adam.{i}.{key}"] = state[key].detach().cpu().contiguous()
+        if "step" in state:
+            tensors[f"adam.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    save_file(tensors, str(folder / "checkpoint.safetensors"))
+    (folder / "checkpoint.json").write_text(json.dumps({"step": step, "cursor": cursor, "config": fingerprint}))
+
+
+def _load_dpagg_checkpoint(*, folder: Path, placeholders, optimizer, generator, fingerprint: dict) -> tuple[int, int]:
+    import json
+
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "checkpoint.json").read_text())
+    if meta["config"] != fingerprint:
+        raise ValueError(f"the checkpoint in {folder} was made with other settings ({meta['config']}); resume with "
+                         "those, or start a new run in another folder.")
+    tensors = load_file(str(folder / "checkpoint.safetensors"))
+    with torch.no_grad():
+        for i, rows in enumerate(placeholders.rows):
+            rows.rows.copy_(tensors[f"rows.{i}"])
+            if f"adam.{i}.exp_avg" in tensors:
+                optimizer.state[rows.rows] = {"step": tensors[f"adam.{i}.step"][0].clone(),
+                                              "exp_avg": tensors[f"adam.{i}.exp_avg"].clone(),
+                                              "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].clone()}
+    generator.set_state(tensors["generator"])
+    return int(meta["step"]), int(meta["cursor"])
 
 
 def _encode_dataset(*, pipeline, dataset, chunk: int = 64) -> torch.Tensor:
@@ -153,11 +201,15 @@ def _units(*, num_images: int, num_subsets: int | None, dataset=None, privacy_un
 
 
 def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = DPAggConfig(),
-                   progress: Callable[[int, int], None] | None = None, a1111: bool = False) -> DPAggResult:
+                   progress: Callable[[int, int], None] | None = None, a1111: bool = False,
+                   should_stop: Callable[[], bool] | None = None, resume: bool = False) -> DPAggResult:
     """Train one embedding per unit in one batched run, release their DP average, write the files.
 
     Works on SD1/SD2 and SDXL pipelines (the token gets rows in both SDXL encoders; a unit's rows in
-    both are clipped together as one vector)."""
+    both are clipped together as one vector). `should_stop` is polled after each step: a stopped run
+    releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly."""
+    import shutil
+
     from ..data.base import DatasetError
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
@@ -205,7 +257,15 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
         cursor = 0
         pipeline.unet.requires_grad_(False)
         total_steps = math.ceil(config.steps * n_images / config.batch_size)
-        for step in range(total_steps):
+        fingerprint = {"config": repr(config), "num_images": n_images, "units": n}
+        checkpoint = dict(folder=out / BYPRODUCTS, placeholders=placeholders, optimizer=optimizer,
+                          generator=generator, fingerprint=fingerprint)
+        first = 0
+        if resume:
+            if not (out / BYPRODUCTS / "checkpoint.json").is_file():
+                raise FileNotFoundError(f"resume: no DPAgg-TI checkpoint in {out / BYPRODUCTS}; start without resume.")
+            first, cursor = _load_dpagg_checkpoint(**checkpoint)
+        for step in range(first, total_steps):
             # A fixed cyclic schedule over the images (data-independent): every image gets the same steps.
             picks = order[(torch.arange(config.batch_size) + cursor) % n_images]
             cursor = (cursor + config.batch_size) % n_images
@@ -221,6 +281,9 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
             optimizer.zero_grad(set_to_none=True)
             if progress is not None:
                 progress(step + 1, total_steps)
+            if should_stop is not None and step + 1 < total_steps and should_stop():
+                _save_dpagg_checkpoint(step=step + 1, cursor=cursor, **checkpoint)
+                return DPAggResult(out=out, num_units=n, stopped=True, steps_done=step + 1)
         # A unit's embedding is its rows in every encoder, side by side: clipped as one vector.
         widths = [rows.rows.shape[1] for rows in placeholders.rows]
         embeddings = torch.cat([rows.rows.detach().reshape(n, config.num_vectors, -1) for rows in placeholders.rows],
@@ -247,7 +310,8 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
     vectors = list(torch.split(result.release, widths, dim=-1))
     files = save_embedding(vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders, out=out,
                            record=record, a1111=a1111)
-    return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=n)
+    shutil.rmtree(out / BYPRODUCTS, ignore_errors=True)  # the per-unit embeddings of a resumed run
+    return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=n, steps_done=total_steps)
 
 
 @dataclass(frozen=True)

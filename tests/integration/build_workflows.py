@@ -60,7 +60,7 @@ GRAPHS = {
         "3": {"class_type": "PrivDiffDPAggTITrain", "inputs": {
             **_models("privdiff-dpagg-example"), "init_word": "painting", "num_vectors": 1,
             "template": "a picture in the style of {token}", "epsilon": 1.0, "steps": 10, "clip_norm": 0.5,
-            "learning_rate": 0.005, "seed": 0}},
+            "learning_rate": 0.005, "seed": 0, "resume": False}},
         "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 0]}},
         **_sampler(["1", 0], ["3", 0]),
     },

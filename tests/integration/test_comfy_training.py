@@ -97,7 +97,8 @@ def test_dpagg_ti_on_tiny_gives_an_embedding_that_changes_clip_text_encode(comfy
     ti = {"class_type": "PrivDiffDPAggTITrain",
           "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "name": "tiny-style",
                      "init_word": "circle", "num_vectors": 1, "template": "a picture in the style of {token}",
-                     "epsilon": 1.0, "steps": 2, "clip_norm": 0.5, "learning_rate": 0.005, "seed": 0}}
+                     "epsilon": 1.0, "steps": 2, "clip_norm": 0.5, "learning_rate": 0.005, "seed": 0,
+                     "resume": False}}
     entry = comfy_server.run({**TINY, "2": _dataset("style", num_items=6), "3": ti})
     assert entry["outputs"]["3"]["text"][0].startswith("embedding:tiny-style")
     path = comfy_server.base / "models" / "embeddings" / "tiny-style.safetensors"

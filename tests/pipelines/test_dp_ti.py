@@ -214,3 +214,26 @@ def test_subject_units_make_one_embedding_per_person(pipe, tmp_path):
         train_dpagg_ti(pipeline=pipe, dataset=_data(4), out=tmp_path / "none",
                        config=DPAggConfig(steps=1, batch_size=2, privacy_unit="subject", secure_noise=False))
     assert not (tmp_path / "none").exists()
+
+
+def test_dpagg_stopped_then_resumed_releases_what_an_unbroken_run_releases(pipe, tmp_path):
+    from privdiff.pipelines.dp_ti import BYPRODUCTS
+
+    config = DPAggConfig(token="<s>", init_word="circle", steps=4, batch_size=3, secure_noise=False, epsilon=2.0)
+    straight = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "straight", config=config)
+    polls = iter([False, True])  # stop after the second step
+    stopped = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config,
+                             should_stop=lambda: next(polls))
+    assert stopped.stopped and stopped.steps_done == 2 and not stopped.files
+    assert (tmp_path / "broken" / BYPRODUCTS / "checkpoint.json").is_file()
+    assert not list((tmp_path / "broken").glob("*.safetensors")), "a stopped run releases nothing"
+    resumed = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config, resume=True)
+    assert resumed.steps_done == straight.steps_done == 8
+    a, b = load_file(str(straight.files["diffusers"]))["<s>"], load_file(str(resumed.files["diffusers"]))["<s>"]
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not (tmp_path / "broken" / BYPRODUCTS).exists(), "the per-image embeddings are deleted at release"
+    with pytest.raises(ValueError, match="other settings"):
+        train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "again", config=config,
+                       should_stop=lambda: True)
+        train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "again",
+                       config=DPAggConfig(**{**config.__dict__, "steps": 5}), resume=True)
