@@ -29,4 +29,45 @@ class PrivDiffPrivacyReport(io.ComfyNode):
         return io.NodeOutput(report, ui={"text": [report]})
 
 
-PRIVACY_NODES = [PrivDiffPrivacyReport]
+
+class PrivDiffMembershipAudit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from .datasets import Dataset
+
+        return io.Schema(
+            node_id="PrivDiffMembershipAudit",
+            display_name="privdiff membership audit",
+            category="privdiff/privacy",
+            description="Measures what a fine-tuned model gives away: a loss-threshold membership-inference attack "
+                        "tells training images from held-out ones of the same source. AUC near 0.5 means the "
+                        "attacker cannot tell. The figures come from private data and are not covered by ε.",
+            inputs=[
+                io.Model.Input("model", tooltip="the fine-tuned model (e.g. DP-LDM train's MODEL output)"),
+                io.Clip.Input("clip", tooltip="its text encoder"),
+                io.Vae.Input("vae", tooltip="its autoencoder"),
+                Dataset.Input("members", tooltip="the images the model was trained on"),
+                Dataset.Input("nonmembers", tooltip="held-out images from the same source, never trained on"),
+                io.Int.Input("num_examples", default=64, min=1, max=100000,
+                             tooltip="how many members (and as many non-members) the attack scores"),
+            ],
+            outputs=[io.String.Output(display_name="report", tooltip="AUC and TPR at 1% FPR, one per line")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, members, nonmembers, num_examples):
+        import torch
+
+        from ..pipelines.membership import audit_membership
+        from .comfy_objects import pipeline_from_comfy, training_device
+
+        with torch.inference_mode(False):
+            pipeline = pipeline_from_comfy(model=model, clip=clip, vae=vae).to(training_device())
+        result = audit_membership(pipeline=pipeline, data=members, num_members=num_examples, nonmember_data=nonmembers)
+        report = "\n".join(result.summary_lines())
+        return io.NodeOutput(report, ui={"text": [report]})
+
+
+
+PRIVACY_NODES = [PrivDiffPrivacyReport, PrivDiffMembershipAudit]

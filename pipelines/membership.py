@@ -95,7 +95,11 @@ def audit_membership(
         members, held_out = dataset, dataset
         nonmember_indices = range(num_members, num_members + num_nonmembers)
     else:
-        members = load_dataset(data=data, resolution=resolution, seed=data_seed, num_items=num_members)
+        if hasattr(data, "__getitem__") and not isinstance(data, (str, Path)):
+            members = data  # a dataset object: its first num_members items trained the model
+            num_members = min(num_members, len(members))
+        else:
+            members = load_dataset(data=data, resolution=resolution, seed=data_seed, num_items=num_members)
         if hasattr(nonmember_data, "__getitem__") and not isinstance(nonmember_data, (str, Path)):
             held_out = nonmember_data  # a dataset object, e.g. another split of a procedural set
             num_nonmembers = min(num_nonmembers, len(held_out))

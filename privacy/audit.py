@@ -24,6 +24,13 @@ class MembershipAuditResult:
         return {"auc": self.auc, "tpr_at_1pct_fpr": self.tpr_at_1pct_fpr,
                 "num_members": self.num_members, "num_nonmembers": self.num_nonmembers}
 
+    def summary_lines(self) -> list[str]:
+        return [f"membership inference (loss threshold) on {self.num_members} members vs {self.num_nonmembers} "
+                "non-members",
+                f"AUC {self.auc:.3f} (0.5: the attacker guesses; 1: it tells every member)",
+                f"TPR at 1% FPR {self.tpr_at_1pct_fpr:.3f} (0.01: no better than chance)",
+                "computed on private data: NOT covered by the DP guarantee; keep it with the private data"]
+
 
 def roc_auc(*, member_scores, nonmember_scores) -> float:
     """P(member score > non-member score), ties counted half (the Mann-Whitney statistic)."""

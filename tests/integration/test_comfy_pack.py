@@ -11,6 +11,7 @@ pytestmark = pytest.mark.comfyui
 SHIPPED_NODES = {
     "PrivDiffTinyLoader", "PrivDiffProceduralDataset", "PrivDiffImageFolderDataset", "PrivDiffImageBatchDataset",
     "PrivDiffDPLDMTrain", "PrivDiffDPAggTITrain", "PrivDiffDPSGDTITrain", "PrivDiffPrivacyReport",
+    "PrivDiffMembershipAudit",
 }
 TRAINING_NODES = {"PrivDiffDPLDMTrain", "PrivDiffDPAggTITrain", "PrivDiffDPSGDTITrain"}
 

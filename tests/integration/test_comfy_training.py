@@ -150,3 +150,16 @@ def test_sd15_checkpoint_drives_dp_ldm_and_dp_ti(comfy_server, sd15_in_comfy):
     from safetensors.torch import load_file
 
     assert load_file(str(embedding))["clip_l"].shape == (1, 768)
+
+
+def test_membership_audit_node_scores_the_trained_model(comfy_server):
+    nonmembers = {"class_type": "PrivDiffProceduralDataset",
+                  "inputs": {"name": "shapes", "num_items": 8, "resolution": 64, "seed": 1}}
+    audit = {"class_type": "PrivDiffMembershipAudit",
+             "inputs": {"model": ["3", 0], "clip": ["1", 1], "vae": ["1", 2], "members": ["2", 0],
+                        "nonmembers": ["5", 0], "num_examples": 8}}
+    entry = comfy_server.run({**TINY, "2": _dataset(), "3": _dp_ldm("tiny-audited"), "5": nonmembers, "6": audit})
+    report = entry["outputs"]["6"]["text"][0]
+    auc = float(report.split("AUC ")[1].split()[0])
+    assert 0.0 <= auc <= 1.0 and "8 members vs 8 non-members" in report
+    assert "NOT covered" in report
