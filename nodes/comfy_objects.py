@@ -169,11 +169,13 @@ class NodeProgress:
         if self.node_id is not None and PromptServer.instance is not None:
             PromptServer.instance.send_progress_text(message, self.node_id)
 
-    def step(self, *, step: int, total: int, epsilon: float | None = None, loss: float | None = None) -> None:
+    def step(self, *, step: int, total: int, epsilon: float | None = None, loss: float | None = None,
+             note: str = "") -> None:
         self.bar.update_absolute(step, total)
         if loss is not None:
             self.losses.append(float(loss))
-        self.text(f"step {step}/{total}" + (f" · ε spent {epsilon:.3g}" if epsilon is not None else " · no DP"))
+        spent = f" · ε spent {epsilon:.3g}" if epsilon is not None else ""
+        self.text(f"step {step}/{total}{spent}" + (f" · {note}" if note else ""))
 
     @staticmethod
     def stop_requested() -> bool:

@@ -147,8 +147,8 @@ class _TextualInversionNode(io.ComfyNode):
         progress = _progress(cls)
         make_room_for_training()
 
-        def report(step, total):
-            progress.step(step=step, total=total)
+        def report(step, total):  # DPAgg-TI spends all of ε at its one release; DP-SGD TI plans it in advance
+            progress.step(step=step, total=total, note=f"ε = {config.epsilon:g} when released")
             if resume is None:
                 progress.raise_if_stopped()
 
