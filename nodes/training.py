@@ -136,9 +136,8 @@ class _TextualInversionNode(io.ComfyNode):
         return True
 
     @classmethod
-    def _train(cls, *, trainer, config, model, clip, vae, dataset, name, resume: bool | None = None):
-        """resume None: the trainer has no checkpoints, the stop button just stops it; else a stop
-        leaves a checkpoint in output/privdiff/<name> and resume=True continues it."""
+    def _train(cls, *, trainer, config, model, clip, vae, dataset, name, resume: bool):
+        """A stop leaves a checkpoint in output/privdiff/<name>; resume=True continues it."""
         import torch
 
         from .comfy_objects import (make_room_for_training, pipeline_from_comfy, publish_to_comfy, run_folder,
@@ -149,15 +148,12 @@ class _TextualInversionNode(io.ComfyNode):
 
         def report(step, total):  # DPAgg-TI spends all of ε at its one release; DP-SGD TI plans it in advance
             progress.step(step=step, total=total, note=f"ε = {config.epsilon:g} when released")
-            if resume is None:
-                progress.raise_if_stopped()
 
-        stopping = {} if resume is None else {"should_stop": progress.stop_requested, "resume": resume}
         # ComfyUI runs nodes under inference mode; weights made there cannot take part in autograd.
         with torch.inference_mode(False):
             pipeline = pipeline_from_comfy(model=model, clip=clip, vae=vae).to(training_device())
             result = trainer(pipeline=pipeline, dataset=dataset, out=run_folder(name), config=config, progress=report,
-                             **stopping)
+                             should_stop=progress.stop_requested, resume=resume)
         progress.raise_if_stopped()
         path = publish_to_comfy(source=result.files["comfyui"], kind="embeddings", name=name)
         return io.NodeOutput(f"embedding:{path.stem}", ui={"text": [f"embedding:{path.stem} · ε = {result.epsilon:.4g}"]})
@@ -172,7 +168,8 @@ class PrivDiffDPAggTITrain(_TextualInversionNode):
             category="privdiff/training",
             description="DPAgg-TI: one embedding per image, each clipped, then averaged with Gaussian noise: one "
                         "private release. Writes models/embeddings/<name>.safetensors with its privacy record; "
-                        "the per-image embeddings are never written.",
+                        "the per-image embeddings are never released (a stop keeps them in a checkpoint, deleted "
+                        "at release: queue again with resume on to continue).",
             inputs=[*cls._ti_inputs(),
                     io.Int.Input("steps", default=100, min=1, max=100000, tooltip="optimisation steps of every per-image embedding"),
                     io.Float.Input("clip_norm", default=0.5, min=1e-4, max=100.0, step=0.01,
@@ -207,14 +204,17 @@ class PrivDiffDPSGDTITrain(_TextualInversionNode):
             display_name="DP-SGD TI train (private embedding)",
             category="privdiff/training",
             description="The DP-SGD Textual Inversion baseline: one embedding trained with per-example clipping "
-                        "and noise. Writes models/embeddings/<name>.safetensors with its privacy record.",
+                        "and noise. Writes models/embeddings/<name>.safetensors with its privacy record. Stop keeps "
+                        "a checkpoint: queue again with resume on to continue.",
             inputs=[*cls._ti_inputs(),
                     io.Float.Input("epochs", default=20.0, min=0.01, max=10000.0, step=0.5, tooltip="passes over the data"),
                     io.Int.Input("batch_size", default=16, min=1, max=65536, tooltip="expected examples per step (Poisson)"),
                     io.Float.Input("max_grad_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
                                    tooltip="C: each example's gradient is clipped to this L2 norm"),
                     io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip="Adam's step size"),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="sampling order (the DP noise comes from the OS)")],
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="sampling order (the DP noise comes from the OS)"),
+                    io.Boolean.Input("resume", default=False,
+                                     tooltip="continue the stopped run of the same name from its checkpoint")],
             outputs=[io.String.Output(display_name="prompt_text", tooltip="embedding:<name>, to put in a prompt")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -223,14 +223,14 @@ class PrivDiffDPSGDTITrain(_TextualInversionNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, init_word, num_vectors, template, epsilon, epochs, batch_size,
-                max_grad_norm, learning_rate, seed):
+                max_grad_norm, learning_rate, seed, resume):
         from ..pipelines.dp_ti import DPSGDTIConfig, train_dpsgd_ti
 
         config = DPSGDTIConfig(token=f"<{name}>", init_word=init_word, num_vectors=num_vectors, template=template,
                                epsilon=epsilon, epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm,
                                learning_rate=learning_rate, seed=seed)
         return cls._train(trainer=train_dpsgd_ti, config=config, model=model, clip=clip, vae=vae, dataset=dataset,
-                          name=name)
+                          name=name, resume=resume)
 
 
 TRAINING_NODES = [PrivDiffDPLDMTrain, PrivDiffDPAggTITrain, PrivDiffDPSGDTITrain]

@@ -120,15 +120,18 @@ class DPAggResult:
 BYPRODUCTS = "byproducts-not-covered-by-dp"
 
 
-def _save_dpagg_checkpoint(*, folder: Path, step: int, cursor: int, placeholders, optimizer, generator,
-                           fingerprint: dict) -> None:
+def _save_ti_checkpoint(*, folder: Path, placeholders, optimizer, generators: dict, fingerprint: dict,
+                        meta: dict) -> None:
+    """A stopped TI run's state (a by-product outside ε): the embedding rows, Adam's moments, the
+    random generators and `meta` (step, cursor, accountant...), checked against `fingerprint` on resume."""
     import json
 
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"rows.{i}": rows.rows.detach().cpu().contiguous() for i, rows in enumerate(placeholders.rows)}
-    tensors["generator"] = generator.get_state()
+    for name, generator in generators.items():
+        tensors[f"rng.{name}"] = generator.get_state()
     for i, rows in enumerate(placeholders.rows):
         state = optimizer.state.get(rows.rows, {})
         for key in ("exp_avg", "exp_avg_sq"):
@@ -137,14 +140,17 @@ def _save_dpagg_checkpoint(*, folder: Path, step: int, cursor: int, placeholders
         if "step" in state:
             tensors[f"adam.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
     save_file(tensors, str(folder / "checkpoint.safetensors"))
-    (folder / "checkpoint.json").write_text(json.dumps({"step": step, "cursor": cursor, "config": fingerprint}))
+    (folder / "checkpoint.json").write_text(json.dumps({**meta, "config": fingerprint,
+                                                        "note": "computed on private data; NOT covered by DP"}))
 
 
-def _load_dpagg_checkpoint(*, folder: Path, placeholders, optimizer, generator, fingerprint: dict) -> tuple[int, int]:
+def _load_ti_checkpoint(*, folder: Path, placeholders, optimizer, generators: dict, fingerprint: dict) -> dict:
     import json
 
     from safetensors.torch import load_file
 
+    if not (folder / "checkpoint.json").is_file():
+        raise FileNotFoundError(f"resume: no checkpoint in {folder}; start without resume.")
     meta = json.loads((folder / "checkpoint.json").read_text())
     if meta["config"] != fingerprint:
         raise ValueError(f"the checkpoint in {folder} was made with other settings ({meta['config']}); resume with "
@@ -157,8 +163,9 @@ def _load_dpagg_checkpoint(*, folder: Path, placeholders, optimizer, generator, 
                 optimizer.state[rows.rows] = {"step": tensors[f"adam.{i}.step"][0].clone(),
                                               "exp_avg": tensors[f"adam.{i}.exp_avg"].clone(),
                                               "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].clone()}
-    generator.set_state(tensors["generator"])
-    return int(meta["step"]), int(meta["cursor"])
+    for name, generator in generators.items():
+        generator.set_state(tensors[f"rng.{name}"])
+    return meta
 
 
 def _encode_dataset(*, pipeline, dataset, chunk: int = 64) -> torch.Tensor:
@@ -259,12 +266,11 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
         total_steps = math.ceil(config.steps * n_images / config.batch_size)
         fingerprint = {"config": repr(config), "num_images": n_images, "units": n}
         checkpoint = dict(folder=out / BYPRODUCTS, placeholders=placeholders, optimizer=optimizer,
-                          generator=generator, fingerprint=fingerprint)
+                          generators={"train": generator}, fingerprint=fingerprint)
         first = 0
         if resume:
-            if not (out / BYPRODUCTS / "checkpoint.json").is_file():
-                raise FileNotFoundError(f"resume: no DPAgg-TI checkpoint in {out / BYPRODUCTS}; start without resume.")
-            first, cursor = _load_dpagg_checkpoint(**checkpoint)
+            meta = _load_ti_checkpoint(**checkpoint)
+            first, cursor = meta["step"], meta["cursor"]
         for step in range(first, total_steps):
             # A fixed cyclic schedule over the images (data-independent): every image gets the same steps.
             picks = order[(torch.arange(config.batch_size) + cursor) % n_images]
@@ -282,7 +288,7 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
             if progress is not None:
                 progress(step + 1, total_steps)
             if should_stop is not None and step + 1 < total_steps and should_stop():
-                _save_dpagg_checkpoint(step=step + 1, cursor=cursor, **checkpoint)
+                _save_ti_checkpoint(meta={"step": step + 1, "cursor": cursor}, **checkpoint)
                 return DPAggResult(out=out, num_units=n, stopped=True, steps_done=step + 1)
         # A unit's embedding is its rows in every encoder, side by side: clipped as one vector.
         widths = [rows.rows.shape[1] for rows in placeholders.rows]
@@ -345,9 +351,13 @@ class DPSGDTIConfig:
 
 
 def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig = DPSGDTIConfig(),
-                   progress: Callable[[int, int], None] | None = None, a1111: bool = False) -> DPAggResult:
+                   progress: Callable[[int, int], None] | None = None, a1111: bool = False,
+                   should_stop: Callable[[], bool] | None = None, resume: bool = False) -> DPAggResult:
     """Train one embedding with DP-SGD on privdiff's engine: per-sample gradients of the new rows only
-    (in both encoders for SDXL, clipped together)."""
+    (in both encoders for SDXL, clipped together). `should_stop` is polled after each step: a stopped
+    run releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly."""
+    import shutil
+
     from diffusers import DDPMScheduler
 
     from ..data.base import DatasetError
@@ -403,10 +413,26 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
             target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=t)
             return (prediction - target).pow(2).mean(dim=(1, 2, 3))
 
-        for step in range(steps):
+        from ..privacy.accounting import Accountant
+
+        out = Path(out)
+        generators = {"train": train_generator, "noise": engine.generator}
+        if engine.sampler.generator is not engine.generator:
+            generators["sampling"] = engine.sampler.generator
+        checkpoint = dict(folder=out / BYPRODUCTS, placeholders=placeholders, optimizer=optimizer,
+                          generators=generators, fingerprint={"config": repr(config), "num_images": n})
+        first = 0
+        if resume:
+            meta = _load_ti_checkpoint(**checkpoint)
+            first, engine.accountant = meta["step"], Accountant.from_json(meta["accountant"])
+        for step in range(first, steps):
             engine.step(per_sample_loss)
             if progress is not None:
                 progress(step + 1, steps)
+            if should_stop is not None and step + 1 < steps and should_stop():
+                _save_ti_checkpoint(meta={"step": step + 1, "accountant": engine.accountant.to_json()}, **checkpoint)
+                engine.clipper.remove()
+                return DPAggResult(out=out, num_units=units, stopped=True, steps_done=step + 1)
         vectors = [rows.rows.detach().clone() for rows in placeholders.rows]
         engine.clipper.remove()
     finally:
@@ -417,4 +443,5 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
                                                 "num_vectors": config.num_vectors, "template": config.template}})
     files = save_embedding(vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders, out=out,
                            record=record, a1111=a1111)
-    return DPAggResult(out=Path(out), files=files, epsilon=record.epsilon, num_units=units)
+    shutil.rmtree(Path(out) / BYPRODUCTS, ignore_errors=True)  # a resumed run's checkpoint
+    return DPAggResult(out=Path(out), files=files, epsilon=record.epsilon, num_units=units, steps_done=steps)

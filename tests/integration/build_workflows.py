@@ -70,7 +70,7 @@ GRAPHS = {
         "3": {"class_type": "PrivDiffDPSGDTITrain", "inputs": {
             **_models("privdiff-dpsgd-example"), "init_word": "painting", "num_vectors": 1,
             "template": "a picture in the style of {token}", "epsilon": 4.0, "epochs": 2.0, "batch_size": 4,
-            "max_grad_norm": 0.01, "learning_rate": 0.005, "seed": 0}},
+            "max_grad_norm": 0.01, "learning_rate": 0.005, "seed": 0, "resume": False}},
         "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 0]}},
         **_sampler(["1", 0], ["3", 0]),
     },

@@ -143,7 +143,7 @@ def test_sd15_checkpoint_drives_dp_ldm_and_dp_ti(comfy_server, sd15_in_comfy):
           "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "name": "sd15-style",
                      "init_word": "painting", "num_vectors": 1, "template": "a picture in the style of {token}",
                      "epsilon": 4.0, "epochs": 1.0, "batch_size": 2, "max_grad_norm": 0.01, "learning_rate": 0.005,
-                     "seed": 0}}
+                     "seed": 0, "resume": False}}
     comfy_server.run({**sd15_in_comfy, "2": data, "3": ti}, timeout=1800)
     embedding = comfy_server.base / "models" / "embeddings" / "sd15-style.safetensors"
     assert _record(embedding).mechanism == "dp-sgd"

@@ -237,3 +237,20 @@ def test_dpagg_stopped_then_resumed_releases_what_an_unbroken_run_releases(pipe,
                        should_stop=lambda: True)
         train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "again",
                        config=DPAggConfig(**{**config.__dict__, "steps": 5}), resume=True)
+
+
+def test_dpsgd_ti_stopped_then_resumed_releases_what_an_unbroken_run_releases(pipe, tmp_path):
+    from privdiff.pipelines.dp_ti import BYPRODUCTS, DPSGDTIConfig, train_dpsgd_ti
+
+    config = DPSGDTIConfig(token="<s>", init_word="circle", epochs=2.0, batch_size=3, epsilon=4.0, secure_noise=False)
+    straight = train_dpsgd_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "straight", config=config)
+    polls = iter([False, True])
+    stopped = train_dpsgd_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config,
+                             should_stop=lambda: next(polls))
+    assert stopped.stopped and stopped.steps_done == 2 and not stopped.files
+    resumed = train_dpsgd_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config, resume=True)
+    assert resumed.steps_done == straight.steps_done == 4
+    assert resumed.epsilon == pytest.approx(straight.epsilon, rel=1e-9), "the accountant carried over"
+    a, b = load_file(str(straight.files["diffusers"]))["<s>"], load_file(str(resumed.files["diffusers"]))["<s>"]
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not (tmp_path / "broken" / BYPRODUCTS).exists()
