@@ -55,14 +55,11 @@ def bytes_per_round(*, model: str, num_clients: int, lora_rank: int = 4) -> dict
 def digits(args) -> dict:
     import warnings
 
-    from privdiff.federated.fedavg import FederatedConfig, load_parameters, simulate
+    from privdiff.federated.fedavg import load_parameters, simulate
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
     from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
 
-    config = FederatedConfig(data="digits", num_items=args.num_items, heldout_items=100, num_clients=args.clients,
-                             rounds=args.rounds, beta=args.beta, seed=args.seed, trainable=args.trainable,
-                             local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                             conditioning_words=tuple("0123456789") if args.digit_words else ())
+    config = _digits_config(args, beta=args.beta)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         state = simulate(config=config, out=args.out)
@@ -87,20 +84,26 @@ def digits(args) -> dict:
             "federated": tuned_accuracy, "rounds": rounds}
 
 
+def _digits_config(args, *, beta):
+    from privdiff.federated.fedavg import FederatedConfig
+
+    return FederatedConfig(data="digits", num_items=args.num_items, heldout_items=100, num_clients=args.clients,
+                           rounds=args.rounds, beta=beta, seed=args.seed, trainable=args.trainable,
+                           local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                           conditioning_words=tuple("0123456789") if args.digit_words else ())
+
+
 def non_iid(args) -> dict:
     """The same federated run at several β (digits split by label, fixed seeds): final held-out loss."""
     import warnings
     from pathlib import Path
 
-    from privdiff.federated.fedavg import FederatedConfig, client_partition, load_data, simulate
+    from privdiff.federated.fedavg import client_partition, load_data, simulate
     from privdiff.federated.partition import dataset_labels, label_skew
 
     results = {}
     for beta in args.betas:
-        config = FederatedConfig(data="digits", num_items=args.num_items, heldout_items=100, num_clients=args.clients,
-                                 rounds=args.rounds, beta=beta, seed=args.seed, trainable=args.trainable,
-                                 local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                                 conditioning_words=tuple("0123456789") if args.digit_words else ())
+        config = _digits_config(args, beta=beta)
         dataset = load_data(config, resolution=64)
         partition = client_partition(config, dataset)
         with warnings.catch_warnings():
@@ -117,17 +120,14 @@ def non_iid_direct(args) -> dict:
     same sample-weighted average, in one process, with the held-out loss per timestep after every round."""
     import numpy as np
 
-    from privdiff.federated.fedavg import (HELDOUT_TIMESTEPS, FederatedConfig, client_partition, initial_parameters,
-                                           load_data, load_parameters, train_round)
+    from privdiff.federated.fedavg import (HELDOUT_TIMESTEPS, client_partition, initial_parameters, load_data,
+                                           load_parameters, train_round)
     from privdiff.models.loading import load_pipeline
     from privdiff.pipelines.membership import MembershipAuditConfig, diffusion_losses
 
     results = {}
     for beta in args.betas:
-        config = FederatedConfig(data="digits", num_items=args.num_items, heldout_items=100, num_clients=args.clients,
-                                 rounds=args.rounds, beta=beta, seed=args.seed, trainable=args.trainable,
-                                 local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                                 conditioning_words=tuple("0123456789") if args.digit_words else ())
+        config = _digits_config(args, beta=beta)
         pipeline = load_pipeline(base="tiny")
         global_set = initial_parameters(config, pipeline)
         dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)

@@ -14,15 +14,37 @@ import torch
 # ---- models -------------------------------------------------------------------------------------
 
 
-def privdiff_tiny_objects():
-    """privdiff-tiny as ComfyUI-native MODEL, CLIP and VAE, built from ComfyUI's own SD1 classes."""
+def comfy_model_from_spec(spec):
+    """ComfyUI's own SD1 model class at a spec's sizes (config read from its weights) and latent scale."""
     import comfy.latent_formats
     import comfy.model_detection
+    import comfy.supported_models
+
+    unet_config = comfy.model_detection.detect_unet_config(spec.unet_state_dict, "")
+    unet_config.update(spec.unet_extra_config)
+
+    class SpecLatent(comfy.latent_formats.SD15):
+        def __init__(self):
+            super().__init__(scale_factor=spec.latent_scale_factor)
+
+    class SpecModel(comfy.supported_models.SD15):
+        latent_format = SpecLatent
+
+    SpecModel.unet_config = dict(unet_config)
+    SpecModel.unet_extra_config = {}
+    model_config = SpecModel(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(spec.unet_state_dict, strict=True)
+    return model
+
+
+def privdiff_tiny_objects():
+    """privdiff-tiny as ComfyUI-native MODEL, CLIP and VAE, built from ComfyUI's own SD1 classes."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
     import comfy.sd1_clip
-    import comfy.supported_models
     import comfy.supported_models_base
     import folder_paths
 
@@ -30,22 +52,7 @@ def privdiff_tiny_objects():
     from ..models.privdiff_tiny import SHIPPED_DIR, load_privdiff_tiny
 
     spec = comfy_native_spec(load_privdiff_tiny())
-    unet_config = comfy.model_detection.detect_unet_config(spec.unet_state_dict, "")
-    unet_config.update(spec.unet_extra_config)
-
-    class TinyLatent(comfy.latent_formats.SD15):
-        def __init__(self):
-            super().__init__(scale_factor=spec.latent_scale_factor)
-
-    class PrivdiffTiny(comfy.supported_models.SD15):
-        latent_format = TinyLatent
-
-    PrivdiffTiny.unet_config = dict(unet_config)
-    PrivdiffTiny.unet_extra_config = {}
-    model_config = PrivdiffTiny(dict(unet_config))
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
-    model.diffusion_model.load_state_dict(spec.unet_state_dict, strict=True)
+    model = comfy_model_from_spec(spec)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
 

@@ -124,6 +124,22 @@ class _TextualInversionNode(io.ComfyNode):
         ]
 
     @classmethod
+    def _schema(cls, *, node_id: str, display_name: str, description: str, method_inputs: list):
+        return io.Schema(
+            node_id=node_id, display_name=display_name, category="privdiff/training", description=description,
+            inputs=[*cls._ti_inputs(), *method_inputs,
+                    io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip="Adam's step size"),
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                                 tooltip="the order of training steps (the DP noise always comes from the OS)"),
+                    io.Boolean.Input("resume", default=False,
+                                     tooltip="continue the stopped run of the same name from its checkpoint")],
+            outputs=[io.String.Output(display_name="prompt_text", tooltip="embedding:<name>, to put in a prompt")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
     def validate_inputs(cls, name, template):
         from ..pipelines.release import check_release_name
 
@@ -162,26 +178,18 @@ class _TextualInversionNode(io.ComfyNode):
 class PrivDiffDPAggTITrain(_TextualInversionNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return cls._schema(
             node_id="PrivDiffDPAggTITrain",
             display_name="DPAgg-TI train (private embedding)",
-            category="privdiff/training",
             description="DPAgg-TI: one embedding per image, each clipped, then averaged with Gaussian noise: one "
                         "private release. Writes models/embeddings/<name>.safetensors with its privacy record; "
                         "the per-image embeddings are never released (a stop keeps them in a checkpoint, deleted "
                         "at release: queue again with resume on to continue).",
-            inputs=[*cls._ti_inputs(),
-                    io.Int.Input("steps", default=100, min=1, max=100000, tooltip="optimisation steps of every per-image embedding"),
-                    io.Float.Input("clip_norm", default=0.5, min=1e-4, max=100.0, step=0.01,
-                                   tooltip="C: each embedding's distance from the init word is clipped to this norm"),
-                    io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip="Adam's step size"),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="optimisation order (the DP noise comes from the OS)"),
-                    io.Boolean.Input("resume", default=False,
-                                     tooltip="continue the stopped run of the same name from its checkpoint")],
-            outputs=[io.String.Output(display_name="prompt_text", tooltip="embedding:<name>, to put in a prompt")],
-            hidden=[io.Hidden.unique_id],
-            is_output_node=True,
-            not_idempotent=True,
+            method_inputs=[
+                io.Int.Input("steps", default=100, min=1, max=100000, tooltip="optimisation steps of every per-image embedding"),
+                io.Float.Input("clip_norm", default=0.5, min=1e-4, max=100.0, step=0.01,
+                               tooltip="C: each embedding's distance from the init word is clipped to this norm"),
+            ],
         )
 
     @classmethod
@@ -199,26 +207,18 @@ class PrivDiffDPAggTITrain(_TextualInversionNode):
 class PrivDiffDPSGDTITrain(_TextualInversionNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return cls._schema(
             node_id="PrivDiffDPSGDTITrain",
             display_name="DP-SGD TI train (private embedding)",
-            category="privdiff/training",
             description="The DP-SGD Textual Inversion baseline: one embedding trained with per-example clipping "
                         "and noise. Writes models/embeddings/<name>.safetensors with its privacy record. Stop keeps "
                         "a checkpoint: queue again with resume on to continue.",
-            inputs=[*cls._ti_inputs(),
-                    io.Float.Input("epochs", default=20.0, min=0.01, max=10000.0, step=0.5, tooltip="passes over the data"),
-                    io.Int.Input("batch_size", default=16, min=1, max=65536, tooltip="expected examples per step (Poisson)"),
-                    io.Float.Input("max_grad_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
-                                   tooltip="C: each example's gradient is clipped to this L2 norm"),
-                    io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip="Adam's step size"),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="sampling order (the DP noise comes from the OS)"),
-                    io.Boolean.Input("resume", default=False,
-                                     tooltip="continue the stopped run of the same name from its checkpoint")],
-            outputs=[io.String.Output(display_name="prompt_text", tooltip="embedding:<name>, to put in a prompt")],
-            hidden=[io.Hidden.unique_id],
-            is_output_node=True,
-            not_idempotent=True,
+            method_inputs=[
+                io.Float.Input("epochs", default=20.0, min=0.01, max=10000.0, step=0.5, tooltip="passes over the data"),
+                io.Int.Input("batch_size", default=16, min=1, max=65536, tooltip="expected examples per step (Poisson)"),
+                io.Float.Input("max_grad_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
+                               tooltip="C: each example's gradient is clipped to this L2 norm"),
+            ],
         )
 
     @classmethod

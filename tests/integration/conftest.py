@@ -42,26 +42,10 @@ def comfy_tiny_model(comfyui_root):
 
 
 def _comfy_tiny_model(spec):
-    """privdiff-tiny's UNet built from ComfyUI's own classes (SD15 with the tiny config and latent scale)."""
-    import comfy.latent_formats
-    import comfy.model_detection
-    import comfy.supported_models
+    """privdiff-tiny's UNet built from ComfyUI's own classes, as the pack's loader node builds it."""
+    from privdiff.nodes.comfy_objects import comfy_model_from_spec
 
-    config = comfy.model_detection.detect_unet_config(spec.unet_state_dict, "")
-    config.update(spec.unet_extra_config)
-
-    class TinyLatent(comfy.latent_formats.SD15):
-        def __init__(self):
-            super().__init__(scale_factor=spec.latent_scale_factor)
-
-    class PrivdiffTiny(comfy.supported_models.SD15):
-        unet_config = dict(config)
-        unet_extra_config = {}
-        latent_format = TinyLatent
-
-    model = PrivdiffTiny(config).get_model({})
-    model.diffusion_model.load_state_dict(spec.unet_state_dict, strict=True)
-    return model
+    return comfy_model_from_spec(spec)
 
 
 @pytest.fixture(scope="session")
