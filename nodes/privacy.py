@@ -20,6 +20,17 @@ class PrivDiffPrivacyReport(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, artifact):
+        # The same name can hold a new file (a retrained model): report again when the file changes.
+        from .comfy_objects import find_artifact
+
+        try:
+            stat = find_artifact(artifact).stat()
+        except FileNotFoundError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    @classmethod
     def execute(cls, artifact):
         from ..privacy.record import read_record
         from .comfy_objects import find_artifact

@@ -163,3 +163,19 @@ def test_membership_audit_node_scores_the_trained_model(comfy_server):
     auc = float(report.split("AUC ")[1].split()[0])
     assert 0.0 <= auc <= 1.0 and "8 members vs 8 non-members" in report
     assert "NOT covered" in report
+
+
+def test_privacy_report_reads_the_file_again_when_it_changes(comfy_server):
+    from privdiff.privacy.record import PrivacyRecord, write_safetensors
+
+    path = comfy_server.base / "models" / "loras" / "report-me.safetensors"
+    graph = {"1": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": "report-me"}}}
+    write_safetensors(path=path, tensors={"x": torch.ones(1)}, record=PrivacyRecord(mechanism="none"))
+    first = comfy_server.run(graph)["outputs"]["1"]["text"][0]
+    record = PrivacyRecord(mechanism="gaussian-aggregate", epsilon=2.0, delta=1e-5, noise_multiplier=2.0, clip=0.5,
+                           sample_rate=1.0, steps=1, num_examples=10, accountant="analytic")
+    time.sleep(0.05)
+    write_safetensors(path=path, tensors={"x": torch.ones(1)}, record=record)
+    second = comfy_server.run(graph)["outputs"]["1"]["text"][0]
+    assert first.splitlines()[1].startswith("NO differential privacy")
+    assert second.splitlines()[1].startswith("(ε = 2, δ = 1e-05)")
