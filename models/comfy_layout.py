@@ -130,25 +130,24 @@ def pipeline_from_original_state_dict(*, state_dict: dict, tokenizer=None, torch
     from .loading import CheckpointLayoutError, bundled_config_for, inspect_checkpoint, load_single_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if hasattr(v, "detach")}
+    info = inspect_checkpoint("<in memory>", shapes={k: tuple(v.shape) for k, v in state.items()})
+    if info.family is None:
+        raise CheckpointLayoutError(f"the connected model is {info.describe()}; privdiff trains SD 1.x, SD 2.x, "
+                                    "SDXL and privdiff-tiny models.")
+    config_dir = bundled_config_for(info)
+    table_key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    encoder_config = None if config_dir is None else config_dir / "text_encoder" / "config.json"
+    if table_key in state and encoder_config is not None and encoder_config.is_file():
+        vocab = json.loads(encoder_config.read_text())["vocab_size"]
+        table = state[table_key]
+        if table.shape[0] > vocab:
+            if table[vocab:].abs().sum() != 0:
+                raise CheckpointLayoutError(f"the CLIP token table has {table.shape[0]} rows with values past row "
+                                            f"{vocab}, which this model's vocabulary does not have.")
+            state[table_key] = table[:vocab].clone()
     with tempfile.TemporaryDirectory(prefix="privdiff-comfy-") as folder:
         path = Path(folder) / "model.safetensors"
         save_file(state, str(path))
-        info = inspect_checkpoint(path)
-        if info.family is None:
-            raise CheckpointLayoutError(f"the connected model is {info.describe()}; privdiff trains SD 1.x, SD 2.x, "
-                                        "SDXL and privdiff-tiny models.")
-        config_dir = bundled_config_for(info)
-        table_key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-        encoder_config = None if config_dir is None else config_dir / "text_encoder" / "config.json"
-        if table_key in state and encoder_config is not None and encoder_config.is_file():
-            vocab = json.loads(encoder_config.read_text())["vocab_size"]
-            table = state[table_key]
-            if table.shape[0] > vocab:
-                if table[vocab:].abs().sum() != 0:
-                    raise CheckpointLayoutError(f"the CLIP token table has {table.shape[0]} rows with values past row "
-                                                f"{vocab}, which this model's vocabulary does not have.")
-                state[table_key] = table[:vocab].clone()
-                save_file(state, str(path))
         if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
             tokenizer = copy.deepcopy(tokenizer)  # the caller's object stays as it is
         pipeline = load_single_file(path, tokenizer=tokenizer, torch_dtype=torch_dtype or torch.float32)

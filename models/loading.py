@@ -104,10 +104,11 @@ def read_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
-def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Tell SD 1.x, SD 2.x and SDXL original-layout checkpoints apart by their tensor names and shapes."""
+def inspect_checkpoint(path: str | Path, *, shapes: dict[str, tuple[int, ...]] | None = None) -> CheckpointInfo:
+    """Tell SD 1.x, SD 2.x and SDXL original-layout checkpoints apart by their tensor names and shapes
+    (`shapes`: those of a checkpoint already in memory; default: read from `path`)."""
     path = Path(path)
-    shapes = read_tensor_shapes(path)
+    shapes = read_tensor_shapes(path) if shapes is None else shapes
     unet = {k[len("model.diffusion_model."):]: s for k, s in shapes.items() if k.startswith("model.diffusion_model.")}
     family = None
     if unet:
