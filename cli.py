@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--client-dp-delta", type=float, default=None, help="client-level DP: δ (default 1/(10 clients))")
     simulate.add_argument("--secure-aggregation", action="store_true",
                           help="Flower's SecAgg+: the server sees only the sum of the clients' models")
+    simulate.add_argument("--settings", default=None,
+                          help="take every setting from this JSON file (a run's config.json) instead of the options")
 
     certs = fed_actions.add_parser("certs", help="TLS files for a SuperLink and authentication keys for SuperNodes")
     certs.add_argument("--out", required=True, help="folder for ca.crt, server.pem, server.key and the node keys")
@@ -388,12 +390,15 @@ def _cmd_fed(args) -> int:
     if args.config or args.tokenizer:
         raise ValueError("fed simulate loads --base on every client; give a model folder that loads on its own "
                          "(no --config or --tokenizer).")
-    config = FederatedConfig(base=args.base or "tiny", data=args.data, num_items=args.num_items,
-                             heldout_items=args.heldout_items, num_clients=args.clients, rounds=args.rounds,
-                             beta=args.beta, seed=args.seed, trainable=args.trainable, local_epochs=args.local_epochs,
-                             batch_size=args.batch_size, learning_rate=args.lr, local_epsilon=args.local_epsilon,
-                             client_dp_noise_multiplier=args.client_dp_noise, client_dp_clipping_norm=args.client_dp_clip,
-                             client_dp_delta=args.client_dp_delta, secure_aggregation=args.secure_aggregation)
+    if args.settings:
+        config = FederatedConfig.from_file(args.settings)
+    else:
+        config = FederatedConfig(base=args.base or "tiny", data=args.data, num_items=args.num_items,
+                                 heldout_items=args.heldout_items, num_clients=args.clients, rounds=args.rounds,
+                                 beta=args.beta, seed=args.seed, trainable=args.trainable, local_epochs=args.local_epochs,
+                                 batch_size=args.batch_size, learning_rate=args.lr, local_epsilon=args.local_epsilon,
+                                 client_dp_noise_multiplier=args.client_dp_noise, client_dp_clipping_norm=args.client_dp_clip,
+                                 client_dp_delta=args.client_dp_delta, secure_aggregation=args.secure_aggregation)
     state = simulate(config=config, out=args.out)
     losses = state.get("heldout_loss", {})
     print("held-out loss per round: " + ", ".join(f"{r}: {losses[r]:.4f}" for r in sorted(losses, key=int)))
@@ -433,41 +438,28 @@ def _split_config(args):
 
 def _cmd_split_attack(args) -> int:
     import tempfile
-    import warnings
     from pathlib import Path
 
-    import torch
     from tqdm.auto import tqdm
 
     from .data import load_dataset
     from .models.loading import load_pipeline
-    from .pipelines.split_controlnet import reconstruct_from_traffic, run_loopback_job, traffic_by_epoch
+    from .pipelines.split_run import audit_split_training
 
     config = _split_config(args)
-    if args.epochs < 1 or args.batch_size < 1:
-        raise ValueError("--epochs and --batch-size must be at least 1.")
     pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
     dataset = load_dataset(data=args.data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
                            seed=args.seed, num_items=args.num_items or 32)
-    bar = tqdm(total=args.epochs * -(-len(dataset) // args.batch_size), desc=f"split on loopback ({args.mode})",
-               unit="batch")
-    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
-        if config.mode == "paper":
-            print("paper mode: the reference design, which the attacks below rebuild exactly", flush=True)
-            warnings.simplefilter("ignore")
-        run = run_loopback_job(pipeline=pipeline, datasets={"client": dataset}, config=config, epochs=args.epochs,
-                               batch_size=args.batch_size, folder=Path(args.out or scratch), seed=args.seed,
-                               record=True, progress=lambda *a: bar.update(1))
+    if config.mode == "paper":
+        print("paper mode: the reference design, which the attacks below rebuild exactly", flush=True)
+    bar = tqdm(desc=f"split on loopback ({args.mode})", unit="batch")
+    with tempfile.TemporaryDirectory() as scratch:
+        report, steps = audit_split_training(
+            pipeline=pipeline, dataset=dataset, config=config, epochs=args.epochs, batch_size=args.batch_size,
+            folder=Path(args.out or scratch), optimisation_steps=args.optimisation_steps,
+            progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
     bar.close()
-    items = [dataset[i] for i in range(len(dataset))]
-    pixels = torch.stack([it["pixel_values"] for it in items])
-    hints = torch.stack([it["hint"] for it in items]) * 2 - 1
-    traffic = traffic_by_epoch(messages=run.traffic["client"], num_samples=len(dataset), batch_size=args.batch_size)
-    report = reconstruct_from_traffic(pipeline=pipeline, payloads=traffic, pixels=pixels, hint_pixels=hints,
-                                      sigma_label=0.0 if config.mode == "paper" else config.sigma_label,
-                                      sigma_hint=0.0 if config.mode == "paper" else config.sigma_hint,
-                                      optimisation_steps=args.optimisation_steps)
-    print(f"{config.mode} mode, {len(dataset)} images, {run.job.trainer.steps} server steps; what the server rebuilds "
+    print(f"{config.mode} mode, {len(dataset)} images, {steps} server steps; what the server rebuilds "
           "(PSNR/SSIM against the VAE's own reconstructions):")
     print("\n".join(report.lines()))
     return 0

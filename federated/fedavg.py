@@ -125,6 +125,17 @@ class FederatedConfig:
         return {key.replace("_", "-"): value for key, value in values.items()}
 
     @classmethod
+    def from_file(cls, path) -> "FederatedConfig":
+        """The settings a run wrote to its config.json (or any JSON of the same fields)."""
+        values = json.loads(Path(path).read_text())
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{path}: unknown federated settings {unknown}; known: {sorted(cls.__dataclass_fields__)}.")
+        if "conditioning_words" in values:
+            values["conditioning_words"] = tuple(values["conditioning_words"])
+        return cls(**values)
+
+    @classmethod
     def from_run_config(cls, run_config) -> "FederatedConfig":
         values = {key.replace("-", "_"): value for key, value in dict(run_config).items()
                   if key.replace("-", "_") in cls.__dataclass_fields__}
@@ -352,8 +363,12 @@ class ServerRun:
         self.parameters = initial_parameters(config, self.pipeline)  # names, order and dtypes of the set
         self.dataset = load_data(config, resolution=self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor)
         self.done = load_state(self.out)["last_round"]  # rounds a previous run completed
-        self.start = (load_file(str(self.out / f"global-round-{self.done}.safetensors")) if self.done
-                      else self.parameters)
+        if self.done:
+            saved = load_file(str(self.out / f"global-round-{self.done}.safetensors"))
+            # In the set's own order (safetensors sorts names): Flower's clipping mod pairs arrays by position.
+            self.start = {name: saved[name] for name in self.parameters}
+        else:
+            self.start = self.parameters
 
     def finish_round(self, *, round_number: int, parameters: dict, clients: list[dict] | None = None,
                      wall_seconds: float | None = None, extra: dict | None = None) -> float:

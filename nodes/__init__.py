@@ -9,6 +9,7 @@ loading the pack at ComfyUI's start costs almost nothing.
 from comfy_api.latest import ComfyExtension
 
 from .datasets import DATASET_NODES
+from .federated import FEDERATED_NODES
 from .models import MODEL_NODES
 from .privacy import PRIVACY_NODES
 from .training import TRAINING_NODES
@@ -16,4 +17,4 @@ from .training import TRAINING_NODES
 
 class PrivDiffExtension(ComfyExtension):
     async def get_node_list(self):
-        return [*MODEL_NODES, *DATASET_NODES, *TRAINING_NODES, *PRIVACY_NODES]
+        return [*MODEL_NODES, *DATASET_NODES, *TRAINING_NODES, *FEDERATED_NODES, *PRIVACY_NODES]

@@ -138,6 +138,14 @@ def input_path(text: str) -> Path:
     return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
 
 
+def data_source(text: str) -> str:
+    """A procedural set's name as it is; anything else is a folder, resolved as `input_path` does
+    (a child process does not know ComfyUI's input folder)."""
+    from ..data import PROCEDURAL_DATASETS
+
+    return text if text in PROCEDURAL_DATASETS else str(input_path(text))
+
+
 def find_artifact(name: str) -> Path:
     """A file named as ComfyUI's loaders name it (`loras`, `embeddings`, `controlnet`), or a path."""
     import folder_paths
@@ -177,12 +185,12 @@ class NodeProgress:
             PromptServer.instance.send_progress_text(message, self.node_id)
 
     def step(self, *, step: int, total: int, epsilon: float | None = None, loss: float | None = None,
-             note: str = "") -> None:
+             note: str = "", unit: str = "step") -> None:
         self.bar.update_absolute(step, total)
         if loss is not None:
             self.losses.append(float(loss))
         spent = f" · ε spent {epsilon:.3g}" if epsilon is not None else ""
-        self.text(f"step {step}/{total}{spent}" + (f" · {note}" if note else ""))
+        self.text(f"{unit} {step}/{total}{spent}" + (f" · {note}" if note else ""))
 
     @staticmethod
     def stop_requested() -> bool:

@@ -2,9 +2,22 @@
 
 from comfy_api.latest import io
 
+from ..pipelines.trainable import TRAINABLE_SETS
 from .datasets import Dataset
 
-_TRAINABLE = ("attention", "cross_attention", "transformer", "lora", "full")
+
+def check_name_and_trainable(*, name: str, trainable: str):
+    """validate_inputs of the nodes that release a LoRA: ComfyUI checks V3 combo values only in the
+    frontend, so a posted graph is checked here."""
+    from ..pipelines.release import check_release_name
+
+    if trainable not in TRAINABLE_SETS:
+        return f"trainable={trainable!r} is not one of {', '.join(TRAINABLE_SETS)}."
+    try:
+        check_release_name(name)
+    except ValueError as error:
+        return str(error)
+    return True
 
 
 def _common_inputs():
@@ -40,7 +53,7 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
                 io.Float.Input("epsilon", default=10.0, min=0.01, max=1000.0, step=0.1,
                                tooltip="the privacy budget ε for each training example (smaller: more private, less learnt); "
                                        "δ is 1/(10·N)"),
-                io.Combo.Input("trainable", options=list(_TRAINABLE), default="attention",
+                io.Combo.Input("trainable", options=list(TRAINABLE_SETS), default="attention",
                                tooltip="which weights train: attention (DP-LDM's choice), cross_attention, transformer, "
                                        "lora (a small adapter), full"),
                 io.Float.Input("epochs", default=10.0, min=0.01, max=10000.0, step=0.5,
@@ -68,16 +81,7 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, name, trainable):
-        # ComfyUI checks V3 combo values only in the frontend; a posted graph is checked here.
-        from ..pipelines.release import check_release_name
-
-        if trainable not in _TRAINABLE:
-            return f"trainable={trainable!r} is not one of {', '.join(_TRAINABLE)}."
-        try:
-            check_release_name(name)
-        except ValueError as error:
-            return str(error)
-        return True
+        return check_name_and_trainable(name=name, trainable=trainable)
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, epsilon, trainable, epochs, batch_size, learning_rate,

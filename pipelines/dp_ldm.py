@@ -468,15 +468,39 @@ def _is_main_process() -> bool:
     return distributed_rank_and_size()[0] == 0
 
 
+def write_fine_tune_weights(*, pipeline, chosen, base_state: dict, text_rows, record, out: Path,
+                            stem: str = "dp_ldm") -> dict:
+    """The released weight files of a fine-tune, each carrying `record`: one LoRA file
+    (<stem>_lora) for `trainable='lora'`, else the trained tensors' differences from `base_state`
+    (names as `training_modules` gives them) in diffusers names (<stem>_unet_diff) and in the keys
+    ComfyUI's LoRA loader applies (<stem>_comfyui)."""
+    from ..models.lora import lora_state_dict
+    from ..models.weight_diffs import (TEXT_TABLE_DIFF_KEY, comfy_diff_keys, comfy_token_table_diff,
+                                       token_table_difference, weight_differences)
+    from ..privacy.record import write_safetensors
+
+    unet = pipeline.unet
+    if chosen.lora_targets:
+        lora = lora_state_dict(unet=unet, targets=chosen.lora_targets)
+        return {"lora": write_safetensors(path=out / f"{stem}_lora.safetensors", tensors=lora, record=record)}
+    tuned = {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+    base = {n: base_state[f"unet.{n}"] for n in chosen.parameter_names}
+    diffs = weight_differences(base=base, tuned=tuned, names=chosen.parameter_names)
+    comfy = comfy_diff_keys(diffs=diffs, unet_config=unet.config)
+    if text_rows is not None:
+        table_diff = token_table_difference(rows=text_rows, base_rows=base_state[TEXT_ROWS_PARAM])
+        diffs[TEXT_TABLE_DIFF_KEY] = table_diff
+        comfy.update(comfy_token_table_diff(table_diff=table_diff, text_encoder=pipeline.text_encoder))
+    return {"diffusers": write_safetensors(path=out / f"{stem}_unet_diff.safetensors", tensors=diffs, record=record),
+            "comfyui": write_safetensors(path=out / f"{stem}_comfyui.safetensors", tensors=comfy, record=record)}
+
+
 def _release(*, run: _Run, out: Path) -> DPLDMResult:
     """Write the released files (weights + privacy record, samples) and clear the by-products."""
     import torch
 
     from ..data.images import line_chart, make_grid, save_png
-    from ..models.lora import lora_state_dict
-    from ..models.weight_diffs import (TEXT_TABLE_DIFF_KEY, comfy_diff_keys, comfy_token_table_diff,
-                                       token_table_difference, weight_differences)
-    from ..privacy.record import PrivacyRecord, record_for_dp_sgd, write_safetensors
+    from ..privacy.record import PrivacyRecord, record_for_dp_sgd
 
     config = run.config
     settings = {"trainable": config.trainable, "ablation_blocks": config.ablation_blocks,
@@ -496,22 +520,8 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
                                                         "warning": "trained WITHOUT differential privacy"})
         epsilon = None
     out.mkdir(parents=True, exist_ok=True)
-    if config.trainable == "lora":
-        lora = lora_state_dict(unet=run.unet, targets=run.chosen.lora_targets)
-        weights = {"lora": write_safetensors(path=out / WEIGHTS_LORA, tensors=lora, record=record)}
-    else:
-        tuned = {n: p.detach() for n, p in run.unet.named_parameters() if p.requires_grad}
-        base = {n: run.base_state[f"unet.{n}"] for n in run.chosen.parameter_names}
-        diffs = weight_differences(base=base, tuned=tuned, names=run.chosen.parameter_names)
-        comfy = comfy_diff_keys(diffs=diffs, unet_config=run.unet.config)
-        if run.text_rows is not None:
-            table_diff = token_table_difference(rows=run.text_rows, base_rows=run.base_state[TEXT_ROWS_PARAM])
-            diffs[TEXT_TABLE_DIFF_KEY] = table_diff
-            comfy.update(comfy_token_table_diff(table_diff=table_diff, text_encoder=run.pipeline.text_encoder))
-        weights = {
-            "diffusers": write_safetensors(path=out / WEIGHTS_DIFFUSERS, tensors=diffs, record=record),
-            "comfyui": write_safetensors(path=out / WEIGHTS_COMFYUI, tensors=comfy, record=record),
-        }
+    weights = write_fine_tune_weights(pipeline=run.pipeline, chosen=run.chosen, base_state=run.base_state,
+                                      text_rows=run.text_rows, record=record, out=out)
     # Samples from the private model are post-processing of the DP release: covered by ε.
     pipe = run.pipeline
     pipe.set_progress_bar_config(disable=True)

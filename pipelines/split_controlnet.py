@@ -360,12 +360,29 @@ class SplitTrainer:
 SPLIT_CONFIG_KEY = "privdiff_split_controlnet"  # in the saved ControlNet's config.json
 
 
-def save_split_controlnet(*, controlnet, out, record=None) -> None:
-    """Save in diffusers format; the config says how its hint input is formed, so loaders can tell a
-    split ControlNet (hint = symsigmoid(E(2c - 1) + z_t), recomputed every step) from a stock one."""
+def mark_split_controlnet(controlnet) -> None:
+    """Write into the config how its hint input is formed, so loaders can tell a split ControlNet
+    (hint = symsigmoid(E(2c - 1) + z_t), recomputed every step) from a stock one."""
     controlnet.register_to_config(**{SPLIT_CONFIG_KEY: {"version": 1, "hint_input": "symsigmoid(E(2c-1) + z_t)",
                                                         "context": "zeros"}})
+
+
+def save_split_controlnet(*, controlnet, out, record=None) -> None:
+    """Save in diffusers format, marked as a split ControlNet."""
+    mark_split_controlnet(controlnet)
     controlnet.save_pretrained(str(out))
+
+
+def split_control_residuals(*, controlnet, model_input, hint_latent, timestep, scale: float = 1.0):
+    """A split ControlNet's residuals for the UNet's skip connections (down) and middle block at one
+    denoising step: its hint input h = fp16(symsigmoid(hint latent + z_t)) is formed from the current
+    latents, as in training, and it sees the zero text context it was trained with."""
+    dtype = controlnet.dtype
+    h = symsigmoid(hint_latent.to(model_input) + model_input).half().to(dtype)
+    context = torch.zeros(len(model_input), 1, controlnet.config.cross_attention_dim, device=model_input.device,
+                          dtype=dtype)
+    return controlnet(model_input.to(dtype), timestep, encoder_hidden_states=context, controlnet_cond=h,
+                      conditioning_scale=scale, return_dict=False)
 
 
 def _split_pipeline_class():
@@ -389,16 +406,14 @@ def _split_pipeline_class():
             hint_latent = encode_latents(vae=self.vae, pixels=hints).to(dtype)
             embeds, negative = self.encode_prompt(prompts, device, 1, guidance_scale > 1)
             text = torch.cat([negative, embeds]) if guidance_scale > 1 else embeds
-            control_context = torch.zeros(len(prompts), 1, self.unet.config.cross_attention_dim, device=device,
-                                          dtype=dtype)
             self.scheduler.set_timesteps(num_inference_steps, device=device)
             latents = self.prepare_latents(len(prompts), self.unet.config.in_channels, hints.shape[2], hints.shape[3],
                                            dtype, device, generator)
             for t in self.progress_bar(self.scheduler.timesteps):
                 model_input = self.scheduler.scale_model_input(latents, t)
-                h = symsigmoid(hint_latent + model_input).half().to(dtype)
-                down, mid = self.controlnet(model_input, t, encoder_hidden_states=control_context, controlnet_cond=h,
-                                            conditioning_scale=controlnet_conditioning_scale, return_dict=False)
+                down, mid = split_control_residuals(controlnet=self.controlnet, model_input=model_input,
+                                                    hint_latent=hint_latent, timestep=t,
+                                                    scale=controlnet_conditioning_scale)
                 if guidance_scale > 1:
                     down, mid = [torch.cat([d, d]) for d in down], torch.cat([mid, mid])
                     model_input = torch.cat([model_input, model_input])
@@ -505,14 +520,16 @@ class SplitJob:
 
 
 def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: int, config: SplitConfig,
-                       progress=None, cache_latents: bool = True, latent_cache: dict | None = None) -> int:
+                       progress=None, cache_latents: bool = True, latent_cache: dict | None = None,
+                       should_stop=None) -> int:
     """Send every batch of `dataset` for `epochs` epochs through `client`; returns the server's step count.
 
     Batches are cut in a fixed order, so after a failure the same call re-sends exactly the same
     messages and the server skips those it already applied. With `cache_latents` the client runs
     its VAE encoder once per image (two thirds of its work per batch) and keeps the latents in memory
     (privdiff-tiny: 0.5 KB per image and hint; SD1.5 at 512 px: 64 KB). Pass your own `latent_cache`
-    (sample index -> (image latent, hint latent)) to keep it across calls, e.g. when a call is retried."""
+    (sample index -> (image latent, hint latent)) to keep it across calls, e.g. when a call is retried.
+    `should_stop()` is asked before every batch; when it holds, the call returns early."""
     from ..transport.codec import Message
 
     if epochs < 1 or batch_size < 1:
@@ -521,6 +538,8 @@ def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: in
     steps = 0
     for epoch in range(epochs):
         for start in range(0, len(dataset), batch_size):
+            if should_stop is not None and should_stop():
+                return steps
             ids = list(range(start, min(start + batch_size, len(dataset))))
             missing = [i for i in ids if i not in cache]
             if missing:

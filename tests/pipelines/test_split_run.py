@@ -1,0 +1,70 @@
+"""A split job as a GUI runs it: a local server in a child process, a client that stops and resumes,
+the released one-file ControlNet (weights, config, record), and the attack audit."""
+
+import pytest
+import torch
+
+from privdiff.pipelines.split_controlnet import SplitConfig
+from privdiff.pipelines.split_run import (audit_split_training, load_split_controlnet_file, start_split_server,
+                                          stop_split_server, train_split_controlnet)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from privdiff.models.loading import load_pipeline
+
+    return load_pipeline(base="tiny")
+
+
+@pytest.fixture(scope="module")
+def circles():
+    from privdiff.data import load_dataset
+
+    return load_dataset(data="circles", num_items=8, seed=0)
+
+
+def test_client_stops_resumes_and_releases_a_split_controlnet_that_loads_with_its_record(tiny, circles, tmp_path):
+    from privdiff.pipelines.background import ChildCommand
+    from privdiff.privacy.record import read_record
+
+    connection = start_split_server(base_pipeline=tiny, out=tmp_path / "server", learning_rate=1e-4)
+    try:
+        assert start_split_server(base_pipeline=tiny, out=tmp_path / "server") == connection  # reused, not restarted
+        sent = []
+        stopped = train_split_controlnet(pipeline=tiny, dataset=circles, connection=connection, config=SplitConfig(),
+                                         epochs=2, batch_size=4, out=tmp_path / "client",
+                                         progress=lambda done, total, steps: sent.append((done, total, steps)),
+                                         should_stop=lambda: len(sent) >= 2)
+        assert stopped.stopped and stopped.controlnet_file is None and stopped.steps == 2
+        assert sent[-1][1] == 4
+        done = train_split_controlnet(pipeline=tiny, dataset=circles, connection=connection, config=SplitConfig(),
+                                      epochs=2, batch_size=4, out=tmp_path / "client", stop_server=True)
+    finally:
+        stop_split_server(connection)
+    # The two batches sent before the stop were acknowledged, not trained again: 4 steps in all.
+    assert not done.stopped and done.steps == 4
+    assert ChildCommand.find(connection.process_name) is None  # stop_server ended the child
+    record = read_record(done.controlnet_file)
+    assert record.mechanism == "split-hardened" and record.steps == 4 and record.num_examples == 8
+    assert record.extra["settings"]["snr_bound"] == SplitConfig().snr_bound
+    controlnet = load_split_controlnet_file(done.controlnet_file)
+    assert controlnet.config.conditioning_channels == tiny.unet.config.in_channels
+    assert any(p.abs().max() > 0 for n, p in controlnet.named_parameters() if "zero_conv" in n or "controlnet_down" in n)
+
+
+def test_a_file_without_the_split_config_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "stock.safetensors"))
+    with pytest.raises(ValueError, match="not a privdiff split ControlNet"):
+        load_split_controlnet_file(tmp_path / "stock.safetensors")
+
+
+def test_audit_shows_paper_mode_leaks_and_hardened_does_not(tiny, circles, tmp_path):
+    paper, _ = audit_split_training(pipeline=tiny, dataset=circles, config=SplitConfig(mode="paper"), epochs=1,
+                                    batch_size=4, folder=tmp_path / "p", optimisation_steps=0)
+    hardened, steps = audit_split_training(pipeline=tiny, dataset=circles, config=SplitConfig(), epochs=1,
+                                           batch_size=4, folder=tmp_path / "h", optimisation_steps=0)
+    assert steps == 2
+    assert paper.image_psnr > 40  # the reference design gives every image away
+    assert hardened.image_psnr < hardened.mean_image_psnr + 3
