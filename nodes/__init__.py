@@ -12,9 +12,10 @@ from .datasets import DATASET_NODES
 from .federated import FEDERATED_NODES
 from .models import MODEL_NODES
 from .privacy import PRIVACY_NODES
+from .split import SPLIT_NODES
 from .training import TRAINING_NODES
 
 
 class PrivDiffExtension(ComfyExtension):
     async def get_node_list(self):
-        return [*MODEL_NODES, *DATASET_NODES, *TRAINING_NODES, *FEDERATED_NODES, *PRIVACY_NODES]
+        return [*MODEL_NODES, *DATASET_NODES, *TRAINING_NODES, *FEDERATED_NODES, *SPLIT_NODES, *PRIVACY_NODES]

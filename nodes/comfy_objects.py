@@ -245,3 +245,51 @@ def training_previews(*, losses: list[float], samples: Path | None, title: str):
         pictures.append(line_chart({"training loss": losses}, title=f"{title} training loss",
                                    note="computed on private data: NOT covered by the DP guarantee"))
     return preview(pictures) if pictures else None
+
+
+# ---- split ControlNet at inference ----------------------------------------------------------------
+
+
+class _SplitControlModel(torch.nn.Module):
+    """A split ControlNet in the shape ComfyUI's ControlNet runner calls: (x = z_t, hint = the hint's
+    scaled VAE latent) -> residuals for the skip connections ("output") and the middle block."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    @property
+    def dtype(self):
+        return self.controlnet.dtype
+
+    def forward(self, x, hint, timesteps, context=None, **unused):
+        from ..pipelines.split_controlnet import split_control_residuals
+
+        down, mid = split_control_residuals(controlnet=self.controlnet, model_input=x, hint_latent=hint,
+                                            timestep=timesteps)
+        return {"middle": [mid], "output": list(down)}
+
+
+def apply_split_controlnet(*, positive, negative, path: Path, image, vae, strength: float, start_percent: float,
+                           end_percent: float):
+    """Attach a split ControlNet to conditioning exactly as ComfyUI's Apply ControlNet does, with
+    ComfyUI's own runner: it resizes the hint, encodes it with `vae` at the training latents' scale
+    and passes z_t (the model input) at every step; the privacy activation is formed there."""
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.model_management as mm
+    import nodes as comfy_nodes
+
+    from ..pipelines.split_run import load_split_controlnet_file
+
+    loaded = load_split_controlnet_file(path)
+
+    class TrainingLatents(comfy.latent_formats.SD15):
+        def __init__(self):
+            super().__init__(scale_factor=loaded.latent_scale)
+
+    control = comfy.controlnet.ControlNet(_SplitControlModel(loaded.controlnet), compression_ratio=1,
+                                          latent_format=TrainingLatents(), load_device=mm.get_torch_device(),
+                                          extra_conds=[])
+    return comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, image, strength,
+                                                                  start_percent, end_percent, vae=vae)

@@ -6,18 +6,23 @@ from ..pipelines.trainable import TRAINABLE_SETS
 from .datasets import Dataset
 
 
-def check_name_and_trainable(*, name: str, trainable: str):
-    """validate_inputs of the nodes that release a LoRA: ComfyUI checks V3 combo values only in the
-    frontend, so a posted graph is checked here."""
+def check_release_name_input(name: str):
+    """True, or what is wrong with a release's file name (validate_inputs' answer)."""
     from ..pipelines.release import check_release_name
 
-    if trainable not in TRAINABLE_SETS:
-        return f"trainable={trainable!r} is not one of {', '.join(TRAINABLE_SETS)}."
     try:
         check_release_name(name)
     except ValueError as error:
         return str(error)
     return True
+
+
+def check_name_and_trainable(*, name: str, trainable: str):
+    """validate_inputs of the nodes that release a LoRA: ComfyUI checks V3 combo values only in the
+    frontend, so a posted graph is checked here."""
+    if trainable not in TRAINABLE_SETS:
+        return f"trainable={trainable!r} is not one of {', '.join(TRAINABLE_SETS)}."
+    return check_release_name_input(name)
 
 
 def _common_inputs():
@@ -145,15 +150,9 @@ class _TextualInversionNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, name, template):
-        from ..pipelines.release import check_release_name
-
-        try:
-            check_release_name(name)
-        except ValueError as error:
-            return str(error)
         if "{token}" not in template:
             return f"template={template!r} must contain {{token}}, where the embedding goes."
-        return True
+        return check_release_name_input(name)
 
     @classmethod
     def _train(cls, *, trainer, config, model, clip, vae, dataset, name, resume: bool):

@@ -105,13 +105,18 @@ class ChildCommand:
     def wait(self, *, poll, should_stop=None, interval: float = 0.5, grace_seconds: float = 20.0) -> bool:
         """Call `poll()` every `interval` seconds until the child exits (True) or `should_stop()` holds
         (the child is stopped, given `grace_seconds` to checkpoint; False)."""
-        while self.running():
+        try:
+            while self.running():
+                poll()
+                if should_stop is not None and should_stop():
+                    self.stop(grace_seconds=grace_seconds)
+                    return False
+                time.sleep(interval)
             poll()
-            if should_stop is not None and should_stop():
-                self.stop(grace_seconds=grace_seconds)
-                return False
-            time.sleep(interval)
-        poll()
+        except BaseException:
+            # e.g. ComfyUI's progress bar raising on the stop button: the child must not outlive the wait.
+            self.stop(grace_seconds=grace_seconds)
+            raise
         return True
 
     def raise_if_failed(self, what: str) -> None:

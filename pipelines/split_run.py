@@ -20,6 +20,7 @@ from .split_controlnet import SplitConfig
 
 CLIENT_NAME = "local-client"
 SPLIT_FILE_CONFIG_KEY = "privdiff_split_controlnet_config"  # the ControlNet's config.json, in the file's metadata
+LATENT_SCALE_KEY = "privdiff_latent_scale"
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ def _free_port() -> int:
 def start_split_server(*, base_pipeline, out, port: int = 0, learning_rate: float = 1e-5,
                        checkpoint_every: int = 20, seed: int = 0, startup_timeout: float = 300.0) -> SplitConnection:
     """Serve a split ControlNet job from `out` (keys, base model, job checkpoints; a job there is
-    resumed) in a child process on 127.0.0.1. A server already running for `out` is reused."""
+    resumed) in a child process on 127.0.0.1. A server already running for `out` is reused.
+    `base_pipeline`: the public base model, or a function returning it (called only when `out` holds
+    no saved base yet)."""
     from ..transport.keys import create_keys
     from .background import ChildCommand
 
@@ -58,7 +61,8 @@ def start_split_server(*, base_pipeline, out, port: int = 0, learning_rate: floa
     allowed.mkdir(parents=True, exist_ok=True)
     (allowed / f"{CLIENT_NAME}.key").write_bytes((keys / f"{CLIENT_NAME}.key").read_bytes())
     if not (out / "base" / "model_index.json").is_file():
-        base_pipeline.save_pretrained(str(out / "base"))
+        # A pipeline is callable too: tell them apart by what a pipeline has.
+        (base_pipeline if hasattr(base_pipeline, "save_pretrained") else base_pipeline()).save_pretrained(str(out / "base"))
     endpoint = f"tcp://127.0.0.1:{port or _free_port()}"
     log = out / "server.log"
     log.unlink(missing_ok=True)
@@ -139,12 +143,14 @@ def train_split_controlnet(*, pipeline, dataset, connection: SplitConnection, co
     if stop_server:
         stop_split_server(connection)
     path = save_split_controlnet_file(controlnet=controlnet, path=Path(out) / "split_controlnet.safetensors",
-                                      record=split_record(config=config, steps=steps, num_examples=len(dataset)))
+                                      record=split_record(config=config, steps=steps, num_examples=len(dataset)),
+                                      latent_scale=pipeline.vae.config.scaling_factor)
     return SplitTrainResult(steps=steps, stopped=False, controlnet_file=path)
 
 
-def save_split_controlnet_file(*, controlnet, path, record) -> Path:
-    """One safetensors file: the ControlNet's weights (diffusers names), its config and its record."""
+def save_split_controlnet_file(*, controlnet, path, record, latent_scale: float) -> Path:
+    """One safetensors file: the ControlNet's weights (diffusers names), its config, its record and
+    the scale of the latents it was trained on (the base VAE's scaling factor: hints are encoded so)."""
     from ..privacy.record import write_safetensors
     from .split_controlnet import mark_split_controlnet
 
@@ -152,10 +158,17 @@ def save_split_controlnet_file(*, controlnet, path, record) -> Path:
     mark_split_controlnet(controlnet)
     config = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
     return write_safetensors(path=path, tensors=controlnet.state_dict(), record=record,
-                             metadata={SPLIT_FILE_CONFIG_KEY: json.dumps(config, default=list)})
+                             metadata={SPLIT_FILE_CONFIG_KEY: json.dumps(config, default=list),
+                                       LATENT_SCALE_KEY: repr(float(latent_scale))})
 
 
-def load_split_controlnet_file(path):
+@dataclass(frozen=True)
+class SplitControlNetFile:
+    controlnet: object  # diffusers ControlNetModel
+    latent_scale: float  # hints are VAE latents times this, as in training
+
+
+def load_split_controlnet_file(path) -> SplitControlNetFile:
     """The ControlNet saved by `save_split_controlnet_file`."""
     from diffusers import ControlNetModel
     from safetensors import safe_open
@@ -168,7 +181,7 @@ def load_split_controlnet_file(path):
                          "load other ControlNets with ComfyUI's own ControlNet loader.")
     controlnet = ControlNetModel.from_config(json.loads(metadata[SPLIT_FILE_CONFIG_KEY]))
     controlnet.load_state_dict(load_file(str(path)))
-    return controlnet.eval()
+    return SplitControlNetFile(controlnet=controlnet.eval(), latent_scale=float(metadata[LATENT_SCALE_KEY]))
 
 
 def audit_split_training(*, pipeline, dataset, config: SplitConfig, epochs: int, batch_size: int, folder,

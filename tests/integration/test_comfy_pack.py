@@ -11,9 +11,12 @@ pytestmark = pytest.mark.comfyui
 SHIPPED_NODES = {
     "PrivDiffTinyLoader", "PrivDiffProceduralDataset", "PrivDiffImageFolderDataset", "PrivDiffImageBatchDataset",
     "PrivDiffDPLDMTrain", "PrivDiffDPAggTITrain", "PrivDiffDPSGDTITrain", "PrivDiffPrivacyReport",
-    "PrivDiffMembershipAudit",
+    "PrivDiffMembershipAudit", "PrivDiffFederatedSimulate", "PrivDiffSplitServer", "PrivDiffSplitClientTrain",
+    "PrivDiffSplitControlNetApply", "PrivDiffSplitAttack",
 }
-TRAINING_NODES = {"PrivDiffDPLDMTrain", "PrivDiffDPAggTITrain", "PrivDiffDPSGDTITrain"}
+# Nodes that train or talk to the network: ComfyUI must run them again on every queue.
+TRAINING_NODES = {"PrivDiffDPLDMTrain", "PrivDiffDPAggTITrain", "PrivDiffDPSGDTITrain", "PrivDiffFederatedSimulate",
+                  "PrivDiffSplitServer", "PrivDiffSplitClientTrain", "PrivDiffSplitAttack"}
 
 
 def test_pack_loads_without_errors_in_under_a_second(comfy_server):

@@ -47,7 +47,9 @@ def test_client_stops_resumes_and_releases_a_split_controlnet_that_loads_with_it
     record = read_record(done.controlnet_file)
     assert record.mechanism == "split-hardened" and record.steps == 4 and record.num_examples == 8
     assert record.extra["settings"]["snr_bound"] == SplitConfig().snr_bound
-    controlnet = load_split_controlnet_file(done.controlnet_file)
+    loaded = load_split_controlnet_file(done.controlnet_file)
+    assert loaded.latent_scale == tiny.vae.config.scaling_factor
+    controlnet = loaded.controlnet
     assert controlnet.config.conditioning_channels == tiny.unet.config.in_channels
     assert any(p.abs().max() > 0 for n, p in controlnet.named_parameters() if "zero_conv" in n or "controlnet_down" in n)
 
