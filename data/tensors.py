@@ -70,3 +70,15 @@ class ImageBatchDataset(CaptionedImageDataset):
         return {"pixel_values": self._pixels[i], "caption": self._captions[i],
                 "hint": None if self._hints is None else self._hints[i], "subject": self._subjects[i],
                 "index": i, "path": f"memory:{i}"}
+
+
+def dataset_image_batches(dataset, *, count: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """The first `count` items of a dataset as IMAGE batches ([B,H,W,3] in 0..1): images, hints (None
+    when the set has none) and captions, e.g. to look at a set, or to take hints for generation."""
+    if count < 1:
+        raise DatasetError(f"count={count} must be at least 1.")
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    images = torch.stack([(it["pixel_values"] + 1) / 2 for it in items]).permute(0, 2, 3, 1).clamp(0, 1)
+    has_hints = all(it.get("hint") is not None for it in items)
+    hints = torch.stack([it["hint"] for it in items]).permute(0, 2, 3, 1).clamp(0, 1) if has_hints else None
+    return images, hints, [str(it.get("caption", "")) for it in items]

@@ -105,4 +105,31 @@ class PrivDiffImageBatchDataset(io.ComfyNode):
                                                resolution=resolution, hints=hints))
 
 
-DATASET_NODES = [PrivDiffProceduralDataset, PrivDiffImageFolderDataset, PrivDiffImageBatchDataset]
+class PrivDiffDatasetImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PrivDiffDatasetImages",
+            display_name="privdiff dataset images",
+            category="privdiff/data",
+            description="The first items of a dataset as IMAGE batches: its images, its hints (control images; "
+                        "a black batch if it has none) and its captions, to look at a set or to feed hints to "
+                        "Apply split ControlNet.",
+            inputs=[Dataset.Input("dataset", tooltip="any privdiff dataset"),
+                    io.Int.Input("count", default=4, min=1, max=4096, tooltip="how many items, from the first")],
+            outputs=[io.Image.Output(display_name="images", tooltip="the images, [B,H,W,3]"),
+                     io.Image.Output(display_name="hints", tooltip="their hints (black when the set has none)"),
+                     io.String.Output(display_name="captions", tooltip="their captions, one per line")],
+        )
+
+    @classmethod
+    def execute(cls, dataset, count):
+        import torch
+
+        from ..data.tensors import dataset_image_batches
+
+        images, hints, captions = dataset_image_batches(dataset, count=count)
+        return io.NodeOutput(images, torch.zeros_like(images) if hints is None else hints, "\n".join(captions))
+
+
+DATASET_NODES = [PrivDiffProceduralDataset, PrivDiffImageFolderDataset, PrivDiffImageBatchDataset, PrivDiffDatasetImages]

@@ -49,6 +49,12 @@ def run_federated_simulation(*, base_pipeline, config, out, resume: bool = False
     from ..federated.fedavg import load_state
     from .background import ChildCommand
 
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("flwr") is None:  # the child would only fail later, deep in its log
+        raise ModuleNotFoundError(f"Flower is not installed for {sys.executable}: install it there with "
+                                  "pip install 'flwr[simulation]>=1.41' (or pip install 'privdiff[federated]').")
     out = Path(out)
     federation, base = out / "federation", out / "base"
     config = replace(config, base=str(base))

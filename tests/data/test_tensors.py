@@ -32,3 +32,20 @@ def test_captions_one_per_line_or_one_for_all():
 def test_bad_batches_are_refused(images, captions, match):
     with pytest.raises(DatasetError, match=match):
         ImageBatchDataset(images=images, captions=captions)
+
+
+def test_dataset_image_batches_round_trip_images_hints_and_captions():
+    import torch
+
+    from privdiff.data import load_dataset
+    from privdiff.data.tensors import ImageBatchDataset, dataset_image_batches
+
+    circles = load_dataset(data="circles", num_items=3, seed=0)
+    images, hints, captions = dataset_image_batches(circles, count=5)
+    assert images.shape == hints.shape == (3, 64, 64, 3) and len(captions) == 3
+    assert 0 <= float(images.min()) and float(images.max()) <= 1 and hints.max() > 0
+    again = ImageBatchDataset(images=images, captions=captions, resolution=64, hints=hints)
+    assert torch.allclose(again[1]["pixel_values"], circles[1]["pixel_values"], atol=1e-5)
+    assert torch.allclose(again[1]["hint"], circles[1]["hint"], atol=1e-5)
+    _, no_hints, _ = dataset_image_batches(load_dataset(data="shapes", num_items=2, seed=0), count=2)
+    assert no_hints is None

@@ -22,7 +22,7 @@ SWAP_NOTE = ("Runs as is on privdiff-tiny (no download). For a real model: repla
              "ComfyUI's Load Checkpoint (an SD1.5 .safetensors from models/checkpoints), connect its MODEL, CLIP "
              "and VAE to the same inputs, and set the dataset's resolution to 512 and the sampler's size to "
              "512 x 512. For your own data use 'privdiff image folder' or 'privdiff images + captions' instead of "
-             "the procedural set.")
+             "the procedural set (the federated node takes a set's name or an image folder in its data box).")
 TINY = {"1": {"class_type": "PrivDiffTinyLoader", "inputs": {}}}
 
 
@@ -42,6 +42,9 @@ def _sampler(model, text):
 def _models(prefix):
     return {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "name": prefix}
 
+
+SPLIT_SETTINGS = {"mode": "hardened", "snr_bound": 0.01, "sigma_label": 1.0, "sigma_hint": 0.0, "draws_per_image": 1,
+                  "epochs": 2, "batch_size": 4, "seed": 0}
 
 GRAPHS = {
     "privdiff-dp-ldm": {
@@ -73,6 +76,40 @@ GRAPHS = {
             "max_grad_norm": 0.01, "learning_rate": 0.005, "seed": 0, "resume": False}},
         "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 0]}},
         **_sampler(["1", 0], ["3", 0]),
+    },
+    "privdiff-federated": {
+        **TINY,
+        "2": {"class_type": "PrivDiffFederatedSimulate", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "name": "privdiff-federated-example",
+            "data": "digits", "num_items": 64, "heldout_items": 32, "clients": 2, "rounds": 2, "beta": 0.0,
+            "trainable": "attention", "local_epochs": 1.0, "batch_size": 16, "learning_rate": 0.001,
+            "client_dp_noise": 1.0, "client_dp_clip": 0.1, "secure_aggregation": False, "seed": 0, "resume": False}},
+        "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["2", 1]}},
+        **_sampler(["2", 0], "a handwritten digit 7"),
+    },
+    "privdiff-split-controlnet": {
+        **TINY,
+        "2": {"class_type": "PrivDiffProceduralDataset", "inputs": {"name": "circles", "num_items": 16, "resolution": 64, "seed": 0}},
+        "3": {"class_type": "PrivDiffSplitServer", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "name": "privdiff-split-example",
+            "learning_rate": 0.0001, "checkpoint_every": 20, "seed": 0}},
+        "4": {"class_type": "PrivDiffSplitClientTrain", "inputs": {
+            **_models("privdiff-split-example"), "server": ["3", 0], **SPLIT_SETTINGS, "stop_server": True}},
+        "5": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["4", 0]}},
+        "6": {"class_type": "PrivDiffSplitAttack", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], **SPLIT_SETTINGS,
+            "optimisation_steps": 0}},
+        # Hints for generation: circles the training never saw (another seed).
+        "7": {"class_type": "PrivDiffProceduralDataset", "inputs": {"name": "circles", "num_items": 4, "resolution": 64, "seed": 1}},
+        "8": {"class_type": "PrivDiffDatasetImages", "inputs": {"dataset": ["7", 0], "count": 4}},
+        "9": {"class_type": "PrivDiffSplitControlNetApply", "inputs": {
+            "positive": ["20", 0], "negative": ["21", 0], "controlnet": ["4", 0], "image": ["8", 1], "vae": ["1", 2],
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        **_sampler(["1", 0], "a circle"),
+        "23": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["9", 0], "negative": ["9", 1],
+                                                    "latent_image": ["22", 0], "seed": 0, "steps": 20, "cfg": 5.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "26": {"class_type": "PreviewImage", "inputs": {"images": ["8", 1]}},
     },
 }
 

@@ -13,7 +13,9 @@ const flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', 
 (async () => {
   const browser = await chromium.launch({ executablePath, args: flags });
   try {
-    const page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
+    // Screenshots get a large canvas so that node titles and widgets stay legible in the README.
+    const viewport = mode === 'screenshot' ? { width: 2400, height: 1350 } : { width: 1600, height: 900 };
+    const page = await browser.newPage({ viewport });
     const errors = [];
     page.on('pageerror', (e) => errors.push(String(e)));
     await page.goto(url, { waitUntil: 'load', timeout: 120000 });
@@ -45,21 +47,22 @@ const flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', 
       }, [data, note]);
       fs.writeFileSync(output, JSON.stringify(workflow, null, 1) + '\n');
     } else if (mode === 'screenshot') {
-      await page.evaluate(async (wf) => {
+      await page.evaluate(async ([wf, width, height]) => {
         await window.app.loadGraphData(wf);
         const canvas = window.app.canvas;
+        canvas.min_font_size_for_lod = 0;  // draw titles and widgets at any zoom (no low-detail boxes)
         if (canvas.ds && window.app.graph._nodes.length) {
           let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
           for (const n of window.app.graph._nodes) {
             x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 40);
             x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
           }
-          const scale = Math.min(1.1, 1450 / (x1 - x0), 700 / (y1 - y0));
+          const scale = Math.min(1.1, (width - 150) / (x1 - x0), (height - 200) / (y1 - y0));
           canvas.ds.scale = scale;
           canvas.ds.offset = [-x0 + 50 / scale, -y0 + 80 / scale];
           canvas.setDirty(true, true);
         }
-      }, data);
+      }, [data, viewport.width, viewport.height]);
       await page.waitForTimeout(1500);
       await page.screenshot({ path: output });
     } else {
