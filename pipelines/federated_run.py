@@ -125,7 +125,7 @@ def release_global_model(*, federation, out) -> dict:
 
     from ..federated.fedavg import FederatedConfig, load_parameters, load_state
     from ..models.loading import load_pipeline
-    from .dp_ldm import TEXT_ROWS_PARAM, attach_conditioning_rows, trained_parameters, write_fine_tune_weights
+    from .dp_ldm import attach_conditioning_rows, trained_parameters, write_fine_tune_weights
     from .trainable import select_trainable
 
     federation, out = Path(federation), Path(out)
@@ -139,7 +139,5 @@ def release_global_model(*, federation, out) -> dict:
     rows = attach_conditioning_rows(pipeline=pipeline, words=config.conditioning_words) if config.conditioning_words else None
     base_state = trained_parameters(pipeline=pipeline)
     load_parameters(pipeline, load_file(str(federation / f"global-round-{rounds}.safetensors")))
-    if rows is not None and TEXT_ROWS_PARAM not in base_state:
-        raise KeyError(f"{TEXT_ROWS_PARAM} is missing from the run's parameters.")
     return write_fine_tune_weights(pipeline=pipeline, chosen=chosen, base_state=base_state, text_rows=rows,
                                    record=federated_record(config=config, rounds=rounds), out=out, stem="federated")

@@ -122,13 +122,11 @@ def train_split_controlnet(*, pipeline, dataset, connection: SplitConnection, co
     from ..transport.peer import SplitClient
     from .split_controlnet import download_controlnet, train_split_client
 
-    total = epochs * -(-len(dataset) // batch_size)
-    sent = {"batches": 0}
+    per_epoch = -(-len(dataset) // batch_size)
 
-    def report(epoch, start, steps):
-        sent["batches"] += 1
+    def report(epoch, start, steps):  # batches are cut in a fixed order: the count follows from the position
         if progress is not None:
-            progress(sent["batches"], total, steps)
+            progress(epoch * per_epoch + start // batch_size + 1, epochs * per_epoch, steps)
 
     client = SplitClient(connect=connection.endpoint, client_key=connection.client_secret_key,
                          server_public_key=connection.server_public_key, name=CLIENT_NAME, timeout=timeout)
@@ -196,12 +194,11 @@ def audit_split_training(*, pipeline, dataset, config: SplitConfig, epochs: int,
 
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be at least 1.")
-    total, sent = epochs * -(-len(dataset) // batch_size), {"batches": 0}
+    per_epoch = -(-len(dataset) // batch_size)
 
-    def report(*_):
-        sent["batches"] += 1
+    def report(epoch, start, steps):
         if progress is not None:
-            progress(sent["batches"], total)
+            progress(epoch * per_epoch + start // batch_size + 1, epochs * per_epoch)
 
     with warnings.catch_warnings():
         if config.mode == "paper":
