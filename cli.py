@@ -426,14 +426,29 @@ def _cmd_split(args) -> int:
     return 0
 
 
+def write_report(*, folder, name: str, settings: dict, figures: dict):
+    """An audit's figures as `<name>.not-covered-by-dp.json`: measured on private data, so labelled."""
+    import json
+    from pathlib import Path
+
+    from .privacy.record import atomic_target
+
+    path = Path(folder) / f"{name}.not-covered-by-dp.json"
+    with atomic_target(path) as tmp:
+        tmp.write_text(json.dumps({"not_covered_by_dp": "measured on private data; outside any guarantee: keep it "
+                                                        "in-house", "settings": settings, "figures": figures},
+                                  indent=1, default=str))
+    return path
+
+
 def _split_config(args):
-    from .pipelines.split_controlnet import SplitConfig
+    from .pipelines.split_client import SplitConfig
 
     overrides = {k: getattr(args, k) for k in ("snr_bound", "sigma_label", "sigma_hint", "draws_per_image")
                  if getattr(args, k) is not None}
     if overrides.get("draws_per_image") == 0:
         overrides["draws_per_image"] = None
-    return SplitConfig(mode=args.mode, seed=args.seed, **overrides)
+    return SplitConfig(mode=args.mode, **overrides)
 
 
 def _cmd_split_attack(args) -> int:
@@ -453,15 +468,21 @@ def _cmd_split_attack(args) -> int:
     if config.mode == "paper":
         print("paper mode: the reference design, which the attacks below rebuild exactly", flush=True)
     bar = tqdm(desc=f"split on loopback ({args.mode})", unit="batch")
+    # The loopback job's keys and its throwaway noise secret live in a scratch folder deleted after.
     with tempfile.TemporaryDirectory() as scratch:
         report, steps = audit_split_training(
             pipeline=pipeline, dataset=dataset, config=config, epochs=args.epochs, batch_size=args.batch_size,
-            folder=Path(args.out or scratch), optimisation_steps=args.optimisation_steps,
+            folder=Path(scratch), optimisation_steps=args.optimisation_steps,
             progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
     bar.close()
     print(f"{config.mode} mode, {len(dataset)} images, {steps} server steps; what the server rebuilds "
           "(PSNR/SSIM against the VAE's own reconstructions):")
     print("\n".join(report.lines()))
+    if args.out:
+        path = write_report(folder=args.out, name="split-attack", settings={**vars(config), "images": len(dataset),
+                                                                           "epochs": args.epochs},
+                            figures=report.figures())
+        print(f"report (measured on the images above; NOT covered by any guarantee) -> {path}")
     return 0
 
 
@@ -470,13 +491,14 @@ def _cmd_split_serve(args) -> int:
     from pathlib import Path
 
     from .models.loading import load_pipeline
-    from .pipelines.split_controlnet import SplitJob, SplitTrainer
+    from .pipelines.split_server import SplitJob, SplitTrainer
+    from .training.checkpoint import has_checkpoint
     from .transport.peer import SplitServer
 
     pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
     job = SplitJob(trainer=SplitTrainer(unet=pipeline.unet, learning_rate=args.lr, seed=args.seed))
     out = Path(args.out)
-    if (out / "job.json").is_file():
+    if has_checkpoint(out, name="job.safetensors"):
         job.load_checkpoint(out)
         print(f"resumed the job at step {job.trainer.steps} from {out}", flush=True)
     last_saved = {"step": job.trainer.steps}
@@ -488,7 +510,7 @@ def _cmd_split_serve(args) -> int:
         reply = job(client, message)
         if message.kind == "batch" and not reply.fields.get("duplicate"):
             bar.update(1)
-            bar.set_postfix(client=client, loss=f"{job.losses[-1]:.4f}", refresh=False)
+            bar.set_postfix(client=server.name_of(client), loss=f"{job.losses[-1]:.4f}", refresh=False)
         if job.trainer.steps - last_saved["step"] >= args.checkpoint_every:
             job.save_checkpoint(out)
             last_saved["step"] = job.trainer.steps
@@ -517,8 +539,9 @@ def _cmd_split_train(args) -> int:
 
     from .data import load_dataset
     from .models.loading import load_pipeline
-    from .pipelines.split_controlnet import (SplitConfig, download_controlnet, save_split_controlnet,
-                                             train_split_client)
+    from .pipelines.split_client import check_split_dataset, download_controlnet, train_split_client
+    from .pipelines.split_run import save_split_controlnet_file, split_record
+    from .privacy.split_secret import SentLedger, ledger_path, open_client_secret, secret_path
     from .transport.peer import SplitClient
 
     if args.data is None:
@@ -527,19 +550,31 @@ def _cmd_split_train(args) -> int:
     pipeline = load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer)
     dataset = load_dataset(data=args.data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
                            seed=args.seed, num_items=args.num_items)
-    client = SplitClient(connect=args.connect, client_key=args.client_key, server_public_key=args.server_key,
-                         name=Path(args.client_key).name.split(".")[0], timeout=args.timeout)
-    bar = tqdm(total=args.epochs * -(-len(dataset) // args.batch_size), desc=f"split ({args.mode})", unit="batch")
+    check_split_dataset(dataset)
+    # The noise secret and the ledger of what was sent live beside the client key, and never leave it.
+    ledger = SentLedger(ledger_path(args.client_key))
     try:
-        steps = train_split_client(client=client, pipeline=pipeline, dataset=dataset, epochs=args.epochs,
-                                   batch_size=args.batch_size, config=config,
-                                   progress=lambda epoch, start, steps: (bar.update(1), bar.set_postfix(server_steps=steps)))
-        controlnet = download_controlnet(client=client)
+        secret = open_client_secret(path=secret_path(args.client_key), ledger=ledger)
+        client = SplitClient(connect=args.connect, client_key=args.client_key, server_public_key=args.server_key,
+                             name=Path(args.client_key).name.split(".")[0], timeout=args.timeout)
+        bar = tqdm(total=args.epochs * -(-len(dataset) // args.batch_size), desc=f"split ({args.mode})", unit="batch")
+        try:
+            result = train_split_client(
+                client=client, pipeline=pipeline, dataset=dataset, epochs=args.epochs, batch_size=args.batch_size,
+                config=config, secret=secret, ledger=ledger,
+                progress=lambda sent, total, applied: (bar.update(1), bar.set_postfix(applied=applied)))
+            controlnet = download_controlnet(client=client)
+        finally:
+            bar.close()
+            client.close()
     finally:
-        bar.close()
-        client.close()
-    save_split_controlnet(controlnet=controlnet, out=Path(args.out) / "controlnet")
-    print(f"the server trained {steps} steps; split ControlNet saved to {Path(args.out) / 'controlnet'}")
+        ledger.close()
+    path = save_split_controlnet_file(controlnet=controlnet, path=Path(args.out) / "split_controlnet.safetensors",
+                                      record=split_record(config=config, steps=result.applied,
+                                                          num_examples=len(dataset)),
+                                      latent_scale=pipeline.vae.config.scaling_factor)
+    print(f"the server trained {result.applied} of this client's batches; split ControlNet (with its privacy "
+          f"record) -> {path}")
     return 0
 
 

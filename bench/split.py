@@ -57,20 +57,22 @@ def training_throughput(*, model: str, device: str, dtype: str, resolution: int 
     import torch
 
     from privdiff.pipelines.split_controlnet import SplitConfig, SplitTrainer, client_payload, run_loopback_job
+    from privdiff.privacy.split_secret import ClientSecret, content_hash
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if model == "tiny":
         from privdiff.models.privdiff_tiny import load_privdiff_tiny
 
         tiny = load_privdiff_tiny()
-        unet, scheduler = tiny.unet, tiny.scheduler
+        unet, scheduler, vae = tiny.unet, tiny.scheduler, tiny.vae
     else:
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         from privdiff.models.loading import CONFIGS_DIR
 
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS_DIR / model / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS_DIR / model / "vae"))
         scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     unet = unet.to(device=device, dtype=torch_dtype)
     side = (resolution // 8) if resolution else unet.config.sample_size
@@ -78,8 +80,21 @@ def training_throughput(*, model: str, device: str, dtype: str, resolution: int 
     generator = torch.Generator().manual_seed(0)
     latents = (torch.randn(pool, unet.config.in_channels, side, side, generator=generator),
                torch.randn(pool, unet.config.in_channels, side, side, generator=generator))
-    client_side = types.SimpleNamespace(unet=unet, scheduler=scheduler)
+    client_side = types.SimpleNamespace(unet=unet, scheduler=scheduler, vae=vae)
     config = SplitConfig()
+    secret = ClientSecret(bytes(32))  # a benchmark's fixed secret: never one for private data
+
+    class Placeholder:  # what train_split_client iterates over: tiny distinct images, latents in the cache
+        def __len__(self):
+            return pool
+
+        def __getitem__(self, i):
+            image = torch.full((3, 8, 8), -1.0)
+            image.view(-1)[[b for b in range(32) if i >> b & 1]] = 1.0  # i in binary: distinct contents
+            return {"pixel_values": image, "hint": torch.zeros(3, 8, 8)}
+
+    image_ids = [secret.image_id(content_hash(pixels=Placeholder()[i]["pixel_values"], hint=torch.zeros(3, 8, 8)))
+                 for i in range(pool)]
 
     def sync():
         if device.startswith("cuda"):
@@ -87,17 +102,19 @@ def training_throughput(*, model: str, device: str, dtype: str, resolution: int 
 
     def batch_latents(step):
         ids = [(step * batch + i) % pool for i in range(batch)]
-        return ids, (latents[0][ids], latents[1][ids])
+        return [image_ids[i] for i in ids], (latents[0][ids], latents[1][ids])
 
     trainer = SplitTrainer(unet=unet, learning_rate=1e-5)
     for step in range(warmup):
         ids, lat = batch_latents(step)
-        trainer.train_on(client_payload(pipeline=client_side, latents=lat, sample_ids=ids, step=0, config=config))
+        trainer.train_on(client_payload(pipeline=client_side, latents=lat, image_ids=ids, epoch=0, config=config,
+                                        secret=secret))
     sync()
     start = time.perf_counter()
     for step in range(steps):
         ids, lat = batch_latents(step)
-        trainer.train_on(client_payload(pipeline=client_side, latents=lat, sample_ids=ids, step=0, config=config))
+        trainer.train_on(client_payload(pipeline=client_side, latents=lat, image_ids=ids, epoch=0, config=config,
+                                        secret=secret))
     sync()
     in_process = steps * batch / (time.perf_counter() - start)
     del trainer
@@ -105,23 +122,18 @@ def training_throughput(*, model: str, device: str, dtype: str, resolution: int 
     # The loopback run: the same steps through run_loopback_job's server and client, the client's
     # latent cache pre-filled (so no dataset item is read), timed after the warm-up steps.
     timings = []
-
-    class Placeholder:  # what train_split_client iterates over; every index is already in the cache
-        def __len__(self):
-            return pool
-
-    cache = {i: (latents[0][i], latents[1][i]) for i in range(pool)}
+    cache = {image_ids[i]: (latents[0][i], latents[1][i]) for i in range(pool)}
     epochs = -(-(warmup + steps) * batch // pool)
 
-    def progress(epoch, start_index, server_steps):
-        if server_steps in (warmup, warmup + steps):
+    def progress(sent, total, applied):
+        if applied in (warmup, warmup + steps):
             sync()
             timings.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as folder:
         run = run_loopback_job(pipeline=client_side, datasets={"client": Placeholder()}, config=config, epochs=epochs,
                                batch_size=batch, folder=folder, learning_rate=1e-5, progress=progress,
-                               download=False, latent_caches={"client": cache})
+                               download=False, latent_caches={"client": cache}, secrets={"client": secret})
     loopback = steps * batch / (timings[1] - timings[0])
     return {"model": model, "device": device, "dtype": dtype, "latent_side": side, "batch": batch, "steps": steps,
             "in_process_samples_per_s": in_process, "loopback_samples_per_s": loopback,

@@ -23,7 +23,18 @@ def _config(args):
     from privdiff.pipelines.split_controlnet import SplitConfig
 
     return SplitConfig(mode=args.mode, snr_bound=args.snr_bound, sigma_hint=args.sigma_hint,
-                       draws_per_image=args.draws_per_image or None, seed=args.seed)
+                       draws_per_image=args.draws_per_image or None)
+
+
+def _secret_and_ids(args, count: int):
+    """A benchmark's secret, fixed by --seed so figures reproduce (never do this with private data:
+    real clients draw theirs from the OS), and one id per image index."""
+    import hashlib
+
+    from privdiff.pipelines.split_client import ClientSecret
+
+    secret = ClientSecret(hashlib.sha256(f"privdiff-bench/{args.seed}".encode()).digest())
+    return secret, [secret.image_id(str(i).encode()) for i in range(count)]
 
 
 def _latents(pipeline, dataset):
@@ -67,11 +78,13 @@ def utility(args) -> dict:
         return metrics
 
     generator = torch.Generator().manual_seed(args.seed)
+    secret, image_ids = _secret_and_ids(args, len(image_latents))
     losses, evaluations, start = [], [], time.time()
     for step in range(args.steps):
         ids = torch.randint(len(image_latents), (args.batch,), generator=generator)
         payload = client_payload(pipeline=tiny, latents=(image_latents[ids], hint_latents[ids]),
-                                 sample_ids=ids.tolist(), step=step, config=config)
+                                 image_ids=[image_ids[i] for i in ids.tolist()], epoch=step, config=config,
+                                 secret=secret)
         losses.append(trainer.train_on(payload))
         if (step + 1) % 100 == 0:
             print(f"step {step + 1}: loss {sum(losses[-100:]) / 100:.4f} ({time.time() - start:.0f} s)", flush=True)
@@ -120,8 +133,8 @@ def attack(args) -> dict:
     pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
     hints = torch.stack([dataset[i]["hint"] for i in range(len(dataset))]) * 2 - 1
     latents = _latents(tiny, dataset)
-    ids = list(range(len(dataset)))
-    traffic = [client_payload(pipeline=tiny, latents=latents, sample_ids=ids, step=e, config=config)
+    secret, ids = _secret_and_ids(args, len(dataset))
+    traffic = [client_payload(pipeline=tiny, latents=latents, image_ids=ids, epoch=e, config=config, secret=secret)
                for e in range(args.epochs)]
     hardened = config.mode == "hardened"
     report = reconstruct_from_traffic(pipeline=tiny, payloads=traffic, pixels=pixels, hint_pixels=hints,

@@ -30,15 +30,18 @@ def _privacy_inputs():
                      tooltip="hardened: different noisings one image ever gets over the run (0: a fresh one every epoch)"),
         io.Int.Input("epochs", default=2, min=1, max=100000, tooltip="passes over the private images"),
         io.Int.Input("batch_size", default=4, min=1, max=4096, tooltip="images per message"),
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="the timestep and noise draws"),
+        # Kept so that saved workflows keep their widget order; the noise never comes from a typed seed.
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                     tooltip="not used for the noise: every draw comes from this machine's secret, kept beside the "
+                             "client key (output/privdiff/<name>/server/keys/local-client.split-secret), never sent"),
     ]
 
 
-def _split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image, seed):
-    from ..pipelines.split_controlnet import SplitConfig
+def _split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image):
+    from ..pipelines.split_client import SplitConfig
 
     return SplitConfig(mode=mode, snr_bound=snr_bound, sigma_label=sigma_label, sigma_hint=sigma_hint,
-                       draws_per_image=draws_per_image or None, seed=seed)
+                       draws_per_image=draws_per_image or None)
 
 
 def _check_mode(mode):
@@ -121,14 +124,14 @@ class PrivDiffSplitClientTrain(io.ComfyNode):
         progress = NodeProgress(node_id=cls.hidden.unique_id)
         result = train_split_controlnet(
             pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), dataset=dataset, connection=server,
-            config=_split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image, seed), epochs=epochs,
+            config=_split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image), epochs=epochs,
             batch_size=batch_size, out=run_folder(name) / "client", stop_server=stop_server,
             should_stop=progress.stop_requested,
-            progress=lambda sent, total, steps: progress.step(step=sent, total=total, unit="batch",
-                                                              note=f"server step {steps}"))
+            progress=lambda sent, total, applied: progress.step(step=sent, total=total, unit="batch",
+                                                                note=f"{applied} trained"))
         progress.raise_if_stopped()
         path = publish_to_comfy(source=result.controlnet_file, kind="controlnet", name=name)
-        return io.NodeOutput(path.name, ui={"text": [f"{path.name}: {result.steps} server steps ({mode})"]})
+        return io.NodeOutput(path.name, ui={"text": [f"{path.name}: {result.steps} batches trained ({mode})"]})
 
 
 class PrivDiffSplitControlNetApply(io.ComfyNode):
@@ -202,10 +205,11 @@ class PrivDiffSplitAttack(io.ComfyNode):
         from .comfy_objects import NodeProgress, pipeline_from_comfy
 
         progress = NodeProgress(node_id=cls.hidden.unique_id)
-        with torch.inference_mode(False), tempfile.TemporaryDirectory() as scratch:  # the loopback job trains
+        # The loopback job trains; its keys and throwaway noise secret live in a scratch folder.
+        with torch.inference_mode(False), tempfile.TemporaryDirectory() as scratch:
             report, steps = audit_split_training(
                 pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), dataset=dataset,
-                config=_split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image, seed), epochs=epochs,
+                config=_split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image), epochs=epochs,
                 batch_size=batch_size, folder=scratch, optimisation_steps=optimisation_steps,
                 progress=lambda sent, total: progress.step(step=sent, total=total, unit="batch"))
         text = "\n".join([f"{mode} mode, {len(dataset)} images, {steps} server steps:", *report.lines()])

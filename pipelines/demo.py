@@ -148,27 +148,33 @@ def _demo_split(ctx: DemoContext) -> list[str]:
 
     from ..data import load_dataset
     from ..models.loading import load_pipeline
-    from .split_controlnet import (SplitConfig, reconstruct_from_traffic, run_loopback_job, save_split_controlnet,
-                                   traffic_by_epoch)
+    from .split_controlnet import SplitConfig, reconstruct_from_traffic, run_loopback_job, traffic_by_epoch
+    from .split_run import save_split_controlnet_file, split_record
 
     # A split-learning job on loopback: one CurveZMQ server, two clients with their own circles images;
-    # the server records what it receives, and its attacks then try to rebuild client-a's images.
+    # the server records what it receives, and its attacks then try to rebuild client-a's images. Each
+    # client's noise secret is made from the OS in a scratch folder (a real client keeps it beside its key).
+    import tempfile
+
     folder = ctx.out / "split"
     pipeline = load_pipeline(base=ctx.base)
     datasets = {name: load_dataset(data="circles", num_items=8, seed=ctx.seed + index)
                 for index, name in enumerate(("client-a", "client-b"))}
-    epochs = 3
-    run = run_loopback_job(pipeline=pipeline, datasets=datasets, config=SplitConfig(seed=ctx.seed), epochs=epochs,
-                           batch_size=4, folder=folder, seed=ctx.seed, record=True)
-    save_split_controlnet(controlnet=run.controlnet, out=folder / "controlnet")
+    epochs, config = 3, SplitConfig()
+    with tempfile.TemporaryDirectory() as scratch:
+        run = run_loopback_job(pipeline=pipeline, datasets=datasets, config=config, epochs=epochs, batch_size=4,
+                               folder=scratch, seed=ctx.seed, record=True)
+    path = save_split_controlnet_file(
+        controlnet=run.controlnet, path=folder / "split_controlnet.safetensors", latent_scale=pipeline.vae.config.scaling_factor,
+        record=split_record(config=config, steps=run.results["client-b"].applied, num_examples=len(datasets["client-b"])))
     data = datasets["client-a"]
     pixels = torch.stack([data[i]["pixel_values"] for i in range(len(data))])
     hints = torch.stack([data[i]["hint"] for i in range(len(data))]) * 2 - 1
     report = reconstruct_from_traffic(pipeline=pipeline, payloads=traffic_by_epoch(
-        messages=run.traffic["client-a"], num_samples=len(data), batch_size=4), pixels=pixels, hint_pixels=hints,
-        sigma_label=SplitConfig().sigma_label, optimisation_steps=0)
+        messages=run.traffic["client-a"], batches=run.results["client-a"].batches, num_samples=len(data)),
+        pixels=pixels, hint_pixels=hints, sigma_label=config.sigma_label, optimisation_steps=0)
     return [f"split job on loopback (CurveZMQ): 2 clients, {run.job.trainer.steps} server steps, "
-            f"ControlNet -> {(folder / 'controlnet').relative_to(ctx.out)}",
+            f"ControlNet -> {path.relative_to(ctx.out)}",
             f"server's best attack on client-a's {epochs} epochs of hardened traffic: {report.image_psnr:.1f} dB "
             f"(mean-image guess {report.mean_image_psnr:.1f} dB); `privdiff split attack` measures both modes"]
 

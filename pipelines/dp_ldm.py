@@ -47,7 +47,10 @@ class DPLDMConfig:
     max_examples_per_subject: int = 1
     seed: int = 0
     secure_noise: bool = True  # DP noise from an OS-seeded generator; False only for reproducible tests
-    accountant: str = "prv"
+    # Neighbouring datasets: one example (subject) added or removed, or one replaced by another (the
+    # same noise then gives a larger ε; σ is calibrated for whichever is asked).
+    adjacency: str = "add-remove"
+    accountant: str | None = None  # default: "prv" for add-remove, "pld" (the one with replace-one) otherwise
     backend: str = "privdiff"  # per-sample clipping: privdiff's fast clipping, or "opacus" (the reference)
     checkpoint_every: int = 25
     keep_byproducts: bool = False
@@ -75,6 +78,9 @@ class DPLDMConfig:
             raise ValueError("max_grad_norm and learning_rate must be positive.")
         if self.privacy_unit not in ("example", "subject"):
             raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
+        from ..privacy.accounting import check_adjacency
+
+        check_adjacency(self.adjacency, accountant=self.accountant)
         if self.backend not in ("privdiff", "opacus"):
             raise ValueError(f"backend={self.backend!r} must be 'privdiff' or 'opacus'.")
         if self.lora_rank < 1:
@@ -86,6 +92,13 @@ class DPLDMConfig:
         if self.conditioning_words and self.trainable == "lora":
             raise ValueError("conditioning_words go with the weight-difference sets (attention, transformer, ...), "
                              "not with lora: a LoRA file has no place for token-table rows.")
+
+
+    @property
+    def accountant_name(self) -> str:
+        from ..privacy.accounting import default_accountant
+
+        return self.accountant or default_accountant(self.adjacency)
 
 
 @dataclass(frozen=True)
@@ -158,7 +171,8 @@ class _Run:
                     delta=self.delta, max_grad_norm=config.max_grad_norm, sample_rate=self.sample_rate,
                     steps=self.total_steps, target_epsilon=config.epsilon, privacy_unit=config.privacy_unit,
                     max_examples_per_subject=config.max_examples_per_subject,
-                    physical_batch_size=config.physical_batch_size, accountant=config.accountant,
+                    physical_batch_size=config.physical_batch_size, accountant=config.accountant_name,
+                    adjacency=config.adjacency,
                     backend=config.backend,
                     clip_budget_shares=((("text_encoder.", config.conditioning_clip_share),)
                                         if config.conditioning_clip_share else ()),
@@ -228,67 +242,50 @@ class _Run:
 
     # ---- checkpoints (by-products: never released) --------------------------------------------
 
+    def _fingerprint(self) -> dict:
+        # Settings that only change what is kept or how often it is saved may differ on resume.
+        return {k: v for k, v in asdict(self.config).items() if k not in ("keep_byproducts", "checkpoint_every")}
+
     def save_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import save_file
+        from ..training.checkpoint import generator_tensors, optimizer_tensors, save_checkpoint
 
         if not _is_main_process():
             return  # under torchrun every rank holds the same state; rank 0 writes it
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
-                   if p.requires_grad}
-        state = self.optimizer.state_dict()
-        for index, values in state["state"].items():
-            for key, value in values.items():
-                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
-        tensors["rng.train"] = self.train_generator.get_state()
-        tensors["rng.sampling"] = self.sampler.generator.get_state()
-        tensors["rng.noise"] = (self.engine.generator if self.engine else self.sampler.generator).get_state()
-        meta = {
-            "step": self.step,
-            "losses": self.losses,
-            "param_groups": state["param_groups"],
-            "accountant": self.engine.accountant.to_json() if self.engine else None,
-            "config": asdict(self.config),
-            "note": "computed on private data; NOT covered by the differential-privacy guarantee; do not share",
-        }
-        tmp = folder / "checkpoint.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(folder / "checkpoint.safetensors")
-        (folder / "checkpoint.json.tmp").write_text(json.dumps(meta))
-        (folder / "checkpoint.json.tmp").replace(folder / "checkpoint.json")
+        tensors = {f"param.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
+        optimizer, param_groups = optimizer_tensors(self.optimizer)
+        tensors.update(optimizer)
+        tensors.update(generator_tensors(self._generators()))
+        save_checkpoint(folder=folder, kind="dp-ldm", tensors=tensors, fingerprint=self._fingerprint(), state={
+            "step": self.step, "losses": self.losses, "param_groups": param_groups,
+            "accountant": self.engine.accountant.to_json() if self.engine else None})
+
+    def _generators(self) -> dict:
+        return {"train": self.train_generator, "sampling": self.sampler.generator,
+                "noise": self.engine.generator if self.engine else self.sampler.generator}
 
     def load_checkpoint(self, folder: Path) -> None:
         import torch
-        from safetensors.torch import load_file
 
         from ..privacy.accounting import Accountant
+        from ..training.checkpoint import CheckpointError, load_checkpoint, restore_generators, restore_optimizer
 
-        tensors = load_file(str(folder / "checkpoint.safetensors"))
-        meta = json.loads((folder / "checkpoint.json").read_text())
-        saved = {k: v for k, v in meta["config"].items() if k not in ("keep_byproducts", "checkpoint_every")}
-        current = {k: v for k, v in json.loads(json.dumps(asdict(self.config))).items()
-                   if k not in ("keep_byproducts", "checkpoint_every")}
-        if saved != current:
-            changed = sorted(k for k in current if saved.get(k) != current[k])
-            raise ValueError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)}); "
-                             "resume with the same settings, or start a new run in another --out folder.")
+        saved = load_checkpoint(folder=folder, kind="dp-ldm", fingerprint=self._fingerprint(),
+                                resume_hint="start without --resume")
+        state, tensors = saved.state, saved.tensors
+        accountant = Accountant.from_json(state["accountant"]) if self.engine is not None else None
+        if accountant is not None and accountant.total_steps != state["step"]:
+            raise CheckpointError(f"the checkpoint in {folder} is inconsistent (step {state['step']}, "
+                                  f"{accountant.total_steps} noisy steps accounted); start a new run.")
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 if param.requires_grad:
                     param.copy_(tensors[f"param.{name}"])
-        state = {"state": {}, "param_groups": meta["param_groups"]}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                state["state"].setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict(state)
-        self.train_generator.set_state(tensors["rng.train"])
-        self.sampler.generator.set_state(tensors["rng.sampling"])
-        (self.engine.generator if self.engine else self.sampler.generator).set_state(tensors["rng.noise"])
-        self.step = meta["step"]
-        self.losses = list(meta["losses"])
+        restore_optimizer(self.optimizer, tensors=tensors, param_groups=state["param_groups"])
+        restore_generators(self._generators(), tensors=tensors)
+        self.step = state["step"]
+        self.losses = list(state["losses"])
         if self.engine is not None:
-            self.engine.accountant = Accountant.from_json(meta["accountant"])
+            self.engine.accountant = accountant
 
 
 def encode_latents(*, vae, pixels):
@@ -372,7 +369,9 @@ def train_dp_ldm(
     byproducts = out / BYPRODUCTS
     if ((out / WEIGHTS_DIFFUSERS).exists() or (out / WEIGHTS_LORA).exists()) and not resume:
         raise FileExistsError(f"{out} already holds a DP-LDM result; choose another --out folder.")
-    if resume and not (byproducts / "checkpoint.json").is_file():
+    from ..training.checkpoint import has_checkpoint
+
+    if resume and not has_checkpoint(byproducts):
         raise FileNotFoundError(f"--resume: no checkpoint in {byproducts}; start without --resume.")
 
     from ..privacy.engine import distributed_rank_and_size
@@ -512,7 +511,7 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
         settings["conditioning_clip_share"] = config.conditioning_clip_share
     if run.engine is not None:
         record = record_for_dp_sgd(history=run.engine.accountant, clip=config.max_grad_norm,
-                                   num_examples=run.num_examples, delta=run.delta, accountant=config.accountant,
+                                   num_examples=run.num_examples, delta=run.delta, accountant=config.accountant_name,
                                    privacy_unit=config.privacy_unit, extra={"dp_ldm": settings})
         epsilon = record.epsilon
     else:

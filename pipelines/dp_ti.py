@@ -1,16 +1,17 @@
 """DPAgg-TI (arXiv 2411.14639): one Textual Inversion embedding per image, clipped, noisily averaged.
 
 Every private image (or disjoint subset, or subject) gets its own placeholder token; all of them
-train together in one batch, each sample's prompt naming its own token, so n embeddings cost about
-what one TI run costs per step. Embedding i depends on its own images only (Adam is elementwise and
-the schedule is fixed in advance), which is what the aggregation's sensitivity assumes. Then:
+train side by side, each sample's prompt naming its own token, so n embeddings cost about what one
+TI run costs per step. Embedding i depends on its own images and its own random stream only
+(`dpagg_units`), which is what the aggregation's sensitivity assumes. Then:
 
     release = init + (sum over kept i of clip_C(e_i - init) + N(0, σ²C²I)) / (q·n)
 
-with Poisson subsampling at rate q (q = 1: every embedding) and add/remove-one adjacency, as opacus.
-σ is calibrated to the target (ε, δ): the analytic Gaussian mechanism when q = 1, dp-accounting's PLD
-otherwise. The per-image embeddings are the most sensitive by-product: they stay in memory and never
-enter a released file.
+with Poisson subsampling at rate q (q = 1: every embedding). σ is calibrated to the target (ε, δ)
+under the chosen adjacency: the analytic Gaussian mechanism when q = 1, dp-accounting's PLD
+otherwise. Per-subset units are accounted as replace-one over subsets: adding an image changes one
+subset's embedding (sensitivity 2C), it does not add a unit. The per-unit embeddings are the most
+sensitive by-product: they stay in memory and never enter a released file.
 """
 
 from __future__ import annotations
@@ -42,9 +43,16 @@ class DPAggConfig:
     batch_size: int = 16  # samples per step (each naming its own embedding's token)
     learning_rate: float = 5e-3
     seed: int = 0
-    secure_noise: bool = True
+    secure_noise: bool = True  # DP noise and the units' streams from the OS; False only for reproducible tests
+    adjacency: str = "add-remove"  # or "replace-one" (one image or subject replaced by another)
 
     def __post_init__(self) -> None:
+        from ..privacy.accounting import check_adjacency
+
+        check_adjacency(self.adjacency)
+        if self.adjacency == "replace-one" and self.num_subsets is not None:
+            raise ValueError("adjacency='replace-one' with num_subsets: replacing one image can change two subsets; "
+                             "use per-image units (leave num_subsets unset) or adjacency='add-remove'.")
         if self.epsilon is not None and not self.epsilon > 0:
             raise ValueError(f"epsilon={self.epsilon} must be positive (smaller is more private).")
         if self.delta is not None and not 0 < self.delta < 1:
@@ -73,15 +81,17 @@ class AggregateResult:
     kept: int  # embeddings kept by the Poisson subsampling (a by-product: not released)
 
 
-def calibrate_aggregate_sigma(*, epsilon: float, delta: float, sample_rate: float) -> float:
-    """σ for one (subsampled) Gaussian release at (ε, δ): analytic when q = 1, PLD otherwise."""
+def calibrate_aggregate_sigma(*, epsilon: float, delta: float, sample_rate: float,
+                              adjacency: str = "add-remove") -> float:
+    """σ (relative to each unit's bound C) for one (subsampled) Gaussian release at (ε, δ) under
+    `adjacency` over the units: analytic when q = 1 (replace-one moves the sum by 2C), PLD otherwise."""
     from ..privacy.accounting import analytic_gaussian_sigma, calibrate_noise_multiplier
 
     try:
         if sample_rate == 1.0:
-            return analytic_gaussian_sigma(epsilon=epsilon, delta=delta)
+            return analytic_gaussian_sigma(epsilon=epsilon, delta=delta) * (2.0 if adjacency == "replace-one" else 1.0)
         return calibrate_noise_multiplier(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=1,
-                                          accountant="pld")
+                                          accountant="pld", adjacency=adjacency)
     except ValueError as error:
         raise ValueError(f"target epsilon={epsilon} cannot be met with delta={delta} and sample rate {sample_rate} "
                          f"({error}); raise epsilon or delta, or lower the sample rate.") from None
@@ -115,209 +125,108 @@ class DPAggResult:
     steps_done: int = 0
 
 
-# Where a stopped DPAgg-TI run keeps its checkpoint: the per-unit embeddings, the most sensitive
-# by-product (outside the guarantee). Deleted when the run releases its average.
+# Where a stopped TI run keeps its checkpoint: for DPAgg-TI the per-unit embeddings, the most sensitive
+# by-product (outside the guarantee). Deleted when the run releases.
 BYPRODUCTS = "byproducts-not-covered-by-dp"
 
 
-def _save_ti_checkpoint(*, folder: Path, placeholders, optimizer, generators: dict, fingerprint: dict,
-                        meta: dict) -> None:
-    """A stopped TI run's state (a by-product outside ε): the embedding rows, Adam's moments, the
-    random generators and `meta` (step, cursor, accountant...), checked against `fingerprint` on resume."""
-    import json
+def _run_secret(*, config, folder: Path, resume: bool) -> bytes:
+    """The key of the units' streams (and of the subset assignment): 256 bits from the OS, kept in
+    the checkpoint across a stop; derived from the seed only when secure_noise is off (tests)."""
+    import hashlib
+    import os
 
-    from safetensors.torch import save_file
+    if resume:
+        from ..training.checkpoint import load_checkpoint
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"rows.{i}": rows.rows.detach().cpu().contiguous() for i, rows in enumerate(placeholders.rows)}
-    for name, generator in generators.items():
-        tensors[f"rng.{name}"] = generator.get_state()
-    for i, rows in enumerate(placeholders.rows):
-        state = optimizer.state.get(rows.rows, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                tensors[f"adam.{i}.{key}"] = state[key].detach().cpu().contiguous()
-        if "step" in state:
-            tensors[f"adam.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
-    save_file(tensors, str(folder / "checkpoint.safetensors"))
-    (folder / "checkpoint.json").write_text(json.dumps({**meta, "config": fingerprint,
-                                                        "note": "computed on private data; NOT covered by DP"}))
-
-
-def _load_ti_checkpoint(*, folder: Path, placeholders, optimizer, generators: dict, fingerprint: dict) -> dict:
-    import json
-
-    from safetensors.torch import load_file
-
-    if not (folder / "checkpoint.json").is_file():
-        raise FileNotFoundError(f"resume: no checkpoint in {folder}; start without resume.")
-    meta = json.loads((folder / "checkpoint.json").read_text())
-    if meta["config"] != fingerprint:
-        raise ValueError(f"the checkpoint in {folder} was made with other settings ({meta['config']}); resume with "
-                         "those, or start a new run in another folder.")
-    tensors = load_file(str(folder / "checkpoint.safetensors"))
-    with torch.no_grad():
-        for i, rows in enumerate(placeholders.rows):
-            rows.rows.copy_(tensors[f"rows.{i}"])
-            if f"adam.{i}.exp_avg" in tensors:
-                optimizer.state[rows.rows] = {"step": tensors[f"adam.{i}.step"][0].clone(),
-                                              "exp_avg": tensors[f"adam.{i}.exp_avg"].clone(),
-                                              "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].clone()}
-    for name, generator in generators.items():
-        generator.set_state(tensors[f"rng.{name}"])
-    return meta
-
-
-def _encode_dataset(*, pipeline, dataset, chunk: int = 64) -> torch.Tensor:
-    """Every image's VAE latent, encoded once (the VAE is frozen), in chunks that fit in memory."""
-    from .dp_ldm import encode_latents
-
-    with torch.no_grad():
-        return torch.cat([
-            encode_latents(vae=pipeline.vae, pixels=torch.stack(
-                [dataset[i]["pixel_values"] for i in range(start, min(start + chunk, len(dataset)))]
-            ).to(pipeline.vae.dtype))
-            for start in range(0, len(dataset), chunk)
-        ])
-
-
-def _subject_ids(dataset) -> list:
-    """Every image's subject id, refusing a dataset where any is missing."""
-    subjects = dataset.subjects() if hasattr(dataset, "subjects") else None
-    if not subjects or any(s is None for s in subjects):
-        raise ValueError("privacy_unit='subject' needs a subject id for every image (a `subject` column in "
-                         "the folder's captions file, or num_subjects for a procedural set).")
-    return subjects
-
-
-def _units(*, num_images: int, num_subsets: int | None, dataset=None, privacy_unit: str = "example") -> list[list[int]]:
-    """The images behind each released unit's embedding: one image, a disjoint subset, or a subject's images."""
-    if privacy_unit == "subject":
-        members: dict = {}
-        for index, subject in enumerate(_subject_ids(dataset)):
-            members.setdefault(subject, []).append(index)
-        if len(members) < 2:
-            raise ValueError(f"the dataset has {len(members)} subject(s); DPAgg-TI needs at least 2.")
-        return list(members.values())
-    if num_subsets is None:
-        return [[i] for i in range(num_images)]
-    if num_subsets > num_images:
-        raise ValueError(f"num_subsets={num_subsets} is more than the {num_images} images: every subset needs "
-                         "at least one image; use at most that many subsets.")
-    return [list(range(s, num_images, num_subsets)) for s in range(num_subsets)]
+        return bytes.fromhex(load_checkpoint(folder=folder, kind="dpagg-ti", fingerprint=None).state["secret"])
+    if config.secure_noise:
+        return os.urandom(32)
+    return hashlib.sha256(f"privdiff-dpagg-test-secret/{config.seed}".encode()).digest()
 
 
 def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = DPAggConfig(),
                    progress: Callable[[int, int], None] | None = None, a1111: bool = False,
-                   should_stop: Callable[[], bool] | None = None, resume: bool = False) -> DPAggResult:
-    """Train one embedding per unit in one batched run, release their DP average, write the files.
+                   should_stop: Callable[[], bool] | None = None, resume: bool = False,
+                   secret: bytes | None = None) -> DPAggResult:
+    """Train one embedding per unit (`config.steps` steps each), release their DP average, write the files.
 
     Works on SD1/SD2 and SDXL pipelines (the token gets rows in both SDXL encoders; a unit's rows in
     both are clipped together as one vector). `should_stop` is polled after each step: a stopped run
-    releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly."""
+    releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly.
+    `secret` (32 bytes) keys the units' streams; by default it comes from the OS."""
     import shutil
 
     from ..data.base import DatasetError
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
-    from .dp_ldm import denoising_target
-    from .textual_inversion import (Placeholders, check_a1111, check_new_token, encode_prompts, encoder_slots,
-                                    placeholder_names, save_embedding)
+    from ..training.checkpoint import has_checkpoint
+    from .dpagg_units import expected_units, make_units, train_unit_embeddings
+    from .textual_inversion import check_a1111, check_new_token, encoder_slots, placeholder_names, save_embedding
 
     out = Path(out)
     n_images = len(dataset)
     if n_images < 2:
         raise DatasetError(f"the dataset has {n_images} image(s); DPAgg-TI needs at least 2.")
     check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
-    units = _units(num_images=n_images, num_subsets=config.num_subsets, dataset=dataset,
-                   privacy_unit=config.privacy_unit)
-    n = len(units)
-    delta = config.delta if config.delta is not None else 1.0 / (10 * n)
+    if config.num_subsets is not None and config.num_subsets > n_images:
+        raise ValueError(f"num_subsets={config.num_subsets} is more than the {n_images} images: every subset needs "
+                         "at least one image; use at most that many subsets.")
+    n = expected_units(num_images=n_images, privacy_unit=config.privacy_unit, num_subsets=config.num_subsets,
+                       dataset=dataset)
+    # The guarantee is for images (or subjects); with subsets, adding one image replaces a subset's embedding.
+    protected = n_images if config.num_subsets is not None else n
+    accounted = "replace-one" if config.num_subsets is not None else config.adjacency
+    delta = config.delta if config.delta is not None else 1.0 / (10 * protected)
     if config.epsilon is not None:
         from ..privacy.accounting import check_delta
 
-        check_delta(delta=delta, num_examples=n)
-        sigma = calibrate_aggregate_sigma(epsilon=config.epsilon, delta=delta, sample_rate=config.sample_rate)
+        check_delta(delta=delta, num_examples=protected)
+        sigma = calibrate_aggregate_sigma(epsilon=config.epsilon, delta=delta, sample_rate=config.sample_rate,
+                                          adjacency=accounted)
     else:
         sigma = 0.0
     for word in placeholder_names(token=config.token, num_vectors=config.num_vectors):
         for tokenizer, _ in encoder_slots(pipeline):
             check_new_token(tokenizer=tokenizer, token=word)
-    # One placeholder per unit (on tokenizer copies); the released token's name is set only when the file is written.
-    names = [placeholder_names(token=f"<privdiff-unit-{u}>", num_vectors=config.num_vectors) for u in range(n)]
-    placeholders = Placeholders(pipeline=pipeline, names=[t for group in names for t in group],
-                                init_word=config.init_word)
-    image_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    try:
-        latents = _encode_dataset(pipeline=pipeline, dataset=dataset)
-        unit_of = torch.empty(n_images, dtype=torch.long)
-        for u, members in enumerate(units):
-            unit_of[members] = u
-        prompt_ids = placeholders.prompt_ids([config.template.format(token=" ".join(names[u])) for u in range(n)])
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-        optimizer = torch.optim.AdamW([rows.rows for rows in placeholders.rows], lr=config.learning_rate,
-                                      weight_decay=0.0)
-        generator = torch.Generator().manual_seed(config.seed)
-        order = torch.randperm(n_images, generator=generator)
-        cursor = 0
-        pipeline.unet.requires_grad_(False)
-        total_steps = math.ceil(config.steps * n_images / config.batch_size)
-        fingerprint = {"config": repr(config), "num_images": n_images, "units": n}
-        checkpoint = dict(folder=out / BYPRODUCTS, placeholders=placeholders, optimizer=optimizer,
-                          generators={"train": generator}, fingerprint=fingerprint)
-        first = 0
-        if resume:
-            meta = _load_ti_checkpoint(**checkpoint)
-            first, cursor = meta["step"], meta["cursor"]
-        for step in range(first, total_steps):
-            # A fixed cyclic schedule over the images (data-independent): every image gets the same steps.
-            picks = order[(torch.arange(config.batch_size) + cursor) % n_images]
-            cursor = (cursor + config.batch_size) % n_images
-            z0 = latents[picks]
-            noise = torch.randn(z0.shape, generator=generator)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(picks),), generator=generator)
-            context, added = encode_prompts(pipeline=pipeline, ids=[ids[unit_of[picks]] for ids in prompt_ids],
-                                            image_size=image_size)
-            prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context, added_cond_kwargs=added).sample
-            target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=t)
-            (prediction - target).pow(2).mean(dim=(1, 2, 3)).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if progress is not None:
-                progress(step + 1, total_steps)
-            if should_stop is not None and step + 1 < total_steps and should_stop():
-                _save_ti_checkpoint(meta={"step": step + 1, "cursor": cursor}, **checkpoint)
-                return DPAggResult(out=out, num_units=n, stopped=True, steps_done=step + 1)
-        # A unit's embedding is its rows in every encoder, side by side: clipped as one vector.
-        widths = [rows.rows.shape[1] for rows in placeholders.rows]
-        embeddings = torch.cat([rows.rows.detach().reshape(n, config.num_vectors, -1) for rows in placeholders.rows],
-                               dim=-1)
-        init = torch.cat(placeholders.init)
-        noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed + 1)
-        result = aggregate(embeddings=embeddings, init=init, clip=config.clip, noise_multiplier=sigma,
-                           sample_rate=config.sample_rate, generator=noise_generator, center=config.center)
-        del embeddings  # the per-unit embeddings: the most sensitive by-product, never written
-    finally:
-        placeholders.restore()  # the pipeline's own tables, unchanged
+    folder = out / BYPRODUCTS
+    if resume and not has_checkpoint(folder):
+        raise FileNotFoundError(f"resume: no checkpoint in {folder}; start without resume.")
+    secret = secret if secret is not None else _run_secret(config=config, folder=folder, resume=resume)
+    units = make_units(dataset=dataset, secret=secret, privacy_unit=config.privacy_unit,
+                       num_subsets=config.num_subsets)
+    fingerprint = {"config": repr(config), "num_images": n_images}
+    trained = train_unit_embeddings(
+        pipeline=pipeline, dataset=dataset, units=units, secret=secret, template=config.template,
+        init_word=config.init_word, num_vectors=config.num_vectors, steps=config.steps, batch_size=config.batch_size,
+        learning_rate=config.learning_rate, progress=progress, should_stop=should_stop, checkpoint_folder=folder,
+        resume=resume, fingerprint=fingerprint, checkpoint_state={"secret": secret.hex()})
+    if trained.stopped:
+        return DPAggResult(out=out, num_units=n, stopped=True, steps_done=trained.steps_done)
+    noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed + 1)
+    result = aggregate(embeddings=trained.embeddings, init=trained.init, clip=config.clip, noise_multiplier=sigma,
+                       sample_rate=config.sample_rate, generator=noise_generator, center=config.center)
+    widths, text_encoders = trained.widths, trained.text_encoders
+    del trained  # the per-unit embeddings: the most sensitive by-product, never written
     settings = {"method": "dpagg", "token": config.token, "init_word": config.init_word,
                 "num_vectors": config.num_vectors, "template": config.template, "steps": config.steps,
                 "center": config.center, "num_images": n_images, "privacy_unit": config.privacy_unit,
-                "num_subsets": config.num_subsets}
+                "num_subsets": config.num_subsets, "units": n}
     if config.epsilon is not None:
         record = record_for_gaussian_aggregate(noise_multiplier=sigma, clip=config.clip, sample_rate=config.sample_rate,
-                                               num_examples=n, delta=delta, extra={"dp_ti": settings})
+                                               num_examples=protected, delta=delta, privacy_unit=config.privacy_unit,
+                                               adjacency=config.adjacency, accounted_adjacency=accounted,
+                                               extra={"dp_ti": settings})
         epsilon = record.epsilon
     else:
         record = PrivacyRecord(mechanism="none", extra={"dp_ti": settings,
                                                         "warning": "averaged WITHOUT differential privacy"})
         epsilon = None
     vectors = list(torch.split(result.release, widths, dim=-1))
-    files = save_embedding(vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders, out=out,
+    files = save_embedding(vectors=vectors, token=config.token, text_encoders=text_encoders, out=out,
                            record=record, a1111=a1111)
-    shutil.rmtree(out / BYPRODUCTS, ignore_errors=True)  # the per-unit embeddings of a resumed run
-    return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=n, steps_done=total_steps)
+    shutil.rmtree(folder, ignore_errors=True)  # the per-unit embeddings of a resumed run
+    return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=n, steps_done=config.steps)
 
 
 @dataclass(frozen=True)
@@ -338,8 +247,12 @@ class DPSGDTIConfig:
     max_examples_per_subject: int = 1
     seed: int = 0
     secure_noise: bool = True
+    adjacency: str = "add-remove"  # or "replace-one"
 
     def __post_init__(self) -> None:
+        from ..privacy.accounting import check_adjacency
+
+        check_adjacency(self.adjacency)
         if self.privacy_unit not in ("example", "subject"):
             raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
         if not self.epsilon > 0:
@@ -361,7 +274,7 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     from diffusers import DDPMScheduler
 
     from ..data.base import DatasetError
-    from ..privacy.accounting import check_delta
+    from ..privacy.accounting import check_delta, default_accountant
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.engine import DPConfig, DPSGDEngine
     from ..privacy.record import record_for_dp_sgd
@@ -375,7 +288,9 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     if config.batch_size > n:
         raise ValueError(f"batch_size={config.batch_size} is larger than the dataset ({n} images).")
     check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
-    subjects = _subject_ids(dataset) if config.privacy_unit == "subject" else None
+    from .dpagg_units import encode_images, subject_ids
+
+    subjects = subject_ids(dataset) if config.privacy_unit == "subject" else None
     units = n if subjects is None else len(set(subjects))
     if config.batch_size > units:
         raise ValueError(f"batch_size={config.batch_size} is larger than the {units} privacy units.")
@@ -385,7 +300,8 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     placeholders = Placeholders(pipeline=pipeline, names=names, init_word=config.init_word)
     image_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     try:
-        latents = _encode_dataset(pipeline=pipeline, dataset=dataset)
+        encoded = encode_images(pipeline=pipeline, dataset=dataset, indices=range(n))
+        latents = torch.stack([encoded[i] for i in range(n)])
         prompt_ids = placeholders.prompt_ids([config.template.format(token=" ".join(names))])
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         pipeline.unet.requires_grad_(False)
@@ -397,7 +313,8 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
             model=torch.nn.ModuleList(placeholders.text_encoders), optimizer=optimizer, num_examples=n,
             config=DPConfig(delta=delta, max_grad_norm=config.max_grad_norm, sample_rate=config.batch_size / units,
                             steps=steps, target_epsilon=config.epsilon, physical_batch_size=64,
-                            privacy_unit=config.privacy_unit,
+                            privacy_unit=config.privacy_unit, adjacency=config.adjacency,
+                            accountant=default_accountant(config.adjacency),
                             max_examples_per_subject=config.max_examples_per_subject),
             subjects=subjects,
             generator=secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed),
@@ -414,23 +331,35 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
             return (prediction - target).pow(2).mean(dim=(1, 2, 3))
 
         from ..privacy.accounting import Accountant
+        from ..training import checkpoint as ckpt
 
         out = Path(out)
         generators = {"train": train_generator, "noise": engine.generator}
         if engine.sampler.generator is not engine.generator:
             generators["sampling"] = engine.sampler.generator
-        checkpoint = dict(folder=out / BYPRODUCTS, placeholders=placeholders, optimizer=optimizer,
-                          generators=generators, fingerprint={"config": repr(config), "num_images": n})
+        folder, fingerprint = out / BYPRODUCTS, {"config": repr(config), "num_images": n}
         first = 0
         if resume:
-            meta = _load_ti_checkpoint(**checkpoint)
-            first, engine.accountant = meta["step"], Accountant.from_json(meta["accountant"])
+            saved = ckpt.load_checkpoint(folder=folder, kind="dpsgd-ti", fingerprint=fingerprint)
+            with torch.no_grad():
+                for i, rows in enumerate(placeholders.rows):
+                    rows.rows.copy_(saved.tensors[f"rows.{i}"])
+            ckpt.restore_optimizer(optimizer, tensors=saved.tensors, param_groups=saved.state["param_groups"])
+            ckpt.restore_generators(generators, tensors=saved.tensors)
+            first, engine.accountant = saved.state["step"], Accountant.from_json(saved.state["accountant"])
+            if engine.accountant.total_steps != first:
+                raise ckpt.CheckpointError(f"the checkpoint in {folder} is inconsistent (step {first}, "
+                                           f"{engine.accountant.total_steps} noisy steps accounted); start a new run.")
         for step in range(first, steps):
             engine.step(per_sample_loss)
             if progress is not None:
                 progress(step + 1, steps)
             if should_stop is not None and step + 1 < steps and should_stop():
-                _save_ti_checkpoint(meta={"step": step + 1, "accountant": engine.accountant.to_json()}, **checkpoint)
+                tensors, param_groups = ckpt.optimizer_tensors(optimizer)
+                tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(placeholders.rows)})
+                tensors.update(ckpt.generator_tensors(generators))
+                ckpt.save_checkpoint(folder=folder, kind="dpsgd-ti", tensors=tensors, fingerprint=fingerprint, state={
+                    "step": step + 1, "accountant": engine.accountant.to_json(), "param_groups": param_groups})
                 engine.clipper.remove()
                 return DPAggResult(out=out, num_units=units, stopped=True, steps_done=step + 1)
         vectors = [rows.rows.detach().clone() for rows in placeholders.rows]
@@ -438,7 +367,7 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     finally:
         placeholders.restore()
     record = record_for_dp_sgd(history=engine.accountant, clip=config.max_grad_norm, num_examples=units, delta=delta,
-                               privacy_unit=config.privacy_unit,
+                               privacy_unit=config.privacy_unit, accountant=default_accountant(config.adjacency),
                                extra={"dp_ti": {"method": "dpsgd", "token": config.token, "init_word": config.init_word,
                                                 "num_vectors": config.num_vectors, "template": config.template}})
     files = save_embedding(vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders, out=out,

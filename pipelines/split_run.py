@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .split_controlnet import SplitConfig
+from .split_client import SplitConfig
 
 CLIENT_NAME = "local-client"
 SPLIT_FILE_CONFIG_KEY = "privdiff_split_controlnet_config"  # the ControlNet's config.json, in the file's metadata
@@ -99,16 +99,20 @@ def stop_split_server(connection: SplitConnection) -> bool:
 
 @dataclass(frozen=True)
 class SplitTrainResult:
-    steps: int  # the server's step count when the client finished (or stopped)
+    steps: int  # this client's batches the server has trained (its own count, not the job's)
     stopped: bool
     controlnet_file: Path | None  # the released ControlNet (one safetensors file with its record and config)
 
 
 def split_record(*, config: SplitConfig, steps: int, num_examples: int):
+    """The record of a split ControlNet: the client's noise settings and what the threat model
+    promises (and the adversary tests measure) for them."""
     from ..privacy.record import record_for_split
+    from ..privacy.threat_model import split_promise
 
-    settings = {k: v for k, v in asdict(config).items() if k not in ("mode", "seed")}
-    return record_for_split(mode=config.mode, settings=settings, steps=steps, num_examples=num_examples)
+    settings = {k: v for k, v in asdict(config).items() if k != "mode"}
+    return record_for_split(mode=config.mode, settings=settings, steps=steps, num_examples=num_examples,
+                            attack=split_promise(config))
 
 
 def train_split_controlnet(*, pipeline, dataset, connection: SplitConnection, config: SplitConfig, epochs: int,
@@ -119,31 +123,35 @@ def train_split_controlnet(*, pipeline, dataset, connection: SplitConnection, co
     ControlNet into `out`/split_controlnet.safetensors. `progress(batches sent, batches in all, server
     steps)`. A stop leaves the server running with what it trained; calling again re-sends the same
     batches, which the server acknowledges without training them twice."""
+    from ..privacy.split_secret import SentLedger, ledger_path, open_client_secret, secret_path
     from ..transport.peer import SplitClient
-    from .split_controlnet import download_controlnet, train_split_client
+    from .split_client import check_split_dataset, download_controlnet, train_split_client
 
-    per_epoch = -(-len(dataset) // batch_size)
-
-    def report(epoch, start, steps):  # batches are cut in a fixed order: the count follows from the position
-        if progress is not None:
-            progress(epoch * per_epoch + start // batch_size + 1, epochs * per_epoch, steps)
-
-    client = SplitClient(connect=connection.endpoint, client_key=connection.client_secret_key,
-                         server_public_key=connection.server_public_key, name=CLIENT_NAME, timeout=timeout)
+    check_split_dataset(dataset)
+    # The noise secret and the ledger of sent images live beside the client's key (never sent).
+    ledger = SentLedger(ledger_path(connection.client_secret_key))
     try:
-        steps = train_split_client(client=client, pipeline=pipeline, dataset=dataset, epochs=epochs,
-                                   batch_size=batch_size, config=config, progress=report, should_stop=should_stop)
-        if should_stop is not None and should_stop():
-            return SplitTrainResult(steps=steps, stopped=True, controlnet_file=None)
-        controlnet = download_controlnet(client=client)
+        secret = open_client_secret(path=secret_path(connection.client_secret_key), ledger=ledger)
+        client = SplitClient(connect=connection.endpoint, client_key=connection.client_secret_key,
+                             server_public_key=connection.server_public_key, name=CLIENT_NAME, timeout=timeout)
+        try:
+            result = train_split_client(client=client, pipeline=pipeline, dataset=dataset, epochs=epochs,
+                                        batch_size=batch_size, config=config, secret=secret, ledger=ledger,
+                                        progress=progress, should_stop=should_stop)
+            if result.stopped:
+                return SplitTrainResult(steps=result.applied, stopped=True, controlnet_file=None)
+            controlnet = download_controlnet(client=client)
+        finally:
+            client.close()
     finally:
-        client.close()
+        ledger.close()
     if stop_server:
         stop_split_server(connection)
     path = save_split_controlnet_file(controlnet=controlnet, path=Path(out) / "split_controlnet.safetensors",
-                                      record=split_record(config=config, steps=steps, num_examples=len(dataset)),
+                                      record=split_record(config=config, steps=result.applied,
+                                                          num_examples=len(dataset)),
                                       latent_scale=pipeline.vae.config.scaling_factor)
-    return SplitTrainResult(steps=steps, stopped=False, controlnet_file=path)
+    return SplitTrainResult(steps=result.applied, stopped=False, controlnet_file=path)
 
 
 def save_split_controlnet_file(*, controlnet, path, record, latent_scale: float) -> Path:
@@ -183,33 +191,38 @@ def load_split_controlnet_file(path) -> SplitControlNetFile:
 
 
 def audit_split_training(*, pipeline, dataset, config: SplitConfig, epochs: int, batch_size: int, folder,
-                         optimisation_steps: int = 100, progress: Callable[[int, int], None] | None = None):
+                         optimisation_steps: int = 100, progress: Callable[[int, int], None] | None = None,
+                         secret=None):
     """Train a short split job on loopback, keep every batch as the server receives it, and run the
-    server's attacks on that traffic. Returns (ReconstructionReport, server steps)."""
+    server's attacks on that traffic. The loopback client's noise secret is made in `folder`/keys
+    (or given as `secret`, a ClientSecret); use a throwaway folder, never a real client's. Returns
+    (ReconstructionReport, server steps)."""
     import warnings
 
     import torch
 
+    from .split_client import check_split_dataset
     from .split_controlnet import reconstruct_from_traffic, run_loopback_job, traffic_by_epoch
 
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be at least 1.")
-    per_epoch = -(-len(dataset) // batch_size)
+    check_split_dataset(dataset)
 
-    def report(epoch, start, steps):
+    def report(sent, total, applied):
         if progress is not None:
-            progress(epoch * per_epoch + start // batch_size + 1, epochs * per_epoch)
+            progress(sent, total)
 
     with warnings.catch_warnings():
         if config.mode == "paper":
             warnings.simplefilter("ignore")  # the point of the audit is to show paper mode's leak
         run = run_loopback_job(pipeline=pipeline, datasets={"client": dataset}, config=config, epochs=epochs,
-                               batch_size=batch_size, folder=Path(folder), seed=config.seed, record=True,
-                               progress=report, download=False)
+                               batch_size=batch_size, folder=Path(folder), record=True, progress=report,
+                               download=False, secrets={"client": secret} if secret is not None else None)
     items = [dataset[i] for i in range(len(dataset))]
     pixels = torch.stack([it["pixel_values"] for it in items])
     hints = torch.stack([it["hint"] for it in items]) * 2 - 1
-    traffic = traffic_by_epoch(messages=run.traffic["client"], num_samples=len(dataset), batch_size=batch_size)
+    traffic = traffic_by_epoch(messages=run.traffic["client"], batches=run.results["client"].batches,
+                               num_samples=len(dataset))
     hardened = config.mode == "hardened"
     result = reconstruct_from_traffic(pipeline=pipeline, payloads=traffic, pixels=pixels, hint_pixels=hints,
                                       sigma_label=config.sigma_label if hardened else 0.0,

@@ -6,14 +6,17 @@ that needs them runs. Nothing here imports ComfyUI or ``privdiff.transport``.
 
 from .accounting import (
     ACCOUNTANTS,
+    ADJACENCIES,
     Accountant,
     Segment,
     analytic_gaussian_delta,
     analytic_gaussian_epsilon,
     analytic_gaussian_sigma,
     calibrate_noise_multiplier,
+    check_adjacency,
     check_delta,
     check_epsilon,
+    default_accountant,
     delta_for,
     epsilon,
     gaussian_aggregate_epsilon,

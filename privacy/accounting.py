@@ -21,12 +21,19 @@ Accountants (all return an upper bound on ε, so the budget guard errs on the sa
 Without subsampling (``sample_rate=1``) one step is the plain Gaussian mechanism, whose ε is known in
 closed form up to a 1-D root (Balle & Wang 2018): see ``analytic_gaussian_epsilon``.
 
+Adjacency (which datasets count as neighbours) is part of every guarantee: ``"add-remove"`` (one
+unit added or removed; opacus' and dp-accounting's default, and what every accountant here computes)
+or ``"replace-one"`` (one unit replaced by another, so the clipped sum may move by 2C). Replace-one
+is accounted by dp-accounting's PLD only (``NeighboringRelation.REPLACE_ONE``, exact for the Poisson
+subsampled Gaussian); without subsampling it is the analytic Gaussian at half the noise multiplier.
+
 opacus and dp_accounting are imported inside the functions that need them, so importing this module
 (and ``privdiff.privacy``) stays cheap.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -35,14 +42,17 @@ from typing import Iterable, NamedTuple, Sequence
 
 __all__ = [
     "ACCOUNTANTS",
+    "ADJACENCIES",
     "Accountant",
     "Segment",
     "analytic_gaussian_delta",
     "analytic_gaussian_epsilon",
     "analytic_gaussian_sigma",
     "calibrate_noise_multiplier",
+    "check_adjacency",
     "check_delta",
     "check_epsilon",
+    "default_accountant",
     "delta_for",
     "epsilon",
     "gaussian_aggregate_epsilon",
@@ -50,6 +60,7 @@ __all__ = [
 ]
 
 ACCOUNTANTS = ("prv", "rdp", "pld")
+ADJACENCIES = ("add-remove", "replace-one")
 
 # PLD grid: 1e-3 is accurate to ~0.01 for ε >= 1 and cheap; small ε get ε/1000 (floored).
 PLD_DISCRETIZATION = 1e-3
@@ -61,7 +72,7 @@ PRV_MIN_EPS_ERROR = 1e-4
 MAX_NOISE_MULTIPLIER = 1e6
 
 _JSON_FORMAT = "privdiff-accountant"
-_JSON_VERSION = 1
+_JSON_VERSION = 2  # 2 added the adjacency; version 1 states were all add-remove
 
 
 class Segment(NamedTuple):
@@ -82,6 +93,22 @@ def _check_accountant(accountant: str) -> str:
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant={accountant!r} is not known; use one of {', '.join(map(repr, ACCOUNTANTS))}")
     return accountant
+
+
+def check_adjacency(adjacency: str, *, accountant: str | None = None) -> str:
+    """Check a neighbouring relation (and that ``accountant`` can account for it); return it."""
+    if adjacency not in ADJACENCIES:
+        raise ValueError(f"adjacency={adjacency!r} is not known; use 'add-remove' (one unit added or removed) or "
+                         "'replace-one' (one unit replaced by another)")
+    if adjacency == "replace-one" and accountant is not None and accountant != "pld":
+        raise ValueError(f"adjacency='replace-one' is accounted by dp-accounting's PLD only; use accountant='pld', "
+                         f"not {accountant!r}")
+    return adjacency
+
+
+def default_accountant(adjacency: str) -> str:
+    """The accountant privdiff uses for a relation: opacus' PRV for add-remove, PLD for replace-one."""
+    return "pld" if check_adjacency(adjacency) == "replace-one" else "prv"
 
 
 def _is_real(value) -> bool:
@@ -269,7 +296,7 @@ def _rdp_epsilon(history: list[Segment], delta: float) -> float:
         return float(acc.get_epsilon(delta=delta))
 
 
-def _pld_accountant(history: list[Segment], discretization: float):
+def _pld_accountant(history: list[Segment], discretization: float, adjacency: str = "add-remove"):
     import dp_accounting
     from dp_accounting import pld
 
@@ -279,67 +306,83 @@ def _pld_accountant(history: list[Segment], discretization: float):
         if s.sample_rate < 1.0:
             event = dp_accounting.PoissonSampledDpEvent(s.sample_rate, event)
         events.append(dp_accounting.SelfComposedDpEvent(event, s.steps))
-    acc = pld.PLDAccountant(value_discretization_interval=discretization)
+    relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if adjacency == "replace-one"
+                else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc = pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=discretization)
     acc.compose(events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events))
     return acc
 
 
-def _pld_epsilon(history: list[Segment], delta: float) -> float:
-    eps = float(_pld_accountant(history, PLD_DISCRETIZATION).get_epsilon(delta))
+def _pld_epsilon(history: list[Segment], delta: float, adjacency: str = "add-remove") -> float:
+    eps = float(_pld_accountant(history, PLD_DISCRETIZATION, adjacency).get_epsilon(delta))
     if eps < 1.0:
         # Rounding error accumulates over compositions; a grid of ε/1000 keeps it near 1% for small ε.
-        eps = float(_pld_accountant(history, max(PLD_MIN_DISCRETIZATION, PLD_DISCRETIZATION * eps)).get_epsilon(delta))
+        eps = float(_pld_accountant(history, max(PLD_MIN_DISCRETIZATION, PLD_DISCRETIZATION * eps),
+                                    adjacency).get_epsilon(delta))
     return eps
 
 
 _EPSILON_FNS = {"prv": _prv_epsilon, "rdp": _rdp_epsilon, "pld": _pld_epsilon}
 
 
-def history_epsilon(*, history: Sequence, delta: float, accountant: str = "prv") -> float:
+def history_epsilon(*, history: Sequence, delta: float, accountant: str = "prv",
+                    adjacency: str = "add-remove") -> float:
     """ε spent by a (possibly heterogeneous) history of ``(noise_multiplier, sample_rate, steps)`` segments.
 
     ``history`` may also be an ``Accountant``. An empty history gives 0; any segment with
-    ``noise_multiplier=0`` gives ``inf`` (it publishes unnoised sums).
+    ``noise_multiplier=0`` gives ``inf`` (it publishes unnoised sums). ``adjacency='replace-one'``
+    needs ``accountant='pld'``.
     """
     accountant = _check_accountant(accountant)
+    check_adjacency(adjacency, accountant=accountant)
     delta = _check_delta_range(delta)
     segments = _as_history(history)
     if not segments:
         return 0.0
     if any(s.noise_multiplier == 0 for s in segments):
         return math.inf
+    if adjacency == "replace-one":
+        return _pld_epsilon(segments, delta, adjacency)
     return _EPSILON_FNS[accountant](segments, delta)
 
 
-def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
+def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv",
+            adjacency: str = "add-remove") -> float:
     """ε after ``steps`` steps of the Poisson-subsampled Gaussian mechanism (an upper bound)."""
     segment = _as_segment((noise_multiplier, sample_rate, steps))
-    return history_epsilon(history=[segment], delta=delta, accountant=accountant)
+    return history_epsilon(history=[segment], delta=delta, accountant=accountant, adjacency=adjacency)
 
 
-def delta_for(*, epsilon: float, noise_multiplier: float, sample_rate: float, steps: int, accountant: str = "pld") -> float:
+def delta_for(*, epsilon: float, noise_multiplier: float, sample_rate: float, steps: int, accountant: str = "pld",
+              adjacency: str = "add-remove") -> float:
     """δ at a given ε after ``steps`` subsampled Gaussian steps (PLD only: the one accountant with an exact, cheap δ(ε))."""
     if accountant != "pld":
         raise ValueError(f"delta_for supports accountant='pld' only, not {accountant!r}; use epsilon() to compare accountants")
     if not _is_real(epsilon) or math.isnan(epsilon) or epsilon < 0:
         raise ValueError(f"epsilon={epsilon!r} must be a number >= 0")
+    check_adjacency(adjacency)
     segment = _as_segment((noise_multiplier, sample_rate, steps))
     if segment.noise_multiplier == 0:
         return 1.0
-    return float(_pld_accountant([segment], PLD_DISCRETIZATION).get_delta(float(epsilon)))
+    return float(_pld_accountant([segment], PLD_DISCRETIZATION, adjacency).get_delta(float(epsilon)))
 
 
-def gaussian_aggregate_epsilon(*, noise_multiplier: float, sample_rate: float, delta: float, accountant: str = "pld") -> float:
+def gaussian_aggregate_epsilon(*, noise_multiplier: float, sample_rate: float, delta: float, accountant: str = "pld",
+                               adjacency: str = "add-remove") -> float:
     """ε of one noisy (optionally Poisson-subsampled) sum or average, as released by DPAgg-TI.
 
-    ``noise_multiplier`` is the noise standard deviation divided by the L2 sensitivity of the sum (the
-    clip norm C). With ``sample_rate=1`` the release is the plain Gaussian mechanism and ε comes from
-    the analytic formula (exact); otherwise from ``accountant`` (PLD by default: exact up to its grid).
+    ``noise_multiplier`` is the noise standard deviation divided by each unit's bound C (the clip
+    norm). With ``sample_rate=1`` the release is the plain Gaussian mechanism and ε comes from the
+    analytic formula (exact; replace-one moves the sum by up to 2C, so it halves the multiplier);
+    otherwise from dp-accounting's PLD under ``adjacency`` (exact up to its grid).
     """
+    check_adjacency(adjacency)
     segment = _as_segment((noise_multiplier, sample_rate, 1))
     if segment.sample_rate == 1.0:
-        return analytic_gaussian_epsilon(noise_multiplier=segment.noise_multiplier, delta=delta)
-    return history_epsilon(history=[segment], delta=delta, accountant=accountant)
+        factor = 2.0 if adjacency == "replace-one" else 1.0
+        return analytic_gaussian_epsilon(noise_multiplier=segment.noise_multiplier / factor, delta=delta)
+    return history_epsilon(history=[segment], delta=delta, accountant="pld" if adjacency == "replace-one" else accountant,
+                           adjacency=adjacency)
 
 
 # --------------------------------------------------------------------------------- calibration
@@ -353,6 +396,7 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: str = "prv",
     tolerance: float = 0.01,
+    adjacency: str = "add-remove",
 ) -> float:
     """The smallest noise multiplier σ (within ``tolerance``) whose ε after ``steps`` steps is <= ``target_epsilon``.
 
@@ -364,14 +408,24 @@ def calibrate_noise_multiplier(
     q = _check_sample_rate(sample_rate)
     steps = _check_steps(steps)
     _check_accountant(accountant)
+    check_adjacency(adjacency, accountant=accountant)
     if not _is_real(tolerance) or not 0.0 < tolerance < 1.0:
         raise ValueError(f"tolerance={tolerance!r} must be in (0, 1), e.g. 0.01 (1% below the target epsilon)")
+    # A pure function of its arguments that can take seconds (a resumed run, each federated round and
+    # each test calibrate the same plan again): computed once per process.
+    return _calibrated(target, delta, q, steps, accountant, float(tolerance), adjacency)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(target: float, delta: float, q: float, steps: int, accountant: str, tolerance: float,
+                adjacency: str) -> float:
 
     def eps_fn(name: str):
-        return lambda sigma: history_epsilon(history=[Segment(sigma, q, steps)], delta=delta, accountant=name)
+        return lambda sigma: history_epsilon(history=[Segment(sigma, q, steps)], delta=delta, accountant=name,
+                                             adjacency=adjacency)
 
     start, factor = 1.0, 2.0
-    if accountant != "rdp":
+    if accountant != "rdp" and adjacency == "add-remove":
         # Start where the cheap RDP bound (an upper bound, within ~10% of PRV/PLD for ε >= 1) meets the
         # target: the slow accountants are then never evaluated far below the answer, where ε is huge
         # and PRV's grid can take gigabytes.
@@ -436,8 +490,9 @@ class Accountant:
     The state is plain JSON (never pickle), so a resume checkpoint can carry it safely.
     """
 
-    def __init__(self, *, accountant: str = "prv", history: Sequence = ()):
+    def __init__(self, *, accountant: str = "prv", history: Sequence = (), adjacency: str = "add-remove"):
         self.accountant = _check_accountant(accountant)
+        self.adjacency = check_adjacency(adjacency, accountant=accountant)
         self.history: list[Segment] = []
         for segment in _as_history(history):
             self._append(segment)
@@ -459,7 +514,8 @@ class Accountant:
 
     def epsilon(self, *, delta: float, accountant: str | None = None) -> float:
         """ε spent so far (with this accountant's method unless ``accountant`` names another)."""
-        return history_epsilon(history=self.history, delta=delta, accountant=accountant or self.accountant)
+        return history_epsilon(history=self.history, delta=delta, accountant=accountant or self.accountant,
+                               adjacency=self.adjacency)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -467,6 +523,7 @@ class Accountant:
                 "format": _JSON_FORMAT,
                 "version": _JSON_VERSION,
                 "accountant": self.accountant,
+                "adjacency": self.adjacency,
                 "history": [[s.noise_multiplier, s.sample_rate, s.steps] for s in self.history],
             },
             allow_nan=False,
@@ -481,13 +538,16 @@ class Accountant:
         if not isinstance(data, dict) or data.get("format") != _JSON_FORMAT:
             raise ValueError(f"accountant state has format {data.get('format') if isinstance(data, dict) else None!r}, "
                              f"expected {_JSON_FORMAT!r}; pass the string from Accountant.to_json()")
-        if data.get("version") != _JSON_VERSION:
+        if data.get("version") not in (1, _JSON_VERSION):
             raise ValueError(f"accountant state version {data.get('version')!r} is not supported (this privdiff reads "
-                             f"version {_JSON_VERSION}); upgrade privdiff")
-        return cls(accountant=data.get("accountant"), history=data.get("history", []))
+                             f"versions 1 to {_JSON_VERSION}); upgrade privdiff")
+        return cls(accountant=data.get("accountant"), history=data.get("history", []),
+                   adjacency=data.get("adjacency", "add-remove"))
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Accountant) and (self.accountant, self.history) == (other.accountant, other.history)
+        return isinstance(other, Accountant) and ((self.accountant, self.adjacency, self.history)
+                                                  == (other.accountant, other.adjacency, other.history))
 
     def __repr__(self) -> str:
-        return f"Accountant(accountant={self.accountant!r}, history={[tuple(s) for s in self.history]!r})"
+        return (f"Accountant(accountant={self.accountant!r}, adjacency={self.adjacency!r}, "
+                f"history={[tuple(s) for s in self.history]!r})")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .accounting import Accountant, calibrate_noise_multiplier, check_delta
+from .accounting import Accountant, calibrate_noise_multiplier, check_adjacency, check_delta
 from .clipping import GradSampleClipper
 from .dp_sgd import PoissonSampler, noisy_average, secure_generator
 
@@ -43,7 +43,8 @@ class DPConfig:
     privacy_unit: str = "example"
     max_examples_per_subject: int = 1
     physical_batch_size: int = 16
-    accountant: str = "prv"
+    accountant: str = "prv"  # replace-one needs "pld"
+    adjacency: str = "add-remove"
     backend: str = "privdiff"
     # Group-wise clipping: ((layer-name prefix, share of C²), ...); see GradSampleClipper.
     clip_budget_shares: tuple[tuple[str, float], ...] = ()
@@ -69,6 +70,7 @@ class DPConfig:
             raise ValueError(f"backend={self.backend!r} must be one of {', '.join(BACKENDS)}.")
         if self.physical_batch_size < 1:
             raise ValueError(f"physical_batch_size={self.physical_batch_size} must be at least 1.")
+        check_adjacency(self.adjacency, accountant=self.accountant)
         if self.clip_budget_shares and self.backend == "opacus":
             raise ValueError("clip_budget_shares (group-wise clipping) needs backend='privdiff'.")
 
@@ -103,11 +105,14 @@ class DPSGDEngine:
         self.rank, self.world_size = distributed_rank_and_size()
         if sampling_generator is None:
             sampling_generator = _sampling_generator(self.generator, world_size=self.world_size)
-        self.accountant = accountant or Accountant(accountant=config.accountant)
+        self.accountant = accountant or Accountant(accountant=config.accountant, adjacency=config.adjacency)
+        if self.accountant.adjacency != config.adjacency:
+            raise ValueError(f"the accountant counts {self.accountant.adjacency} neighbours, the run "
+                             f"{config.adjacency}; resume with the run's own adjacency.")
         if config.noise_multiplier is None:
             self.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=config.target_epsilon, delta=config.delta, sample_rate=config.sample_rate,
-                steps=config.steps, accountant=config.accountant,
+                steps=config.steps, accountant=config.accountant, adjacency=config.adjacency,
             )
         else:
             self.noise_multiplier = float(config.noise_multiplier)

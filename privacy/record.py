@@ -17,6 +17,12 @@ Mechanisms and what their records must hold (DESIGN.md section 5):
 ``none``                 public artifacts: no DP fields at all
 =======================  ===============================================================================
 
+Every DP record states its ``adjacency``: ``add-remove`` (neighbouring datasets differ by one privacy
+unit added or removed) or ``replace-one`` (one unit replaced by another; for the same noise ε is
+larger). ``accounted_adjacency`` says which relation the accountant applied to the mechanism's own
+units when that differs: per-subset DPAgg-TI releases one embedding per subset, so adding an image
+*replaces* one subset's embedding, and ε is accounted as replace-one over subsets.
+
 Writes go to a temporary file in the target's folder and are moved into place with ``os.replace``,
 so a crash never leaves a half-written artifact under the final name.
 """
@@ -35,6 +41,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 __all__ = [
+    "ADJACENCIES",
     "DP_MECHANISMS",
     "MECHANISMS",
     "METADATA_KEY",
@@ -58,11 +65,13 @@ DP_MECHANISMS = ("dp-sgd", "gaussian-aggregate", "dp-fedavg")
 SPLIT_MECHANISMS = ("split-hardened", "split-paper")
 MECHANISMS = DP_MECHANISMS + SPLIT_MECHANISMS + ("none",)
 PRIVACY_UNITS = ("example", "subject", "client")
+ADJACENCIES = ("add-remove", "replace-one")
 
 _FORMAT = "privdiff-privacy"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2 added adjacency; every version-1 record was computed under add-remove
 # Fields that only mean something under a DP guarantee; split-* and none must leave them empty.
-_DP_ONLY = ("epsilon", "delta", "noise_multiplier", "clip", "sample_rate", "accountant")
+_DP_ONLY = ("epsilon", "delta", "noise_multiplier", "clip", "sample_rate", "accountant", "adjacency",
+            "accounted_adjacency")
 
 _SPLIT_NOT_COVERED = (
     "Split learning gives no differential-privacy guarantee: there is no epsilon. What the server can "
@@ -110,6 +119,8 @@ class PrivacyRecord:
     num_examples: int | None = None
     privacy_unit: str | None = "example"
     accountant: str | None = None
+    adjacency: str | None = None  # required for DP mechanisms: "add-remove" or "replace-one"
+    accounted_adjacency: str | None = None  # the relation over the mechanism's own units, when it differs
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
     privdiff_version: str = field(default_factory=_version)
 
@@ -159,6 +170,12 @@ class PrivacyRecord:
                 problems.append(f"accountant={self.accountant!r} must name the accountant that computed epsilon, e.g. 'prv'")
             if self.privacy_unit not in PRIVACY_UNITS:
                 problems.append(f"privacy_unit={self.privacy_unit!r} must be one of {', '.join(map(repr, PRIVACY_UNITS))}")
+            if self.adjacency not in ADJACENCIES:
+                problems.append(f"adjacency={self.adjacency!r} must be one of {', '.join(map(repr, ADJACENCIES))}: "
+                                "which neighbouring datasets the guarantee is stated for")
+            if self.accounted_adjacency is not None and self.accounted_adjacency not in ADJACENCIES:
+                problems.append(f"accounted_adjacency={self.accounted_adjacency!r} must be None or one of "
+                                f"{', '.join(map(repr, ADJACENCIES))}")
         else:
             for name in _DP_ONLY:
                 if getattr(self, name) is not None:
@@ -197,10 +214,15 @@ class PrivacyRecord:
         if self.mechanism == "none":
             lines = ["NO differential privacy: this artifact is public or was trained without DP."]
         elif self.epsilon is not None:
-            unit = {"example": "each training example", "subject": "each person (all their examples)"}.get(
-                self.privacy_unit or "example", self.privacy_unit)
+            unit = {"example": "each training example", "subject": "each person (all their examples)",
+                    "client": "each client (all its data)"}.get(self.privacy_unit or "example", self.privacy_unit)
+            relation = ("one of them added or removed" if self.adjacency == "add-remove"
+                        else "one of them replaced by another")
             lines = [f"(ε = {self.epsilon:.4g}, δ = {self.delta:.3g})-differential privacy for {unit}",
+                     f"adjacency: {self.adjacency} (neighbouring datasets differ by {relation})",
                      f"mechanism: {self.mechanism}"]
+            if self.accounted_adjacency is not None:
+                lines.append(f"accounted as: {self.accounted_adjacency} over the mechanism's own units")
         else:
             lines = [f"mechanism: {self.mechanism} (no ε: see the measured figures below)"]
         for label, value in (("noise multiplier σ/C", self.noise_multiplier), ("clip C", self.clip),
@@ -237,6 +259,8 @@ class PrivacyRecord:
             raise PrivacyRecordError(
                 f"format_version={version!r} is not supported (this privdiff reads up to {_FORMAT_VERSION}); upgrade privdiff"
             )
+        if version == 1 and data.get("mechanism") in DP_MECHANISMS:
+            data.setdefault("adjacency", "add-remove")  # privdiff 0.1 accounted every record so
         if "max_grad_norm" in data:
             alias = data.pop("max_grad_norm")
             if data.get("clip") is None:
@@ -273,20 +297,26 @@ def record_for_dp_sgd(
     accountant: str = "prv",
     privacy_unit: str = "example",
     mechanism: str = "dp-sgd",
+    adjacency: str = "add-remove",
     extra: Mapping[str, Any] | None = None,
 ) -> PrivacyRecord:
     """The record of a DP-SGD run whose steps are ``history`` (segments or an ``Accountant``).
 
-    ε is computed here with ``accountant``. A heterogeneous history (a resumed run that changed its
-    settings) is listed in full under ``extra['history']``; the scalar fields then give the last
-    segment's σ and q and the total number of steps.
+    ε is computed here with ``accountant`` under ``adjacency`` (an ``Accountant`` brings its own). A
+    heterogeneous history (a resumed run that changed its settings) is listed in full under
+    ``extra['history']``; the scalar fields then give the last segment's σ and q and the total number
+    of steps.
     """
-    from .accounting import _as_history, history_epsilon
+    from .accounting import Accountant, _as_history, history_epsilon
 
+    if isinstance(history, Accountant):
+        adjacency = history.adjacency
+    if adjacency == "replace-one":
+        accountant = "pld"  # the one accountant here with the replace-one relation
     segments = _as_history(history)
     if not segments:
         raise PrivacyRecordError("history is empty: a DP record needs at least one noisy step")
-    eps = history_epsilon(history=segments, delta=delta, accountant=accountant)
+    eps = history_epsilon(history=segments, delta=delta, accountant=accountant, adjacency=adjacency)
     extra = dict(extra or {})
     if len({s[:2] for s in segments}) > 1:
         extra["history"] = [list(s) for s in segments]
@@ -302,6 +332,7 @@ def record_for_dp_sgd(
         num_examples=num_examples,
         privacy_unit=privacy_unit,
         accountant=accountant,
+        adjacency=adjacency,
         extra=extra,
     )
 
@@ -313,12 +344,13 @@ def record_for_dp_fedavg(
     num_clients: int,
     delta: float,
     accountant: str = "prv",
+    adjacency: str = "add-remove",
     extra: Mapping[str, Any] | None = None,
 ) -> PrivacyRecord:
     """Client-level DP FedAvg: each segment is (σ, clients sampled per round / clients, rounds)."""
     return record_for_dp_sgd(
         history=history, clip=clip, num_examples=num_clients, delta=delta, accountant=accountant,
-        privacy_unit="client", mechanism="dp-fedavg", extra=extra,
+        privacy_unit="client", mechanism="dp-fedavg", adjacency=adjacency, extra=extra,
     )
 
 
@@ -331,12 +363,17 @@ def record_for_gaussian_aggregate(
     delta: float,
     accountant: str = "pld",
     privacy_unit: str = "example",
+    adjacency: str = "add-remove",
+    accounted_adjacency: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> PrivacyRecord:
-    """DPAgg-TI's one noisy average. Without subsampling the accountant is the exact analytic Gaussian."""
+    """DPAgg-TI's one noisy average. Without subsampling the accountant is the exact analytic Gaussian.
+    `accounted_adjacency`: the relation over the released units when it is not `adjacency` itself
+    (per-subset units: adding one image replaces one subset's embedding)."""
     from .accounting import gaussian_aggregate_epsilon
 
-    eps = gaussian_aggregate_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta, accountant=accountant)
+    eps = gaussian_aggregate_epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, delta=delta,
+                                     accountant=accountant, adjacency=accounted_adjacency or adjacency)
     return PrivacyRecord(
         mechanism="gaussian-aggregate",
         epsilon=eps,
@@ -347,7 +384,9 @@ def record_for_gaussian_aggregate(
         steps=1,
         num_examples=num_examples,
         privacy_unit=privacy_unit,
-        accountant="analytic-gaussian" if sample_rate == 1 else accountant,
+        accountant="analytic-gaussian" if sample_rate == 1 else "pld",
+        adjacency=adjacency,
+        accounted_adjacency=accounted_adjacency if accounted_adjacency != adjacency else None,
         extra=dict(extra or {}),
     )
 
@@ -395,8 +434,9 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
-def _atomic_target(path: Path):
-    """Yield a temporary path beside ``path``; on success fsync it and move it onto ``path``."""
+def atomic_target(path: Path):
+    """Yield a temporary path beside ``path``; on success fsync it, move it onto ``path`` and fsync
+    the folder, so that after a crash ``path`` holds the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -410,10 +450,25 @@ def _atomic_target(path: Path):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _check_record(record) -> PrivacyRecord:
@@ -443,13 +498,13 @@ def write_safetensors(
     md[METADATA_KEY] = record.to_json()
     # safetensors refuses non-contiguous tensors; a contiguous CPU copy stores the same values.
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         save_file(tensors, str(tmp), metadata=md)
     return path
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 

@@ -62,14 +62,17 @@ def test_python_dash_m_runs_the_same_command():
 
 
 def test_demo_split_trains_two_clients_on_loopback_and_attacks_the_recorded_traffic(tmp_path, capsys):
-    import json
-
     assert main(["demo", "--out", str(tmp_path), "--only", "split"]) == 0
     out = capsys.readouterr().out
     assert "2 clients, 12 server steps" in out and "mean-image guess" in out
-    config = json.loads((tmp_path / "split" / "controlnet" / "config.json").read_text())
-    assert config["privdiff_split_controlnet"]["version"] == 1
-    assert not list((tmp_path / "split").glob("**/*.npy"))  # the recorded traffic stays in memory
+    from privdiff.pipelines.split_run import load_split_controlnet_file
+    from privdiff.privacy.record import read_record
+
+    path = tmp_path / "split" / "split_controlnet.safetensors"
+    assert load_split_controlnet_file(path).controlnet.config["privdiff_split_controlnet"]["version"] == 1
+    assert read_record(path).mechanism == "split-hardened"
+    # Only the release: the recorded traffic stayed in memory, the keys and secrets in a scratch folder.
+    assert sorted(p.name for p in (tmp_path / "split").rglob("*")) == ["split_controlnet.safetensors"]
 
 
 def test_demo_fed_runs_two_simulated_clients_and_saves_each_round(tmp_path, capsys):

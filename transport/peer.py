@@ -6,7 +6,10 @@ client reaches privdiff); every message is encrypted by Curve and then authentic
 HMAC with a per-session key, with sequence numbers in both directions.
 
 A session starts with the client's `hello`, which carries a fresh random MAC key (inside the
-encrypted, authenticated Curve channel) and a client name. Then the client sends requests and waits
+encrypted, authenticated Curve channel). A client *is* its Curve key: the server takes its identity
+from the public key ZAP authenticated (the message's User-Id), never from anything the client says,
+checks it on every message, and hands it to the job (which de-duplicates and counts per key); the
+allowlist file's name is only its label in logs. Then the client sends requests and waits
 for each reply (one request in flight: backpressure by construction); every wait has a timeout.
 While the client computes between requests (encoding a batch can take long on a laptop), a
 background thread sends `heartbeat` every `heartbeat_interval` seconds of silence, so the server
@@ -42,7 +45,7 @@ class TransportError(RuntimeError):
 @dataclass
 class _Session:
     key: bytes
-    name: str
+    client: str  # the Curve public key (Z85) that ZAP authenticated: the client's identity
     session_id: str
     last_in: int = 1  # the hello was message 1
     last_out: int = 0
@@ -50,8 +53,9 @@ class _Session:
 
 
 class SplitServer:
-    """Serves several clients at once; `handler(client_name, message) -> Message` answers each
-    request (the reply's kind is forced to the one allowed for the request)."""
+    """Serves several clients at once; `handler(client, message) -> Message` answers each request,
+    `client` being the Z85 public key ZAP authenticated (`name_of(client)` gives its allowlist label;
+    the reply's kind is forced to the one allowed for the request)."""
 
     def __init__(self, *, bind: str, server_key: str | os.PathLike, allowed_clients: str | os.PathLike,
                  handler: Callable[[str, Message], Message], limits: Limits = Limits(),
@@ -69,6 +73,7 @@ class SplitServer:
             raise ValueError(f"{allowed} holds no client .key files: no client could connect. Copy each "
                              "client's public .key file there.")
         self.handler, self.limits, self.session_timeout = handler, limits, session_timeout
+        self.names = _allowlist_names(allowed)
         self.context = zmq.Context()
         self.auth = ThreadAuthenticator(self.context)
         self.auth.start()
@@ -102,9 +107,16 @@ class SplitServer:
         for identity in [i for i, s in self.sessions.items() if now - s.last_seen > self.session_timeout]:
             del self.sessions[identity]
 
+    def name_of(self, client: str) -> str:
+        """The allowlist file name of a client key (its label for people), or the key's first characters."""
+        return self.names.get(client, client[:8])
+
     def _handle(self, frames) -> None:
-        identity, frames = frames[0].bytes, [f.buffer for f in frames[1:]]
+        identity, user = frames[0].bytes, _user_id(frames[1])
+        frames = [f.buffer for f in frames[1:]]
         try:
+            if not user:
+                raise ProtocolError("the message carries no authenticated client key.")
             header = peek_header(frames, limits=self.limits)
             if header["kind"] not in CLIENT_KINDS:
                 raise ProtocolError(f"unknown message kind {header['kind']!r}.")
@@ -113,11 +125,10 @@ class SplitServer:
                 if len(key) != 32:
                     raise ProtocolError("hello needs a 32-byte mac_key.")
                 message, _ = decode(frames, key=key, session=header["session"], last_seq=0, limits=self.limits)
-                name = str(message.fields.get("name", ""))[:64]
-                self.sessions[identity] = session = _Session(key=key, name=name, session_id=header["session"])
+                self.sessions[identity] = session = _Session(key=key, client=user, session_id=header["session"])
             else:
                 session = self.sessions.get(identity)
-                if session is None or header["session"] != session.session_id:
+                if session is None or header["session"] != session.session_id or session.client != user:
                     self._reply_unknown(identity)
                     return
                 message, session.last_in = decode(frames, key=session.key, session=session.session_id,
@@ -131,7 +142,7 @@ class SplitServer:
         elif message.kind == "hello":
             reply = Message(kind="welcome", fields={"protocol": "privdiff-split"})
         else:
-            reply = self.handler(session.name, message)
+            reply = self.handler(session.client, message)
             allowed = REPLY_KINDS[message.kind]
             if reply.kind != allowed or (reply.tensors and allowed != "weights"):
                 raise RuntimeError(f"the handler answered {message.kind!r} with {reply.kind!r}"
@@ -214,7 +225,7 @@ class SplitClient:
         self.socket.connect(self.connect_to)
         self.session, self.key = os.urandom(16).hex(), os.urandom(32)
         self.last_out = self.last_in = 0
-        welcome = self._exchange(Message(kind="hello", fields={"mac_key": self.key.hex(), "name": self.name}))
+        welcome = self._exchange(Message(kind="hello", fields={"mac_key": self.key.hex()}))
         if welcome.kind != "welcome":
             raise TransportError(f"the server answered hello with {welcome.kind!r}.")
         self._broken = False
@@ -284,6 +295,27 @@ class SplitClient:
             self.socket.close(0)
             self.context.term()
             self.socket = self.context = None
+
+
+def _user_id(frame) -> str:
+    """The Curve public key (Z85) that ZAP authenticated for this message ('' when there is none)."""
+    import zmq
+
+    try:
+        return str(frame.get("User-Id") or "")
+    except zmq.ZMQError:
+        return ""
+
+
+def _allowlist_names(folder: Path) -> dict[str, str]:
+    """Z85 public key -> the allowlist file's name, for logs."""
+    from .keys import load_keys
+
+    names = {}
+    for path in sorted(folder.glob("*.key")):
+        public, _ = load_keys(path)
+        names[public.decode("ascii") if isinstance(public, bytes) else str(public)] = path.stem
+    return names
 
 
 def _set_transport_heartbeats(socket) -> None:

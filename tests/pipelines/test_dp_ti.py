@@ -195,11 +195,12 @@ def test_sdxl_refuses_a1111(sdxl_pipe, tmp_path):
 
 def test_subject_units_make_one_embedding_per_person(pipe, tmp_path):
     from privdiff.data import load_dataset
-    from privdiff.pipelines.dp_ti import DPSGDTIConfig, _units, train_dpsgd_ti
+    from privdiff.pipelines.dp_ti import DPSGDTIConfig, train_dpsgd_ti
+    from privdiff.pipelines.dpagg_units import make_units
 
     data = load_dataset(data="style", num_items=9, seed=0, num_subjects=3)
-    assert _units(num_images=9, num_subsets=None, dataset=data, privacy_unit="subject") == [[0, 3, 6], [1, 4, 7],
-                                                                                          [2, 5, 8]]
+    groups = sorted(unit.members for unit in make_units(dataset=data, secret=b"k" * 32, privacy_unit="subject"))
+    assert groups == [(0, 3, 6), (1, 4, 7), (2, 5, 8)]
     result = train_dpagg_ti(pipeline=pipe, dataset=data, out=tmp_path / "agg", config=DPAggConfig(
         token="<stripes>", init_word="circle", steps=1, batch_size=3, epsilon=1.0, delta=1e-2,
         privacy_unit="subject", secure_noise=False))
@@ -225,10 +226,10 @@ def test_dpagg_stopped_then_resumed_releases_what_an_unbroken_run_releases(pipe,
     stopped = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config,
                              should_stop=lambda: next(polls))
     assert stopped.stopped and stopped.steps_done == 2 and not stopped.files
-    assert (tmp_path / "broken" / BYPRODUCTS / "checkpoint.json").is_file()
+    assert (tmp_path / "broken" / BYPRODUCTS / "checkpoint.safetensors").is_file()
     assert not list((tmp_path / "broken").glob("*.safetensors")), "a stopped run releases nothing"
     resumed = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config, resume=True)
-    assert resumed.steps_done == straight.steps_done == 8
+    assert resumed.steps_done == straight.steps_done == 4
     a, b = load_file(str(straight.files["diffusers"]))["<s>"], load_file(str(resumed.files["diffusers"]))["<s>"]
     assert torch.allclose(a, b, atol=1e-6)
     assert not (tmp_path / "broken" / BYPRODUCTS).exists(), "the per-image embeddings are deleted at release"

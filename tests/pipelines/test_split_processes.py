@@ -1,7 +1,6 @@
 """Real processes on loopback: `privdiff split serve` killed mid-training and restarted from its
 checkpoint; the `privdiff split train` client reconnects and the job ends with every batch trained once."""
 
-import json
 import os
 import signal
 import socket
@@ -10,6 +9,8 @@ import sys
 import time
 
 import pytest
+
+from privdiff.privacy.record import read_record
 
 
 def _free_endpoint() -> str:
@@ -50,8 +51,8 @@ def test_server_killed_mid_training_restarts_and_the_client_finishes_with_no_ste
     try:
         def steps_saved():
             try:
-                return json.loads((job / "job.json").read_text())["steps"]
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                return _job_state(job)["steps"]
+            except (ValueError, FileNotFoundError):
                 return 0
 
         _wait_for(lambda: steps_saved() >= 2, timeout=120, what="two checkpointed steps")
@@ -62,8 +63,9 @@ def test_server_killed_mid_training_restarts_and_the_client_finishes_with_no_ste
         out, _ = client.communicate(timeout=300)
         assert client.returncode == 0, out
         assert steps_at_kill < 16, "the kill came after the job's end: nothing was tested"
-        assert "the server trained 16 steps" in out, out  # 16 batches (8 per epoch, 2 epochs), each once
-        assert (tmp_path / "client" / "controlnet" / "config.json").is_file()
+        assert "the server trained 16 of this client's batches" in out, out  # 8 per epoch, 2 epochs, each once
+        record = read_record(tmp_path / "client" / "split_controlnet.safetensors")
+        assert record.mechanism == "split-hardened" and record.steps == 16 and record.num_examples == 16
     finally:
         for process in (client, server):
             if process.poll() is None:
@@ -72,5 +74,11 @@ def test_server_killed_mid_training_restarts_and_the_client_finishes_with_no_ste
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
-    meta = json.loads((job / "job.json").read_text())
+    meta = _job_state(job)
     assert meta["steps"] == 16 and len(meta["applied"]) == 16
+
+
+def _job_state(folder):
+    from privdiff.training.checkpoint import load_checkpoint
+
+    return load_checkpoint(folder=folder, kind="split-job", name="job.safetensors").state

@@ -25,7 +25,7 @@ from privdiff.privacy.record import (
 
 DP_SGD = dict(
     mechanism="dp-sgd", epsilon=9.7, delta=1e-5, noise_multiplier=0.8, clip=1e-3, sample_rate=0.04,
-    steps=1250, num_examples=50000, privacy_unit="example", accountant="prv",
+    steps=1250, num_examples=50000, privacy_unit="example", accountant="prv", adjacency="add-remove",
 )
 
 
@@ -60,6 +60,9 @@ def test_valid_records_and_defaults():
         (dict(extra={"psnr": float("nan")}), r"extra must hold JSON values only"),
         (dict(extra={"tensor": object()}), r"extra must hold JSON values only"),
         (dict(mechanism="gaussian-aggregate", steps=3), r"steps=3 must be 1 for gaussian-aggregate"),
+        (dict(adjacency=None), r"adjacency=None must be one of 'add-remove', 'replace-one'"),
+        (dict(adjacency="swap"), r"adjacency='swap' must be one of"),
+        (dict(accounted_adjacency="swap"), r"accounted_adjacency='swap' must be None or one of"),
     ],
 )
 def test_dp_record_validation(changes, match):
@@ -115,8 +118,8 @@ def test_from_json_rejects_malformed():
         PrivacyRecord.from_json("{")
     with pytest.raises(PrivacyRecordError, match="is not a privdiff privacy record"):
         PrivacyRecord.from_json(json.dumps({**good, "format": "x"}))
-    with pytest.raises(PrivacyRecordError, match="format_version=2 is not supported.*upgrade privdiff"):
-        PrivacyRecord.from_json(json.dumps({**good, "format_version": 2}))
+    with pytest.raises(PrivacyRecordError, match="format_version=3 is not supported.*upgrade privdiff"):
+        PrivacyRecord.from_json(json.dumps({**good, "format_version": 3}))
     with pytest.raises(PrivacyRecordError, match=r"unknown privacy record fields \['surprise'\]"):
         PrivacyRecord.from_json(json.dumps({**good, "surprise": 1}))
     with pytest.raises(PrivacyRecordError, match="max_grad_norm=0.5 and clip=0.001 disagree"):
@@ -245,8 +248,42 @@ def test_summary_lines_state_the_guarantee_first():
     from privdiff.privacy.record import PrivacyRecord
 
     record = PrivacyRecord(mechanism="gaussian-aggregate", epsilon=1.0, delta=1e-5, noise_multiplier=3.2, clip=0.5,
-                           sample_rate=1.0, steps=1, num_examples=100, accountant="analytic")
+                           sample_rate=1.0, steps=1, num_examples=100, accountant="analytic", adjacency="replace-one")
     lines = record.summary_lines()
     assert lines[0] == "(ε = 1, δ = 1e-05)-differential privacy for each training example"
+    assert lines[1] == "adjacency: replace-one (neighbouring datasets differ by one of them replaced by another)"
     assert "clip C: 0.5" in lines and "examples: 100" in lines
     assert PrivacyRecord(mechanism="none").summary_lines()[0].startswith("NO differential privacy")
+
+
+def test_version_1_records_read_as_add_remove_and_new_ones_state_their_adjacency():
+    old = json.loads(dp_sgd().to_json())
+    old["format_version"] = 1
+    del old["adjacency"], old["accounted_adjacency"]
+    assert PrivacyRecord.from_dict(old).adjacency == "add-remove"  # privdiff 0.1 accounted every record so
+    assert json.loads(dp_sgd().to_json())["format_version"] == 2
+    with pytest.raises(PrivacyRecordError, match="adjacency='add-remove' must be None for mechanism='none'"):
+        PrivacyRecord(mechanism="none", adjacency="add-remove")
+
+
+def test_replace_one_records_carry_the_larger_epsilon_of_dp_accounting_pld():
+    import dp_accounting
+    from dp_accounting import pld
+
+    acc = Accountant(accountant="pld", adjacency="replace-one")
+    acc.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=500)
+    replace = record_for_dp_sgd(history=acc, clip=1.0, num_examples=10_000, delta=1e-5)
+    add = record_for_dp_sgd(history=[(1.0, 0.01, 500)], clip=1.0, num_examples=10_000, delta=1e-5, accountant="pld")
+    assert (replace.adjacency, replace.accountant, add.adjacency) == ("replace-one", "pld", "add-remove")
+    independent = pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+                                    value_discretization_interval=1e-4)
+    independent.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.0)), 500))
+    assert replace.epsilon == pytest.approx(independent.get_epsilon(1e-5), rel=0.02)
+    assert replace.epsilon > 1.3 * add.epsilon
+    # Without subsampling, replace-one is the Gaussian mechanism at twice the sensitivity (exact).
+    agg = record_for_gaussian_aggregate(noise_multiplier=4.0, clip=0.5, sample_rate=1.0, num_examples=100,
+                                        delta=1e-5, adjacency="replace-one")
+    assert agg.epsilon == pytest.approx(analytic_gaussian_epsilon(noise_multiplier=2.0, delta=1e-5), rel=1e-9)
+    with pytest.raises(ValueError, match="replace-one.*PLD"):
+        Accountant(accountant="prv", adjacency="replace-one")

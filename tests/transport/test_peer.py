@@ -55,7 +55,7 @@ def test_allowed_clients_are_served_at_once_and_replies_carry_no_tensors(keys, s
     reply = bob.request(Message(kind="batch", tensors={"z": z[:2]}))
     assert reply.fields == {"received": 2} and not reply.tensors
     assert alice.request(Message(kind="heartbeat")).kind == "heartbeat"
-    assert [(name, kind) for name, kind, _ in seen] == [("alice", "batch"), ("bob", "batch")]
+    assert [(server.name_of(key), kind) for key, kind, _ in seen] == [("alice", "batch"), ("bob", "batch")]
     assert np.array_equal(seen[0][2]["z"], z)
     alice.close(), bob.close()
 
@@ -64,7 +64,7 @@ def test_a_key_outside_the_allowlist_never_reaches_the_server(keys, server):
     server, seen = server
     with pytest.raises(TransportError, match="allowlist"):
         _client(keys, server, "mallory", timeout=1.0)
-    assert not seen and all(s.name != "mallory" for s in server.sessions.values())
+    assert not seen and all(server.name_of(s.client) != "mallory" for s in server.sessions.values())
 
 
 def test_garbage_from_one_client_does_not_harm_another(keys, server):
@@ -214,3 +214,24 @@ def test_heartbeats_keep_an_idle_session_that_the_server_would_forget(keys, hear
         assert not alice._heartbeats or not alice._heartbeats.is_alive()
     finally:
         stop.set(), thread.join(), server.close()
+
+
+def test_a_client_is_its_key_whatever_it_calls_itself(keys, server):
+    """[8] defect 9: identity comes from the Curve key ZAP authenticated, never from the client's
+    own words: bob posing as alice is still bob to the server and the job."""
+    from zmq.utils import z85
+
+    from privdiff.transport.keys import load_keys
+
+    server, seen = server
+    alice, bob = _client(keys, server, "alice"), _client(keys, server, "bob")
+    bob.name = "alice"
+    bob._open()  # a fresh session, whatever it says about itself
+    z = np.ones((1, 4, 8, 8), dtype=np.float16)
+    alice.request(Message(kind="batch", tensors={"z": z}))
+    bob.request(Message(kind="batch", fields={"name": "alice"}, tensors={"z": z}))
+    keys_seen = [key for key, _, _ in seen]
+    expected = [load_keys(keys / who / f"{who}.key")[0].decode() for who in ("alice", "bob")]
+    assert keys_seen == expected and len(set(keys_seen)) == 2
+    assert z85.decode(keys_seen[1]) and server.name_of(keys_seen[1]) == "bob"
+    alice.close(), bob.close()

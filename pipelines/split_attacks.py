@@ -1,0 +1,183 @@
+"""What an honest-but-curious split-learning server rebuilds from the traffic it recorded.
+
+The attacker knows every public weight and the design, including the noise scales, and may link an
+image's messages across epochs (the attacks below get the linkage for free: the most favourable case
+for them). Scores are against the VAE's own reconstruction D(E(x)), next to guessing the mean image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ReconstructionReport:
+    """What the server's attacks recover from one image set's traffic. PSNR (dB) and SSIM are against
+    the VAE's own reconstructions D(E(x)); `image_*` is the best attack's, `attacks` every attack's."""
+
+    image_psnr: float  # the best attack on all epochs linked
+    image_ssim: float
+    image_latent_error: float  # MSE of the linked z_0 estimate / the latents' variance (1.0 = mean guess)
+    mean_image_psnr: float  # guessing the dataset's mean image: the floor an attack must beat
+    mean_image_ssim: float
+    image_psnr_by_epochs: tuple[float, ...]  # the linear + denoiser attacks on the first 1, 2, ... epochs
+    attacks: dict  # attack name -> {"psnr": ..., "ssim": ...}
+    hint_psnr: float  # the recovered hint latent, decoded, against D(E(hint))
+    hint_ssim: float
+    hint_mean_psnr: float
+    epochs: int
+
+    @property
+    def image_psnr_first_epoch(self) -> float:
+        return self.image_psnr_by_epochs[0]
+
+    @property
+    def gain_over_mean_guess(self) -> float:
+        return self.image_psnr - self.mean_image_psnr
+
+    def figures(self) -> dict:
+        """The report as plain JSON values."""
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+    def lines(self) -> list[str]:
+        """Human-readable summary."""
+        rows = [f"images, {self.epochs} epochs linked: {self.image_psnr:.1f} dB PSNR, SSIM {self.image_ssim:.3f} "
+                f"(mean-image guess {self.mean_image_psnr:.1f} dB, SSIM {self.mean_image_ssim:.3f}); latent error "
+                f"{self.image_latent_error:.3f} of the mean guess's"]
+        rows += [f"  attack {name}: {v['psnr']:.1f} dB, SSIM {v['ssim']:.3f}" for name, v in self.attacks.items()]
+        rows.append("  by epochs linked: " + ", ".join(f"{p:.1f}" for p in self.image_psnr_by_epochs) + " dB")
+        rows.append(f"hints: {self.hint_psnr:.1f} dB PSNR, SSIM {self.hint_ssim:.3f} (mean guess {self.hint_mean_psnr:.1f} dB)")
+        return rows
+
+
+def _linked_estimate(*, pipeline, payloads: list[dict], sigma_label: float):
+    """Each message gives two independent estimates of z_0: z_t / sqrt(ab_t) (error variance
+    1/SNR_t) and the label's (σ²/SNR_t; exact when σ = 0); all of them are combined with
+    inverse-variance weights. Returns (linked z_0, its error variance per image, hint latent)."""
+    from ..privacy.attacks import estimate_z0, invert_conv_in, inverse_symsigmoid, link_epochs, signal_to_noise
+
+    alphas = pipeline.scheduler.alphas_cumprod
+    estimates, weights, hints = [], [], []
+    distinct = []
+    for payload in payloads:  # a message repeated in a later epoch (draws_per_image) adds nothing
+        if not any(all(np.array_equal(payload[k], seen[k]) for k in payload) for seen in distinct):
+            distinct.append(payload)
+    for payload in distinct:
+        t = torch.as_tensor(payload["t"]).long()
+        if "z_t" in payload:
+            z_t = torch.as_tensor(payload["z_t"]).double()
+        else:
+            z_t = invert_conv_in(conv_in=pipeline.unet.conv_in, output=torch.as_tensor(payload["conv_in_z_t"]))
+        hints.append(inverse_symsigmoid(torch.as_tensor(payload["h"]).double()) - z_t)
+        snr = signal_to_noise(alphas.double()[t])
+        from_label = estimate_z0(z_t=z_t, label=torch.as_tensor(payload["label"]), t=t, alphas_cumprod=alphas)
+        if sigma_label == 0:
+            estimates.append(from_label)  # exact: nothing else can add to it
+            weights.append(torch.full_like(snr, 1e12))
+            continue
+        estimates += [from_label, z_t / alphas.double()[t].sqrt().view(-1, 1, 1, 1)]
+        weights += [snr / sigma_label ** 2, snr]
+    linked = link_epochs(estimates=estimates, weights=weights)
+    hint_latent = torch.stack(hints).mean(0)  # z_t is known exactly, so hint estimates only differ by quantisation
+    return linked, 1.0 / sum(weights), hint_latent
+
+
+def _shrink(linked: torch.Tensor, error_variance: torch.Tensor) -> torch.Tensor:
+    """The empirical-Bayes attacker: shrink each noisy estimate towards the set's mean by the signal's
+    share of its variance (the linear MMSE estimate), never worse than the mean guess."""
+    mean = linked.mean(0, keepdim=True)
+    signal_variance = (linked.var(0, keepdim=True) - error_variance.mean()).clamp(min=0)
+    v = error_variance.view(-1, 1, 1, 1)
+    return mean + signal_variance / (signal_variance + v) * (linked - mean)
+
+
+def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hint_pixels: torch.Tensor,
+                             sigma_label: float = 0.0, sigma_hint: float = 0.0,
+                             optimisation_steps: int = 100) -> ReconstructionReport:
+    """Run the server-side attacks on the messages one image set produced over several epochs.
+
+    `payloads[e]` is what the server received for the same samples (same order) in epoch e. The
+    attacker knows the public weights and the design, including the label- and hint-noise scales
+    `sigma_label` (0 in paper mode) and `sigma_hint`. Attacks on the linked estimate: `linear` (inverse-variance mean, shrunk
+    towards the set's mean), `denoiser` (the public UNet's posterior mean, DESIGN.md 5) and, when
+    `optimisation_steps` > 0, `tv-inversion` (an image optimised through the public VAE encoder under
+    a total-variation prior, at two prior weights) and `hint-regions` (the estimate averaged over the
+    flat regions the recovered hint outlines). The best of them, judged against the truth
+    (the attacker's most favourable choice), is the headline.
+    """
+    from ..privacy.attacks import (denoiser_estimate, hint_regions, latent_error, mean_image_psnr, psnr,
+                                   region_average, ssim, total_variation_inversion)
+    from .dp_ldm import encode_latents
+
+    vae, unet, alphas = pipeline.vae, pipeline.unet, pipeline.scheduler.alphas_cumprod
+
+    def decode(latents):
+        with torch.no_grad():
+            images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        return (images.float().clamp(-1, 1) + 1) / 2
+
+    with torch.no_grad():
+        true_latents = encode_latents(vae=vae, pixels=pixels.to(vae.dtype)).double()
+        reference = decode(true_latents)
+        hint_reference = decode(encode_latents(vae=vae, pixels=hint_pixels.to(vae.dtype)))
+    if getattr(pipeline, "text_encoder", None) is not None:
+        with torch.no_grad():  # the public model's unconditional context: the server has it too
+            context = pipeline.encode_prompt([""], unet.device, 1, False)[0].expand(len(pixels), -1, -1)
+    else:
+        context = torch.zeros(len(pixels), 1, unet.config.cross_attention_dim)
+
+    def linear_and_denoiser(epochs: int):
+        linked, variance, hint_latent = _linked_estimate(pipeline=pipeline, payloads=payloads[:epochs],
+                                                         sigma_label=sigma_label)
+        if sigma_label == 0:
+            return {"linear": linked}, linked, variance, hint_latent
+        # The hint (recovered exactly when σ_hint = 0) outlines flat regions: pooling the estimate over
+        # each region divides its noise by the region's area.
+        regions = hint_regions(hint_images=decode(hint_latent), latent_size=tuple(linked.shape[-2:]))
+        return ({"linear": _shrink(linked, variance),
+                 "denoiser": denoiser_estimate(unet=unet, z0_estimate=linked, error_variance=variance,
+                                               alphas_cumprod=alphas, context=context),
+                 "hint-regions": region_average(estimate=_shrink(linked, variance), regions=regions)},
+                linked, variance, hint_latent)
+
+    by_epochs = []
+    for epochs in range(1, len(payloads) + 1):  # the last pass is the whole run's, kept below
+        latents, linked, variance, hint_latent = linear_and_denoiser(epochs)
+        images = {name: decode(z) for name, z in latents.items()}
+        by_epochs.append(max(psnr(estimate=x, reference=reference) for x in images.values()))
+    if sigma_label > 0 and optimisation_steps > 0:
+        def encode(x):
+            return encode_latents(vae=vae, pixels=(x * 2 - 1).to(vae.dtype)).float()
+
+        start = images["linear"]
+        for weight in (1.0, 10.0):
+            with torch.enable_grad():
+                images[f"tv-inversion({weight:g})"] = total_variation_inversion(
+                    encode=encode, z0_estimate=linked, error_variance=variance, start=start,
+                    tv_weight=weight / float(variance.mean()), steps=optimisation_steps)
+    attacks = {name: {"psnr": psnr(estimate=x, reference=reference), "ssim": ssim(estimate=x, reference=reference)}
+               for name, x in images.items()}
+    best = max(attacks, key=lambda name: attacks[name]["psnr"])
+    mean_guess = reference.double().mean(0, keepdim=True).expand_as(reference)
+    hint_images = decode(hint_latent)
+    if sigma_hint > 0:  # the client's hint noise is known: shrink towards the hints' mean, as for images
+        distinct = len({payload["h"].tobytes() for payload in payloads})
+        shrunk = decode(_shrink(hint_latent, torch.full((len(hint_latent),), sigma_hint ** 2 / distinct)))
+        if psnr(estimate=shrunk, reference=hint_reference) > psnr(estimate=hint_images, reference=hint_reference):
+            hint_images = shrunk
+    return ReconstructionReport(
+        image_psnr=attacks[best]["psnr"], image_ssim=max(v["ssim"] for v in attacks.values()),
+        image_latent_error=min(latent_error(estimate=z, reference=true_latents) for z in latents.values()),
+        mean_image_psnr=mean_image_psnr(reference=reference),
+        mean_image_ssim=ssim(estimate=mean_guess, reference=reference),
+        image_psnr_by_epochs=tuple(by_epochs), attacks=attacks,
+        hint_psnr=psnr(estimate=hint_images, reference=hint_reference),
+        hint_ssim=ssim(estimate=hint_images, reference=hint_reference),
+        hint_mean_psnr=mean_image_psnr(reference=hint_reference),
+        epochs=len(payloads),
+    )

@@ -1,0 +1,80 @@
+"""[8] defect 8: a crash in the middle of a checkpoint write must never let a resumed run under-record ε.
+
+privdiff 0.1 wrote DP-LDM's checkpoint as two files renamed one after the other: killed between the
+renames, it paired step-2k weights, optimizer and generators with the step-k counter and accountant,
+and `resume` trained on silently, so the release recorded fewer noisy steps than it took. Here a
+crash is injected at every rename a run makes (an exception raised from os.replace, as a kill would
+stop it there); each resume must either end exactly where an unbroken run ends (same weights, same
+record) or refuse with a clear message.
+"""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privdiff.pipelines.dp_ldm import BYPRODUCTS, DPLDMConfig, train_dp_ldm
+from privdiff.privacy.record import read_record
+
+CONFIG = DPLDMConfig(epsilon=3.0, batch_size=4, physical_batch_size=4, epochs=1.0, secure_noise=False, num_samples=0,
+                     max_grad_norm=0.1, learning_rate=1e-3, checkpoint_every=1)
+
+
+class Killed(BaseException):
+    """Stands for a kill: nothing in privdiff catches it."""
+
+
+def _base():
+    from privdiff.models.tiny import TinySpec, tiny_pipeline
+
+    pipe = tiny_pipeline(spec=TinySpec(), seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _train(out, **kwargs):
+    return train_dp_ldm(base=_base(), data="shapes", num_items=16, out=out, config=CONFIG, **kwargs)
+
+
+def test_a_crash_inside_any_checkpoint_write_never_under_records_epsilon(tmp_path, monkeypatch):
+    real = os.replace
+    renames = []  # the checkpoint renames an unbroken run makes
+
+    def counting(src, dst):
+        if BYPRODUCTS in str(dst):
+            renames.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", counting)
+    straight = _train(tmp_path / "straight")
+    monkeypatch.setattr(os, "replace", real)
+    reference = load_file(str(straight.weights["diffusers"]))
+    reference_record = read_record(straight.weights["diffusers"])
+    assert len(renames) >= 2
+    for crash_at in range(1, len(renames) + 1):
+        out = tmp_path / f"crash-{crash_at}"
+        seen = {"n": 0}
+
+        def crashing(src, dst):
+            if BYPRODUCTS in str(dst):
+                seen["n"] += 1
+                if seen["n"] == crash_at:
+                    raise Killed()
+            return real(src, dst)
+
+        monkeypatch.setattr(os, "replace", crashing)
+        with pytest.raises(Killed):
+            _train(out)
+        monkeypatch.setattr(os, "replace", real)
+        try:
+            resumed = _train(out, resume=True)
+        except (ValueError, FileNotFoundError) as refusal:  # a clear refusal is allowed, a wrong record is not
+            assert "checkpoint" in str(refusal)
+            continue
+        weights = load_file(str(resumed.weights["diffusers"]))
+        record = read_record(resumed.weights["diffusers"])
+        assert record.steps == reference_record.steps and record.epsilon == pytest.approx(reference_record.epsilon), \
+            f"crash at rename {crash_at}: the release records {record.steps} steps, ε = {record.epsilon}"
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), \
+            f"crash at rename {crash_at}: the resumed run's weights differ from an unbroken run's"
