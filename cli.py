@@ -21,6 +21,12 @@ def _add_base(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-2", default=None, help="second tokenizer folder (SDXL single files)")
 
 
+def _add_adjacency(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adjacency", default="add-remove", choices=["add-remove", "replace-one"],
+                        help="which datasets the guarantee calls neighbours: one unit added or removed (default), "
+                             "or one replaced by another (σ is calibrated for it; the record states it)")
+
+
 def _add_common(parser: argparse.ArgumentParser, *, data_default: str | None = None, out_required: bool = True) -> None:
     parser.add_argument("--data", default=data_default,
                         help="a folder of images with captions, or a procedural set's name (circles, shapes, ...)")
@@ -79,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--device", default=None, help="where to train: cuda, cpu, ... (default: cpu)")
     ldm.add_argument("--sample-prompt", action="append", default=None,
                      help="prompt for samples.png (repeatable; default: the set's public prompt templates)")
+    _add_adjacency(ldm)
     ldm.add_argument("--keep-byproducts", action="store_true",
                      help="keep loss curve and checkpoint (computed on private data, NOT covered by ε)")
 
@@ -106,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--max-examples-per-subject", type=int, default=1, help="dpsgd with --privacy-unit subject")
     ti.add_argument("--num-items", type=int, default=None, help="items of a procedural set")
     ti.add_argument("--a1111", action="store_true", help="also write an A1111 .pt (with a .privacy.json sidecar)")
+    _add_adjacency(ti)
 
     audit = sub.add_parser("audit", help="measure what a released model gives away")
     attacks = audit.add_subparsers(dest="attack", required=True, metavar="ATTACK")
@@ -134,11 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--local-epochs", type=float, default=1.0)
     simulate.add_argument("--batch-size", type=int, default=32)
     simulate.add_argument("--lr", type=float, default=1e-4)
-    simulate.add_argument("--local-epsilon", type=float, default=None, help="local DP-SGD on each client (default off)")
+    simulate.add_argument("--local-epsilon", type=float, default=None,
+                          help="local DP-SGD on each client: its TOTAL ε over all rounds (σ is calibrated over "
+                               "rounds × local steps; default off)")
     simulate.add_argument("--client-dp-noise", type=float, default=None,
                           help="client-level DP (Flower, clipping on clients): noise multiplier z (default off)")
     simulate.add_argument("--client-dp-clip", type=float, default=0.1, help="client-level DP: update clipping norm C")
-    simulate.add_argument("--client-dp-delta", type=float, default=None, help="client-level DP: δ (default 1/(10 clients))")
+    simulate.add_argument("--client-dp-delta", type=float, default=None,
+                          help="client-level DP: δ (default min(1e-5, 0.1/clients), well below 1/clients)")
+    _add_adjacency(simulate)
+    simulate.add_argument("--keep-byproducts", action="store_true",
+                          help="keep the held-out losses, client reports and their plot (computed on private items, "
+                               "NOT covered by ε) in <out>/byproducts-not-covered-by-dp")
     simulate.add_argument("--secure-aggregation", action="store_true",
                           help="Flower's SecAgg+: the server sees only the sum of the clients' models")
     simulate.add_argument("--settings", default=None,
@@ -253,7 +268,7 @@ def _cmd_train_ti(args) -> int:
         raise ValueError("--no-dp is for dpagg comparison runs; DP-SGD TI is always private.")
     common = dict(token=args.token, init_word=args.init_word, num_vectors=args.num_vectors, template=args.template,
                   delta=args.delta, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                  privacy_unit=args.privacy_unit)
+                  privacy_unit=args.privacy_unit, adjacency=args.adjacency)
     if args.ti_method == "dpagg":
         config = DPAggConfig(epsilon=None if args.no_dp else args.epsilon, clip=args.clip, sample_rate=args.sample_rate,
                              num_subsets=args.num_subsets, steps=args.steps, **common)
@@ -306,6 +321,7 @@ def _cmd_train_ldm(args) -> int:
         delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,
         max_examples_per_subject=args.max_examples_per_subject, seed=args.seed, keep_byproducts=args.keep_byproducts,
+        adjacency=args.adjacency,
         sample_prompts=tuple(args.sample_prompt or default_sample_prompts(data=args.data)),
     )
     stop = {"requested": False}
@@ -369,6 +385,14 @@ def _cmd_audit(args) -> int:
 def _cmd_inspect(args) -> int:
     from .models.loading import bundled_config_for, inspect_checkpoint
 
+    from .privacy.record import PrivacyRecordError, read_record
+
+    try:
+        record = read_record(args.checkpoint)
+    except (PrivacyRecordError, FileNotFoundError):
+        record = None
+    if record is not None:  # a privdiff release: its guarantee first (with its adjacency)
+        print(f"{args.checkpoint}: privacy record\n  " + "\n  ".join(record.summary_lines()))
     info = inspect_checkpoint(args.checkpoint)
     print(f"{info.path}: {info.describe()}")
     found = bundled_config_for(info)
@@ -398,16 +422,19 @@ def _cmd_fed(args) -> int:
                                  beta=args.beta, seed=args.seed, trainable=args.trainable, local_epochs=args.local_epochs,
                                  batch_size=args.batch_size, learning_rate=args.lr, local_epsilon=args.local_epsilon,
                                  client_dp_noise_multiplier=args.client_dp_noise, client_dp_clipping_norm=args.client_dp_clip,
-                                 client_dp_delta=args.client_dp_delta, secure_aggregation=args.secure_aggregation)
-    state = simulate(config=config, out=args.out)
+                                 client_dp_delta=args.client_dp_delta, secure_aggregation=args.secure_aggregation,
+                                 adjacency=args.adjacency)
+    state = simulate(config=config, out=args.out, keep_byproducts=args.keep_byproducts)
     losses = state.get("heldout_loss", {})
-    print("held-out loss per round: " + ", ".join(f"{r}: {losses[r]:.4f}" for r in sorted(losses, key=int)))
-    if "client_level_dp" in state:
-        dp = state["client_level_dp"]
-        print(f"client-level DP: ε = {dp['epsilon']:.3g} at δ = {dp['delta']:.3g} after {dp['rounds']} rounds "
-              f"(z = {dp['noise_multiplier']}, C = {dp['clipping_norm']}, {dp['clients_per_round']} clients per round)")
-    print(f"global model after round {state['last_round']}: {args.out}/global-round-{state['last_round']}.safetensors; "
-          f"plot: {args.out}/loss-per-round.png")
+    print("held-out loss per round (not covered by ε): "
+          + ", ".join(f"{r}: {losses[r]:.4f}" for r in sorted(losses, key=int)))
+    from pathlib import Path
+
+    from .privacy.record import read_record
+
+    final = Path(args.out) / f"global-round-{state['last_round']}.safetensors"
+    print(f"global model after round {state['last_round']}: {final}")
+    print("  " + "\n  ".join(read_record(final).summary_lines()))
     return 0
 
 
@@ -424,21 +451,6 @@ def _cmd_split(args) -> int:
     print(f"public key: {public} (share it: a client's goes into the server's allowlist folder, the server's "
           f"to every client)\nsecret key: {secret} (keep it on this machine)")
     return 0
-
-
-def write_report(*, folder, name: str, settings: dict, figures: dict):
-    """An audit's figures as `<name>.not-covered-by-dp.json`: measured on private data, so labelled."""
-    import json
-    from pathlib import Path
-
-    from .privacy.record import atomic_target
-
-    path = Path(folder) / f"{name}.not-covered-by-dp.json"
-    with atomic_target(path) as tmp:
-        tmp.write_text(json.dumps({"not_covered_by_dp": "measured on private data; outside any guarantee: keep it "
-                                                        "in-house", "settings": settings, "figures": figures},
-                                  indent=1, default=str))
-    return path
 
 
 def _split_config(args):
@@ -479,9 +491,13 @@ def _cmd_split_attack(args) -> int:
           "(PSNR/SSIM against the VAE's own reconstructions):")
     print("\n".join(report.lines()))
     if args.out:
-        path = write_report(folder=args.out, name="split-attack", settings={**vars(config), "images": len(dataset),
-                                                                           "epochs": args.epochs},
-                            figures=report.figures())
+        from .privacy.record import write_byproduct_report
+
+        path = write_byproduct_report(
+            folder=args.out, name="split-attack", why="measured on the images above: outside any guarantee; keep it "
+                                                      "in-house",
+            data={"settings": {**vars(config), "images": len(dataset), "epochs": args.epochs},
+                  "figures": report.figures()})
         print(f"report (measured on the images above; NOT covered by any guarantee) -> {path}")
     return 0
 

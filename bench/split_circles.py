@@ -2,13 +2,14 @@
 
     python bench/split_circles.py utility --mode paper --steps 3000 --batch 16
     python bench/split_circles.py utility --mode hardened --snr-bound 1 --draws-per-image 0 --steps 1000 --batch 64
-    python bench/split_circles.py attack --mode hardened --snr-bound 0.01 --draws-per-image 1 --epochs 10
+    python bench/split_circles.py attack --mode hardened --snr-bound 0.01 --draws-per-image 1 --epochs 10 --secrets 8
 
 `utility` trains a SplitTrainer on client payloads of 1,000 `circles` images (the client's latents are
 computed once, as `train_split_client` caches them; batches are drawn at random) and prints the circle
 IoU of 50 (`--eval-num`) generations against their hints every `--eval-every` steps, next to the base model's.
 `attack` runs every server attack of `reconstruct_from_traffic` on `--epochs` epochs of traffic of 32
-images. `--draws-per-image 0` means a fresh noising every step (or epoch).
+images, for each of `--secrets` client secrets (the noise is the secret's: the figures are a mean and a
+spread). `--draws-per-image 0` means a fresh noising every step (or epoch).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ def _config(args):
                        draws_per_image=args.draws_per_image or None)
 
 
-def _secret_and_ids(args, count: int):
-    """A benchmark's secret, fixed by --seed so figures reproduce (never do this with private data:
-    real clients draw theirs from the OS), and one id per image index."""
+def _secret_and_ids(args, count: int, index: int = 0):
+    """A benchmark's secret number `index`, fixed by --seed so figures reproduce (never do this with
+    private data: real clients draw theirs from the OS), and one id per image index."""
     import hashlib
 
     from privdiff.pipelines.split_client import ClientSecret
 
-    secret = ClientSecret(hashlib.sha256(f"privdiff-bench/{args.seed}".encode()).digest())
+    secret = ClientSecret(hashlib.sha256(f"privdiff-bench/{args.seed}/{index}".encode()).digest())
     return secret, [secret.image_id(str(i).encode()) for i in range(count)]
 
 
@@ -133,19 +134,31 @@ def attack(args) -> dict:
     pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
     hints = torch.stack([dataset[i]["hint"] for i in range(len(dataset))]) * 2 - 1
     latents = _latents(tiny, dataset)
-    secret, ids = _secret_and_ids(args, len(dataset))
-    traffic = [client_payload(pipeline=tiny, latents=latents, image_ids=ids, epoch=e, config=config, secret=secret)
-               for e in range(args.epochs)]
     hardened = config.mode == "hardened"
-    report = reconstruct_from_traffic(pipeline=tiny, payloads=traffic, pixels=pixels, hint_pixels=hints,
-                                      sigma_label=config.sigma_label if hardened else 0.0,
-                                      sigma_hint=config.sigma_hint if hardened else 0.0,
-                                      optimisation_steps=args.optimisation_steps)
-    print("\n".join(report.lines()))
-    return {"config": repr(config), "epochs": args.epochs, "image_psnr": report.image_psnr,
-            "image_ssim": report.image_ssim, "mean_image_psnr": report.mean_image_psnr,
-            "mean_image_ssim": report.mean_image_ssim, "by_epochs": report.image_psnr_by_epochs,
-            "attacks": report.attacks, "hint_psnr": report.hint_psnr, "hint_mean_psnr": report.hint_mean_psnr}
+    runs = []
+    for index in range(args.secrets):  # the noise is the client's secret: figures vary with it
+        secret, ids = _secret_and_ids(args, len(dataset), index)
+        traffic = [client_payload(pipeline=tiny, latents=latents, image_ids=ids, epoch=e, config=config, secret=secret)
+                   for e in range(args.epochs)]
+        report = reconstruct_from_traffic(pipeline=tiny, payloads=traffic, pixels=pixels, hint_pixels=hints,
+                                          sigma_label=config.sigma_label if hardened else 0.0,
+                                          sigma_hint=config.sigma_hint if hardened else 0.0,
+                                          optimisation_steps=args.optimisation_steps)
+        print(f"secret {index}:", "\n".join(report.lines()), flush=True)
+        runs.append(report)
+
+    def spread(values):
+        values = sorted(values)
+        return {"mean": sum(values) / len(values), "min": values[0], "max": values[-1],
+                "std": (sum((v - sum(values) / len(values)) ** 2 for v in values) / len(values)) ** 0.5}
+
+    return {"config": repr(config), "epochs": args.epochs, "secrets": args.secrets,
+            "mean_image_psnr": runs[0].mean_image_psnr, "mean_image_ssim": runs[0].mean_image_ssim,
+            "hint_mean_psnr": runs[0].hint_mean_psnr,
+            "image_psnr": spread([r.image_psnr for r in runs]), "image_ssim": spread([r.image_ssim for r in runs]),
+            "margin_db": spread([r.image_psnr - r.mean_image_psnr for r in runs]),
+            "hint_psnr": spread([r.hint_psnr for r in runs]),
+            "best_attacks": [max(r.attacks, key=lambda a: r.attacks[a]["psnr"]) for r in runs]}
 
 
 def main(argv=None) -> int:
@@ -164,6 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-num", type=int, default=50, help="generations scored per evaluation")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--optimisation-steps", type=int, default=30)
+    parser.add_argument("--secrets", type=int, default=8,
+                        help="attack: client secrets to measure over (each gives other noise): mean and spread")
     parser.add_argument("--out", default=None, help="utility: save the ControlNet here at every evaluation")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--grid", default=None, help="utility: save a picture of hints, targets, base and split here")

@@ -4,7 +4,10 @@ Flower does the federated parts: the ServerApp and ClientApp (Message API), `Fed
 client's example count, the simulation engine and the deployment runtime. privdiff supplies the model,
 the data and the local trainer ([3/7]'s `train_in_memory`: plain AdamW, or DP-SGD per client when
 `local_epsilon` is set). Only the trainable set travels (`attention`, `lora`, `full`, ...). The server
-checkpoints the global set after every round and a run resumes from its last round.
+writes the global set after every round as `global-round-<r>.safetensors`, each carrying the privacy
+record of the run so far (composed over its rounds), and a run resumes from its last round. What the
+server computes on private items (held-out losses, client reports, the loss plot) is a by-product in
+`byproducts-not-covered-by-dp/`, deleted at the end unless kept.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ QUIET_ENVIRONMENT = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK":
                      "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1",
                      "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 HELDOUT_TIMESTEPS = (50, 200, 400, 600, 800)
+BYPRODUCTS = "byproducts-not-covered-by-dp"
+# Below this many clients, client-level DP cannot both mean something and let the average learn.
+FEW_CLIENTS_FOR_CLIENT_DP = 100
 
 
 def quiet_telemetry() -> None:
@@ -42,7 +48,9 @@ class FederatedConfig:
     local_epochs: float = 1.0
     batch_size: int = 32
     learning_rate: float = 1e-4
-    local_epsilon: float | None = None  # local DP-SGD on every client (per-client accounting); None: off
+    # Local DP-SGD on every client: each client's TOTAL ε over the whole run (its σ is calibrated over
+    # rounds × its local steps; the rounds compose). None: off.
+    local_epsilon: float | None = None
     local_max_grad_norm: float = 0.01
     # Token rows of these public words train and travel too (DP-LDM's conditioning embedder), e.g.
     # "0".."9" for digits, which privdiff-tiny's text encoder never learnt to tell apart.
@@ -52,8 +60,11 @@ class FederatedConfig:
     # the m updates. None: off.
     client_dp_noise_multiplier: float | None = None
     client_dp_clipping_norm: float = 0.1
-    client_dp_delta: float | None = None  # default 1 / (10 · clients)
+    client_dp_delta: float | None = None  # default min(1e-5, 0.1 / clients): well below 1 / clients
     secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the clients' sum
+    # Neighbouring datasets of every guarantee: one unit (example; client, for client-level DP) added
+    # or removed, or replaced by another.
+    adjacency: str = "add-remove"
 
     def __post_init__(self) -> None:
         from ..pipelines.trainable import TRAINABLE_SETS
@@ -71,8 +82,15 @@ class FederatedConfig:
             raise ValueError(f"client_dp_noise_multiplier={self.client_dp_noise_multiplier} must be positive.")
         if not self.client_dp_clipping_norm > 0:
             raise ValueError(f"client_dp_clipping_norm={self.client_dp_clipping_norm} must be positive.")
-        if self.client_dp_delta is not None and not 0 < self.client_dp_delta < 1:
-            raise ValueError(f"client_dp_delta={self.client_dp_delta} must lie in (0, 1).")
+        if self.client_dp_delta is not None and not 0 < self.client_dp_delta < 1 / self.num_clients:
+            raise ValueError(f"client_dp_delta={self.client_dp_delta} must lie in (0, 1/clients) = (0, "
+                             f"{1 / self.num_clients:.3g}), and well below it: e.g. 1e-5.")
+        if self.local_epsilon is not None and not self.local_epsilon > 0:
+            raise ValueError(f"local_epsilon={self.local_epsilon} must be positive: each client's total ε over "
+                             "the run.")
+        from ..privacy.accounting import check_adjacency
+
+        check_adjacency(self.adjacency)
 
     @property
     def client_dp(self) -> bool:
@@ -80,36 +98,68 @@ class FederatedConfig:
 
     @property
     def client_level_delta(self) -> float:
-        return self.client_dp_delta if self.client_dp_delta is not None else 1.0 / (10 * self.num_clients)
+        return self.client_dp_delta if self.client_dp_delta is not None else min(1e-5, 0.1 / self.num_clients)
 
-    def client_level_privacy(self, *, rounds: int) -> dict | None:
-        """What the state file reports: (ε, δ) after `rounds` rounds and the mechanism's settings."""
-        if not self.client_dp:
-            return None
-        return {"epsilon": self.client_level_epsilon(rounds=rounds), "delta": self.client_level_delta,
-                "rounds": rounds, "noise_multiplier": self.client_dp_noise_multiplier,
-                "clipping_norm": self.client_dp_clipping_norm, "clients_per_round": self.num_clients,
-                "accountant": "prv (privdiff), Gaussian mechanism composed over rounds, no sampling amplification"}
+    @property
+    def accountant(self) -> str:
+        from ..privacy.accounting import default_accountant
+
+        return default_accountant(self.adjacency)
 
     def client_level_epsilon(self, *, rounds: int | None = None) -> float | None:
         """ε of client-level DP after `rounds` rounds (default: all): every client takes part in every
         round, so each round is one Gaussian mechanism of noise multiplier z on the clipped mean, and
-        rounds compose (privdiff's PRV accountant; no amplification by sampling is claimed)."""
+        rounds compose (no amplification by sampling is claimed)."""
         from ..privacy.accounting import epsilon
 
         if not self.client_dp:
             return None
         return epsilon(noise_multiplier=self.client_dp_noise_multiplier, sample_rate=1.0,
-                       steps=self.rounds if rounds is None else rounds, delta=self.client_level_delta)
+                       steps=self.rounds if rounds is None else rounds, delta=self.client_level_delta,
+                       accountant=self.accountant, adjacency=self.adjacency)
 
-    def local_config(self, *, client: int, round_number: int):
-        """The DP-LDM trainer's settings for one client's local training in one round."""
+    def few_clients_warning(self) -> str | None:
+        """A plain warning when client-level DP is on over too few clients to mean anything."""
+        if not self.client_dp or self.num_clients >= FEW_CLIENTS_FOR_CLIENT_DP:
+            return None
+        return (f"client-level DP over {self.num_clients} clients hides each client among only {self.num_clients}: "
+                "noise that makes ε meaningful (z of 1 or more) has a norm of z·C·√(values)/clients, far above the "
+                f"average of the updates (at most C), so with fewer than {FEW_CLIENTS_FOR_CLIENT_DP} clients expect "
+                "either a large ε or no learning; to protect each client's examples instead, use local DP-SGD "
+                "(local_epsilon).")
+
+    def local_plan(self, *, num_examples: int) -> "LocalPlan":
+        """One client's local DP-SGD over the whole run: its batch, rate, steps per round and the σ
+        that keeps its ε over all rounds at `local_epsilon` (None when local DP is off)."""
+        import math
+
+        batch = min(self.batch_size, num_examples)
+        steps = max(1, math.ceil(self.local_epochs * num_examples / batch))
+        sigma = None
+        if self.local_epsilon is not None:
+            from ..privacy.accounting import calibrate_noise_multiplier
+
+            sigma = calibrate_noise_multiplier(target_epsilon=self.local_epsilon, delta=self.local_delta(num_examples),
+                                               sample_rate=batch / num_examples, steps=steps * self.rounds,
+                                               accountant=self.accountant, adjacency=self.adjacency)
+        return LocalPlan(batch_size=batch, sample_rate=batch / num_examples, steps_per_round=steps,
+                         noise_multiplier=sigma, num_examples=num_examples)
+
+    @staticmethod
+    def local_delta(num_examples: int) -> float:
+        return 1.0 / (10 * num_examples)
+
+    def local_config(self, *, client: int, round_number: int, num_examples: int):
+        """The DP-LDM trainer's settings for one client's local training in one round: under local DP,
+        the σ of `local_plan` (calibrated over every round), so the rounds add up to `local_epsilon`."""
         from ..pipelines.dp_ldm import DPLDMConfig
 
+        plan = self.local_plan(num_examples=num_examples)
         return DPLDMConfig(trainable=self.trainable, lora_rank=self.lora_rank, epsilon=self.local_epsilon,
-                           conditioning_words=tuple(self.conditioning_words),
+                           noise_multiplier=plan.noise_multiplier, delta=self.local_delta(num_examples),
+                           conditioning_words=tuple(self.conditioning_words), adjacency=self.adjacency,
                            max_grad_norm=self.local_max_grad_norm, epochs=self.local_epochs,
-                           batch_size=self.batch_size, learning_rate=self.learning_rate,
+                           batch_size=plan.batch_size, learning_rate=self.learning_rate,
                            seed=self.seed + 1000 * round_number + client)
 
     def to_run_config(self) -> dict:
@@ -123,6 +173,10 @@ class FederatedConfig:
         values["client_dp_delta"] = -1.0 if self.client_dp_delta is None else float(self.client_dp_delta)
         values["secure_aggregation"] = int(self.secure_aggregation)
         return {key.replace("_", "-"): value for key, value in values.items()}
+
+    def to_json(self) -> dict:
+        """The settings as JSON values (what records and resume checks compare)."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_file(cls, path) -> "FederatedConfig":
@@ -150,6 +204,25 @@ class FederatedConfig:
         if "conditioning_words" in values:
             values["conditioning_words"] = tuple(str(values["conditioning_words"]).split())
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    batch_size: int
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float | None  # None: no local DP
+    num_examples: int
+
+    def epsilon(self, *, rounds: int, config: "FederatedConfig") -> float | None:
+        """This client's local ε after `rounds` rounds (its DP-SGD steps compose across rounds)."""
+        from ..privacy.accounting import epsilon
+
+        if self.noise_multiplier is None:
+            return None
+        return epsilon(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+                       steps=self.steps_per_round * rounds, delta=config.local_delta(self.num_examples),
+                       accountant=config.accountant, adjacency=config.adjacency)
 
 
 class _Subset:
@@ -246,13 +319,13 @@ def train_round(*, config: FederatedConfig, client: int, round_number: int, init
     dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
     subset = _Subset(dataset, client_partition(config, dataset).indices[client])
     started = time.perf_counter()
-    local = config.local_config(client=client, round_number=round_number)
-    if local.batch_size > len(subset):
-        local = type(local)(**{**asdict(local), "batch_size": len(subset)})
+    local = config.local_config(client=client, round_number=round_number, num_examples=len(subset))
     result = train_in_memory(pipeline=pipeline, dataset=subset, config=local, initial=initial)
+    # Under local DP, the ε reported is this client's total so far: its rounds compose.
+    spent = config.local_plan(num_examples=len(subset)).epsilon(rounds=round_number, config=config)
     metrics = {"num-examples": result.num_examples, "local-steps": result.steps, "partition-id": client,
                "local-seconds": time.perf_counter() - started,
-               "local-epsilon": result.epsilon if result.epsilon is not None else -1.0,
+               "local-epsilon": spent if spent is not None else -1.0,
                "dp-weight": 1.0}  # client-level DP averages clients with equal weights
     if config.local_epsilon is None and not config.client_dp and result.mean_loss is not None:
         # A loss on private data is outside any DP guarantee: it is reported only by non-private runs.
@@ -321,31 +394,92 @@ def _strategy_class():
     return CheckpointingFedAvg
 
 
-def save_round(*, out: Path, round_number: int, parameters: dict, clients: list[dict],
-               wall_seconds: float | None = None, privacy: dict | None = None) -> None:
-    """The global set after `round_number` (safetensors) and the run's state (JSON), atomically."""
-    from safetensors.torch import save_file
+def round_record(*, config: FederatedConfig, rounds: int, partition_sizes):
+    """The privacy record of the global model after `rounds` rounds, composed over them: client-level
+    DP (Flower's clipping and noise) when on, with the clients' local DP-SGD beside it; else local
+    DP-SGD alone (the record of the client whose examples spent the most ε); else none."""
+    from ..privacy.record import PrivacyRecord, record_for_dp_fedavg, record_for_dp_sgd
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in parameters.items()}, str(out / f"global-round-{round_number}.tmp"))
-    (out / f"global-round-{round_number}.tmp").replace(out / f"global-round-{round_number}.safetensors")
-    state = load_state(out)
-    state["last_round"] = round_number
-    if privacy is not None:
-        state["client_level_dp"] = privacy
-    state.setdefault("rounds", {})[str(round_number)] = {"clients": clients, "wall_seconds": wall_seconds}
-    _write_state(out, state)
+    extra = {"federated": {"config": config.to_json(), "rounds": rounds}}
+    local = None
+    if config.local_epsilon is not None:
+        plans = [config.local_plan(num_examples=n) for n in partition_sizes]
+        worst = max(plans, key=lambda plan: plan.epsilon(rounds=rounds, config=config))
+        local = record_for_dp_sgd(history=[(worst.noise_multiplier, worst.sample_rate, worst.steps_per_round * rounds)],
+                                  clip=config.local_max_grad_norm, num_examples=worst.num_examples,
+                                  delta=config.local_delta(worst.num_examples), accountant=config.accountant,
+                                  adjacency=config.adjacency, extra={
+                                      **extra, "clients": [{"examples": p.num_examples, "sigma": p.noise_multiplier,
+                                                            "sample_rate": p.sample_rate,
+                                                            "steps": p.steps_per_round * rounds} for p in plans],
+                                      "note": "each client's examples, at its own ε (all within local_epsilon); "
+                                              "this record is the client whose ε is largest"})
+    if config.client_dp:
+        if local is not None:
+            extra["local_dp_sgd"] = local.to_dict()
+        warning = config.few_clients_warning()
+        if warning:
+            extra["warning"] = warning
+        return record_for_dp_fedavg(history=[(config.client_dp_noise_multiplier, 1.0, rounds)],
+                                    clip=config.client_dp_clipping_norm, num_clients=config.num_clients,
+                                    delta=config.client_level_delta, accountant=config.accountant,
+                                    adjacency=config.adjacency, extra=extra)
+    if local is not None:
+        return local
+    return PrivacyRecord(mechanism="none", extra={**extra, "warning": "no DP: the global model is a plain FedAvg of "
+                                                                      "the clients' models"})
+
+
+def save_round(*, out: Path, round_number: int, parameters: dict, record) -> Path:
+    """The global set after `round_number`, with its record (one file, written atomically)."""
+    from ..privacy.record import write_safetensors
+
+    return write_safetensors(path=Path(out) / f"global-round-{round_number}.safetensors",
+                             tensors={k: v.contiguous() for k, v in parameters.items()}, record=record)
+
+
+def last_round(out: Path) -> int:
+    """The last round a run in `out` finished: its newest global-round file (written last, atomically)."""
+    import re
+
+    rounds = [int(m.group(1)) for p in Path(out).glob("global-round-*.safetensors")
+              if (m := re.fullmatch(r"global-round-(\d+)\.safetensors", p.name))]
+    return max(rounds, default=0)
 
 
 def _write_state(out: Path, state: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "state.json.tmp").write_text(json.dumps(state, indent=1))
-    (out / "state.json.tmp").replace(out / "state.json")
+    from ..privacy.record import atomic_target
+
+    path = Path(out) / BYPRODUCTS / "state.json"
+    with atomic_target(path) as tmp:
+        tmp.write_text(json.dumps({**state, "note": "computed on private data (held-out items, client reports): "
+                                                    "NOT covered by any DP guarantee; do not share"}, indent=1))
 
 
 def load_state(out: Path) -> dict:
-    path = Path(out) / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else {"last_round": 0, "rounds": {}}
+    """The server's by-products so far (held-out losses, client reports), with `last_round` from the files."""
+    path = Path(out) / BYPRODUCTS / "state.json"
+    state = json.loads(path.read_text()) if path.is_file() else {"rounds": {}}
+    state["last_round"] = last_round(out)
+    return state
+
+
+def check_resumable(*, out: Path, config: FederatedConfig) -> None:
+    """A resumed federation must be the one whose rounds are in `out`: the settings its last release
+    records, all but the number of rounds; under local DP not even that (each client's σ was
+    calibrated for the whole run's rounds)."""
+    from ..privacy.record import read_record
+
+    done = last_round(out)
+    saved = read_record(Path(out) / f"global-round-{done}.safetensors").extra.get("federated", {}).get("config")
+    wanted = config.to_json()
+    keep = {"rounds"} if config.local_epsilon is None else set()
+    changed = sorted(k for k in wanted if k not in keep and (saved or {}).get(k) != wanted[k])
+    if saved is None or changed:
+        raise ValueError(f"resume: the federated run in {out} was made with other settings ({', '.join(changed) or 'unknown'}); "
+                         "use them again" + ("" if config.local_epsilon is None else " (under local DP the number of "
+                                             "rounds too: each client's σ is calibrated for all of them)")
+                         + ", or start afresh in another folder.")
 
 
 class ServerRun:
@@ -362,8 +496,10 @@ class ServerRun:
         self.pipeline = load_pipeline(base=config.base)
         self.parameters = initial_parameters(config, self.pipeline)  # names, order and dtypes of the set
         self.dataset = load_data(config, resolution=self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor)
-        self.done = load_state(self.out)["last_round"]  # rounds a previous run completed
+        self.partition_sizes = client_partition(config, self.dataset).sizes
+        self.done = last_round(self.out)  # rounds a previous run completed
         if self.done:
+            check_resumable(out=self.out, config=config)
             saved = load_file(str(self.out / f"global-round-{self.done}.safetensors"))
             # In the set's own order (safetensors sorts names): Flower's clipping mod pairs arrays by position.
             self.start = {name: saved[name] for name in self.parameters}
@@ -372,16 +508,19 @@ class ServerRun:
 
     def finish_round(self, *, round_number: int, parameters: dict, clients: list[dict] | None = None,
                      wall_seconds: float | None = None, extra: dict | None = None) -> float:
-        """Round 0 is the starting model (measured, not saved); later rounds are saved first."""
+        """Round 0 is the starting model (measured, not saved); later rounds are saved first, with
+        their record; the held-out loss and the clients' reports go to the by-products."""
         config = self.config
+        state = load_state(self.out)
         if round_number > 0:
-            save_round(out=self.out, round_number=round_number, parameters=parameters, clients=clients or [],
-                       wall_seconds=wall_seconds, privacy=config.client_level_privacy(rounds=round_number))
+            save_round(out=self.out, round_number=round_number, parameters=parameters,
+                       record=round_record(config=config, rounds=round_number, partition_sizes=self.partition_sizes))
+            state.setdefault("rounds", {})[str(round_number)] = {"clients": clients or [], "wall_seconds": wall_seconds}
         load_parameters(self.pipeline, parameters)
         loss = heldout_loss(pipeline=self.pipeline, dataset=self.dataset, config=config)
-        state = load_state(self.out)
         state.setdefault("heldout_loss", {})[str(round_number)] = loss
         state.update(extra or {})
+        state.pop("last_round", None)  # the files say it
         _write_state(self.out, state)
         eps = config.client_level_epsilon(rounds=round_number) if round_number else None
         print(f"[{self.label}] round {round_number}/{config.rounds}: held-out loss {loss:.4f}"
@@ -434,16 +573,24 @@ def server_app(*, config: FederatedConfig | None = None, out: str | Path | None 
     return app
 
 
-def simulate(*, config: FederatedConfig, out: str | Path, verbose: bool = False) -> dict:
+def simulate(*, config: FederatedConfig, out: str | Path, verbose: bool = False, keep_byproducts: bool = False,
+             log=print) -> dict:
     """Run (or resume) a federated run in Flower's simulation engine: one SuperNode per client, one
-    CPU each. Returns the run state (held-out loss per round, clients' reports)."""
+    CPU each. Returns the run state (held-out loss per round, clients' reports); those by-products
+    (and their plot) stay in `out`/byproducts-not-covered-by-dp only with `keep_byproducts`."""
+    import shutil
+
     quiet_telemetry()
     from flwr.simulation import run_simulation
 
     out = Path(out)
     check_request(config)
+    if last_round(out):
+        check_resumable(out=out, config=config)
+    warning = config.few_clients_warning()
+    if warning:
+        log(f"warning: {warning}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     if config.secure_aggregation:
         from .secure import secagg_client_app, secagg_server_app
 
@@ -456,17 +603,41 @@ def simulate(*, config: FederatedConfig, out: str | Path, verbose: bool = False)
                                    "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
                    verbose_logging=verbose)
     state = load_state(out)
-    plot_rounds(out=out, state=state)
+    if keep_byproducts:
+        plot_rounds(out=out, state=state)
+    else:
+        shutil.rmtree(out / BYPRODUCTS, ignore_errors=True)
     return state
 
 
-def plot_rounds(*, out: Path, state: dict) -> Path | None:
-    """`loss-per-round.png`: the global model's held-out loss after each round (round 0: the base)."""
-    from ..data.images import line_chart, save_png
+def loss_chart(state: dict):
+    """The global model's held-out loss after each round (round 0: the base), as an image array;
+    labelled as outside the guarantee (it is computed on private items)."""
+    from ..data.images import line_chart
 
     losses = state.get("heldout_loss", {})
     if not losses:
         return None
     series = [losses[str(r)] for r in range(max(int(r) for r in losses) + 1) if str(r) in losses]
-    return save_png(line_chart({"held-out loss": series}, title="federated diffusion: global model per round",
-                               x_label="round"), Path(out) / "loss-per-round.png")
+    return line_chart({"held-out loss": series}, title="federated diffusion: global model per round", x_label="round",
+                      note="computed on private items: NOT covered by the DP guarantee")
+
+
+def plot_rounds(*, out: Path, state: dict) -> Path | None:
+    """`byproducts-not-covered-by-dp/loss-per-round.png`, from `loss_chart`."""
+    from ..data.images import save_png
+
+    chart = loss_chart(state)
+    return None if chart is None else save_png(chart, Path(out) / BYPRODUCTS / "loss-per-round.png")
+
+
+def config_from_release(out: Path) -> FederatedConfig:
+    """The settings of the federated run in `out`, from its last global model's record."""
+    from ..privacy.record import read_record
+
+    done = last_round(out)
+    if not done:
+        raise FileNotFoundError(f"{out} holds no global-round file: no federated run finished a round there.")
+    saved = read_record(Path(out) / f"global-round-{done}.safetensors").extra["federated"]["config"]
+    saved["conditioning_words"] = tuple(saved.get("conditioning_words", ()))
+    return FederatedConfig(**saved)

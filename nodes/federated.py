@@ -84,7 +84,7 @@ class PrivDiffFederatedSimulate(io.ComfyNode):
         progress.raise_if_stopped()
         lora = publish_to_comfy(source=result.weights.get("lora") or result.weights["comfyui"], kind="loras", name=name)
         return io.NodeOutput(model_with_weight_file(model=model, path=lora), lora.name,
-                             ui=preview([result.loss_plot]) if result.loss_plot else None)
+                             ui=preview([result.loss_chart]) if result.loss_chart is not None else None)
 
 
 FEDERATED_NODES = [PrivDiffFederatedSimulate]

@@ -34,6 +34,21 @@ def _common_inputs():
     ]
 
 
+ADJACENCIES = ("add-remove", "replace-one")
+
+
+def _adjacency_input():
+    # Last and optional: workflows saved before it keep their widget order and run as add-remove.
+    return io.Combo.Input("adjacency", options=list(ADJACENCIES), default="add-remove", optional=True,
+                          tooltip="which datasets the guarantee calls neighbours: one image added or removed "
+                                  "(add-remove), or one replaced by another (replace-one: the noise is calibrated "
+                                  "for it, and the record says so)")
+
+
+def _check_adjacency(adjacency):
+    return True if adjacency in ADJACENCIES else f"adjacency={adjacency!r} is not one of {', '.join(ADJACENCIES)}."
+
+
 def _progress(cls, total: int = 1):
     from .comfy_objects import NodeProgress
 
@@ -76,6 +91,7 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
                                  tooltip="continue the stopped run of the same name from its checkpoint"),
                 io.Int.Input("num_samples", default=8, min=0, max=64,
                              tooltip="sample images from the released model (public prompts; covered by ε), 0 for none"),
+                _adjacency_input(),
             ],
             outputs=[io.Model.Output(tooltip="the base model with the private fine-tune applied"),
                      io.String.Output(display_name="lora_name", tooltip="the file in models/loras")],
@@ -85,12 +101,13 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name, trainable):
-        return check_name_and_trainable(name=name, trainable=trainable)
+    def validate_inputs(cls, name, trainable, adjacency="add-remove"):
+        checked = _check_adjacency(adjacency)
+        return check_name_and_trainable(name=name, trainable=trainable) if checked is True else checked
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, epsilon, trainable, epochs, batch_size, learning_rate,
-                max_grad_norm, lora_rank, seed, resume, num_samples):
+                max_grad_norm, lora_rank, seed, resume, num_samples, adjacency="add-remove"):
         import torch
 
         from ..pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
@@ -99,7 +116,7 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
 
         config = DPLDMConfig(trainable=trainable, epsilon=epsilon, epochs=epochs, batch_size=batch_size,
                              learning_rate=learning_rate, max_grad_norm=max_grad_norm, lora_rank=lora_rank, seed=seed,
-                             num_samples=num_samples)
+                             num_samples=num_samples, adjacency=adjacency)
         progress = _progress(cls)
         make_room_for_training()
         with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; training needs autograd
@@ -141,7 +158,8 @@ class _TextualInversionNode(io.ComfyNode):
                     io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                                  tooltip="the order of training steps (the DP noise always comes from the OS)"),
                     io.Boolean.Input("resume", default=False,
-                                     tooltip="continue the stopped run of the same name from its checkpoint")],
+                                     tooltip="continue the stopped run of the same name from its checkpoint"),
+                    _adjacency_input()],
             outputs=[io.String.Output(display_name="prompt_text", tooltip="embedding:<name>, to put in a prompt")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -149,7 +167,9 @@ class _TextualInversionNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name, template):
+    def validate_inputs(cls, name, template, adjacency="add-remove"):
+        if _check_adjacency(adjacency) is not True:
+            return _check_adjacency(adjacency)
         if "{token}" not in template:
             return f"template={template!r} must contain {{token}}, where the embedding goes."
         return check_release_name_input(name)
@@ -197,12 +217,12 @@ class PrivDiffDPAggTITrain(_TextualInversionNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, init_word, num_vectors, template, epsilon, steps, clip_norm,
-                learning_rate, seed, resume):
+                learning_rate, seed, resume, adjacency="add-remove"):
         from ..pipelines.dp_ti import DPAggConfig, train_dpagg_ti
 
         config = DPAggConfig(token=f"<{name}>", init_word=init_word, num_vectors=num_vectors, template=template,
                              epsilon=epsilon, steps=steps, clip=clip_norm,
-                             learning_rate=learning_rate, seed=seed)
+                             learning_rate=learning_rate, seed=seed, adjacency=adjacency)
         return cls._train(trainer=train_dpagg_ti, config=config, model=model, clip=clip, vae=vae, dataset=dataset,
                           name=name, resume=resume)
 
@@ -226,12 +246,12 @@ class PrivDiffDPSGDTITrain(_TextualInversionNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, init_word, num_vectors, template, epsilon, epochs, batch_size,
-                max_grad_norm, learning_rate, seed, resume):
+                max_grad_norm, learning_rate, seed, resume, adjacency="add-remove"):
         from ..pipelines.dp_ti import DPSGDTIConfig, train_dpsgd_ti
 
         config = DPSGDTIConfig(token=f"<{name}>", init_word=init_word, num_vectors=num_vectors, template=template,
                                epsilon=epsilon, epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm,
-                               learning_rate=learning_rate, seed=seed)
+                               learning_rate=learning_rate, seed=seed, adjacency=adjacency)
         return cls._train(trainer=train_dpsgd_ti, config=config, model=model, clip=clip, vae=vae, dataset=dataset,
                           name=name, resume=resume)
 

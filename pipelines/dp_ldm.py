@@ -10,7 +10,6 @@ kept under `<out>/byproducts-not-covered-by-dp/`, labelled, and deleted at the e
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Callable
@@ -38,6 +37,9 @@ class DPLDMConfig:
     conditioning_clip_share: float = 0.0
     epsilon: float | None = 10.0  # None: a non-private run (no clipping, no noise), for comparison
     delta: float | None = None  # default: 1 / (10 N)
+    # A fixed σ instead of one calibrated to `epsilon` over this run's steps: for a caller that accounts
+    # over several runs (a federated client's rounds compose; its σ is calibrated over all of them).
+    noise_multiplier: float | None = None
     max_grad_norm: float = 0.01
     epochs: float = 10.0
     batch_size: int = 32  # expected logical batch: the sample rate is batch_size / N
@@ -89,6 +91,9 @@ class DPLDMConfig:
             raise ValueError(f"conditioning_clip_share={self.conditioning_clip_share} must lie in [0, 1).")
         if self.conditioning_clip_share and not self.conditioning_words:
             raise ValueError("conditioning_clip_share applies to conditioning_words; give some, or leave it 0.")
+        if self.noise_multiplier is not None and (self.epsilon is None or not self.noise_multiplier > 0):
+            raise ValueError(f"noise_multiplier={self.noise_multiplier} needs a private run (epsilon set) and must "
+                             "be positive.")
         if self.conditioning_words and self.trainable == "lora":
             raise ValueError("conditioning_words go with the weight-difference sets (attention, transformer, ...), "
                              "not with lora: a LoRA file has no place for token-table rows.")
@@ -169,7 +174,9 @@ class _Run:
                 optimizer=self.optimizer,
                 config=DPConfig(
                     delta=self.delta, max_grad_norm=config.max_grad_norm, sample_rate=self.sample_rate,
-                    steps=self.total_steps, target_epsilon=config.epsilon, privacy_unit=config.privacy_unit,
+                    steps=self.total_steps, privacy_unit=config.privacy_unit,
+                    target_epsilon=config.epsilon if config.noise_multiplier is None else None,
+                    noise_multiplier=config.noise_multiplier,
                     max_examples_per_subject=config.max_examples_per_subject,
                     physical_batch_size=config.physical_batch_size, accountant=config.accountant_name,
                     adjacency=config.adjacency,
@@ -499,7 +506,7 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
     import torch
 
     from ..data.images import line_chart, make_grid, save_png
-    from ..privacy.record import PrivacyRecord, record_for_dp_sgd
+    from ..privacy.record import PrivacyRecord, record_for_dp_sgd, write_sidecar
 
     config = run.config
     settings = {"trainable": config.trainable, "ablation_blocks": config.ablation_blocks,
@@ -531,6 +538,7 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
         images = pipe(prompts, num_inference_steps=30, guidance_scale=5.0, output_type="np",
                       generator=torch.Generator().manual_seed(config.seed)).images
         grid = save_png(make_grid(list(images), labels=prompts, columns=4, cell_size=96), out / "samples.png")
+        write_sidecar(path=grid, record=record)  # drawn from the released model: the same guarantee
     byproducts = out / BYPRODUCTS
     if config.keep_byproducts:
         save_png(line_chart({"training loss": run.losses}, title="DP-LDM training loss",

@@ -10,7 +10,6 @@ with the weights.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,9 +112,8 @@ def audit_membership(
 
 
 def write_audit(*, result, out: str | Path, settings: dict) -> Path:
-    """The audit's figures as JSON, labelled as computed on private data."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "membership_audit.json"
-    path.write_text(json.dumps({**result.to_dict(), "settings": settings, "note": NOT_COVERED}, indent=2))
-    return path
+    """The audit's figures as `membership-audit.not-covered-by-dp.json`, labelled as computed on private data."""
+    from ..privacy.record import write_byproduct_report
+
+    return write_byproduct_report(folder=out, name="membership-audit", why=NOT_COVERED,
+                                  data={**result.to_dict(), "settings": settings})

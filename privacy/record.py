@@ -516,6 +516,17 @@ def write_sidecar(*, path: str | os.PathLike, record: PrivacyRecord) -> Path:
     return target
 
 
+BYPRODUCT_SUFFIX = ".not-covered-by-dp.json"
+
+
+def write_byproduct_report(*, folder: str | os.PathLike, name: str, data: Mapping[str, Any], why: str) -> Path:
+    """An audit's or a run's figures measured on private data, as `<name>.not-covered-by-dp.json`:
+    labelled in its name and in its content (`not_covered_by_dp`: why), written atomically."""
+    path = Path(folder) / f"{name}{BYPRODUCT_SUFFIX}"
+    _write_text_atomic(path, json.dumps({"not_covered_by_dp": why, **data}, indent=1, default=str) + "\n")
+    return path
+
+
 def _safetensors_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 

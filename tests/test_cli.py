@@ -79,5 +79,8 @@ def test_demo_fed_runs_two_simulated_clients_and_saves_each_round(tmp_path, caps
     pytest.importorskip("flwr", reason="the federated demo needs Flower")
     assert main(["demo", "--out", str(tmp_path), "--only", "fed"]) == 0
     assert "2 clients, 2 FedAvg rounds" in capsys.readouterr().out
-    assert (tmp_path / "federated" / "global-round-2.safetensors").is_file()
-    assert (tmp_path / "federated" / "loss-per-round.png").is_file()
+    from privdiff.privacy.record import read_record
+
+    assert read_record(tmp_path / "federated" / "global-round-2.safetensors").extra["federated"]["rounds"] == 2
+    assert sorted(p.name for p in (tmp_path / "federated").iterdir()) == [
+        "global-round-1.safetensors", "global-round-2.safetensors"]  # the by-products are gone

@@ -1,6 +1,5 @@
 """Federated diffusion in Flower's simulation engine, on privdiff-tiny and `digits`."""
 
-import json
 import warnings
 
 import pytest
@@ -42,10 +41,7 @@ def test_the_global_model_is_the_sample_weighted_average_of_the_client_models(st
     models, weights = [], []
     for client, indices in enumerate(partition.indices):
         pipeline = load_privdiff_tiny()
-        local = CONFIG.local_config(client=client, round_number=1)
-        from dataclasses import replace
-
-        local = replace(local, batch_size=min(local.batch_size, len(indices)))
+        local = CONFIG.local_config(client=client, round_number=1, num_examples=len(indices))
         result = train_in_memory(pipeline=pipeline, dataset=_Subset(dataset, indices), config=local, initial=start)
         models.append(result.parameters)
         weights.append(result.num_examples)
@@ -59,12 +55,21 @@ def test_the_global_model_is_the_sample_weighted_average_of_the_client_models(st
     assert not torch.equal(global_model[name], start[name])
 
 
-def test_held_out_loss_falls_over_rounds_and_the_plot_is_written(straight_run):
+def test_held_out_loss_falls_over_rounds_and_only_releases_with_their_record_stay(straight_run, tmp_path):
+    from privdiff.federated.fedavg import BYPRODUCTS, config_from_release, plot_rounds
+    from privdiff.privacy.record import read_record
+
     out, state = straight_run
     losses = state["heldout_loss"]
     assert set(losses) == {"0", "1", "2"} and losses["2"] < losses["0"], losses
-    assert (out / "loss-per-round.png").is_file()
-    assert json.loads((out / "config.json").read_text())["num_clients"] == 3
+    # [8] defect 4: each global model is a release with its record; the by-products are gone.
+    assert sorted(p.name for p in out.iterdir()) == ["global-round-1.safetensors", "global-round-2.safetensors"]
+    for r in (1, 2):
+        record = read_record(out / f"global-round-{r}.safetensors")
+        assert record.mechanism == "none" and "no DP" in record.extra["warning"]
+        assert record.extra["federated"]["rounds"] == r
+    assert config_from_release(out) == CONFIG
+    assert plot_rounds(out=tmp_path, state=state) == tmp_path / BYPRODUCTS / "loss-per-round.png"
 
 
 def test_a_run_resumes_from_its_last_round_and_ends_where_a_straight_run_does(straight_run, tmp_path):
@@ -146,11 +151,16 @@ def test_client_level_dp_clips_on_clients_noises_the_saved_model_and_reports_the
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         state = simulate(config=config, out=tmp_path)
-    reported = state["client_level_dp"]
+    from privdiff.privacy.record import read_record
+
+    reported = read_record(tmp_path / "global-round-1.safetensors")
     independent = pld.PLDAccountant()
     independent.compose(dp_accounting.GaussianDpEvent(1.0), 1)
-    assert reported["epsilon"] == pytest.approx(independent.get_epsilon(reported["delta"]), rel=0.05)
-    assert reported["delta"] == pytest.approx(1 / 30)
+    assert (reported.mechanism, reported.privacy_unit, reported.steps) == ("dp-fedavg", "client", 1)
+    assert reported.epsilon == pytest.approx(independent.get_epsilon(reported.delta), rel=0.05)
+    # [8] defect 7: δ well below 1/clients (privdiff 0.1: 1/(10·clients) = 0.033), and a plain warning.
+    assert reported.delta == pytest.approx(1e-5)
+    assert "3 clients" in reported.extra["warning"] and "no learning" in reported.extra["warning"]
     # The clipped mean moves the model by at most C; the saved model moved far more: it is the noised one
     # (N(0, (zC/m)²) per value), so nothing un-noised is ever written.
     start = initial_parameters(config, load_privdiff_tiny())
@@ -178,3 +188,30 @@ def test_secagg_plus_gives_the_same_global_model_as_plain_fedavg_up_to_its_quant
     plain, masked = load_file(str(out / "global-round-1.safetensors")), load_file(str(tmp_path / "global-round-1.safetensors"))
     worst = max(float((plain[k].double() - masked[k].double()).abs().max()) for k in plain)
     assert 0 < worst <= secagg_tolerance(config) * 1.01, worst  # quantised, and no further off than that
+
+
+def test_local_epsilon_is_the_total_over_every_round(tmp_path):
+    """[8] defect 3: --local-epsilon 3 over two rounds gave 4.33 (spent again each round). Now each
+    client's σ is calibrated over rounds × its local steps, and the record composes them."""
+    from dataclasses import replace
+
+    from privdiff.privacy.accounting import epsilon
+    from privdiff.privacy.record import read_record
+
+    config = replace(CONFIG, rounds=2, local_epsilon=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = simulate(config=config, out=tmp_path)
+    record = read_record(tmp_path / "global-round-2.safetensors")
+    assert (record.mechanism, record.adjacency) == ("dp-sgd", "add-remove")
+    assert 2.8 < record.epsilon <= 3.0, record
+    recomputed = epsilon(noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate, steps=record.steps,
+                         delta=record.delta, accountant="pld")
+    assert recomputed == pytest.approx(record.epsilon, rel=0.03)
+    assert record.steps in {2 * c["local-steps"] for c in state["rounds"]["1"]["clients"]}
+    clients = record.extra["clients"]
+    assert len(clients) == 3 and all(c["steps"] % 2 == 0 for c in clients)
+    reported = [c["local-epsilon"] for c in state["rounds"]["2"]["clients"]]
+    assert max(reported) <= 3.0 and min(reported) > 2.5  # each client's total after both rounds
+    first = read_record(tmp_path / "global-round-1.safetensors")
+    assert first.epsilon < record.epsilon  # round 1's model: half the steps

@@ -1,13 +1,12 @@
 """DP-LDM trainer on the tiny model: outputs with their privacy record, exact resume, clear errors."""
 
-import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from privdiff.models.tiny import TinySpec, tiny_pipeline
-from privdiff.pipelines.dp_ldm import BYPRODUCTS, WEIGHTS_COMFYUI, WEIGHTS_DIFFUSERS, DPLDMConfig, train_dp_ldm
+from privdiff.pipelines.dp_ldm import BYPRODUCTS, WEIGHTS_DIFFUSERS, DPLDMConfig, train_dp_ldm
 from privdiff.privacy.accounting import epsilon as epsilon_of
 from privdiff.privacy.record import read_record
 
@@ -52,8 +51,10 @@ def test_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     stopped = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "b", config=config,
                            should_stop=stop_after_two)
     assert stopped.stopped and stopped.steps_done == 2 and not (tmp_path / "b" / WEIGHTS_DIFFUSERS).exists()
-    meta = json.loads((tmp_path / "b" / BYPRODUCTS / "checkpoint.json").read_text())
-    assert "NOT covered" in meta["note"]
+    from privdiff.training.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(folder=tmp_path / "b" / BYPRODUCTS, kind="dp-ldm", fingerprint=None)
+    assert saved.state["step"] == 2 and len(list((tmp_path / "b" / BYPRODUCTS).iterdir())) == 1  # one atomic file
     resumed = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "b", config=config, resume=True)
     a, b = load_file(str(straight.weights["diffusers"])), load_file(str(resumed.weights["diffusers"]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

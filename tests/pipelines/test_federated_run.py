@@ -1,7 +1,6 @@
 """A federated simulation as a GUI runs it: `privdiff fed simulate` in a child process, stopped after a
 round, resumed, and released as weight files with a client-level DP record."""
 
-import json
 import time
 
 import pytest
@@ -24,12 +23,17 @@ def tiny():
 def test_resume_needs_a_run_and_the_same_settings(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="no federated run to continue"):
         run_federated_simulation(base_pipeline=tiny, config=CONFIG, out=tmp_path / "none", resume=True)
-    federation = tmp_path / "run" / "federation"
-    federation.mkdir(parents=True)
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
-    (federation / "config.json").write_text(json.dumps(asdict(replace(CONFIG, base=str(tmp_path / "run" / "base")))))
-    with pytest.raises(ValueError, match="other settings"):
+    import torch
+
+    from privdiff.federated.fedavg import round_record, save_round
+
+    # A finished round of this federation: its settings travel in the global model's record.
+    config = replace(CONFIG, base=str(tmp_path / "run" / "base"))
+    save_round(out=tmp_path / "run" / "federation", round_number=1, parameters={"x": torch.zeros(1)},
+               record=round_record(config=config, rounds=1, partition_sizes=[16, 16]))
+    with pytest.raises(ValueError, match="other settings.*learning_rate"):
         run_federated_simulation(base_pipeline=tiny, config=replace(CONFIG, learning_rate=1e-2), out=tmp_path / "run",
                                  resume=True)
 
@@ -83,4 +87,5 @@ def test_stopped_run_resumes_and_releases_the_global_model_with_its_client_level
     final = load_file(str(tmp_path / "federation" / "global-round-2.safetensors"))
     assert diffs and all(torch.allclose(start[f"unet.{k}"] + v, final[f"unet.{k}"], atol=1e-6) for k, v in diffs.items())
     assert any(v.abs().max() > 0 for v in diffs.values())
-    assert done.loss_plot is not None and done.loss_plot.is_file()
+    assert done.loss_chart is not None  # shown in the node, never written with the release
+    assert not (tmp_path / "federation" / "byproducts-not-covered-by-dp").exists()

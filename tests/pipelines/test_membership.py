@@ -32,8 +32,8 @@ def test_overfit_model_exposes_its_members_and_the_base_does_not(tmp_path):
         out = tmp_path / name
         assert main(["audit", "mia", "--base", "tiny", "--data", "shapes", "--num-members", "8",
                      "--out", str(out), *weights]) == 0
-        audits[name] = json.loads((out / "membership_audit.json").read_text())
-        assert "NOT covered" in audits[name]["note"] and audits[name]["num_nonmembers"] == 8
+        audits[name] = json.loads((out / "membership-audit.not-covered-by-dp.json").read_text())
+        assert "NOT covered" in audits[name]["not_covered_by_dp"] and audits[name]["num_nonmembers"] == 8
     assert audits["tuned"]["auc"] >= 0.65 and audits["tuned"]["auc"] >= audits["base"]["auc"] + 0.2, audits
 
 

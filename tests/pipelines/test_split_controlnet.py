@@ -201,7 +201,6 @@ def test_two_clients_train_one_job_over_curve_on_loopback_and_download_it(tiny, 
     from privdiff.data import load_dataset
     from privdiff.pipelines.split_controlnet import SplitJob, SplitTrainer, download_controlnet, train_split_client
     from privdiff.privacy.split_secret import SentLedger
-    from privdiff.transport.codec import Message
     from privdiff.transport.keys import create_keys
     from privdiff.transport.peer import SplitClient, SplitServer
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from privdiff.privacy.record import read_record
 
