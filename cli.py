@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(client, data_default=None, out_required=True)
     client.add_argument("--connect", default="tcp://127.0.0.1:5555")
     client.add_argument("--client-key", required=True, help="this client's .key_secret file")
+    client.add_argument("--noise-secret", default=None,
+                        help="the client's noise secret (made on first use; its ledger of sent images beside it); "
+                             "default: <client key's name>.split-secret beside the key. Use one for every job and "
+                             "server: an image must never get two noisings")
     client.add_argument("--server-key", required=True, help="the server's public .key file")
     client.add_argument("--mode", default="hardened", choices=["hardened", "paper"],
                         help="paper: the reference design, which gives the images away (for reproduction only)")
@@ -567,10 +571,11 @@ def _cmd_split_train(args) -> int:
     dataset = load_dataset(data=args.data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
                            seed=args.seed, num_items=args.num_items)
     check_split_dataset(dataset)
-    # The noise secret and the ledger of what was sent live beside the client key, and never leave it.
-    ledger = SentLedger(ledger_path(args.client_key))
+    # The noise secret and the ledger of what was sent stay on this machine (beside the key by default).
+    secret_file = Path(args.noise_secret) if args.noise_secret else secret_path(args.client_key)
+    ledger = SentLedger(ledger_path(secret_file))
     try:
-        secret = open_client_secret(path=secret_path(args.client_key), ledger=ledger)
+        secret = open_client_secret(path=secret_file, ledger=ledger)
         client = SplitClient(connect=args.connect, client_key=args.client_key, server_public_key=args.server_key,
                              name=Path(args.client_key).name.split(".")[0], timeout=args.timeout)
         bar = tqdm(total=args.epochs * -(-len(dataset) // args.batch_size), desc=f"split ({args.mode})", unit="batch")

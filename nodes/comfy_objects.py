@@ -123,6 +123,14 @@ def models_folder(kind: str) -> Path:
     return Path(folder_paths.get_folder_paths(kind)[0])
 
 
+def split_secret_file() -> Path:
+    """The split client's noise secret for this ComfyUI (its ledger beside it), shared by every job and
+    server: one image must never get two noisings, whichever job sends it. In ComfyUI's user folder."""
+    import folder_paths
+
+    return Path(folder_paths.get_user_directory()) / "privdiff" / "split-client.split-secret"
+
+
 def run_folder(name: str) -> Path:
     """Where a privdiff run keeps its working files (checkpoints to resume from, samples): output/privdiff/<name>."""
     import folder_paths

@@ -32,8 +32,8 @@ def _privacy_inputs():
         io.Int.Input("batch_size", default=4, min=1, max=4096, tooltip="images per message"),
         # Kept so that saved workflows keep their widget order; the noise never comes from a typed seed.
         io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                     tooltip="not used for the noise: every draw comes from this machine's secret, kept beside the "
-                             "client key (output/privdiff/<name>/server/keys/local-client.split-secret), never sent"),
+                     tooltip="not used for the noise: every draw comes from this ComfyUI's secret "
+                             "(user/privdiff/split-client.split-secret), which never leaves this machine"),
     ]
 
 
@@ -119,13 +119,14 @@ class PrivDiffSplitClientTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, server, name, mode, snr_bound, sigma_label, sigma_hint,
                 draws_per_image, epochs, batch_size, seed, stop_server):
         from ..pipelines.split_run import train_split_controlnet
-        from .comfy_objects import NodeProgress, pipeline_from_comfy, publish_to_comfy, run_folder
+        from .comfy_objects import NodeProgress, pipeline_from_comfy, publish_to_comfy, run_folder, split_secret_file
 
         progress = NodeProgress(node_id=cls.hidden.unique_id)
         result = train_split_controlnet(
             pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), dataset=dataset, connection=server,
             config=_split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image), epochs=epochs,
             batch_size=batch_size, out=run_folder(name) / "client", stop_server=stop_server,
+            secret_file=split_secret_file(),
             should_stop=progress.stop_requested,
             progress=lambda sent, total, applied: progress.step(step=sent, total=total, unit="batch",
                                                                 note=f"{applied} trained"))

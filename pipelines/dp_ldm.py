@@ -251,7 +251,8 @@ class _Run:
 
     def _fingerprint(self) -> dict:
         # Settings that only change what is kept or how often it is saved may differ on resume.
-        return {k: v for k, v in asdict(self.config).items() if k not in ("keep_byproducts", "checkpoint_every")}
+        settings = {k: v for k, v in asdict(self.config).items() if k not in ("keep_byproducts", "checkpoint_every")}
+        return {**settings, "num_examples": self.num_examples}
 
     def save_checkpoint(self, folder: Path) -> None:
         from ..training.checkpoint import generator_tensors, optimizer_tensors, save_checkpoint

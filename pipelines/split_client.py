@@ -46,7 +46,8 @@ class SplitConfig:
     # How many different noisings (t, ε, label and hint noise) one image ever gets: epoch e reuses draw
     # e mod M, so a server linking every message of a run learns no more than from M of them, however
     # long the run. None: a fresh draw every epoch (paper mode's behaviour). Measured (RESULTS.md): at
-    # k = 0.01 one draw keeps the public-model attack within 1 dB of the mean-image guess, two do not.
+    # k = 0.01 one draw keeps the best attack within 2.5 dB of the mean-image guess (+1.3 on average);
+    # fresh draws every epoch climb to +6.6 dB after 10 epochs.
     draws_per_image: int | None = 1
 
     def __post_init__(self) -> None:

@@ -118,20 +118,22 @@ def split_record(*, config: SplitConfig, steps: int, num_examples: int):
 def train_split_controlnet(*, pipeline, dataset, connection: SplitConnection, config: SplitConfig, epochs: int,
                            batch_size: int, out, progress: Callable[[int, int, int], None] | None = None,
                            should_stop: Callable[[], bool] | None = None, timeout: float = 60.0,
-                           stop_server: bool = False) -> SplitTrainResult:
+                           stop_server: bool = False, secret_file=None) -> SplitTrainResult:
     """Send `dataset` (images with hints) to the server for `epochs` epochs, then download the trained
     ControlNet into `out`/split_controlnet.safetensors. `progress(batches sent, batches in all, server
     steps)`. A stop leaves the server running with what it trained; calling again re-sends the same
-    batches, which the server acknowledges without training them twice."""
+    batches, which the server acknowledges without training them twice. The client's noise secret is
+    `secret_file` (its ledger beside it; default: beside the client key): use one for every job."""
     from ..privacy.split_secret import SentLedger, ledger_path, open_client_secret, secret_path
     from ..transport.peer import SplitClient
     from .split_client import check_split_dataset, download_controlnet, train_split_client
 
     check_split_dataset(dataset)
-    # The noise secret and the ledger of sent images live beside the client's key (never sent).
-    ledger = SentLedger(ledger_path(connection.client_secret_key))
+    # The noise secret and the ledger of sent images stay on this machine (never sent).
+    secret_file = Path(secret_file) if secret_file is not None else secret_path(connection.client_secret_key)
+    ledger = SentLedger(ledger_path(secret_file))
     try:
-        secret = open_client_secret(path=secret_path(connection.client_secret_key), ledger=ledger)
+        secret = open_client_secret(path=secret_file, ledger=ledger)
         client = SplitClient(connect=connection.endpoint, client_key=connection.client_secret_key,
                              server_public_key=connection.server_public_key, name=CLIENT_NAME, timeout=timeout)
         try:

@@ -37,6 +37,23 @@ def _train(out, **kwargs):
     return train_dp_ldm(base=_base(), data="shapes", num_items=16, out=out, config=CONFIG, **kwargs)
 
 
+def _killed_at_rename(monkeypatch, crash_at: int, run, *, only=lambda destination: True):
+    """Run `run()` with a kill at the `crash_at`-th os.replace whose destination `only` accepts."""
+    real, seen = os.replace, {"n": 0}
+
+    def crashing(src, dst):
+        if only(str(dst)):
+            seen["n"] += 1
+            if seen["n"] == crash_at:
+                raise Killed()
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing)
+    with pytest.raises(Killed):
+        run()
+    monkeypatch.setattr(os, "replace", real)
+
+
 def test_a_crash_inside_any_checkpoint_write_never_under_records_epsilon(tmp_path, monkeypatch):
     real = os.replace
     renames = []  # the checkpoint renames an unbroken run makes
@@ -54,19 +71,7 @@ def test_a_crash_inside_any_checkpoint_write_never_under_records_epsilon(tmp_pat
     assert len(renames) >= 2
     for crash_at in range(1, len(renames) + 1):
         out = tmp_path / f"crash-{crash_at}"
-        seen = {"n": 0}
-
-        def crashing(src, dst):
-            if BYPRODUCTS in str(dst):
-                seen["n"] += 1
-                if seen["n"] == crash_at:
-                    raise Killed()
-            return real(src, dst)
-
-        monkeypatch.setattr(os, "replace", crashing)
-        with pytest.raises(Killed):
-            _train(out)
-        monkeypatch.setattr(os, "replace", real)
+        _killed_at_rename(monkeypatch, crash_at, lambda: _train(out), only=lambda destination: BYPRODUCTS in destination)
         try:
             resumed = _train(out, resume=True)
         except (ValueError, FileNotFoundError) as refusal:  # a clear refusal is allowed, a wrong record is not
@@ -78,3 +83,48 @@ def test_a_crash_inside_any_checkpoint_write_never_under_records_epsilon(tmp_pat
             f"crash at rename {crash_at}: the release records {record.steps} steps, ε = {record.epsilon}"
         assert all(torch.equal(weights[k], reference[k]) for k in reference), \
             f"crash at rename {crash_at}: the resumed run's weights differ from an unbroken run's"
+
+
+def test_a_split_server_killed_inside_a_checkpoint_write_trains_no_batch_twice(tmp_path, monkeypatch):
+    """The split job's checkpoint was two files too: tensors renamed before the JSON of applied batch
+    ids, so a kill between them restarted with step-k weights and a stale set, and a re-sent batch was
+    trained again. Crash at every rename of a job that checkpoints after each batch; restart from the
+    folder; the client re-sends everything: each batch is trained exactly once."""
+    import copy
+
+    from privdiff.models.tiny import TinySpec, tiny_pipeline
+    from privdiff.pipelines.split_client import SplitConfig, client_payload
+    from privdiff.pipelines.split_server import SplitJob, SplitTrainer
+    from privdiff.privacy.split_secret import ClientSecret
+    from privdiff.transport.codec import Message
+
+    pipe = tiny_pipeline(spec=TinySpec(), seed=0)
+    secret = ClientSecret(bytes(32))
+    ids = [secret.image_id(bytes([i])) for i in range(2)]
+    pixels = torch.zeros(2, 3, 64, 64)
+    messages = [Message(kind="batch", fields={"batch_id": f"b{k}"}, tensors=client_payload(
+        pipeline=pipe, pixels=pixels + k / 10, hint_pixels=pixels, image_ids=ids, epoch=k, config=SplitConfig(),
+        secret=secret)) for k in range(4)]
+
+    def job():
+        return SplitJob(trainer=SplitTrainer(unet=copy.deepcopy(pipe.unet), learning_rate=1e-3))
+
+    def run(folder, start=None):
+        from privdiff.training.checkpoint import has_checkpoint
+
+        server = job()
+        if start is not None and has_checkpoint(folder, name="job.safetensors"):  # as `privdiff split serve` does
+            server.load_checkpoint(folder)
+        for message in messages:
+            server("client-key", message)
+            server.save_checkpoint(folder)
+        return server
+
+    straight = run(tmp_path / "straight")
+    for crash_at in range(1, 5):  # privdiff 0.1 renamed twice per save: 2 and 4 fell between a pair
+        folder = tmp_path / f"crash-{crash_at}"
+        _killed_at_rename(monkeypatch, crash_at, lambda: run(folder))
+        restarted = run(folder, start=True)  # the client re-sends every batch after the restart
+        assert restarted.trainer.steps == 4 == straight.trainer.steps, f"crash at rename {crash_at}"
+        for key, value in straight.trainer.controlnet.state_dict().items():
+            assert torch.equal(restarted.trainer.controlnet.state_dict()[key], value), (crash_at, key)

@@ -2,7 +2,6 @@
 SD1.5-shaped checkpoint from ComfyUI's own CheckpointLoaderSimple; outputs that ComfyUI's own loaders
 use; the stop button; a resume."""
 
-import json
 import time
 
 import pytest
@@ -70,7 +69,7 @@ def test_dp_ldm_on_tiny_writes_a_lora_that_lora_loader_model_only_applies(comfy_
 
 def test_dp_ldm_lora_set_and_stop_button_then_resume(comfy_server):
     run = comfy_server.base / "output" / "privdiff" / "tiny-stopped"
-    checkpoint = run / "byproducts-not-covered-by-dp" / "checkpoint.json"
+    checkpoint = run / "byproducts-not-covered-by-dp" / "checkpoint.safetensors"
     graph = {**TINY, "2": _dataset(num_items=16), "3": _dp_ldm("tiny-stopped", trainable="lora", epochs=15.0)}
     prompt_id = comfy_server.queue(graph)
     deadline = time.monotonic() + 300
@@ -81,7 +80,9 @@ def test_dp_ldm_lora_set_and_stop_button_then_resume(comfy_server):
     assert status == 200
     entry = comfy_server.wait(prompt_id)
     assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
-    stopped_at = json.loads(checkpoint.read_text())["step"]
+    from privdiff.training.checkpoint import load_checkpoint
+
+    stopped_at = load_checkpoint(folder=checkpoint.parent, kind="dp-ldm", fingerprint=None).state["step"]
     assert 0 < stopped_at < 60
     assert not (comfy_server.base / "models" / "loras" / "tiny-stopped.safetensors").exists()
 
@@ -173,9 +174,10 @@ def test_privacy_report_reads_the_file_again_when_it_changes(comfy_server):
     write_safetensors(path=path, tensors={"x": torch.ones(1)}, record=PrivacyRecord(mechanism="none"))
     first = comfy_server.run(graph)["outputs"]["1"]["text"][0]
     record = PrivacyRecord(mechanism="gaussian-aggregate", epsilon=2.0, delta=1e-5, noise_multiplier=2.0, clip=0.5,
-                           sample_rate=1.0, steps=1, num_examples=10, accountant="analytic")
+                           sample_rate=1.0, steps=1, num_examples=10, accountant="analytic", adjacency="replace-one")
     time.sleep(0.05)
     write_safetensors(path=path, tensors={"x": torch.ones(1)}, record=record)
     second = comfy_server.run(graph)["outputs"]["1"]["text"][0]
     assert first.splitlines()[1].startswith("NO differential privacy")
     assert second.splitlines()[1].startswith("(ε = 2, δ = 1e-05)")
+    assert second.splitlines()[2].startswith("adjacency: replace-one")  # [8]: the report states the adjacency
