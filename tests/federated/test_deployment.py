@@ -41,7 +41,6 @@ def _wait_for(path: Path, text: str, timeout: float) -> None:
 
 
 def test_tls_deployment_survives_a_supernode_killed_mid_round(tmp_path):
-    import json
 
     from safetensors.torch import load_file
 
@@ -112,8 +111,12 @@ def test_tls_deployment_survives_a_supernode_killed_mid_round(tmp_path):
                 pass
     log = (tmp_path / "run.log").read_text()
     assert "1 failures" in log or "Received 2 results" in log
-    state = json.loads((out / "state.json").read_text())
+    from privdiff.federated.fedavg import load_state
+    from privdiff.privacy.record import read_record
+
+    state = load_state(out)  # the coordinator's by-products (labelled), beside records on every round
     assert state["last_round"] == 2 and set(state["heldout_loss"]) == {"0", "1", "2"}
+    assert read_record(out / "global-round-2.safetensors").extra["federated"]["rounds"] == 2
     for round_number in (1, 2):  # every saved global model is whole and finite
         model = load_file(str(out / f"global-round-{round_number}.safetensors"))
         assert model and all(bool(v.isfinite().all()) for v in model.values())

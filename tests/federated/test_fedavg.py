@@ -170,6 +170,14 @@ def test_client_level_dp_clips_on_clients_noises_the_saved_model_and_reports_the
     expected_noise = 1.0 * 0.05 / 3 * values ** 0.5
     assert 0.9 * expected_noise < moved < 1.1 * expected_noise + 0.05
     assert all("train-loss" not in c for c in state["rounds"]["1"]["clients"])  # no loss outside the guarantee
+    # [8] the adversary knows the seed and every setting: the same run again must draw other noise
+    # (the clients' training is deterministic, so without fresh noise the two models would be equal).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        simulate(config=config, out=tmp_path / "again")
+    again = load_file(str(tmp_path / "again" / "global-round-1.safetensors"))
+    apart = torch.sqrt(sum((saved[k].double() - again[k].double()).pow(2).sum() for k in start))
+    assert 0.9 * 2 ** 0.5 * expected_noise < apart < 1.1 * 2 ** 0.5 * expected_noise, "the noise was not fresh"
 
 
 def test_secagg_plus_gives_the_same_global_model_as_plain_fedavg_up_to_its_quantisation(straight_run, tmp_path):

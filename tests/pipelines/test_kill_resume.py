@@ -4,7 +4,6 @@ ends with the same weights and ε as a run that was never interrupted.
 Slow: python -m pytest -m slow tests/pipelines/test_kill_resume.py
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 
 from privdiff.pipelines.dp_ldm import BYPRODUCTS, DPLDMConfig, train_dp_ldm
 from privdiff.privacy.record import read_record
+from privdiff.training.checkpoint import load_checkpoint
 
 CONFIG = dict(batch_size=4, physical_batch_size=4, epochs=2.0, secure_noise=False, num_samples=1,
               max_grad_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=2)
@@ -46,16 +46,21 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(config=CONFIG), str(killed)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = killed / BYPRODUCTS / "checkpoint.json"
+    def saved_step():
+        try:
+            return load_checkpoint(folder=killed / BYPRODUCTS, kind="dp-ldm", fingerprint=None).state["step"]
+        except ValueError:  # none yet
+            return 0
+
     deadline = time.time() + 600
     while time.time() < deadline and child.poll() is None:
-        if checkpoint.is_file() and json.loads(checkpoint.read_text())["step"] >= 2:
+        if saved_step() >= 2:
             break
         time.sleep(0.2)
     assert child.poll() is None, f"the run ended before it could be killed: {child.stderr.read()[-2000:]}"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    step_at_kill = json.loads(checkpoint.read_text())["step"]
+    step_at_kill = saved_step()
     assert 2 <= step_at_kill < 8 and not list(killed.glob("*.safetensors")), "nothing released before the end"
 
     config = DPLDMConfig(**CONFIG)
