@@ -56,7 +56,7 @@ _EXIF_ORIENTATION = 0x0112
 
 _CAPTION_FIX = (
     'add a caption file {stem}.txt beside it or a line {{"file_name": "{name}", "text": "..."}} '
-    "in metadata.jsonl, or pass caption_required=False"
+    "in metadata.jsonl (captions train DP-LDM; Textual Inversion trains on its own template and needs none)"
 )
 
 
@@ -295,7 +295,7 @@ def scan_image_folder(*, config: ImageFolderConfig) -> tuple[ImageRecord, ...]:
                         caption = ""
                     if caption == "" and config.caption_required:
                         problems.append((str(sidecar), f"caption file of {name} is empty; write the caption "
-                                                       "into it, or pass caption_required=False"))
+                                                       "into it"))
         if caption is None:
             if config.caption_required:
                 problems.append((str(path), "has no caption; " + _CAPTION_FIX.format(stem=path.stem, name=name)))

@@ -24,6 +24,32 @@ def _write(path: Path, data: bytes, *, secret: bool) -> Path:
     return path
 
 
+TLS_FILES = ("ca.crt", "server.pem", "server.key")
+
+
+def _check_node_name(name: str) -> None:
+    if not name or any(c in name for c in "/\\\0") or name.startswith("."):
+        raise ValueError(f"node name {name!r} must be a plain file name (letters, digits, '-', '_'), e.g. site-a.")
+
+
+def check_certs_request(*, folder: str | os.PathLike, nodes=(), hosts=("localhost",)) -> None:
+    """Everything `fed certs` will write, checked first, so that a refusal leaves no file behind."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--out {folder} is a file; give a folder.")
+    if not hosts:
+        raise ValueError("--hosts: give at least one name or address the SuperLink is reached at.")
+    for name in nodes:
+        _check_node_name(name)
+    if len(set(nodes)) != len(nodes):
+        raise ValueError(f"--nodes {' '.join(nodes)}: each site needs its own name.")
+    targets = [*TLS_FILES, *(f for name in nodes for f in (name, f"{name}.pub"))]
+    existing = [name for name in targets if (folder / name).exists()]
+    if existing:
+        raise FileExistsError(f"{folder / existing[0]} exists; privdiff does not overwrite keys. Remove it or choose "
+                              "another folder.")
+
+
 def create_tls_material(*, folder: str | os.PathLike, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
                         days: int = 365) -> dict[str, Path]:
     """A CA (`ca.crt`) and a server certificate and key for the SuperLink (`server.pem`, `server.key`),
@@ -73,8 +99,7 @@ def create_node_key(*, folder: str | os.PathLike, name: str) -> dict[str, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    if not name or any(c in name for c in "/\\\0") or name.startswith("."):
-        raise ValueError(f"name={name!r} must be a plain file name.")
+    _check_node_name(name)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())

@@ -76,13 +76,14 @@ def attach_trainable_rows(*, text_encoder, row_ids, init: torch.Tensor | None = 
     return wrapped
 
 
-def single_token_ids(*, tokenizer, words) -> list[int]:
-    """The token id of each word, refusing words the tokenizer splits into several tokens."""
+def single_token_ids(*, tokenizer, words, role: str = "conditioning words") -> list[int]:
+    """The token id of each word, refusing words the tokenizer splits into several tokens (`role`
+    names them in the message: conditioning words, the initialiser word...)."""
     ids = []
     for word in words:
         pieces = tokenizer(word, add_special_tokens=False).input_ids
         if len(pieces) != 1:
-            raise ValueError(f"{word!r} is {len(pieces)} tokens for this tokenizer; conditioning words must be "
-                             "single tokens (pick another word, or split it into its pieces).")
+            raise ValueError(f"{word!r} is {len(pieces)} tokens for this tokenizer; {role} must be single tokens "
+                             "(pick another word).")
         ids.append(pieces[0])
     return ids

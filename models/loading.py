@@ -90,17 +90,36 @@ class CheckpointInfo:
 def read_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor in a checkpoint, without reading the weights into memory."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointLayoutError(f"{path} is a folder; give a .safetensors or .ckpt file (a diffusers model "
+                                    "folder goes to --base as it is).")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as error:  # safetensors raises its own error type for damaged headers
+            raise CheckpointLayoutError(f"{path} is not a readable .safetensors file (empty, truncated or another "
+                                        f"format: {str(error)[:120]}).") from None
+    import pickle
+
     import torch
 
-    # weights_only: a .ckpt is a pickle, and a pickle from a stranger can run code.
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    # weights_only: a .ckpt is a pickle, and a pickle from a stranger can run code. torch's own refusal
+    # suggests weights_only=False, which would run it: say plainly that the file will not be loaded.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ModuleNotFoundError):
+        raise CheckpointLayoutError(
+            f"{path} holds code or a format privdiff does not read (only tensors are loaded from a .ckpt); it will "
+            "not be loaded. Convert it to .safetensors from a source you trust.") from None
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointLayoutError(f"{path} does not hold a dictionary of tensors; it is not a model checkpoint.")
     return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
@@ -250,6 +269,72 @@ def load_single_file(
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this torch cannot use, before anything loads onto it."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device torch knows; use cpu, cuda, cuda:1 or mps.") from None
+    if found.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; train on cpu, or "
+                             "install a CUDA build of torch on a machine with a GPU.")
+        if found.index is not None and found.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (0 to "
+                             f"{torch.cuda.device_count() - 1}).")
+    elif found.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: Apple's MPS is not available here; train on cpu.")
+    elif found.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: privdiff trains on cpu, cuda or mps.")
+
+
+def base_configs(*, base: str | Path, config: str | Path | None = None) -> dict[str, dict]:
+    """The base model's unet, vae and scheduler configs, read from files only (no weights), so that
+    data and settings can be checked, and bad input refused, before the model itself loads."""
+    import json
+
+    if str(base) == "tiny":
+        from .privdiff_tiny import SHIPPED_DIR
+
+        folder = SHIPPED_DIR
+    else:
+        path = Path(base).expanduser()
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise CheckpointLayoutError(
+                    f"--base {path}: this folder has no model_index.json, so it is not a diffusers model folder. "
+                    "Pass the folder that holds model_index.json, or a single .safetensors/.ckpt file.")
+            folder = path
+        elif path.is_file():
+            if path.suffix not in SINGLE_FILE_SUFFIXES:
+                raise CheckpointLayoutError(
+                    f"--base {path}: a single-file checkpoint ends in {', '.join(SINGLE_FILE_SUFFIXES)}.")
+            folder = resolve_config_dir(inspect_checkpoint(path), config)
+        else:
+            raise FileNotFoundError(f"--base {base!r}: not 'tiny', not a diffusers model folder, not a checkpoint file "
+                                    f"(nothing exists at {path}).")
+    configs = {}
+    for part, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        try:
+            configs[part] = json.loads((folder / part / name).read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointLayoutError(f"--base {base}: its {part} config cannot be read ({error}).") from None
+    return configs
+
+
+def base_resolution(*, base: str | Path, config: str | Path | None = None) -> int:
+    """The image side a base model works at, from its config files only (`base_configs`)."""
+    configs = base_configs(base=base, config=config)
+    unet, vae = configs["unet"], configs["vae"]
+    sample_size = unet["sample_size"]
+    side = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    return int(side) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def load_pipeline(

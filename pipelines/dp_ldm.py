@@ -66,7 +66,7 @@ class DPLDMConfig:
             raise ValueError(f"trainable={self.trainable!r} is not one of {', '.join(TRAINABLE_SETS)}.")
         if self.epsilon is not None and not self.epsilon > 0:
             raise ValueError(f"epsilon={self.epsilon} must be positive (smaller is more private); "
-                             "omit it for a non-private comparison run.")
+                             "for a non-private comparison run use --no-dp (epsilon=None from Python).")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"delta={self.delta} must lie in (0, 1), and below 1/N for N training images.")
         for name in ("batch_size", "physical_batch_size", "checkpoint_every"):
@@ -360,47 +360,57 @@ def train_dp_ldm(
     """Fine-tune `base` on `data` with DP-LDM and write the outputs into `out`.
 
     `base` is a pipeline object or anything `load_pipeline` takes; `data` a dataset, a folder or a
-    procedural set's name; `device` ("cuda", "cpu", ...) moves the pipeline there (default: where it is). Every setting is checked before anything is written. `should_stop` is
-    polled after each step: a stopped run leaves a checkpoint that `resume=True` continues exactly.
+    procedural set's name; `device` ("cuda", "cpu", ...) moves the pipeline there (default: where it
+    is). Everything that can be checked (settings, device, data, δ against N, the output folder) is
+    checked before the model loads and before anything is written. `should_stop` is polled after each
+    step: a stopped run leaves a checkpoint that `resume=True` continues exactly. A write that fails
+    (a full disk) stops the run with its last checkpoint intact and no partial release; the same call
+    with `resume=True` continues. Resuming a run whose release is already complete returns it.
     """
     from ..data import load_dataset
-    from ..models.loading import load_pipeline
+    from ..models.loading import base_resolution, check_device, load_pipeline
+    from ..privacy.engine import distributed_rank_and_size
+    from ..training.checkpoint import has_checkpoint
+    from ..training.outputs import check_out_folder, prepare_out_folder
+    from ..training.release import recover_release
 
     out = Path(out)
-    pipeline = load_pipeline(base=base) if isinstance(base, (str, Path)) else base
-    if device is not None:
-        pipeline.to(device)
-    dataset = data if hasattr(data, "__getitem__") and not isinstance(data, (str, Path)) else load_dataset(
-        data=data, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
-        seed=config.seed, num_items=num_items)
-    num_examples = _validate(dataset=dataset, config=config)
     byproducts = out / BYPRODUCTS
-    if ((out / WEIGHTS_DIFFUSERS).exists() or (out / WEIGHTS_LORA).exists()) and not resume:
-        raise FileExistsError(f"{out} already holds a DP-LDM result; choose another --out folder.")
-    from ..training.checkpoint import has_checkpoint
-
-    if resume and not has_checkpoint(byproducts):
-        raise FileNotFoundError(f"--resume: no checkpoint in {byproducts}; start without --resume.")
-
-    from ..privacy.engine import distributed_rank_and_size
-
+    check_device(device)
     if config.epsilon is None and distributed_rank_and_size()[1] > 1:
         raise ValueError("non-private comparison runs are single-process; run them without torchrun.")
+    loading = isinstance(base, (str, Path))
+    resolution = (base_resolution(base=base) if loading
+                  else base.unet.config.sample_size * base.vae_scale_factor)
+    dataset = data if hasattr(data, "__getitem__") and not isinstance(data, (str, Path)) else load_dataset(
+        data=data, resolution=resolution, seed=config.seed, num_items=num_items)
+    num_examples = _validate(dataset=dataset, config=config)
+    if out.is_dir():
+        recover_release(out)  # a release a crash cut short after its commit is completed, else discarded
+    results = (WEIGHTS_DIFFUSERS, WEIGHTS_LORA)
+    if resume and any((out / name).exists() for name in results):
+        return _finished(out=out, byproducts=byproducts)
+    check_out_folder(out, results=results, resume=resume,
+                     has_checkpoint=has_checkpoint(byproducts) if resume else None)
+    pipeline = load_pipeline(base=base) if loading else base
+    if device is not None:
+        pipeline.to(device)
     run = _Run(pipeline=pipeline, dataset=dataset, config=config, num_examples=num_examples)
     if config.epsilon is not None and run.engine.planned_epsilon() > config.epsilon * (1 + 1e-9):
         raise ValueError(f"the plan ({run.total_steps} steps) would exceed epsilon={config.epsilon}; "
                          "this should not happen after calibration: please report it.")
     if resume:
         run.load_checkpoint(byproducts)
+    prepare_out_folder(out)
     stopped = False
     while run.step < run.total_steps:
         info = run.train_step()
         if progress is not None:
             progress(info)
         if run.step % config.checkpoint_every == 0 and run.step < run.total_steps:
-            run.save_checkpoint(byproducts)
+            _save(run, byproducts)
         if should_stop is not None and should_stop() and run.step < run.total_steps:
-            run.save_checkpoint(byproducts)
+            _save(run, byproducts)
             stopped = True
             break
     if stopped:
@@ -409,7 +419,31 @@ def train_dp_ldm(
     if not _is_main_process():
         return DPLDMResult(out=out, steps_done=run.step, total_steps=run.total_steps, stopped=False,
                            epsilon=run.engine.accountant.epsilon(delta=run.delta))
+    _save(run, byproducts)  # the trained state, kept until its release is complete: a failed release resumes
     return _release(run=run, out=out)
+
+
+def _save(run: "_Run", folder: Path) -> None:
+    """A checkpoint, or one clear message when it cannot be written (the previous one stays intact)."""
+    try:
+        run.save_checkpoint(folder)
+    except OSError as error:
+        raise OSError(error.errno, f"the checkpoint at step {run.step} could not be written to {folder} "
+                                   f"({error.strerror or error}); the previous checkpoint is intact: free space and "
+                                   "run the same command with --resume") from None
+
+
+def _finished(*, out: Path, byproducts: Path) -> "DPLDMResult":
+    """A resumed run whose release is already complete: its files, and nothing more to do."""
+    from ..privacy.record import read_record
+
+    weights = {kind: out / name for kind, name in (("diffusers", WEIGHTS_DIFFUSERS), ("comfyui", WEIGHTS_COMFYUI),
+                                                   ("lora", WEIGHTS_LORA)) if (out / name).is_file()}
+    record = read_record(next(iter(weights.values())))
+    shutil.rmtree(byproducts, ignore_errors=True)  # what a crash after the release left behind
+    grid = out / "samples.png"
+    return DPLDMResult(out=out, steps_done=record.steps or 0, total_steps=record.steps or 0, stopped=False,
+                       epsilon=record.epsilon, weights=weights, sample_grid=grid if grid.is_file() else None)
 
 
 @dataclass(frozen=True)
@@ -526,25 +560,28 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
         record = PrivacyRecord(mechanism="none", extra={"dp_ldm": settings,
                                                         "warning": "trained WITHOUT differential privacy"})
         epsilon = None
-    out.mkdir(parents=True, exist_ok=True)
-    weights = write_fine_tune_weights(pipeline=run.pipeline, chosen=run.chosen, base_state=run.base_state,
-                                      text_rows=run.text_rows, record=record, out=out)
-    # Samples from the private model are post-processing of the DP release: covered by ε.
-    pipe = run.pipeline
-    pipe.set_progress_bar_config(disable=True)
-    prompts = list(config.sample_prompts) or (_public_prompts(num=config.num_samples, seed=config.seed)
-                                               if config.num_samples else [])
-    grid = None
-    if prompts:
-        images = pipe(prompts, num_inference_steps=30, guidance_scale=5.0, output_type="np",
-                      generator=torch.Generator().manual_seed(config.seed)).images
-        grid = save_png(make_grid(list(images), labels=prompts, columns=4, cell_size=96), out / "samples.png")
-        write_sidecar(path=grid, record=record)  # drawn from the released model: the same guarantee
+    from ..training.release import Release
+
+    release = Release(out)  # the files appear together, or (after a failed write) not at all
+    with release as staging:
+        weights = write_fine_tune_weights(pipeline=run.pipeline, chosen=run.chosen, base_state=run.base_state,
+                                          text_rows=run.text_rows, record=record, out=staging)
+        # Samples from the private model are post-processing of the DP release: covered by ε.
+        pipe = run.pipeline
+        pipe.set_progress_bar_config(disable=True)
+        prompts = list(config.sample_prompts) or (_public_prompts(num=config.num_samples, seed=config.seed)
+                                                   if config.num_samples else [])
+        grid = None
+        if prompts:
+            images = pipe(prompts, num_inference_steps=30, guidance_scale=5.0, output_type="np",
+                          generator=torch.Generator().manual_seed(config.seed)).images
+            grid = save_png(make_grid(list(images), labels=prompts, columns=4, cell_size=96), staging / "samples.png")
+            write_sidecar(path=grid, record=record)  # drawn from the released model: the same guarantee
+    weights, grid = {kind: release.final(path) for kind, path in weights.items()}, release.final(grid)
     byproducts = out / BYPRODUCTS
-    if config.keep_byproducts:
+    if config.keep_byproducts:  # the final checkpoint is there already (written before the release)
         save_png(line_chart({"training loss": run.losses}, title="DP-LDM training loss",
                             note="computed on private data: NOT covered by the DP guarantee"), byproducts / "loss.png")
-        run.save_checkpoint(byproducts)
     elif byproducts.exists():
         shutil.rmtree(byproducts)
     return DPLDMResult(out=out, steps_done=run.step, total_steps=run.total_steps, stopped=False, epsilon=epsilon,

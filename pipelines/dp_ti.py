@@ -24,6 +24,13 @@ from pathlib import Path
 import torch
 
 
+def _check_token(token: str, template: str) -> None:
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"token={token!r} must be one word without spaces, e.g. '<my-style>'.")
+    if "{token}" not in template:
+        raise ValueError(f"template={template!r} must contain {{token}}, where the new token goes.")
+
+
 @dataclass(frozen=True)
 class DPAggConfig:
     token: str = "<my-style>"
@@ -54,7 +61,8 @@ class DPAggConfig:
             raise ValueError("adjacency='replace-one' with num_subsets: replacing one image can change two subsets; "
                              "use per-image units (leave num_subsets unset) or adjacency='add-remove'.")
         if self.epsilon is not None and not self.epsilon > 0:
-            raise ValueError(f"epsilon={self.epsilon} must be positive (smaller is more private).")
+            raise ValueError(f"epsilon={self.epsilon} must be positive (smaller is more private); for a non-private "
+                             "comparison run use --no-dp (epsilon=None from Python).")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"delta={self.delta} must lie in (0, 1), below 1/n.")
         if not self.clip > 0:
@@ -70,8 +78,7 @@ class DPAggConfig:
         for name in ("steps", "batch_size", "num_vectors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
-        if "{token}" not in self.template:
-            raise ValueError(f"template={self.template!r} must contain {{token}}.")
+        _check_token(self.token, self.template)
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,92 @@ def _run_secret(*, config, folder: Path, resume: bool) -> bytes:
     return hashlib.sha256(f"privdiff-dpagg-test-secret/{config.seed}".encode()).digest()
 
 
+EMBEDDING_FILE = "learned_embeds.safetensors"  # what a finished TI run leaves in its folder
+
+
+@dataclass(frozen=True)
+class DPAggPlan:
+    """What a DPAgg-TI request comes to, checked before anything loads: units, δ, σ."""
+
+    num_images: int
+    units: int
+    protected: int  # the privacy units the guarantee counts: images (also with subsets) or subjects
+    accounted: str  # the relation over the released units
+    delta: float
+    noise_multiplier: float  # 0 without DP
+
+
+def plan_dpagg(*, dataset, config: DPAggConfig) -> DPAggPlan:
+    """Check a DPAgg-TI request against its data (no model needed) and calibrate σ."""
+    from ..data.base import DatasetError
+    from .dpagg_units import expected_units
+
+    n_images = len(dataset)
+    if n_images < 2:
+        raise DatasetError(f"the dataset has {n_images} image(s); DPAgg-TI needs at least 2.")
+    if config.num_subsets is not None and config.num_subsets > n_images:
+        raise ValueError(f"num_subsets={config.num_subsets} is more than the {n_images} images: every subset needs "
+                         "at least one image; use at most that many subsets.")
+    units = expected_units(num_images=n_images, privacy_unit=config.privacy_unit, num_subsets=config.num_subsets,
+                           dataset=dataset)
+    # The guarantee is for images (or subjects); with subsets, adding one image replaces a subset's embedding.
+    protected = n_images if config.num_subsets is not None else units
+    accounted = "replace-one" if config.num_subsets is not None else config.adjacency
+    delta = config.delta if config.delta is not None else 1.0 / (10 * protected)
+    sigma = 0.0
+    if config.epsilon is not None:
+        from ..privacy.accounting import check_delta
+
+        check_delta(delta=delta, num_examples=protected)
+        sigma = calibrate_aggregate_sigma(epsilon=config.epsilon, delta=delta, sample_rate=config.sample_rate,
+                                          adjacency=accounted)
+    return DPAggPlan(num_images=n_images, units=units, protected=protected, accounted=accounted, delta=delta,
+                     noise_multiplier=sigma)
+
+
+def check_ti_out(*, out, resume: bool) -> Path:
+    """A TI run's output folder, checked before anything loads (a release cut short is completed first)."""
+    from ..training.checkpoint import has_checkpoint
+    from ..training.outputs import check_out_folder
+    from ..training.release import recover_release
+
+    out = Path(out)
+    if out.is_dir():
+        recover_release(out)
+    if not (resume and (out / EMBEDDING_FILE).exists()):
+        check_out_folder(out, results=[EMBEDDING_FILE], resume=resume,
+                         has_checkpoint=has_checkpoint(out / BYPRODUCTS) if resume else None)
+    return out
+
+
+def _finished(out: Path, *, units: int) -> DPAggResult:
+    """A resumed run whose release is already complete: its files, and nothing more to do."""
+    import shutil
+
+    from ..privacy.record import read_record
+
+    names = {"diffusers": EMBEDDING_FILE, "comfyui": "learned_embeds_comfyui.safetensors",
+             "a1111": "learned_embeds_a1111.pt"}
+    files = {kind: out / name for kind, name in names.items() if (out / name).is_file()}
+    shutil.rmtree(out / BYPRODUCTS, ignore_errors=True)  # what a crash after the release left behind
+    return DPAggResult(out=out, files=files, epsilon=read_record(files["diffusers"]).epsilon, num_units=units)
+
+
+def _release_embedding(*, out: Path, vectors, token: str, text_encoders, record, a1111: bool) -> dict:
+    """The embedding's files, all or none (`training.release`), then the by-products deleted."""
+    import shutil
+
+    from ..training.release import Release
+    from .textual_inversion import save_embedding
+
+    release = Release(out)
+    with release as staging:
+        files = save_embedding(vectors=vectors, token=token, text_encoders=text_encoders, out=staging, record=record,
+                               a1111=a1111)
+    shutil.rmtree(out / BYPRODUCTS, ignore_errors=True)  # the checkpoint: per-unit embeddings, or the rows
+    return {kind: release.final(path) for kind, path in files.items()}
+
+
 def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = DPAggConfig(),
                    progress: Callable[[int, int], None] | None = None, a1111: bool = False,
                    should_stop: Callable[[], bool] | None = None, resume: bool = False,
@@ -153,80 +246,58 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
 
     Works on SD1/SD2 and SDXL pipelines (the token gets rows in both SDXL encoders; a unit's rows in
     both are clipped together as one vector). `should_stop` is polled after each step: a stopped run
-    releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly.
-    `secret` (32 bytes) keys the units' streams; by default it comes from the OS."""
-    import shutil
-
-    from ..data.base import DatasetError
+    releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly; so
+    does a release that fails. `secret` (32 bytes) keys the units' streams; by default it comes from the OS."""
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
-    from ..training.checkpoint import has_checkpoint
-    from .dpagg_units import expected_units, make_units, train_unit_embeddings
-    from .textual_inversion import check_a1111, check_new_token, encoder_slots, placeholder_names, save_embedding
+    from ..training.outputs import prepare_out_folder
+    from .dpagg_units import make_units, train_unit_embeddings
+    from .textual_inversion import check_a1111, check_token_and_init_word, encoder_slots
 
-    out = Path(out)
-    n_images = len(dataset)
-    if n_images < 2:
-        raise DatasetError(f"the dataset has {n_images} image(s); DPAgg-TI needs at least 2.")
+    plan = plan_dpagg(dataset=dataset, config=config)
     check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
-    if config.num_subsets is not None and config.num_subsets > n_images:
-        raise ValueError(f"num_subsets={config.num_subsets} is more than the {n_images} images: every subset needs "
-                         "at least one image; use at most that many subsets.")
-    n = expected_units(num_images=n_images, privacy_unit=config.privacy_unit, num_subsets=config.num_subsets,
-                       dataset=dataset)
-    # The guarantee is for images (or subjects); with subsets, adding one image replaces a subset's embedding.
-    protected = n_images if config.num_subsets is not None else n
-    accounted = "replace-one" if config.num_subsets is not None else config.adjacency
-    delta = config.delta if config.delta is not None else 1.0 / (10 * protected)
-    if config.epsilon is not None:
-        from ..privacy.accounting import check_delta
-
-        check_delta(delta=delta, num_examples=protected)
-        sigma = calibrate_aggregate_sigma(epsilon=config.epsilon, delta=delta, sample_rate=config.sample_rate,
-                                          adjacency=accounted)
-    else:
-        sigma = 0.0
-    for word in placeholder_names(token=config.token, num_vectors=config.num_vectors):
-        for tokenizer, _ in encoder_slots(pipeline):
-            check_new_token(tokenizer=tokenizer, token=word)
+    check_token_and_init_word(pipeline=pipeline, token=config.token, num_vectors=config.num_vectors,
+                              init_word=config.init_word)
+    out = check_ti_out(out=out, resume=resume)
+    if resume and (out / EMBEDDING_FILE).exists():
+        return _finished(out, units=plan.units)
     folder = out / BYPRODUCTS
-    if resume and not has_checkpoint(folder):
-        raise FileNotFoundError(f"resume: no checkpoint in {folder}; start without resume.")
+    prepare_out_folder(out)
     secret = secret if secret is not None else _run_secret(config=config, folder=folder, resume=resume)
     units = make_units(dataset=dataset, secret=secret, privacy_unit=config.privacy_unit,
                        num_subsets=config.num_subsets)
-    fingerprint = {"config": repr(config), "num_images": n_images}
+    fingerprint = {"config": repr(config), "num_images": plan.num_images}
     trained = train_unit_embeddings(
         pipeline=pipeline, dataset=dataset, units=units, secret=secret, template=config.template,
         init_word=config.init_word, num_vectors=config.num_vectors, steps=config.steps, batch_size=config.batch_size,
         learning_rate=config.learning_rate, progress=progress, should_stop=should_stop, checkpoint_folder=folder,
         resume=resume, fingerprint=fingerprint, checkpoint_state={"secret": secret.hex()})
     if trained.stopped:
-        return DPAggResult(out=out, num_units=n, stopped=True, steps_done=trained.steps_done)
+        return DPAggResult(out=out, num_units=plan.units, stopped=True, steps_done=trained.steps_done)
     noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed + 1)
-    result = aggregate(embeddings=trained.embeddings, init=trained.init, clip=config.clip, noise_multiplier=sigma,
-                       sample_rate=config.sample_rate, generator=noise_generator, center=config.center)
+    result = aggregate(embeddings=trained.embeddings, init=trained.init, clip=config.clip,
+                       noise_multiplier=plan.noise_multiplier, sample_rate=config.sample_rate,
+                       generator=noise_generator, center=config.center)
     widths, text_encoders = trained.widths, trained.text_encoders
     del trained  # the per-unit embeddings: the most sensitive by-product, never written
     settings = {"method": "dpagg", "token": config.token, "init_word": config.init_word,
                 "num_vectors": config.num_vectors, "template": config.template, "steps": config.steps,
-                "center": config.center, "num_images": n_images, "privacy_unit": config.privacy_unit,
-                "num_subsets": config.num_subsets, "units": n}
+                "center": config.center, "num_images": plan.num_images, "privacy_unit": config.privacy_unit,
+                "num_subsets": config.num_subsets, "units": plan.units}
     if config.epsilon is not None:
-        record = record_for_gaussian_aggregate(noise_multiplier=sigma, clip=config.clip, sample_rate=config.sample_rate,
-                                               num_examples=protected, delta=delta, privacy_unit=config.privacy_unit,
-                                               adjacency=config.adjacency, accounted_adjacency=accounted,
+        record = record_for_gaussian_aggregate(noise_multiplier=plan.noise_multiplier, clip=config.clip,
+                                               sample_rate=config.sample_rate, num_examples=plan.protected,
+                                               delta=plan.delta, privacy_unit=config.privacy_unit,
+                                               adjacency=config.adjacency, accounted_adjacency=plan.accounted,
                                                extra={"dp_ti": settings})
         epsilon = record.epsilon
     else:
         record = PrivacyRecord(mechanism="none", extra={"dp_ti": settings,
                                                         "warning": "averaged WITHOUT differential privacy"})
         epsilon = None
-    vectors = list(torch.split(result.release, widths, dim=-1))
-    files = save_embedding(vectors=vectors, token=config.token, text_encoders=text_encoders, out=out,
-                           record=record, a1111=a1111)
-    shutil.rmtree(folder, ignore_errors=True)  # the per-unit embeddings of a resumed run
-    return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=n, steps_done=config.steps)
+    files = _release_embedding(out=out, vectors=list(torch.split(result.release, widths, dim=-1)), token=config.token,
+                               text_encoders=text_encoders, record=record, a1111=a1111)
+    return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=plan.units, steps_done=config.steps)
 
 
 @dataclass(frozen=True)
@@ -256,11 +327,30 @@ class DPSGDTIConfig:
         if self.privacy_unit not in ("example", "subject"):
             raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
         if not self.epsilon > 0:
-            raise ValueError(f"epsilon={self.epsilon} must be positive.")
-        if "{token}" not in self.template:
-            raise ValueError(f"template={self.template!r} must contain {{token}}.")
+            raise ValueError(f"epsilon={self.epsilon} must be positive (smaller is more private).")
+        _check_token(self.token, self.template)
         if self.batch_size < 1 or not self.epochs > 0 or self.num_vectors < 1:
             raise ValueError("batch_size, epochs and num_vectors must be positive.")
+
+
+def plan_dpsgd_ti(*, dataset, config: DPSGDTIConfig) -> tuple[int, list | None, int, float]:
+    """Check a DP-SGD TI request against its data (no model needed): (examples, subjects, units, δ)."""
+    from ..data.base import DatasetError
+    from ..privacy.accounting import check_delta
+    from .dpagg_units import subject_ids
+
+    n = len(dataset)
+    if n < 2:
+        raise DatasetError(f"the dataset has {n} image(s); DP-SGD TI needs at least 2.")
+    if config.batch_size > n:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the dataset ({n} images).")
+    subjects = subject_ids(dataset) if config.privacy_unit == "subject" else None
+    units = n if subjects is None else len(set(subjects))
+    if config.batch_size > units:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {units} privacy units.")
+    delta = config.delta if config.delta is not None else 1.0 / (10 * units)
+    check_delta(delta=delta, num_examples=units)
+    return n, subjects, units, delta
 
 
 def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig = DPSGDTIConfig(),
@@ -268,34 +358,27 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
                    should_stop: Callable[[], bool] | None = None, resume: bool = False) -> DPAggResult:
     """Train one embedding with DP-SGD on privdiff's engine: per-sample gradients of the new rows only
     (in both encoders for SDXL, clipped together). `should_stop` is polled after each step: a stopped
-    run releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly."""
-    import shutil
-
+    run releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly;
+    so does a release that fails."""
     from diffusers import DDPMScheduler
 
-    from ..data.base import DatasetError
-    from ..privacy.accounting import check_delta, default_accountant
+    from ..privacy.accounting import default_accountant
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.engine import DPConfig, DPSGDEngine
     from ..privacy.record import record_for_dp_sgd
+    from ..training.outputs import prepare_out_folder
     from .dp_ldm import denoising_target
-    from .textual_inversion import (Placeholders, check_a1111, encode_prompts, encoder_slots, placeholder_names,
-                                    save_embedding)
+    from .dpagg_units import encode_images
+    from .textual_inversion import (Placeholders, check_a1111, check_token_and_init_word, encode_prompts,
+                                    encoder_slots, placeholder_names)
 
-    n = len(dataset)
-    if n < 2:
-        raise DatasetError(f"the dataset has {n} image(s); DP-SGD TI needs at least 2.")
-    if config.batch_size > n:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the dataset ({n} images).")
+    n, subjects, units, delta = plan_dpsgd_ti(dataset=dataset, config=config)
     check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
-    from .dpagg_units import encode_images, subject_ids
-
-    subjects = subject_ids(dataset) if config.privacy_unit == "subject" else None
-    units = n if subjects is None else len(set(subjects))
-    if config.batch_size > units:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the {units} privacy units.")
-    delta = config.delta if config.delta is not None else 1.0 / (10 * units)
-    check_delta(delta=delta, num_examples=units)
+    check_token_and_init_word(pipeline=pipeline, token=config.token, num_vectors=config.num_vectors,
+                              init_word=config.init_word)
+    out = check_ti_out(out=out, resume=resume)
+    if resume and (out / EMBEDDING_FILE).exists():
+        return _finished(out, units=units)
     names = placeholder_names(token=config.token, num_vectors=config.num_vectors)
     placeholders = Placeholders(pipeline=pipeline, names=names, init_word=config.init_word)
     image_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
@@ -333,7 +416,6 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
         from ..privacy.accounting import Accountant
         from ..training import checkpoint as ckpt
 
-        out = Path(out)
         generators = {"train": train_generator, "noise": engine.generator}
         if engine.sampler.generator is not engine.generator:
             generators["sampling"] = engine.sampler.generator
@@ -350,16 +432,19 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
             if engine.accountant.total_steps != first:
                 raise ckpt.CheckpointError(f"the checkpoint in {folder} is inconsistent (step {first}, "
                                            f"{engine.accountant.total_steps} noisy steps accounted); start a new run.")
+        prepare_out_folder(out)
         for step in range(first, steps):
             engine.step(per_sample_loss)
             if progress is not None:
                 progress(step + 1, steps)
-            if should_stop is not None and step + 1 < steps and should_stop():
+            stop = should_stop is not None and step + 1 < steps and should_stop()
+            if stop or step + 1 == steps:  # on a stop, and at the end (a release that fails resumes from it)
                 tensors, param_groups = ckpt.optimizer_tensors(optimizer)
                 tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(placeholders.rows)})
                 tensors.update(ckpt.generator_tensors(generators))
                 ckpt.save_checkpoint(folder=folder, kind="dpsgd-ti", tensors=tensors, fingerprint=fingerprint, state={
                     "step": step + 1, "accountant": engine.accountant.to_json(), "param_groups": param_groups})
+            if stop:
                 engine.clipper.remove()
                 return DPAggResult(out=out, num_units=units, stopped=True, steps_done=step + 1)
         vectors = [rows.rows.detach().clone() for rows in placeholders.rows]
@@ -370,7 +455,6 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
                                privacy_unit=config.privacy_unit, accountant=default_accountant(config.adjacency),
                                extra={"dp_ti": {"method": "dpsgd", "token": config.token, "init_word": config.init_word,
                                                 "num_vectors": config.num_vectors, "template": config.template}})
-    files = save_embedding(vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders, out=out,
-                           record=record, a1111=a1111)
-    shutil.rmtree(Path(out) / BYPRODUCTS, ignore_errors=True)  # a resumed run's checkpoint
-    return DPAggResult(out=Path(out), files=files, epsilon=record.epsilon, num_units=units, steps_done=steps)
+    files = _release_embedding(out=out, vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders,
+                               record=record, a1111=a1111)
+    return DPAggResult(out=out, files=files, epsilon=record.epsilon, num_units=units, steps_done=steps)

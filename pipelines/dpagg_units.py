@@ -99,7 +99,7 @@ def train_unit_embeddings(*, pipeline, dataset, units: list[Unit], secret: bytes
                           checkpoint_folder: Path | None = None, resume: bool = False,
                           fingerprint: dict | None = None, checkpoint_state: dict | None = None) -> UnitEmbeddings:
     """Train one embedding per unit, `steps` steps each. `should_stop` is polled after each step
-    (one step of every unit); a stop saves a checkpoint to `checkpoint_folder` (with
+    (one step of every unit); a stop, and the end, save a checkpoint to `checkpoint_folder` (with
     `checkpoint_state` beside the step) that `resume` continues exactly, refusing another set of
     units or other settings (`fingerprint`)."""
     from diffusers import DDPMScheduler
@@ -162,12 +162,15 @@ def train_unit_embeddings(*, pipeline, dataset, units: list[Unit], secret: bytes
             optimizer.zero_grad(set_to_none=True)
             if progress is not None:
                 progress(step + 1, steps)
-            if should_stop is not None and step + 1 < steps and should_stop():
+            stop = should_stop is not None and step + 1 < steps and should_stop()
+            if checkpoint_folder is not None and (stop or step + 1 == steps):
+                # On a stop, and at the end: a release that then fails resumes from here, not from scratch.
                 tensors, param_groups = optimizer_tensors(optimizer)
                 tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(placeholders.rows)})
                 tensors["rng.units"] = torch.stack([g.get_state() for g in generators])
                 save_checkpoint(folder=checkpoint_folder, kind="dpagg-ti", tensors=tensors, fingerprint=fingerprint,
                                 state={**(checkpoint_state or {}), "step": step + 1, "param_groups": param_groups})
+            if stop:
                 return _result(units, placeholders, num_vectors, steps_done=step + 1, stopped=True)
         return _result(units, placeholders, num_vectors, steps_done=steps, stopped=False)
     finally:

@@ -89,8 +89,12 @@ def audit_membership(
         if not (isinstance(data, str) and data in PROCEDURAL_DATASETS):
             raise ValueError("for a folder of private images, give --nonmember-data: a folder of held-out images "
                              "from the same source that the run never trained on.")
-        dataset = load_dataset(data=data, resolution=resolution, seed=data_seed,
-                               num_items=num_members + num_nonmembers)
+        try:
+            dataset = load_dataset(data=data, resolution=resolution, seed=data_seed,
+                                   num_items=num_members + num_nonmembers)
+        except ValueError as error:
+            raise ValueError(f"{num_members} members (--num-members) and {num_nonmembers} non-members take "
+                             f"{num_members + num_nonmembers} items of {data!r}, which it cannot give: {error}") from None
         members, held_out = dataset, dataset
         nonmember_indices = range(num_members, num_members + num_nonmembers)
     else:

@@ -234,7 +234,7 @@ def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: in
             ledger.check_and_record(entries=[(i, draw, m) for i, m in zip(chunk_ids, message_hashes(payload))],
                                     settings=settings)
             batch_id = secret.batch_id(epoch=epoch, image_ids=chunk_ids)
-            reply = client.request(Message(kind="batch", fields={"batch_id": batch_id}, tensors=payload))
+            reply = _answered(client.request(Message(kind="batch", fields={"batch_id": batch_id}, tensors=payload)))
             applied = int(reply.fields["applied"])
             duplicates += bool(reply.fields.get("duplicate"))
             sent += 1
@@ -244,6 +244,15 @@ def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: in
                 progress(epoch * per_epoch + start // batch_size + 1, epochs * per_epoch, applied)
     return SplitClientResult(applied=applied, batches_sent=sent, duplicates=duplicates, stopped=False, batches=batches,
                              batch_ids=batch_ids)
+
+
+def _answered(reply):
+    """A reply, or the server's refusal as one clear error."""
+    from ..transport.peer import TransportError
+
+    if reply.fields.get("error"):
+        raise TransportError(f"the split server refused: {reply.fields['error']}")
+    return reply
 
 
 def _latents(*, pipeline, dataset, indices, ids, cache: dict, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +275,7 @@ def download_controlnet(*, client):
 
     from ..transport.codec import Message
 
-    reply = client.request(Message(kind="download"))
+    reply = _answered(client.request(Message(kind="download")))
     flat = torch.cat([torch.from_numpy(np.array(reply.tensors[f"chunk_{i}"])) for i in range(len(reply.tensors))])
     state, offset = {}, 0
     for name, shape in reply.fields["index"]:

@@ -13,7 +13,7 @@ from ..privacy.attacks import symsigmoid
 from .split_attacks import ReconstructionReport, reconstruct_from_traffic  # noqa: F401  (public names)
 from .split_client import (SplitConfig, allowed_timesteps, client_latents, client_payload,  # noqa: F401
                            download_controlnet, train_split_client)
-from .split_server import SplitJob, SplitTrainer  # noqa: F401
+from .split_server import SplitJob, SplitTrainer, batch_limits  # noqa: F401
 
 
 SPLIT_CONFIG_KEY = "privdiff_split_controlnet"  # in the saved ControlNet's config.json
@@ -140,7 +140,8 @@ def run_loopback_job(*, pipeline, datasets: dict, config: SplitConfig, epochs: i
             create_keys(folder=keys, name=name)
         if name != "server":
             (allowed / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
-    job = SplitJob(trainer=SplitTrainer(unet=copy.deepcopy(pipeline.unet), learning_rate=learning_rate, seed=seed))
+    job = SplitJob(trainer=SplitTrainer(unet=copy.deepcopy(pipeline.unet), learning_rate=learning_rate, seed=seed),
+                   num_train_timesteps=pipeline.scheduler.config.num_train_timesteps)
     traffic: dict[str, list[dict]] = {name: [] for name in datasets}
     headers: dict[str, list[dict]] = {name: [] for name in datasets}
     results: dict = {}
@@ -155,7 +156,7 @@ def run_loopback_job(*, pipeline, datasets: dict, config: SplitConfig, epochs: i
         return job(client, message)
 
     server = SplitServer(bind="tcp://127.0.0.1:*", server_key=keys / "server.key_secret", allowed_clients=allowed,
-                         handler=handler)
+                         handler=handler, limits=batch_limits(pipeline.unet.config))
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, kwargs={"should_stop": stop.is_set}, daemon=True)
     thread.start()

@@ -62,6 +62,9 @@ class SplitTrainer:
             for module, conv_in in swapped:
                 module.conv_in = conv_in
         loss = (prediction.float() - label).pow(2).mean()
+        if not torch.isfinite(loss):  # checked inputs should never get here; a NaN step would spoil every weight
+            self.controlnet.zero_grad(set_to_none=True)
+            raise BatchRefused(f"this batch gave a loss of {float(loss)}; it was not trained.")
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -70,6 +73,58 @@ class SplitTrainer:
 
 
 DOWNLOAD_CHUNK = 64 * 2**20  # values per chunk of a downloaded ControlNet
+MAX_BATCH = 1024  # samples one batch message may hold
+LATENT_DTYPE = np.float16  # what clients send for z_t, h, the label and conv_in(z_t)
+
+
+class BatchRefused(ValueError):
+    """A batch the job will not train: its sender is told why, the job and other clients carry on."""
+
+
+def batch_limits(unet_config, *, max_batch: int = MAX_BATCH):
+    """The codec's limits for a job on this UNet: the largest legitimate batch (conv_in's output in
+    paper mode, at up to twice the model's own latent side) bounds every tensor, so an oversize
+    frame is refused by libzmq before it is allocated (ZMQ_MAXMSGSIZE bounds each frame; it cannot
+    bound how many frames a hostile client puts in one message)."""
+    from ..transport.codec import Limits
+
+    side = 2 * int(unet_config.sample_size if not isinstance(unet_config.sample_size, (list, tuple))
+                   else max(unet_config.sample_size))
+    channels = max(unet_config.in_channels, unet_config.block_out_channels[0])
+    largest = max_batch * channels * side * side * np.dtype(LATENT_DTYPE).itemsize
+    # A few tensors of slack over a batch's four: a client that sends a wrong set is told which
+    # tensors a batch holds (check_batch) instead of being dropped unanswered by the codec.
+    return Limits(max_tensors=8, max_tensor_bytes=largest, max_message_bytes=4 * largest, max_dims=4)
+
+
+def check_batch(tensors, *, unet_config, num_train_timesteps: int, max_batch: int = MAX_BATCH) -> None:
+    """Refuse (BatchRefused) a batch message that is not exactly what a client sends for this UNet:
+    its tensors, dtypes, shapes, timesteps and finiteness."""
+    paper = "conv_in_z_t" in tensors
+    expected = {"h", "t", "label", "conv_in_z_t" if paper else "z_t"}
+    if set(tensors) != expected:
+        raise BatchRefused(f"a batch holds the tensors {sorted(expected)}; this one held {sorted(tensors)}.")
+    t = tensors["t"]
+    if t.dtype != np.int64 or t.ndim != 1 or not 1 <= len(t) <= max_batch:
+        raise BatchRefused(f"t must be int64 of shape [B] with 1 <= B <= {max_batch}; it is {t.dtype} "
+                           f"{list(t.shape)}.")
+    if t.min() < 0 or t.max() >= num_train_timesteps:
+        raise BatchRefused(f"timesteps must lie in [0, {num_train_timesteps}); they span [{t.min()}, {t.max()}].")
+    latent = tensors["h"].shape
+    factor = 2 ** (len(unet_config.block_out_channels) - 1)
+    if (len(latent) != 4 or latent[0] != len(t) or latent[1] != unet_config.in_channels or latent[2] < factor
+            or latent[2] % factor or latent[3] % factor or latent[3] < factor):
+        raise BatchRefused(f"h must be [{len(t)}, {unet_config.in_channels}, H, W] with H and W multiples of "
+                           f"{factor}; it is {list(latent)}.")
+    shapes = {"h": latent, "label": latent, "z_t": latent,
+              "conv_in_z_t": (len(t), unet_config.block_out_channels[0], *latent[2:])}
+    for name in expected - {"t"}:
+        value = tensors[name]
+        if value.dtype != LATENT_DTYPE or tuple(value.shape) != tuple(shapes[name]):
+            raise BatchRefused(f"{name} must be {np.dtype(LATENT_DTYPE).name} {list(shapes[name])}; it is "
+                               f"{value.dtype} {list(value.shape)}.")
+        if not np.isfinite(value).all():
+            raise BatchRefused(f"{name} holds NaN or infinite values; the batch was not trained.")
 
 
 class SplitJob:
@@ -82,8 +137,9 @@ class SplitJob:
     when a client asks at the end.
     """
 
-    def __init__(self, *, trainer: SplitTrainer):
+    def __init__(self, *, trainer: SplitTrainer, num_train_timesteps: int = 1000):
         self.trainer = trainer
+        self.num_train_timesteps = num_train_timesteps
         self.applied: set[str] = set()  # "<client key>/<batch id>"
         self.per_client: dict[str, int] = {}  # client key -> its batches trained
         self.losses: list[float] = []  # server-side only; never sent
@@ -119,7 +175,13 @@ class SplitJob:
             batch_id = f"{client}/{message.fields.get('batch_id')}"
             duplicate = batch_id in self.applied
             if not duplicate:
-                self.losses.append(self.trainer.train_on(dict(message.tensors)))
+                try:
+                    check_batch(message.tensors, unet_config=self.trainer.unet.config,
+                                num_train_timesteps=self.num_train_timesteps)
+                    self.losses.append(self.trainer.train_on(dict(message.tensors)))
+                except BatchRefused as refusal:  # that client is told; the job and the others carry on
+                    return Message(kind="ack", fields={"applied": self.per_client.get(client, 0),
+                                                       "duplicate": False, "error": str(refusal)})
                 self.applied.add(batch_id)
                 self.per_client[client] = self.per_client.get(client, 0) + 1
             return Message(kind="ack", fields={"applied": self.per_client.get(client, 0), "duplicate": duplicate})

@@ -41,6 +41,17 @@ def check_new_token(*, tokenizer, token: str) -> None:
                          f"'<my-{token.strip('<>')}>'.")
 
 
+def check_token_and_init_word(*, pipeline, token: str, num_vectors: int, init_word: str) -> None:
+    """Refuse, before anything is written, a token that already means something or an initialiser
+    that is not one token, in every text encoder of `pipeline`."""
+    from ..models.embedding_rows import single_token_ids
+
+    for tokenizer, _ in encoder_slots(pipeline):
+        for name in placeholder_names(token=token, num_vectors=num_vectors):
+            check_new_token(tokenizer=tokenizer, token=name)
+        single_token_ids(tokenizer=tokenizer, words=[init_word], role="the initialiser word (--init-word)")
+
+
 def add_placeholder_tokens(*, tokenizer, text_encoder, names: list[str], init_word: str):
     """Add `names` to the tokenizer and give them trainable rows initialised from `init_word`.
 
@@ -51,7 +62,7 @@ def add_placeholder_tokens(*, tokenizer, text_encoder, names: list[str], init_wo
 
     for name in names:
         check_new_token(tokenizer=tokenizer, token=name)
-    (init_id,) = single_token_ids(tokenizer=tokenizer, words=[init_word])
+    (init_id,) = single_token_ids(tokenizer=tokenizer, words=[init_word], role="the initialiser word (--init-word)")
     table = text_encoder.get_input_embeddings()
     init = table.weight.detach()[init_id].clone()
     added = tokenizer.add_tokens(list(names))

@@ -125,15 +125,24 @@ def noisy_average(
     if not expected_batch_units > 0:
         raise ValueError(f"expected_batch_units={expected_batch_units} must be positive.")
     std = noise_multiplier * max_grad_norm
-    totals = []
-    for param in parameters:
-        total = summed_grad.get(param)
-        total = torch.zeros_like(param) if total is None else total.to(param.dtype).clone()
-        if add_noise and std > 0:
-            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=generator.device)
-            total = total + std * noise.to(param.device)
-        totals.append(total)
+    if not parameters:
+        return
+    # One flat buffer for every parameter: a handful of kernels per step instead of several per
+    # parameter (the step is launch-bound at small batches). The sum and the noise stay in fp32 for
+    # bf16/fp16 parameters (fp64 for fp64); only the finished gradient is rounded to their dtype.
+    acc = torch.float64 if any(p.dtype == torch.float64 for p in parameters) else torch.float32
+    device = parameters[0].device
+    sizes = [p.numel() for p in parameters]
+    total = torch.cat([
+        summed_grad[p].reshape(-1).to(device, acc) if p in summed_grad
+        else torch.zeros(p.numel(), dtype=acc, device=device)
+        for p in parameters
+    ])
+    if add_noise and std > 0:
+        noise = torch.randn(total.shape, generator=generator, dtype=acc, device=generator.device)
+        total.add_(noise.to(device), alpha=std)
     if all_reduce is not None:
-        all_reduce(totals)
-    for param, total in zip(parameters, totals):
-        param.grad = total / expected_batch_units
+        all_reduce([total])
+    total.div_(expected_batch_units)
+    for param, grad in zip(parameters, total.split(sizes)):
+        param.grad = grad.view(param.shape).to(param.dtype)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from .accounting import Accountant, calibrate_noise_multiplier, check_adjacency, check_delta
 from .clipping import GradSampleClipper
 from .dp_sgd import PoissonSampler, noisy_average, secure_generator
@@ -26,7 +27,7 @@ from .dp_sgd import PoissonSampler, noisy_average, secure_generator
 BACKENDS = ("privdiff", "opacus")
 
 
-class PrivacyBudgetExceeded(RuntimeError):
+class PrivacyBudgetExceeded(RuntimeError, UserError):
     """A step would spend more ε than the run's target."""
 
 
@@ -171,20 +172,23 @@ class DPSGDEngine:
             mask = (groups[:, None] == chunk_units[None, :]).any(dim=1)
             chunk_indices = indices[mask]
             chunk_groups = torch.searchsorted(chunk_units, groups[mask])  # unit ids 0..k-1 in the chunk
-            loss = per_sample_loss(chunk_indices)
+            with torch.profiler.record_function("privdiff.forward"):
+                loss = per_sample_loss(chunk_indices)
             if loss.shape != (len(chunk_indices),):
                 raise ValueError(f"per_sample_loss returned shape {tuple(loss.shape)}; it must return one loss per example.")
-            self.clipper.backward(loss.sum())
+            with torch.profiler.record_function("privdiff.backward"):
+                self.clipper.backward(loss.sum(), groups=chunk_groups)
             self.clipper.clip_and_accumulate(groups=chunk_groups)
             losses.append(loss.detach())
             for p in self.parameters:
                 p.grad = None  # autograd's own (unclipped) sum is never used
-        noisy_average(
-            summed_grad=self.clipper.summed_grad, parameters=self.parameters, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=config.max_grad_norm, expected_batch_units=self.sampler.expected_batch_units,
-            generator=self.generator, add_noise=self.rank == 0,
-            all_reduce=_all_reduce_sum if self.world_size > 1 else None,
-        )
+        with torch.profiler.record_function("privdiff.noise"):
+            noisy_average(
+                summed_grad=self.clipper.summed_grad, parameters=self.parameters,
+                noise_multiplier=self.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                expected_batch_units=self.sampler.expected_batch_units, generator=self.generator,
+                add_noise=self.rank == 0, all_reduce=_all_reduce_sum if self.world_size > 1 else None,
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=config.sample_rate)

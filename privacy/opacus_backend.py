@@ -45,7 +45,7 @@ class OpacusClipper:
         self._wrapper = GradSampleModule(module, batch_first=True, loss_reduction="sum", strict=True)
         self.summed_grad: dict[torch.nn.Parameter, torch.Tensor] = {}
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, groups: torch.Tensor | None = None) -> None:
         loss.backward()  # opacus' hooks form the per-sample gradients during a full backward
 
     def clip_and_accumulate(self, *, groups: torch.Tensor | None = None) -> torch.Tensor:

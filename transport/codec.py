@@ -81,7 +81,7 @@ def encode(message: Message, *, key: bytes, session: str, seq: int) -> list:
         if array.dtype.name not in ALLOWED_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}; the wire carries only {ALLOWED_DTYPES}.")
         specs.append({"name": str(name), "dtype": array.dtype.name, "shape": list(array.shape)})
-        buffers.append(memoryview(array).cast("B"))
+        buffers.append(memoryview(array.reshape(-1).view(np.uint8)))  # also for empty tensors
     header = json.dumps({"v": PROTOCOL_VERSION, "kind": message.kind, "session": session, "seq": int(seq),
                          "fields": dict(message.fields), "tensors": specs},
                         separators=(",", ":"), allow_nan=False).encode()

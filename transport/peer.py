@@ -25,12 +25,14 @@ back that the client must apply: the server answers `hello` with `welcome`, a `b
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
 from .codec import Limits, Message, ProtocolError, decode, encode, peek_header
 
 CLIENT_KINDS = ("hello", "batch", "heartbeat", "download", "bye")
@@ -38,7 +40,7 @@ CLIENT_KINDS = ("hello", "batch", "heartbeat", "download", "bye")
 REPLY_KINDS = {"hello": "welcome", "batch": "ack", "heartbeat": "heartbeat", "download": "weights", "bye": "bye"}
 
 
-class TransportError(RuntimeError):
+class TransportError(RuntimeError, UserError):
     """The peer did not answer in time, refused the session, or sent something invalid."""
 
 
@@ -89,10 +91,17 @@ class SplitServer:
         # Backpressure: each client has one request in flight, and at most this many wait in the queue
         # (libzmq then drops more, whose senders time out and retry), so memory stays bounded.
         self.socket.setsockopt(zmq.RCVHWM, receive_queue)
-        self.socket.bind(bind)
+        try:
+            self.socket.bind(bind)
+        except zmq.ZMQError as error:
+            self.close()
+            reason = "the port is already in use" if error.errno == zmq.EADDRINUSE else error.strerror
+            raise ValueError(f"cannot listen on {bind!r}: {reason}; pass another --bind, e.g. tcp://0.0.0.0:5556 "
+                             "(a ZeroMQ endpoint: tcp://<address>:<port>).") from None
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sessions: dict[bytes, _Session] = {}
         self.rejected = 0  # messages dropped as malformed, unauthentic or out of sequence
+        self.failures = 0  # messages whose handling failed (each answered with an error)
 
     def serve(self, *, should_stop: Callable[[], bool], poll_ms: int = 100) -> None:
         import zmq
@@ -114,6 +123,7 @@ class SplitServer:
     def _handle(self, frames) -> None:
         identity, user = frames[0].bytes, _user_id(frames[1])
         frames = [f.buffer for f in frames[1:]]
+        header = None
         try:
             if not user:
                 raise ProtocolError("the message carries no authenticated client key.")
@@ -133,8 +143,19 @@ class SplitServer:
                     return
                 message, session.last_in = decode(frames, key=session.key, session=session.session_id,
                                                   last_seq=session.last_in, limits=self.limits)
-        except (ProtocolError, ValueError):
-            self.rejected += 1  # dropped without a reply: garbage gets no amplification
+        except (ProtocolError, ValueError) as error:
+            self.rejected += 1
+            session = self.sessions.get(identity) if header is not None else None
+            if (session is None or header["kind"] not in REPLY_KINDS or header["session"] != session.session_id
+                    or session.client != user or header["seq"] != session.last_in + 1):
+                return  # dropped without a reply: garbage gets no amplification
+            # The allowlisted client of this session (CurveZMQ vouches for its key) sent a message the
+            # codec refuses (too many tensors, a wrong size, a bad dtype): tell it why, in sequence,
+            # so a faulty client stops instead of timing out. Nothing of the message was used.
+            session.last_in, session.last_seen = header["seq"], time.monotonic()
+            session.last_out += 1
+            reply = Message(kind=REPLY_KINDS[header["kind"]], fields={"error": f"the server refused this message: {error}"})
+            self._send(identity, encode(reply, key=session.key, session=session.session_id, seq=session.last_out))
             return
         session.last_seen = time.monotonic()
         if message.kind == "heartbeat":
@@ -142,7 +163,16 @@ class SplitServer:
         elif message.kind == "hello":
             reply = Message(kind="welcome", fields={"protocol": "privdiff-split"})
         else:
-            reply = self.handler(session.client, message)
+            try:
+                reply = self.handler(session.client, message)
+            except Exception as error:  # noqa: BLE001 (one message's failure must not end the service)
+                # That client is told; the job and the other clients carry on.
+                self.failures += 1
+                print(f"privdiff split server: a {message.kind!r} from {self.name_of(session.client)} failed "
+                      f"({type(error).__name__}: {error})", file=sys.stderr, flush=True)
+                reply = Message(kind=REPLY_KINDS[message.kind],
+                                fields={"error": f"the server could not handle this {message.kind} "
+                                                 f"({type(error).__name__}); it carries on"})
             allowed = REPLY_KINDS[message.kind]
             if reply.kind != allowed or (reply.tensors and allowed != "weights"):
                 raise RuntimeError(f"the handler answered {message.kind!r} with {reply.kind!r}"
@@ -222,7 +252,12 @@ class SplitClient:
         self.socket.curve_serverkey = self.server_public
         self.socket.setsockopt(zmq.LINGER, 0)
         _set_transport_heartbeats(self.socket)
-        self.socket.connect(self.connect_to)
+        try:
+            self.socket.connect(self.connect_to)
+        except zmq.ZMQError as error:
+            self._close_socket()
+            raise ValueError(f"cannot connect to {self.connect_to!r}: {error.strerror}; pass a ZeroMQ endpoint such "
+                             "as tcp://server.example.org:5555.") from None
         self.session, self.key = os.urandom(16).hex(), os.urandom(32)
         self.last_out = self.last_in = 0
         welcome = self._exchange(Message(kind="hello", fields={"mac_key": self.key.hex()}))
@@ -240,9 +275,9 @@ class SplitClient:
             left = deadline - time.monotonic()
             if left <= 0 or not self.socket.poll(int(left * 1000), zmq.POLLIN):
                 raise TransportError(
-                    f"no answer from {self.connect_to} within {self.timeout:g} s: the server is down or busy, or "
-                    "it does not admit this client's key (its operator must add this client's .key file to the "
-                    "server's allowlist).")
+                    f"no answer from {self.connect_to} within {self.timeout:g} s: the server is down or busy, the "
+                    "server key given is not this server's public key, or the server does not admit this client's "
+                    "key (its operator must add this client's .key file to the server's allowlist).")
             frames = [f.buffer for f in self.socket.recv_multipart(copy=False)]
             if len(frames) == 1 and bytes(frames[0]) == b'{"unknown_session":true}':
                 raise _UnknownSession()

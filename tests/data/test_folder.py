@@ -241,7 +241,8 @@ def test_missing_caption_is_reported_with_the_fix(tmp_path, write_image):
     msg = str(err)
     assert str(img) in msg and "has no caption" in msg
     assert "add a caption file lonely.txt beside it" in msg and "metadata.jsonl" in msg
-    assert "caption_required=False" in msg
+    assert "captions train DP-LDM; Textual Inversion trains on its own template" in msg
+    assert "caption_required=False" not in msg  # no such command-line option
 
 
 def test_empty_caption_file_is_reported(tmp_path, write_image):
@@ -358,7 +359,7 @@ def test_one_error_lists_every_offending_file(tmp_path, write_image):
     offenders = {
         str(cut): DECODE_FIX,
         str(fake): DECODE_FIX,
-        str(uncaptioned): "caption_required=False",
+        str(uncaptioned): "has no caption",
         str(small_hint): "resize the hint",
         str(tmp_path / "metadata.jsonl"): "line 1 is not valid JSON",
         str(tmp_path / "missing.png"): "add the image or remove the line",

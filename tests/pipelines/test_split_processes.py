@@ -41,6 +41,8 @@ def test_server_killed_mid_training_restarts_and_the_client_finishes_with_no_ste
              "--server-key", str(tmp_path / "keys" / "server.key_secret"), "--allowed-clients", str(allowed),
              "--out", str(job), "--checkpoint-every", "1", "--lr", "1e-4"]
     server = subprocess.Popen(serve, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The client checks the server first (before it writes anything): start it once the server listens.
+    _wait_for_line(server, "serving the split ControlNet job", timeout=180)
     client = subprocess.Popen(
         [sys.executable, "-m", "privdiff", "split", "train", "--data", "circles", "--num-items", "16",
          "--batch-size", "2", "--epochs", "2", "--connect", endpoint, "--timeout", "5",
@@ -75,6 +77,23 @@ def test_server_killed_mid_training_restarts_and_the_client_finishes_with_no_ste
                     process.kill()
     meta = _job_state(job)
     assert meta["steps"] == 16 and len(meta["applied"]) == 16
+
+
+def _wait_for_line(process, text: str, *, timeout: float) -> None:
+    """Read `process`'s output until a line holds `text`; the rest keeps draining in a thread."""
+    import threading
+
+    found, lines = threading.Event(), []
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if text in line:
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        raise AssertionError(f"the server never said {text!r}:\n{''.join(lines)[-3000:]}")
 
 
 def _job_state(folder):

@@ -36,6 +36,9 @@ def main(out: str, noise_multiplier: float, backend: str) -> None:
         state["losses"] = torch.tensor([float("nan") if v is None else v for v in losses])
         torch.save(state, out)
     if distributed:
+        # A rank that tears down while the other still saves can abort gloo ("terminate called
+        # without an active exception"): wait for both first.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

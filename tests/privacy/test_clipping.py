@@ -47,14 +47,19 @@ def _losses(model, x, context):
     return model(x, context).pow(2).mean(dim=(1, 2))
 
 
-@pytest.mark.parametrize("strategy", ["auto", "ghost", "explicit"])
-@pytest.mark.parametrize("per_subject", [False, True])
-def test_matches_per_sample_loop(strategy, per_subject):
+GROUPINGS = {"sample": [0, 1, 2, 3, 4, 5], "subject": [0, 1, 1, 2, 0, 3],
+             "blocks": [0, 0, 1, 1, 2, 2]}  # blocks: K rows per unit in order (noise multiplicity)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "measure", "flops", "ghost", "explicit"])
+@pytest.mark.parametrize("grouping", list(GROUPINGS))
+def test_matches_per_sample_loop(strategy, grouping):
     torch.manual_seed(0)
     model = Block().double()
     x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     context = torch.randn(6, 7, 5, dtype=torch.float64)
-    groups = torch.tensor([0, 1, 1, 2, 0, 3]) if per_subject else torch.arange(6)
+    per_subject = grouping != "sample"
+    groups = torch.tensor(GROUPINGS[grouping])
     clip = 0.05  # small enough that some units are clipped and the sum is not the plain gradient
     params, expected, expected_norms = _loop_reference(model, (x, context), _losses, groups, clip)
 
@@ -168,17 +173,24 @@ def test_a_layer_called_twice_is_refused():
         layer(layer(x))
 
 
-@pytest.mark.parametrize("per_subject", [False, True])
-def test_backward_to_layer_outputs_gives_the_same_clipped_sum_and_leaves_grad_alone(per_subject):
+@pytest.mark.parametrize("strategy", ["auto", "measure", "ghost", "explicit"])
+@pytest.mark.parametrize("grouping", list(GROUPINGS))
+@pytest.mark.parametrize("live", [True, False])
+def test_backward_to_layer_outputs_gives_the_same_clipped_sum_and_leaves_grad_alone(grouping, strategy, live):
+    """backward(groups=...) does each layer's work as its gradient arrives (live); without groups the
+    tensors wait for clip_and_accumulate. Either way the sum is the loop's and no .grad is formed."""
     torch.manual_seed(1)
     model = Block().double()
-    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
-    context = torch.randn(5, 7, 5, dtype=torch.float64)
-    groups = torch.tensor([0, 1, 1, 2, 0]) if per_subject else torch.arange(5)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    context = torch.randn(6, 7, 5, dtype=torch.float64)
+    groups = torch.tensor(GROUPINGS[grouping])
     params, expected, _ = _loop_reference(model, (x, context), _losses, groups, 0.05)
     model.zero_grad(set_to_none=True)
-    clipper = GradSampleClipper(module=model, max_grad_norm=0.05)
-    clipper.backward(_losses(model, x, context).sum())
+    clipper = GradSampleClipper(module=model, max_grad_norm=0.05, strategy=strategy)
+    clipper.backward(_losses(model, x, context).sum(), groups=groups if live else None)
+    if live:  # only the ghost layers still hold their tensors
+        held = [s.name for s in clipper.layers.values() if s.inputs is not None]
+        assert all(clipper.plans()[name] == ["ghost"] for name in held), held
     clipper.clip_and_accumulate(groups=groups)
     for p, e in zip(params, expected):
         assert p.grad is None  # autograd's unclipped weight gradient is never formed
@@ -226,3 +238,34 @@ def test_group_wise_clipping_refuses_bad_shares():
         GradSampleClipper(module=model, max_grad_norm=1.0, budget_shares={"q": 0.7, "k": 0.6})
     with pytest.raises(ValueError, match="no clipping budget"):
         GradSampleClipper(module=model, max_grad_norm=1.0, budget_shares={"q": 0.5, "k": 0.5})
+
+
+def test_layers_pick_explicit_or_ghost_by_held_memory_and_cost():
+    """explicit (per-unit gradients kept) where the weight is small next to the tokens, ghost where
+    it is large (cross-attention keys over few context tokens)."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"wide": nn.Linear(4, 4), "deep": nn.Linear(64, 64)})
+    clipper = GradSampleClipper(module=model, max_grad_norm=1.0, strategy="flops")
+    many_tokens, few_tokens = torch.randn(8, 256, 4), torch.randn(8, 3, 64)
+    loss = model["wide"](many_tokens).pow(2).mean(dim=(1, 2)) + model["deep"](few_tokens).pow(2).mean(dim=(1, 2))
+    clipper.backward(loss.sum(), groups=torch.arange(8))
+    clipper.clip_and_accumulate(groups=torch.arange(8))
+    assert clipper.plans() == {"wide": ["explicit"], "deep": ["ghost"]}
+
+
+def test_bf16_products_with_fp32_sum_stay_close_to_fp64():
+    torch.manual_seed(4)
+    model = Block().double()
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    context = torch.randn(6, 7, 5, dtype=torch.float64)
+    groups = torch.tensor(GROUPINGS["blocks"])
+    params, expected, _ = _loop_reference(model, (x, context), _losses, groups, 0.05)
+    low = Block().bfloat16()
+    low.load_state_dict(model.state_dict())
+    clipper = GradSampleClipper(module=low, max_grad_norm=0.05)
+    clipper.backward(_losses(low, x.bfloat16(), context.bfloat16()).float().sum(), groups=groups)
+    clipper.clip_and_accumulate(groups=groups)
+    for p, e in zip(low.parameters(), expected):
+        got = clipper.summed_grad[p]
+        assert got.dtype == torch.float32  # the clipped sum is kept in fp32
+        assert torch.allclose(got.double(), e, rtol=0.05, atol=0.02 * float(e.abs().max())), (p.shape,)

@@ -2,6 +2,7 @@
 with the noise added once per logical step (not once per rank)."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +13,28 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _run(tmp_path, name, noise, backend, *, ranks):
     out = tmp_path / f"{name}.pt"
+    logs = tmp_path / f"{name}-logs"
     if ranks == 1:
         command = [sys.executable, str(WORKER), str(out), str(noise), backend]
     else:
+        # A port free now (not one derived from the pid, which two runs can share), and each rank's
+        # output kept apart so that a failure says which rank failed and why.
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                   "--master_port", str(29500 + os.getpid() % 1000), str(WORKER), str(out), str(noise), backend]
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                   "--log-dir", str(logs), "--redirects", "3", str(WORKER), str(out), str(noise), backend]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if done.returncode != 0:
+        per_rank = "".join(f"\n--- {f.relative_to(logs)}\n{f.read_text()[-1500:]}" for f in sorted(logs.rglob("*.log")))
+        raise AssertionError(f"{name}: exit {done.returncode}\n{done.stderr[-2000:]}{per_rank}")
     return torch.load(out)
 
 

@@ -1,0 +1,194 @@
+"""`privdiff demo`, `pretrain`, `train dp-ldm` and `train dp-ti`."""
+
+from __future__ import annotations
+
+import sys
+
+
+def demo(args) -> int:
+    from ..models.loading import base_resolution
+    from ..pipelines.demo import DEMO_FEATURES, run_demo
+    from ..training.outputs import check_out_folder
+
+    if args.data is not None:
+        print("privdiff demo uses its own procedural data; --data is ignored here.", file=sys.stderr)
+    if args.only is not None and args.only not in DEMO_FEATURES:
+        raise ValueError(f"--only {args.only!r} is not a demo feature; choose one of: {', '.join(DEMO_FEATURES)}.")
+    base_resolution(base=args.base, config=args.config)  # a bad --base is refused before anything is written
+    check_out_folder(args.out)
+    result = run_demo(out=args.out, only=args.only, base=args.base, seed=args.seed)
+    total = sum(result.seconds.values())
+    print(f"\nprivdiff demo finished in {total:.1f} s; outputs in {result.out}")
+    for name, seconds in result.seconds.items():
+        print(f"  {name:<12} {seconds:6.1f} s")
+    if result.sample_grid is not None:
+        print(f"sample grid: {result.sample_grid}")
+    return 0
+
+
+def pretrain(args) -> int:
+    from ..pipelines.pretrain import PretrainConfig, pretrain
+    from ..training.outputs import check_out_folder
+
+    if args.data not in (None, "shapes"):
+        raise ValueError(f"--data {args.data!r}: privdiff-tiny pretrains on the public 'shapes' set only.")
+    overrides = {"seed": args.seed}
+    for option, field in (("unet_steps", "unet_steps"), ("vae_steps", "vae_crop_steps"), ("num_images", "num_images")):
+        if getattr(args, option) is not None:
+            overrides[field] = getattr(args, option)
+    config = PretrainConfig(**overrides)
+    check_out_folder(args.out, results=["model_index.json"])
+    result = pretrain(out=args.out, config=config)
+    print(f"privdiff-tiny pretrained in {result.seconds['total'] / 60:.1f} min -> {result.out}")
+    print(f"samples: {result.sample_grid}\nloss curve: {result.loss_curve}")
+    print(f"use it: privdiff demo --base {result.out} --out demo-out")
+    return 0
+
+
+def _dataset(args, *, captions: bool = True):
+    """The private set at the base model's resolution, read from its config: no weights load for it."""
+    from ..data import PROCEDURAL_DATASETS, load_dataset
+    from ..models.loading import base_resolution
+
+    if args.data is None:
+        raise ValueError("--data is required: a folder of images, or a procedural set's name (e.g. shapes).")
+    options = {} if captions or args.data in PROCEDURAL_DATASETS else {"caption_required": False}
+    return load_dataset(data=args.data, resolution=base_resolution(base=args.base, config=args.config),
+                        seed=args.seed, num_items=args.num_items, **options)
+
+
+class _Bar:
+    """A progress bar drawn when the work starts (after loading and checks), not before."""
+
+    def __init__(self, desc: str, unit: str = "step"):
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def update(self, *, total: int, postfix: str = "") -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc=self.desc, unit=self.unit, total=total)
+        self.bar.total = total
+        if postfix:
+            self.bar.set_postfix_str(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _stop_on_ctrl_c():
+    """Ctrl-C asks for a stop after the current step (a checkpoint); a second one aborts."""
+    import signal
+
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    return (lambda: stop["requested"]), (lambda: signal.signal(signal.SIGINT, previous))
+
+
+def dp_ldm(args) -> int:
+    from ..pipelines.dp_ldm import DPLDMConfig, default_sample_prompts, train_dp_ldm
+
+    if args.data is None:
+        raise ValueError("--data is required: a folder of images with captions, or a procedural set's name.")
+    config = DPLDMConfig(
+        trainable=args.trainable, ablation_blocks=args.ablation_blocks, lora_rank=args.lora_rank,
+        conditioning_words=tuple(args.conditioning_word or ()), conditioning_clip_share=args.conditioning_clip_share,
+        backend=args.backend, epsilon=None if args.no_dp else args.epsilon,
+        delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
+        physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,
+        max_examples_per_subject=args.max_examples_per_subject, seed=args.seed, keep_byproducts=args.keep_byproducts,
+        adjacency=args.adjacency,
+        sample_prompts=tuple(args.sample_prompt or default_sample_prompts(data=args.data)),
+    )
+    dataset = _dataset(args)
+    # train_dp_ldm checks everything else before it loads the model; a file that needs --config or
+    # --tokenizer is loaded here (the same checks then follow, before training).
+    base = _pipeline(args) if args.config or args.tokenizer or args.tokenizer_2 else args.base
+
+    def run(bar, should_stop):
+        def progress(info):
+            eps = "" if info.epsilon is None else f"ε={info.epsilon:.3g}"
+            loss = "" if info.loss is None else f" loss={info.loss:.4f} (not covered by ε)"
+            bar.update(total=info.total_steps, postfix=f"{eps}{loss}".strip())
+
+        return train_dp_ldm(base=base, data=dataset, out=args.out, config=config, device=args.device,
+                            resume=args.resume, progress=progress, should_stop=should_stop)
+
+    result = _stoppable("dp-ldm", run)
+    if result.stopped:
+        return _stopped(f"{result.steps_done}/{result.total_steps}")
+    eps = "without DP" if result.epsilon is None else f"ε = {result.epsilon:.3g}"
+    print(f"DP-LDM finished ({eps}) -> {result.out}")
+    for kind, path in result.weights.items():
+        print(f"  {kind}: {path}")
+    print(f"  samples: {result.sample_grid}")
+    return 0
+
+
+def _stoppable(name: str, run):
+    """`run(bar, should_stop)` with a progress bar and Ctrl-C as a request to stop after the step."""
+    should_stop, restore = _stop_on_ctrl_c()
+    bar = _Bar(name)
+    try:
+        return run(bar, should_stop)
+    finally:
+        bar.close()
+        restore()
+
+
+def _stopped(at: str) -> int:
+    print(f"stopped at step {at}; continue with the same command and --resume")
+    return 130
+
+
+def _pipeline(args):
+    from ..models.loading import load_pipeline
+
+    return load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2)
+
+
+def dp_ti(args) -> int:
+    from ..pipelines.dp_ti import (DPAggConfig, DPSGDTIConfig, check_ti_out, plan_dpagg, plan_dpsgd_ti, train_dpagg_ti,
+                                   train_dpsgd_ti)
+
+    if args.ti_method == "dpsgd" and args.no_dp:
+        raise ValueError("--no-dp is for dpagg comparison runs; DP-SGD TI is always private.")
+    common = dict(token=args.token, init_word=args.init_word, num_vectors=args.num_vectors, template=args.template,
+                  delta=args.delta, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                  privacy_unit=args.privacy_unit, adjacency=args.adjacency)
+    if args.ti_method == "dpagg":
+        config = DPAggConfig(epsilon=None if args.no_dp else args.epsilon, clip=args.clip, sample_rate=args.sample_rate,
+                             num_subsets=args.num_subsets, steps=args.steps, **common)
+        plan, train = plan_dpagg, train_dpagg_ti
+    else:
+        config = DPSGDTIConfig(epsilon=args.epsilon, max_grad_norm=args.max_grad_norm, epochs=args.epochs,
+                               max_examples_per_subject=args.max_examples_per_subject, **common)
+        plan, train = plan_dpsgd_ti, train_dpsgd_ti
+    dataset = _dataset(args, captions=False)  # TI trains on its own template
+    plan(dataset=dataset, config=config)  # units, δ against N, σ: refused here, before the model loads
+    check_ti_out(out=args.out, resume=args.resume)
+    pipeline = _pipeline(args)
+    result = _stoppable(f"dp-ti ({args.ti_method})", lambda bar, should_stop: train(
+        pipeline=pipeline, dataset=dataset, out=args.out, config=config, a1111=args.a1111,
+        progress=lambda step, total: bar.update(total=total), should_stop=should_stop, resume=args.resume))
+    if result.stopped:
+        return _stopped(str(result.steps_done))
+    eps = "without DP" if result.epsilon is None else f"ε = {result.epsilon:.3g}"
+    print(f"DP-TI {args.ti_method} finished ({eps}, {result.num_units} units) -> {result.out}")
+    for kind, path in result.files.items():
+        print(f"  {kind}: {path}")
+    if getattr(pipeline, "text_encoder_2", None) is None:
+        print(f'  diffusers: pipe.load_textual_inversion("{result.files["diffusers"]}", token="{args.token}")')
+    else:  # SDXL: one tensor per text encoder
+        print(f'  diffusers: privdiff.pipelines.textual_inversion.load_embedding(pipeline=pipe, '
+              f'path="{result.files["diffusers"]}", token="{args.token}")')
+    return 0

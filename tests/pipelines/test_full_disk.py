@@ -1,0 +1,96 @@
+"""[9] acceptance 3: the disk fills during training and during the release of a DP-LDM run (a small
+tmpfs, its free space set by a ballast file). The run stops with a clear OSError, keeps its last good
+checkpoint and shows no partial release; once space is freed, the same call with resume=True ends
+exactly like an unbroken run (same weights, same record).
+
+Slow (about two minutes): python -m pytest -m slow tests/pipelines/test_full_disk.py. Needs root to
+mount a tmpfs (skipped with the reason otherwise).
+"""
+
+import dataclasses
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privdiff.pipelines.dp_ldm import BYPRODUCTS, DPLDMConfig, train_dp_ldm
+from privdiff.privacy.record import read_record
+from privdiff.training.checkpoint import CHECKPOINT_FILE, has_checkpoint
+
+CONFIG = DPLDMConfig(batch_size=4, physical_batch_size=4, epochs=2.0, secure_noise=False, num_samples=1,
+                     max_grad_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=2)
+
+
+def _base():
+    from privdiff.models.tiny import TinySpec, tiny_pipeline
+
+    pipe = tiny_pipeline(spec=TinySpec(), seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _train(out, config=CONFIG, **kwargs):
+    return train_dp_ldm(base=_base(), data="shapes", num_items=16, out=out, config=config, **kwargs)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'}); run as root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _leave_free(disk: Path, free_bytes: int) -> Path:
+    """Fill the disk with a ballast file so that about `free_bytes` stay free."""
+    ballast = disk / "ballast"
+    stat = os.statvfs(disk)
+    available = stat.f_bavail * stat.f_frsize + (ballast.stat().st_size if ballast.exists() else 0)
+    size = max(0, available - free_bytes)
+    with open(ballast, "wb") as handle:
+        handle.truncate(0)
+        chunk = b"\0" * (1 << 20)
+        while size > 0:
+            handle.write(chunk[:min(size, len(chunk))])
+            size -= min(size, len(chunk))
+    return ballast
+
+
+def _sizes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["training", "release"])
+def test_a_full_disk_stops_cleanly_and_resume_ends_like_an_unbroken_run(tmp_path, small_disk, when):
+    straight = _train(tmp_path / "straight", config=dataclasses.replace(CONFIG, keep_byproducts=True))
+    checkpoint = (tmp_path / "straight" / BYPRODUCTS / CHECKPOINT_FILE).stat().st_size
+    release = _sizes(tmp_path / "straight") - _sizes(tmp_path / "straight" / BYPRODUCTS)
+    out = small_disk / "run"
+    # training: room for one checkpoint and the out folder, not for a second beside it (writes are
+    # atomic: the new one is written in full before the old one goes). release: room for the
+    # checkpoints, not for the release's files.
+    free = int(1.5 * checkpoint) if when == "training" else int(2.2 * checkpoint + 0.5 * release)
+    ballast = _leave_free(small_disk, free)
+    with pytest.raises(OSError) as stopped:
+        _train(out)
+    message = str(stopped.value)
+    assert "could not be written" in message or "free space" in message or "No space" in message, message
+    assert has_checkpoint(out / BYPRODUCTS), "the last good checkpoint must survive a full disk"
+    assert not list(out.glob("*.safetensors")) and not (out / ".release-staging").exists(), "no partial release"
+
+    ballast.unlink()  # space is freed
+    resumed = _train(out, resume=True)
+    a, b = load_file(str(straight.weights["diffusers"])), load_file(str(resumed.weights["diffusers"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = read_record(straight.weights["diffusers"]), read_record(resumed.weights["diffusers"])
+    assert (ra.epsilon, ra.steps) == (rb.epsilon, rb.steps)
