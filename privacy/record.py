@@ -451,10 +451,26 @@ def atomic_target(path: Path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_folder(path.parent)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        failed = _os_error_inside(error)
+        if failed is not None:  # safetensors reports a full disk as its own error type
+            raise failed from error
         raise
+
+
+def _os_error_inside(error: BaseException) -> OSError | None:
+    """An OSError for a library error that wraps one ("... (os error 28)"), so callers catch one type."""
+    import re
+
+    if isinstance(error, OSError):
+        return None
+    found = re.search(r"os error (\d+)", str(error))
+    if found is None:
+        return None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number))
 
 
 def fsync_folder(folder: Path) -> None:

@@ -38,6 +38,8 @@ class Release:
     def __exit__(self, kind, error, trace) -> bool:
         if kind is not None:
             shutil.rmtree(self.staging, ignore_errors=True)  # nothing of a failed release is visible
+            if isinstance(error, OSError):
+                raise self._failed(error) from error
             return False
         from ..privacy.record import atomic_target
 
@@ -45,11 +47,18 @@ class Release:
         try:
             with atomic_target(self.staging / COMMIT) as tmp:
                 tmp.write_text(json.dumps({"files": names}))
-        except BaseException:
+        except BaseException as failure:
             shutil.rmtree(self.staging, ignore_errors=True)
+            if isinstance(failure, OSError):
+                raise self._failed(failure) from failure
             raise
         self.files = _move_committed(self.out)
         return False
+
+    def _failed(self, error: OSError) -> OSError:
+        return OSError(error.errno, f"the release could not be written to {self.out} ({error.strerror or error}); "
+                                    "nothing of it is visible and the run's final checkpoint is kept: free space, "
+                                    "then resume the run (--resume)")
 
     def final(self, staged: Path | None) -> Path | None:
         """Where a file written into the staging folder lives once committed."""
