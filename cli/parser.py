@@ -177,6 +177,8 @@ def _add_dp_ti(ti) -> None:
     ti.add_argument("--max-examples-per-subject", type=int, default=1, help="dpsgd with --privacy-unit subject")
     ti.add_argument("--num-items", type=int, default=None, help="items of a procedural set")
     ti.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    ti.add_argument("--checkpoint-every", type=int, default=25,
+                    help="steps between checkpoints (a hard kill loses no more; default 25)")
     ti.add_argument("--a1111", action="store_true", help="also write an A1111 .pt (with a .privacy.json sidecar)")
     _add_adjacency(ti)
 

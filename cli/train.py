@@ -175,11 +175,14 @@ def dp_ti(args) -> int:
         plan, train = plan_dpsgd_ti, train_dpsgd_ti
     dataset = _dataset(args, captions=False)  # TI trains on its own template
     plan(dataset=dataset, config=config)  # units, δ against N, σ: refused here, before the model loads
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every {args.checkpoint_every}: give a number of steps, at least 1.")
     check_ti_out(out=args.out, resume=args.resume)
     pipeline = _pipeline(args)
     result = _stoppable(f"dp-ti ({args.ti_method})", lambda bar, should_stop: train(
         pipeline=pipeline, dataset=dataset, out=args.out, config=config, a1111=args.a1111,
-        progress=lambda step, total: bar.update(total=total), should_stop=should_stop, resume=args.resume))
+        progress=lambda step, total: bar.update(total=total), should_stop=should_stop, resume=args.resume,
+        checkpoint_every=args.checkpoint_every))
     if result.stopped:
         return _stopped(str(result.steps_done))
     eps = "without DP" if result.epsilon is None else f"ε = {result.epsilon:.3g}"

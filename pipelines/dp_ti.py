@@ -238,22 +238,29 @@ def _release_embedding(*, out: Path, vectors, token: str, text_encoders, record,
     return {kind: release.final(path) for kind, path in files.items()}
 
 
+def _check_checkpoint_every(checkpoint_every: int) -> None:
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        raise ValueError(f"checkpoint_every={checkpoint_every!r} must be a whole number of steps, at least 1.")
+
+
 def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = DPAggConfig(),
                    progress: Callable[[int, int], None] | None = None, a1111: bool = False,
                    should_stop: Callable[[], bool] | None = None, resume: bool = False,
-                   secret: bytes | None = None) -> DPAggResult:
+                   secret: bytes | None = None, checkpoint_every: int = 25) -> DPAggResult:
     """Train one embedding per unit (`config.steps` steps each), release their DP average, write the files.
 
     Works on SD1/SD2 and SDXL pipelines (the token gets rows in both SDXL encoders; a unit's rows in
     both are clipped together as one vector). `should_stop` is polled after each step: a stopped run
     releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly; so
-    does a release that fails. `secret` (32 bytes) keys the units' streams; by default it comes from the OS."""
+    does a release that fails, and a kill loses at most `checkpoint_every` steps. `secret` (32 bytes)
+    keys the units' streams; by default it comes from the OS."""
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
     from ..training.outputs import prepare_out_folder
     from .dpagg_units import make_units, train_unit_embeddings
     from .textual_inversion import check_a1111, check_token_and_init_word, encoder_slots
 
+    _check_checkpoint_every(checkpoint_every)
     plan = plan_dpagg(dataset=dataset, config=config)
     check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
     check_token_and_init_word(pipeline=pipeline, token=config.token, num_vectors=config.num_vectors,
@@ -271,7 +278,8 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
         pipeline=pipeline, dataset=dataset, units=units, secret=secret, template=config.template,
         init_word=config.init_word, num_vectors=config.num_vectors, steps=config.steps, batch_size=config.batch_size,
         learning_rate=config.learning_rate, progress=progress, should_stop=should_stop, checkpoint_folder=folder,
-        resume=resume, fingerprint=fingerprint, checkpoint_state={"secret": secret.hex()})
+        resume=resume, fingerprint=fingerprint, checkpoint_state={"secret": secret.hex()},
+        checkpoint_every=checkpoint_every)
     if trained.stopped:
         return DPAggResult(out=out, num_units=plan.units, stopped=True, steps_done=trained.steps_done)
     noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed + 1)
@@ -355,11 +363,12 @@ def plan_dpsgd_ti(*, dataset, config: DPSGDTIConfig) -> tuple[int, list | None, 
 
 def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig = DPSGDTIConfig(),
                    progress: Callable[[int, int], None] | None = None, a1111: bool = False,
-                   should_stop: Callable[[], bool] | None = None, resume: bool = False) -> DPAggResult:
+                   should_stop: Callable[[], bool] | None = None, resume: bool = False,
+                   checkpoint_every: int = 25) -> DPAggResult:
     """Train one embedding with DP-SGD on privdiff's engine: per-sample gradients of the new rows only
     (in both encoders for SDXL, clipped together). `should_stop` is polled after each step: a stopped
     run releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly;
-    so does a release that fails."""
+    so does a release that fails, and a kill loses at most `checkpoint_every` steps."""
     from diffusers import DDPMScheduler
 
     from ..privacy.accounting import default_accountant
@@ -372,6 +381,7 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     from .textual_inversion import (Placeholders, check_a1111, check_token_and_init_word, encode_prompts,
                                     encoder_slots, placeholder_names)
 
+    _check_checkpoint_every(checkpoint_every)
     n, subjects, units, delta = plan_dpsgd_ti(dataset=dataset, config=config)
     check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
     check_token_and_init_word(pipeline=pipeline, token=config.token, num_vectors=config.num_vectors,
@@ -438,7 +448,9 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
             if progress is not None:
                 progress(step + 1, steps)
             stop = should_stop is not None and step + 1 < steps and should_stop()
-            if stop or step + 1 == steps:  # on a stop, and at the end (a release that fails resumes from it)
+            # On a stop, every `checkpoint_every` steps (a kill loses no more) and at the end (a
+            # release that fails resumes from it).
+            if stop or step + 1 == steps or (step + 1) % checkpoint_every == 0:
                 tensors, param_groups = ckpt.optimizer_tensors(optimizer)
                 tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(placeholders.rows)})
                 tensors.update(ckpt.generator_tensors(generators))

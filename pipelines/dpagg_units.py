@@ -97,7 +97,8 @@ def train_unit_embeddings(*, pipeline, dataset, units: list[Unit], secret: bytes
                           progress: Callable[[int, int], None] | None = None,
                           should_stop: Callable[[], bool] | None = None,
                           checkpoint_folder: Path | None = None, resume: bool = False,
-                          fingerprint: dict | None = None, checkpoint_state: dict | None = None) -> UnitEmbeddings:
+                          fingerprint: dict | None = None, checkpoint_state: dict | None = None,
+                          checkpoint_every: int = 25) -> UnitEmbeddings:
     """Train one embedding per unit, `steps` steps each. `should_stop` is polled after each step
     (one step of every unit); a stop, and the end, save a checkpoint to `checkpoint_folder` (with
     `checkpoint_state` beside the step) that `resume` continues exactly, refusing another set of
@@ -163,8 +164,9 @@ def train_unit_embeddings(*, pipeline, dataset, units: list[Unit], secret: bytes
             if progress is not None:
                 progress(step + 1, steps)
             stop = should_stop is not None and step + 1 < steps and should_stop()
-            if checkpoint_folder is not None and (stop or step + 1 == steps):
-                # On a stop, and at the end: a release that then fails resumes from here, not from scratch.
+            if checkpoint_folder is not None and (stop or step + 1 == steps or (step + 1) % checkpoint_every == 0):
+                # On a stop, every `checkpoint_every` steps (a kill loses no more), and at the end: a
+                # release that then fails resumes from here, not from scratch.
                 tensors, param_groups = optimizer_tensors(optimizer)
                 tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(placeholders.rows)})
                 tensors["rng.units"] = torch.stack([g.get_state() for g in generators])

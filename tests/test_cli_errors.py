@@ -134,6 +134,7 @@ CASES = [
     ([*TI, "--init-word", "two words"], "--init-word"),
     ([*TI, "--template", "no placeholder"], "{token}"),
     ([*TI, "--num-vectors", "0"], "num_vectors"),
+    ([*TI, "--checkpoint-every", "0"], "--checkpoint-every 0"),
     ([*TI, "--method", "dpsgd", "--no-dp"], "always private"),
     ([*TI, "--clip", "0"], "clip"),
     ([*TI, "--sample-rate", "1.5"], "sample_rate"),
