@@ -348,8 +348,8 @@ class GradSampleClipper:
             for state in pending:
                 self._process(state, units)
         count = states[0].sq_norms.shape[0]
-        groups = torch.arange(count) if groups is None else groups.to(torch.long).cpu()
-        units = _Units(groups, len(groups), device)
+        if not pending:  # the layers did their work in backward(); the same units, named again here
+            units = _Units(groups, count if groups is None else len(groups), device)
         if units.count != count:
             raise ValueError(f"groups name {units.count} units, the backward pass was given {count}.")
 
