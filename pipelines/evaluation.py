@@ -60,7 +60,7 @@ def evaluation_items(*, set_name: str, num: int, seed: int = 0) -> list[dict]:
 
     if set_name == "shapes":
         return [{"caption": spec.caption, "spec": spec} for spec in public_prompts(num=num, seed=seed)]
-    if set_name == "digits":
+    if set_name in ("digits", "mnist"):
         # Balanced labels: prompt i asks for digit i % 10; the classifier split is never trained on.
         return [{"caption": f"a handwritten digit {i % 10}", "label": i % 10} for i in range(num)]
     dataset = load_dataset(data=set_name, seed=EVAL_SEED_OFFSET + seed, num_items=num)
@@ -83,11 +83,11 @@ def score_images(*, set_name: str, images: list, items: list[dict], analyzer=Non
         shuffled = circles[1:] + circles[:1]
         return {"circle_iou": analyzer.score(images=images, circles=circles).value,
                 "circle_iou_shuffled_hints": analyzer.score(images=images, circles=shuffled).value}
-    if set_name == "digits":
+    if set_name in ("digits", "mnist"):
         return {"digit_accuracy": analyzer.score(images=images, labels=[item["label"] for item in items]).value}
     if set_name == "style":
         return {"style_match": analyzer.score(images=images).value}
-    raise ValueError(f"set_name={set_name!r} has no analyzer; choose shapes, circles, digits or style.")
+    raise ValueError(f"set_name={set_name!r} has no analyzer; choose shapes, circles, digits, mnist or style.")
 
 
 def evaluate_quality(*, pipeline, set_name: str, num: int = 200, sampling: SamplingConfig = SamplingConfig(),

@@ -18,6 +18,7 @@ from privdiff.data import (
     DigitsAnalyzer,
     DigitsConfig,
     DigitsDataset,
+    MnistAnalyzer,
     ShapesAnalyzer,
     ShapesDataset,
     StyleAnalyzer,
@@ -213,9 +214,9 @@ def test_style_analyzer_tells_style_from_public_images(public_items):
 
 def test_registry_maps_every_set_to_its_analyzer():
     assert dict(ANALYZERS) == {"shapes": ShapesAnalyzer, "circles": CirclesAnalyzer,
-                               "digits": DigitsAnalyzer, "style": StyleAnalyzer}
+                               "digits": DigitsAnalyzer, "mnist": MnistAnalyzer, "style": StyleAnalyzer}
     assert analyzer_for("digits") is DigitsAnalyzer and analyzer_for(name="style") is StyleAnalyzer
-    with pytest.raises(ValueError, match="supported names: circles, digits, shapes, style"):
+    with pytest.raises(ValueError, match="supported names: circles, digits, mnist, shapes, style"):
         analyzer_for("faces")
 
 
