@@ -125,7 +125,13 @@ def _add_dp_ldm(ldm) -> None:
     ldm.add_argument("--delta", type=float, default=None, help="δ (default 1/(10 N))")
     ldm.add_argument("--epochs", type=float, default=10.0)
     ldm.add_argument("--batch-size", type=int, default=32, help="expected logical batch size (sample rate B/N)")
-    ldm.add_argument("--physical-batch-size", type=int, default=16, help="micro-batch that fits in memory")
+    ldm.add_argument("--physical-batch-size", type=int, default=16,
+                     help="rows per forward pass (what fits in memory); the logical batch runs in such micro-batches, "
+                          "noise added once per logical step")
+    ldm.add_argument("--noise-draws", type=int, default=1,
+                     help="noise multiplicity K (DPDM): each example's loss is the mean over K (timestep, noise) "
+                          "draws, clipped once; K times the compute, the same ε; at most --physical-batch-size "
+                          "(default 1)")
     ldm.add_argument("--max-grad-norm", type=float, default=0.01, help="per-example clipping bound C")
     ldm.add_argument("--lr", type=float, default=1e-4, help="learning rate at batch 32 (scaled with the batch)")
     ldm.add_argument("--trainable", default="attention",

@@ -106,7 +106,7 @@ def dp_ldm(args) -> int:
         delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,
         max_examples_per_subject=args.max_examples_per_subject, seed=args.seed, keep_byproducts=args.keep_byproducts,
-        adjacency=args.adjacency,
+        adjacency=args.adjacency, noise_draws=args.noise_draws,
         sample_prompts=tuple(args.sample_prompt or default_sample_prompts(data=args.data)),
     )
     dataset = _dataset(args)

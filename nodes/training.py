@@ -92,6 +92,11 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
                 io.Int.Input("num_samples", default=8, min=0, max=64,
                              tooltip="sample images from the released model (public prompts; covered by ε), 0 for none"),
                 _adjacency_input(),
+                # After adjacency and optional: workflows saved before it keep their widget order.
+                io.Int.Input("noise_draws", default=1, min=1, max=16, optional=True,
+                             tooltip="noise multiplicity: each image's loss is averaged over this many (timestep, "
+                                     "noise) draws before clipping; K times the compute per step, the same ε; "
+                                     "1 is plain DP-LDM"),
             ],
             outputs=[io.Model.Output(tooltip="the base model with the private fine-tune applied"),
                      io.String.Output(display_name="lora_name", tooltip="the file in models/loras")],
@@ -107,7 +112,7 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, epsilon, trainable, epochs, batch_size, learning_rate,
-                max_grad_norm, lora_rank, seed, resume, num_samples, adjacency="add-remove"):
+                max_grad_norm, lora_rank, seed, resume, num_samples, adjacency="add-remove", noise_draws=1):
         import torch
 
         from ..pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
@@ -116,7 +121,7 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
 
         config = DPLDMConfig(trainable=trainable, epsilon=epsilon, epochs=epochs, batch_size=batch_size,
                              learning_rate=learning_rate, max_grad_norm=max_grad_norm, lora_rank=lora_rank, seed=seed,
-                             num_samples=num_samples, adjacency=adjacency)
+                             num_samples=num_samples, adjacency=adjacency, noise_draws=noise_draws)
         progress = _progress(cls)
         make_room_for_training()
         with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; training needs autograd

@@ -43,7 +43,14 @@ class DPLDMConfig:
     max_grad_norm: float = 0.01
     epochs: float = 10.0
     batch_size: int = 32  # expected logical batch: the sample rate is batch_size / N
+    # What fits in one forward pass: the logical (Poisson) batch runs in micro-batches of
+    # physical_batch_size // noise_draws whole units (examples, or subjects), their clipped gradients
+    # summed and the noise added once per logical step.
     physical_batch_size: int = 16
+    # Noise multiplicity (DPDM, Dockhorn et al. 2022): each example's loss is the mean over K (t, noise)
+    # draws, clipped once. K times the compute per example, no privacy cost (same q, σ, steps, ε).
+    # Its K rows share one forward pass, so K <= physical_batch_size.
+    noise_draws: int = 1
     learning_rate: float = 1e-4  # at batch 32; scaled linearly with batch_size, as DP-LDM does
     privacy_unit: str = "example"
     max_examples_per_subject: int = 1
@@ -72,6 +79,13 @@ class DPLDMConfig:
         for name in ("batch_size", "physical_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
+        if isinstance(self.noise_draws, bool) or not isinstance(self.noise_draws, int) or self.noise_draws < 1:
+            raise ValueError(f"noise_draws={self.noise_draws!r} must be a whole number, at least 1 (1: one (t, noise) "
+                             "draw per example, plain DP-LDM).")
+        if self.noise_draws > self.physical_batch_size:
+            raise ValueError(f"noise_draws={self.noise_draws} is more than physical_batch_size="
+                             f"{self.physical_batch_size}: an example's draws share one forward pass; raise "
+                             "physical_batch_size to at least noise_draws, or use fewer draws.")
         if self.num_samples < 0:
             raise ValueError(f"num_samples={self.num_samples} must be 0 (no sample grid) or more.")
         if not self.epochs > 0:
@@ -183,6 +197,7 @@ class _Run:
                     backend=config.backend,
                     clip_budget_shares=((("text_encoder.", config.conditioning_clip_share),)
                                         if config.conditioning_clip_share else ()),
+                    draws_per_example=config.noise_draws,
                 ),
                 num_examples=num_examples,
                 subjects=subjects,
@@ -214,6 +229,8 @@ class _Run:
         self.noise_scheduler = _training_scheduler(pipe)
 
     def per_sample_loss(self, indices):
+        """One loss per row of `indices`, each row with its own (t, noise) draw (an index repeated K
+        times gets K draws: noise multiplicity)."""
         import torch
 
         # Draws come from a CPU generator whatever the device: a run resumes exactly, on any device.
@@ -237,7 +254,8 @@ class _Run:
             indices, _ = self.sampler.sample()
             loss, eps = None, None
             if len(indices):
-                losses = self.per_sample_loss(indices)
+                draws = self.config.noise_draws  # each example's loss: the mean over its draws, as DP runs do
+                losses = self.per_sample_loss(indices.repeat_interleave(draws)).reshape(-1, draws).mean(1)
                 losses.mean().backward()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -252,6 +270,8 @@ class _Run:
     def _fingerprint(self) -> dict:
         # Settings that only change what is kept or how often it is saved may differ on resume.
         settings = {k: v for k, v in asdict(self.config).items() if k not in ("keep_byproducts", "checkpoint_every")}
+        if settings["noise_draws"] == 1:
+            del settings["noise_draws"]  # checkpoints from before the setting existed still resume
         return {**settings, "num_examples": self.num_examples}
 
     def save_checkpoint(self, folder: Path) -> None:
@@ -545,7 +565,8 @@ def _release(*, run: _Run, out: Path) -> DPLDMResult:
 
     config = run.config
     settings = {"trainable": config.trainable, "ablation_blocks": config.ablation_blocks,
-                "learning_rate": config.learning_rate, "batch_size": config.batch_size, "epochs": config.epochs}
+                "learning_rate": config.learning_rate, "batch_size": config.batch_size, "epochs": config.epochs,
+                "noise_draws": config.noise_draws}
     if config.trainable == "lora":
         settings["lora_rank"] = config.lora_rank
     if config.conditioning_words:

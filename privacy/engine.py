@@ -3,7 +3,9 @@
 One logical step = one Poisson batch of privacy units (possibly empty), processed in physical
 micro-batches that fit in memory; each unit's examples stay in one micro-batch so its clipped
 gradient is whole. The noisy average is formed once per logical step, the accountant records it,
-and the budget guard refuses any step that would take ε past the target.
+and the budget guard refuses any step that would take ε past the target. With noise multiplicity
+(`draws_per_example` K, DPDM) each example enters the forward pass as K consecutive rows and its
+loss is their mean, clipped once: K times the compute, the same sampling, noise and ε.
 
 Two backends give the same clipped sum: `privdiff` (fast clipping, `clipping.py`) and `opacus`
 (its per-sample gradient hooks, the reference). Under `torchrun` (torch.distributed initialised)
@@ -49,6 +51,9 @@ class DPConfig:
     backend: str = "privdiff"
     # Group-wise clipping: ((layer-name prefix, share of C²), ...); see GradSampleClipper.
     clip_budget_shares: tuple[tuple[str, float], ...] = ()
+    # Noise multiplicity: rows per example in the forward pass (its own (t, noise) draw each); the
+    # example's loss is their mean. A micro-batch then holds physical_batch_size // K examples.
+    draws_per_example: int = 1
 
     def __post_init__(self) -> None:
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
@@ -71,6 +76,10 @@ class DPConfig:
             raise ValueError(f"backend={self.backend!r} must be one of {', '.join(BACKENDS)}.")
         if self.physical_batch_size < 1:
             raise ValueError(f"physical_batch_size={self.physical_batch_size} must be at least 1.")
+        if not 1 <= self.draws_per_example <= self.physical_batch_size:
+            raise ValueError(f"draws_per_example={self.draws_per_example} must lie in [1, physical_batch_size="
+                             f"{self.physical_batch_size}]: an example's draws share one forward pass (they are "
+                             "clipped together); raise physical_batch_size or use fewer draws.")
         check_adjacency(self.adjacency, accountant=self.accountant)
         if self.clip_budget_shares and self.backend == "opacus":
             raise ValueError("clip_budget_shares (group-wise clipping) needs backend='privdiff'.")
@@ -80,10 +89,12 @@ class DPSGDEngine:
     """Runs DP-SGD steps for `model`'s trainable parameters with privdiff's fast clipping.
 
     `per_sample_loss(indices) -> tensor[len(indices)]` computes one loss per example (the caller
-    runs the model); the engine does the rest. `generator` draws the noise (default: OS-seeded).
-    The Poisson batches come from `sampling_generator`, which must be in the same state on every
-    rank; by default it is `generator` itself in one process, and a stream seeded by rank 0 and
-    shared by all ranks under torch.distributed.
+    runs the model); the engine does the rest. With `draws_per_example` K > 1, `indices` holds each
+    example K times in a row, every row must get its own (t, noise) draw, and one loss per row is
+    returned. `generator` draws the noise (default: OS-seeded). The Poisson batches come from
+    `sampling_generator`, which must be in the same state on every rank; by default it is
+    `generator` itself in one process, and a stream seeded by rank 0 and shared by all ranks under
+    torch.distributed.
     """
 
     def __init__(
@@ -166,20 +177,25 @@ class DPSGDEngine:
         losses = []
         units = int(groups.max()) + 1 if len(groups) else 0
         my_units = torch.arange(units)[self.rank::self.world_size]
+        draws = config.draws_per_example
+        per_chunk = max(1, config.physical_batch_size // draws)  # K rows per example in the forward pass
         # Micro-batches hold whole units, so a subject's examples are clipped together.
-        for start in range(0, len(my_units), config.physical_batch_size):
-            chunk_units = my_units[start:start + config.physical_batch_size]
+        for start in range(0, len(my_units), per_chunk):
+            chunk_units = my_units[start:start + per_chunk]
             mask = (groups[:, None] == chunk_units[None, :]).any(dim=1)
-            chunk_indices = indices[mask]
-            chunk_groups = torch.searchsorted(chunk_units, groups[mask])  # unit ids 0..k-1 in the chunk
+            # Each example's K draws are consecutive rows of its unit: the clipper sums a unit's rows.
+            chunk_indices = indices[mask].repeat_interleave(draws)
+            chunk_groups = torch.searchsorted(chunk_units, groups[mask]).repeat_interleave(draws)
             with torch.profiler.record_function("privdiff.forward"):
                 loss = per_sample_loss(chunk_indices)
             if loss.shape != (len(chunk_indices),):
-                raise ValueError(f"per_sample_loss returned shape {tuple(loss.shape)}; it must return one loss per example.")
+                raise ValueError(f"per_sample_loss returned shape {tuple(loss.shape)}; it must return one loss per "
+                                 f"row of `indices` ({len(chunk_indices)}).")
             with torch.profiler.record_function("privdiff.backward"):
-                self.clipper.backward(loss.sum(), groups=chunk_groups)
+                # The mean over an example's draws (not their sum): its clipped gradient is their mean's.
+                self.clipper.backward(loss.sum() / draws, groups=chunk_groups)
             self.clipper.clip_and_accumulate(groups=chunk_groups)
-            losses.append(loss.detach())
+            losses.append(loss.detach().reshape(-1, draws).mean(1))
             for p in self.parameters:
                 p.grad = None  # autograd's own (unclipped) sum is never used
         with torch.profiler.record_function("privdiff.noise"):
