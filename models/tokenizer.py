@@ -33,6 +33,8 @@ DEFAULT_WORDS: tuple[str, ...] = tuple(
     handwritten digit number zero one two three four five six seven eight nine
     0 1 2 3 4 5 6 7 8 9
     person face portrait object product scan
+    letter capital sign mark ampersand question plus hash percent exclamation asterisk equals dollar
+    stripes horizontal vertical diagonal gradient smooth
     """.split()
 )
 

@@ -44,3 +44,53 @@ def test_pretrain_refuses_to_overwrite(tmp_path):
 def test_pretrain_config_is_validated(bad):
     with pytest.raises(ValueError):
         PretrainConfig(**bad)
+
+
+@pytest.mark.parametrize("stop_after", [2, 5])  # inside the autoencoder stage, inside the UNet stage
+def test_a_stopped_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch, stop_after):
+    from privdiff.pipelines import pretrain as module
+
+    config = PretrainConfig(**{**QUICK.__dict__, "checkpoint_every": 1})
+    whole = pretrain(out=tmp_path / "whole", config=config, show_progress=False)
+
+    original = module._Run._after_step
+    calls = {"n": 0}
+
+    def stop(self, bar, loss, total):
+        original(self, bar, loss, total)
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module._Run, "_after_step", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(out=tmp_path / "cut", config=config, show_progress=False)
+    monkeypatch.setattr(module._Run, "_after_step", original)
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(out=tmp_path / "cut", config=config, show_progress=False)
+    with pytest.raises(Exception, match="other settings"):
+        pretrain(out=tmp_path / "cut", config=PretrainConfig(**{**config.__dict__, "unet_lr": 1e-3}),
+                 resume=True, show_progress=False)
+    resumed = pretrain(out=tmp_path / "cut", config=config, resume=True, show_progress=False)
+    assert resumed.vae_losses == whole.vae_losses and resumed.unet_losses == whole.unet_losses
+    a, b = _weights(whole.out), _weights(resumed.out)
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run ends where an uninterrupted one does"
+    assert not (tmp_path / "cut" / ".pretrain").exists(), "the checkpoint goes once the model is saved"
+
+
+def test_the_public_corpus_has_no_digits_and_every_caption_word_is_one_token():
+    from privdiff.data.public_corpus import PublicConfig, PublicDataset
+    from privdiff.models.tokenizer import DEFAULT_WORDS
+
+    corpus = PublicDataset(PublicConfig(num_items=3000, seed=0))
+    parts = {corpus.part(i) for i in range(len(corpus))}
+    assert parts == {"shapes", "glyphs", "textures"}
+    words = set()
+    for i in range(0, len(corpus), 2):
+        caption = corpus.caption(i)
+        assert not any(ch.isdigit() for ch in caption)
+        words.update(w.lower() for w in caption.split())
+    assert all(w in DEFAULT_WORDS or len(w) == 1 for w in words), sorted(w for w in words if w not in DEFAULT_WORDS)
+    for i in range(0, 60):
+        glyph = corpus[i].get("glyph")
+        assert glyph is None or not glyph.isdigit()
