@@ -546,6 +546,16 @@ class MnistAnalyzer(DigitsAnalyzer):
                              f"pass 0..{ANALYSIS_RESOLUTION // 4} (default 2)")
         self._classifier, self._classifier_accuracy, self.source_indices = \
             _fit_mnist_classifier(holdout_per_digit, shift)
+        self._holdout_per_digit = holdout_per_digit
+
+    @property
+    def held_out_indices(self) -> tuple[int, ...]:
+        """``mnist_source()`` indices of the held-back images ``classifier_accuracy`` is measured on."""
+        from .mnist import mnist_source
+
+        labels = mnist_source()[1][list(self.source_indices)]
+        held = [np.flatnonzero(labels == digit)[-self._holdout_per_digit:] for digit in range(10)]
+        return tuple(self.source_indices[i] for i in sorted(np.concatenate(held).tolist()))
 
     def _predict(self, rgbs: list[np.ndarray]) -> list[int]:
         if not rgbs:

@@ -77,20 +77,3 @@ def test_a_stopped_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run ends where an uninterrupted one does"
     assert not (tmp_path / "cut" / ".pretrain").exists(), "the checkpoint goes once the model is saved"
 
-
-def test_the_public_corpus_has_no_digits_and_every_caption_word_is_one_token():
-    from privdiff.data.public_corpus import PublicConfig, PublicDataset
-    from privdiff.models.tokenizer import DEFAULT_WORDS
-
-    corpus = PublicDataset(PublicConfig(num_items=3000, seed=0))
-    parts = {corpus.part(i) for i in range(len(corpus))}
-    assert parts == {"shapes", "glyphs", "textures"}
-    words = set()
-    for i in range(0, len(corpus), 2):
-        caption = corpus.caption(i)
-        assert not any(ch.isdigit() for ch in caption)
-        words.update(w.lower() for w in caption.split())
-    assert all(w in DEFAULT_WORDS or len(w) == 1 for w in words), sorted(w for w in words if w not in DEFAULT_WORDS)
-    for i in range(0, 60):
-        glyph = corpus[i].get("glyph")
-        assert glyph is None or not glyph.isdigit()
