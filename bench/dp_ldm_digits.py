@@ -1,12 +1,14 @@
-"""DP-LDM's utility and privacy on privdiff-tiny fine-tuned on `digits`, at several ε.
+"""DP-LDM's utility and privacy on privdiff-tiny fine-tuned on `digits` or `mnist`, at several ε.
 
     python bench/dp_ldm_digits.py --json digits.json            # ε = 1, 10 and without DP
-    python bench/dp_ldm_digits.py --epsilons 10 --epochs 30
+    python bench/dp_ldm_digits.py --data mnist --num-items 3000 --noise-draws 4 --seeds 0 1 2
 
-For each ε: fine-tune privdiff-tiny on the first N images of the digits train split, generate images
-for "a handwritten digit k" (k balanced), score them with the held-out digit classifier, and run the
-loss-threshold membership-inference attack (members: the N images; non-members: the next N of the
-split). The base model's accuracy is the reference. Figures for bench/RESULTS.md.
+For each ε (and seed): fine-tune privdiff-tiny on the first N images of the set's train split,
+generate images for "a handwritten digit k" (k balanced), score them with the set's held-out digit
+classifier, and run the loss-threshold membership-inference attack (members: N' of the N images;
+non-members as many others the run never saw: for mnist the validation split, which is also where
+recipe choices are made; the classifier split is never trained on or tuned against). The base
+model's accuracy is the reference. Figures for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 
 def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 200, workdir=None,
-          device: str | None = None, log=print) -> dict:
+          device: str | None = None, log=print, data: str = "digits", seeds=(0,)) -> dict:
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
     from privdiff.pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
     from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
@@ -33,31 +35,36 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
     workdir = Path(workdir or tempfile.mkdtemp(prefix="privdiff-digits-"))
     base = load_privdiff_tiny().to(device or "cpu")
     base.set_progress_bar_config(disable=True)
-    rows = {"base": {"digit_accuracy": evaluate_quality(pipeline=base, set_name="digits", num=num_eval,
+    rows = {"base": {"digit_accuracy": evaluate_quality(pipeline=base, set_name=data, num=num_eval,
                                                         sampling=sampling).metrics["digit_accuracy"]}}
     log(f"base model: accuracy {rows['base']['digit_accuracy']:.3f}")
     del base
     # Non-members for the audit: the train split's next items while there are enough of them, else the
     # classifier split (never trained on by anyone; the same distribution).
-    nonmembers = None
-    if 2 * num_items > DIGITS_TRAIN_SIZE:
+    nonmembers, num_members = None, num_items
+    if data == "mnist":
+        nonmembers = procedural_dataset(name="mnist", split="validation")
+        num_members = min(num_items, len(nonmembers))
+    elif 2 * num_items > DIGITS_TRAIN_SIZE:
         nonmembers = procedural_dataset(name="digits", num_items=min(num_items, DIGITS_TOTAL - DIGITS_TRAIN_SIZE),
                                         split="classifier")
-    for epsilon in epsilons:
-        name = "no DP" if epsilon is None else f"eps={epsilon:g}"
+        num_members = min(num_items, len(nonmembers))
+    runs = [(epsilon, seed) for epsilon in epsilons for seed in (seeds if epsilon is not None else seeds[:1])]
+    for epsilon, seed in runs:
+        name = ("no DP" if epsilon is None else f"eps={epsilon:g}") + (f" seed={seed}" if len(seeds) > 1 else "")
         config = DPLDMConfig(epsilon=epsilon, sample_prompts=tuple(f"a handwritten digit {d}" for d in range(10)),
-                             **config_overrides)
+                             seed=seed, **config_overrides)
         pipeline = load_privdiff_tiny()
         pipeline.set_progress_bar_config(disable=True)
         start = time.perf_counter()
         out = workdir / name.replace("=", "")
         shutil.rmtree(out, ignore_errors=True)
-        result = train_dp_ldm(base=pipeline, data="digits", num_items=num_items, out=out, config=config,
+        result = train_dp_ldm(base=pipeline, data=data, num_items=num_items, out=out, config=config,
                               device=device)
         seconds = time.perf_counter() - start
-        accuracy = evaluate_quality(pipeline=pipeline, set_name="digits", num=num_eval,
+        accuracy = evaluate_quality(pipeline=pipeline, set_name=data, num=num_eval,
                                     sampling=sampling).metrics["digit_accuracy"]
-        audit = audit_membership(pipeline=pipeline, data="digits", num_members=num_items, data_seed=config.seed,
+        audit = audit_membership(pipeline=pipeline, data=data, num_members=num_members, data_seed=config.seed,
                                  nonmember_data=nonmembers)
         rows[name] = {"epsilon": result.epsilon, "digit_accuracy": accuracy, "mia_auc": audit.auc,
                       "mia_tpr_at_1pct_fpr": audit.tpr_at_1pct_fpr, "steps": result.total_steps,
@@ -65,7 +72,8 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
         log(f"{name}: accuracy {accuracy:.3f}, MIA AUC {audit.auc:.3f}, TPR@1%FPR {audit.tpr_at_1pct_fpr:.3f}, "
             f"{result.total_steps} steps in {seconds / 60:.1f} min")
     example = DPLDMConfig(**config_overrides)
-    return {"num_items": num_items, "num_eval": num_eval, "config": asdict(example), "rows": rows}
+    return {"data": data, "num_items": num_items, "num_eval": num_eval, "seeds": list(seeds),
+            "config": asdict(example), "rows": rows}
 
 
 # The settings behind bench/RESULTS.md and the slow acceptance test.
@@ -77,10 +85,12 @@ DEFAULTS = dict(num_items=500, num_eval=200, trainable="attention", epochs=60.0,
 
 
 def _overrides(*, trainable, epochs, batch_size, lr, max_grad_norm, conditioning_words,
-               conditioning_clip_share) -> dict:
-    return dict(trainable=trainable, epochs=epochs, batch_size=batch_size, physical_batch_size=min(batch_size, 64),
+               conditioning_clip_share, noise_draws: int = 1, physical_batch_size: int = 64) -> dict:
+    return dict(trainable=trainable, epochs=epochs, batch_size=batch_size,
+                physical_batch_size=max(min(batch_size * noise_draws, physical_batch_size), noise_draws),
                 learning_rate=lr, max_grad_norm=max_grad_norm, conditioning_words=tuple(conditioning_words),
-                conditioning_clip_share=conditioning_clip_share if conditioning_words else 0.0)
+                conditioning_clip_share=conditioning_clip_share if conditioning_words else 0.0,
+                noise_draws=noise_draws)
 
 
 def default_arguments() -> dict:
@@ -91,6 +101,10 @@ def default_arguments() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="digits", choices=["digits", "mnist"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one DP run per seed and ε")
+    parser.add_argument("--noise-draws", type=int, default=1)
+    parser.add_argument("--physical-batch-size", type=int, default=64)
     parser.add_argument("--epsilons", nargs="+", default=["1", "10", "none"], help="'none': without DP")
     parser.add_argument("--num-items", type=int, default=DEFAULTS["num_items"])
     parser.add_argument("--num-eval", type=int, default=DEFAULTS["num_eval"])
@@ -109,10 +123,11 @@ def main(argv=None) -> int:
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     overrides = _overrides(trainable=args.trainable, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            max_grad_norm=args.max_grad_norm, conditioning_words=args.conditioning_words,
-                           conditioning_clip_share=args.conditioning_clip_share)
+                           conditioning_clip_share=args.conditioning_clip_share, noise_draws=args.noise_draws,
+                           physical_batch_size=args.physical_batch_size)
     figures = study(epsilons=epsilons, num_items=args.num_items, config_overrides=overrides,
                     num_eval=args.num_eval, workdir=args.workdir, device=args.device,
-                    log=lambda line: print(line, flush=True))
+                    log=lambda line: print(line, flush=True), data=args.data, seeds=tuple(args.seeds))
     print(json.dumps(figures["rows"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

