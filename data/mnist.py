@@ -30,9 +30,8 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from .private_sets import DigitSpec, LabelledDigitsDataset, check_split_config
+from .private_sets import DigitSpec, LabelledDigitsDataset, check_split_config, upscale_grey
 from .registry import config_factory, register_procedural_dataset
 
 __all__ = [
@@ -139,9 +138,7 @@ def render_mnist(*, image: np.ndarray, resolution: int) -> np.ndarray:
     arr = np.asarray(image, dtype=np.float32)
     if arr.shape != (MNIST_SIDE, MNIST_SIDE):
         raise ValueError(f"image has shape {arr.shape}; pass one 28x28 digit from mnist_source()")
-    big = Image.fromarray(arr / np.float32(255.0)).resize((resolution, resolution), Image.Resampling.BICUBIC)
-    grey = np.clip(np.rint(np.asarray(big) * 255.0), 0, 255).astype(np.uint8)
-    return np.repeat(grey[:, :, None], 3, axis=2)
+    return upscale_grey(values=arr / np.float32(255.0), resolution=resolution)
 
 
 @dataclass(frozen=True)

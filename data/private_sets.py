@@ -155,7 +155,14 @@ def render_digit(*, image: np.ndarray, resolution: int) -> np.ndarray:
     arr = np.asarray(image, dtype=np.float32)
     if arr.shape != (8, 8):
         raise ValueError(f"image has shape {arr.shape}; pass one 8x8 digit from digits_source()")
-    big = Image.fromarray(arr / np.float32(16.0)).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return upscale_grey(values=arr / np.float32(16.0), resolution=resolution)
+
+
+def upscale_grey(*, values: np.ndarray, resolution: int) -> np.ndarray:
+    """A grey image in 0..1 -> uint8 [resolution, resolution, 3], upscaled bicubically (shared by
+    ``digits`` and ``mnist``, so both sets' strokes are drawn alike)."""
+    big = Image.fromarray(np.asarray(values, dtype=np.float32)).resize((resolution, resolution),
+                                                                        Image.Resampling.BICUBIC)
     grey = np.clip(np.rint(np.asarray(big) * 255.0), 0, 255).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
 

@@ -152,12 +152,12 @@ def vae_round_trip(*, vae, num: int = 200, seed: int = 0) -> dict[str, float]:
     classifier held back (mnist_real_accuracy: on the originals). Only held-out evaluation images
     are used; nothing here trains on them.
     """
-    import numpy as np
     import torch
 
     from ..data import load_dataset
     from ..data.analyzers import EVAL_SEED_OFFSET, MnistAnalyzer, StyleAnalyzer, images_from_pixel_values
     from ..data.mnist import mnist_source, render_mnist
+    from ..data.transforms import array_to_tensor
 
     def round_trip(pixels):
         with torch.no_grad():
@@ -174,8 +174,8 @@ def vae_round_trip(*, vae, num: int = 200, seed: int = 0) -> dict[str, float]:
     mnist = MnistAnalyzer()
     images, labels = mnist_source()
     held = list(mnist.held_out_indices)
-    pixels = torch.stack([torch.from_numpy(render_mnist(image=images[i], resolution=64)).permute(2, 0, 1)
-                          for i in held]).float() / 127.5 - 1.0
+    pixels = torch.stack([array_to_tensor(render_mnist(image=images[i], resolution=64), value_range=(-1.0, 1.0))
+                          for i in held])
     truth = [int(labels[i]) for i in held]
     return {
         "style_kept": kept / max(real, 1e-12),
