@@ -23,22 +23,31 @@ from pathlib import Path
 
 
 def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 200, workdir=None,
-          device: str | None = None, log=print, data: str = "digits", seeds=(0,)) -> dict:
+          device: str | None = None, log=print, data: str = "digits", seeds=(0,), score_on: str = "classifier",
+          base: bool = True, audit: bool = True) -> dict:
+    """`score_on='validation'` (mnist) scores with an analyzer fitted on the validation split: the
+    setting for recipe sweeps, which must never look at the classifier split."""
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
     from privdiff.pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
     from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
     from privdiff.data import procedural_dataset
     from privdiff.data.private_sets import DIGITS_TOTAL, DIGITS_TRAIN_SIZE
     from privdiff.pipelines.membership import audit_membership
+    from privdiff.data.analyzers import MnistAnalyzer
 
     sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="privdiff-digits-"))
-    base = load_privdiff_tiny().to(device or "cpu")
-    base.set_progress_bar_config(disable=True)
-    rows = {"base": {"digit_accuracy": evaluate_quality(pipeline=base, set_name=data, num=num_eval,
-                                                        sampling=sampling).metrics["digit_accuracy"]}}
-    log(f"base model: accuracy {rows['base']['digit_accuracy']:.3f}")
-    del base
+    if score_on not in ("classifier", "validation") or (score_on == "validation" and data != "mnist"):
+        raise ValueError(f"score_on={score_on!r}: 'classifier', or 'validation' with data='mnist'")
+    analyzer = MnistAnalyzer(split="validation") if score_on == "validation" else None
+    rows = {}
+    if base:
+        model = load_privdiff_tiny().to(device or "cpu")
+        model.set_progress_bar_config(disable=True)
+        rows["base"] = {"digit_accuracy": evaluate_quality(pipeline=model, set_name=data, num=num_eval, sampling=sampling,
+                                                           analyzer=analyzer).metrics["digit_accuracy"]}
+        log(f"base model: accuracy {rows['base']['digit_accuracy']:.3f}")
+        del model
     # Non-members for the audit: the train split's next items while there are enough of them, else the
     # classifier split (never trained on by anyone; the same distribution).
     nonmembers, num_members = None, num_items
@@ -62,17 +71,19 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
         result = train_dp_ldm(base=pipeline, data=data, num_items=num_items, out=out, config=config,
                               device=device)
         seconds = time.perf_counter() - start
-        accuracy = evaluate_quality(pipeline=pipeline, set_name=data, num=num_eval,
-                                    sampling=sampling).metrics["digit_accuracy"]
-        audit = audit_membership(pipeline=pipeline, data=data, num_members=num_members, data_seed=config.seed,
-                                 nonmember_data=nonmembers)
-        rows[name] = {"epsilon": result.epsilon, "digit_accuracy": accuracy, "mia_auc": audit.auc,
-                      "mia_tpr_at_1pct_fpr": audit.tpr_at_1pct_fpr, "steps": result.total_steps,
+        accuracy = evaluate_quality(pipeline=pipeline, set_name=data, num=num_eval, sampling=sampling,
+                                    analyzer=analyzer).metrics["digit_accuracy"]
+        rows[name] = {"epsilon": result.epsilon, "digit_accuracy": accuracy, "steps": result.total_steps,
                       "train_seconds": round(seconds), "samples": str(result.sample_grid)}
-        log(f"{name}: accuracy {accuracy:.3f}, MIA AUC {audit.auc:.3f}, TPR@1%FPR {audit.tpr_at_1pct_fpr:.3f}, "
-            f"{result.total_steps} steps in {seconds / 60:.1f} min")
+        line = f"{name}: accuracy {accuracy:.3f}"
+        if audit:
+            report = audit_membership(pipeline=pipeline, data=data, num_members=num_members, data_seed=config.seed,
+                                      nonmember_data=nonmembers)
+            rows[name].update(mia_auc=report.auc, mia_tpr_at_1pct_fpr=report.tpr_at_1pct_fpr)
+            line += f", MIA AUC {report.auc:.3f}, TPR@1%FPR {report.tpr_at_1pct_fpr:.3f}"
+        log(f"{line}, {result.total_steps} steps in {seconds / 60:.1f} min")
     example = DPLDMConfig(**config_overrides)
-    return {"data": data, "num_items": num_items, "num_eval": num_eval, "seeds": list(seeds),
+    return {"data": data, "num_items": num_items, "num_eval": num_eval, "seeds": list(seeds), "score_on": score_on,
             "config": asdict(example), "rows": rows}
 
 
@@ -118,6 +129,10 @@ def main(argv=None) -> int:
     parser.add_argument("--conditioning-clip-share", type=float, default=DEFAULTS["conditioning_clip_share"])
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cpu)")
+    parser.add_argument("--score-on", default="classifier", choices=["classifier", "validation"],
+                        help="validation: an analyzer fitted on mnist's validation split, for recipe sweeps")
+    parser.add_argument("--no-base", action="store_true", help="skip scoring the base model")
+    parser.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
@@ -127,7 +142,8 @@ def main(argv=None) -> int:
                            physical_batch_size=args.physical_batch_size)
     figures = study(epsilons=epsilons, num_items=args.num_items, config_overrides=overrides,
                     num_eval=args.num_eval, workdir=args.workdir, device=args.device,
-                    log=lambda line: print(line, flush=True), data=args.data, seeds=tuple(args.seeds))
+                    log=lambda line: print(line, flush=True), data=args.data, seeds=tuple(args.seeds),
+                    score_on=args.score_on, base=not args.no_base, audit=not args.no_audit)
     print(json.dumps(figures["rows"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -95,7 +95,8 @@ def vae_ceiling(*, num: int = 100) -> dict:
 
 def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: str, steps: int, batch_size: int,
           learning_rate: float, clip: float, dpsgd_epochs: float, dpsgd_max_grad_norm: float,
-          dpsgd_learning_rate: float, workdir=None, log=print) -> dict:
+          dpsgd_learning_rate: float, workdir=None, log=print, seeds=(0,)) -> dict:
+    """The private rows run once per seed in `seeds` (their own sampling and noise); the reference rows once."""
     from privdiff.data import load_dataset
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
     from privdiff.pipelines.dp_ti import DPAggConfig, DPSGDTIConfig, train_dpagg_ti, train_dpsgd_ti
@@ -105,21 +106,25 @@ def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: st
     workdir = Path(workdir or tempfile.mkdtemp(prefix="privdiff-style-"))
     dataset = load_dataset(data="style", num_items=num_images)
     heldout = load_dataset(data="style", num_items=100, seed=1)  # another seed: other images, never trained on
-    common = dict(token=TOKEN, init_word=init_word, template=TEMPLATE, seed=0)
+    common = dict(token=TOKEN, init_word=init_word, template=TEMPLATE)
     dpagg = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, clip=clip, **common)
     runs = {
         "non-private TI": lambda out: train_dpagg_ti(
             pipeline=load_privdiff_tiny(), dataset=dataset, out=out,
-            config=DPAggConfig(epsilon=None, num_subsets=1, **dpagg)),
+            config=DPAggConfig(epsilon=None, num_subsets=1, seed=0, **dpagg)),
         "DPAgg σ=0 (no privacy)": lambda out: train_dpagg_ti(
-            pipeline=load_privdiff_tiny(), dataset=dataset, out=out, config=DPAggConfig(epsilon=None, **dpagg)),
-        f"DPAgg-TI ε={epsilon:g}": lambda out: train_dpagg_ti(
-            pipeline=load_privdiff_tiny(), dataset=dataset, out=out, config=DPAggConfig(epsilon=epsilon, **dpagg)),
-        f"DP-SGD TI ε={epsilon:g}": lambda out: train_dpsgd_ti(
-            pipeline=load_privdiff_tiny(), dataset=dataset, out=out,
-            config=DPSGDTIConfig(epsilon=epsilon, epochs=dpsgd_epochs, batch_size=batch_size,
-                                 max_grad_norm=dpsgd_max_grad_norm, learning_rate=dpsgd_learning_rate, **common)),
+            pipeline=load_privdiff_tiny(), dataset=dataset, out=out, config=DPAggConfig(epsilon=None, seed=0, **dpagg)),
     }
+    suffix = (lambda seed: f" seed={seed}") if len(seeds) > 1 else (lambda seed: "")
+    for seed in seeds:
+        runs[f"DPAgg-TI ε={epsilon:g}{suffix(seed)}"] = lambda out, seed=seed: train_dpagg_ti(
+            pipeline=load_privdiff_tiny(), dataset=dataset, out=out,
+            config=DPAggConfig(epsilon=epsilon, seed=seed, **dpagg))
+    for seed in seeds:
+        runs[f"DP-SGD TI ε={epsilon:g}{suffix(seed)}"] = lambda out, seed=seed: train_dpsgd_ti(
+            pipeline=load_privdiff_tiny(), dataset=dataset, out=out,
+            config=DPSGDTIConfig(epsilon=epsilon, epochs=dpsgd_epochs, batch_size=batch_size, seed=seed,
+                                 max_grad_norm=dpsgd_max_grad_norm, learning_rate=dpsgd_learning_rate, **common))
     rows = {"base (initialiser word)": _score(files=None, init_word=init_word, num_eval=num_eval, sampling=sampling,
                                               heldout=heldout)}
     log(f"base: {rows['base (initialiser word)']}")
@@ -138,7 +143,17 @@ def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: st
         for metric, sign in (("style_match", 1), ("heldout_loss", -1)):
             gain = sign * (reference[metric] - base[metric])
             row[f"{metric}_share_of_non_private_gain"] = sign * (row[metric] - base[metric]) / gain if gain > 0 else None
+    import numpy as np
+
+    summary = {}
+    for method in ("DPAgg-TI", "DP-SGD TI"):
+        shares = [row["style_match_share_of_non_private_gain"] for name, row in rows.items()
+                  if name.startswith(method + " ")]
+        if shares and None not in shares:
+            summary[method] = {"style_share_mean": float(np.mean(shares)), "style_share_min": float(min(shares)),
+                               "style_share_max": float(max(shares))}
     return {"num_images": num_images, "num_eval": num_eval, "template": TEMPLATE, "epsilon": epsilon,
+            "seeds": list(seeds), "summary": summary,
             "settings": dict(init_word=init_word, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                              clip=clip, dpsgd_epochs=dpsgd_epochs, dpsgd_max_grad_norm=dpsgd_max_grad_norm,
                              dpsgd_learning_rate=dpsgd_learning_rate),
@@ -150,16 +165,18 @@ def main(argv=None) -> int:
     parser.add_argument("--epsilon", type=float, default=1.0)
     for key, value in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of each private row per seed")
     parser.add_argument("--vae-ceiling", action="store_true", help="also score real images after the VAE round trip")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     settings = {key: getattr(args, key) for key in DEFAULTS}
-    figures = study(epsilon=args.epsilon, workdir=args.workdir, log=lambda line: print(line, flush=True), **settings)
+    figures = study(epsilon=args.epsilon, workdir=args.workdir, log=lambda line: print(line, flush=True),
+                    seeds=tuple(args.seeds), **settings)
     if args.vae_ceiling:
         figures["vae_ceiling"] = vae_ceiling()
         print(f"style analyzer on real images: {figures['vae_ceiling']}")
-    print(json.dumps(figures["rows"], indent=2))
+    print(json.dumps({"rows": figures["rows"], "summary": figures["summary"]}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0

@@ -4,6 +4,7 @@
     python bench/federated.py digits --out /tmp/fed-digits  # a simulation, then digit accuracy vs the base
     python bench/federated.py non-iid --betas 0.1 5 --rounds 3 --num-items 300 --digit-words --out /tmp/fed-beta
     python bench/federated.py non-iid-direct --clients 10 --rounds 3 --local-epochs 30 --batch-size 10 --lr 3e-3 --num-items 300 --digit-words
+    python bench/federated.py labels --data mnist --settings iid 0.1 0.1:0.01 --seeds 0 1 2 --trainable full ...
 
 `bytes`: the serialised arrays of the Flower messages each client receives and sends per round (the
 global set down, its own set up; fp32), for `full`, `attention` and `lora`. `digits`: `privdiff fed simulate` on privdiff-tiny
@@ -70,12 +71,12 @@ def digits(args) -> dict:
     sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
     base = load_privdiff_tiny()
     base.set_progress_bar_config(disable=True)
-    base_accuracy = evaluate_quality(pipeline=base, set_name="digits", num=args.eval_num, sampling=sampling).metrics
+    base_accuracy = evaluate_quality(pipeline=base, set_name=getattr(args, "data", "digits"), num=args.eval_num, sampling=sampling).metrics
     tuned = load_privdiff_tiny()
     tuned.set_progress_bar_config(disable=True)
     initial_parameters(config, tuned)  # the same set (and rows) as the run, then its final values
     load_parameters(tuned, load_file(f"{args.out}/global-round-{state['last_round']}.safetensors"))
-    tuned_accuracy = evaluate_quality(pipeline=tuned, set_name="digits", num=args.eval_num, sampling=sampling).metrics
+    tuned_accuracy = evaluate_quality(pipeline=tuned, set_name=getattr(args, "data", "digits"), num=args.eval_num, sampling=sampling).metrics
     rounds = {r: {"wall_seconds": v["wall_seconds"],
                   "sum_local_seconds": sum(c["local-seconds"] for c in v["clients"]),
                   "max_local_seconds": max(c["local-seconds"] for c in v["clients"])}
@@ -84,13 +85,76 @@ def digits(args) -> dict:
             "federated": tuned_accuracy, "rounds": rounds}
 
 
-def _digits_config(args, *, beta):
+def _digits_config(args, *, beta, seed=None, proximal_mu=0.0):
     from privdiff.federated.fedavg import FederatedConfig
 
-    return FederatedConfig(data="digits", num_items=args.num_items, heldout_items=100, num_clients=args.clients,
-                           rounds=args.rounds, beta=beta, seed=args.seed, trainable=args.trainable,
+    return FederatedConfig(data=getattr(args, "data", "digits"), num_items=args.num_items, heldout_items=100,
+                           num_clients=args.clients, rounds=args.rounds, beta=beta,
+                           seed=args.seed if seed is None else seed, trainable=args.trainable,
                            local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                           conditioning_words=tuple("0123456789") if args.digit_words else ())
+                           conditioning_words=tuple("0123456789") if args.digit_words else (),
+                           proximal_mu=proximal_mu)
+
+
+def per_label(args) -> dict:
+    """Per-label accuracy of the final global model for each setting and seed, without Flower or Ray
+    (the same `train_round` the ClientApp calls, and FedAvg's sample-weighted mean; with a mu, the
+    clients add FedProx's proximal term as they do when Flower's FedProx sends it). A setting is
+    'iid', a Dirichlet β ('0.1'), or 'β:mu' for FedProx ('0.1:0.01')."""
+    import numpy as np
+
+    from privdiff.data.analyzers import analyzer_for
+    from privdiff.federated.fedavg import client_partition, initial_parameters, load_data, load_parameters, train_round
+    from privdiff.federated.partition import dataset_labels
+    from privdiff.models.loading import load_pipeline
+    from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
+
+    sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
+    analyzer = analyzer_for(args.data)()
+
+    def scored(pipeline) -> dict:
+        report = evaluate_quality(pipeline=pipeline, set_name=args.data, num=args.eval_num, sampling=sampling,
+                                  analyzer=analyzer)
+        wanted = [i % 10 for i in range(len(report.images))]
+        read = analyzer.predict(images=report.images)
+        hits = np.array([a == b for a, b in zip(read, wanted)])
+        return {"accuracy": float(hits.mean()),
+                "per_label": [float(hits[np.array(wanted) == d].mean()) for d in range(10)]}
+
+    base = load_pipeline(base="tiny")
+    base.set_progress_bar_config(disable=True)
+    results = {"base": scored(base), "settings": {}}
+    for setting in args.settings:
+        beta_text, _, mu_text = setting.partition(":")
+        beta = None if beta_text == "iid" else float(beta_text)
+        mu = float(mu_text) if mu_text else 0.0
+        rows = []
+        for seed in args.seeds:
+            config = _digits_config(args, beta=beta, seed=seed, proximal_mu=mu)
+            pipeline = load_pipeline(base="tiny")
+            pipeline.set_progress_bar_config(disable=True)
+            global_set = initial_parameters(config, pipeline)
+            dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+            partition = client_partition(config, dataset)
+            labels = np.array(dataset_labels(dataset)[:config.num_items])
+            for round_number in range(1, config.rounds + 1):
+                replies = [train_round(config=config, client=c, round_number=round_number, initial=global_set)
+                           for c in range(config.num_clients)]
+                total = sum(m["num-examples"] for _, m in replies)
+                global_set = {k: sum(p[k] * (m["num-examples"] / total) for p, m in replies) for k in global_set}
+            load_parameters(pipeline, global_set)
+            row = scored(pipeline)
+            row.update(seed=seed, partition_sizes=partition.sizes,
+                       client_label_counts=[np.bincount(labels[list(ix)], minlength=10).tolist()
+                                            for ix in partition.indices])
+            print(f"{setting} seed {seed}: accuracy {row['accuracy']:.3f}, per label "
+                  f"{' '.join(f'{v:.2f}' for v in row['per_label'])}", flush=True)
+            rows.append(row)
+        accuracies = [r["accuracy"] for r in rows]
+        results["settings"][setting] = {"runs": rows, "accuracy_mean": float(np.mean(accuracies)),
+                                        "accuracy_std": float(np.std(accuracies)),
+                                        "per_label_mean": np.mean([r["per_label"] for r in rows], axis=0).tolist()}
+    return results
 
 
 def non_iid(args) -> dict:
@@ -154,7 +218,11 @@ def non_iid_direct(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["bytes", "digits", "non-iid", "non-iid-direct"])
+    parser.add_argument("what", choices=["bytes", "digits", "non-iid", "non-iid-direct", "labels"])
+    parser.add_argument("--data", default="digits", choices=["digits", "mnist"])
+    parser.add_argument("--settings", nargs="+", default=["iid", "0.1", "0.1:0.01"],
+                        help="labels: 'iid', a Dirichlet β, or 'β:mu' (FedProx)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="labels: one run per seed")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 5.0], help="non-iid: the β to compare")
     parser.add_argument("--model", default="tiny", help="bytes: tiny or sd15")
     parser.add_argument("--clients", type=int, default=3)
@@ -174,7 +242,8 @@ def main(argv=None) -> int:
     if args.what == "bytes":
         result = bytes_per_round(model=args.model, num_clients=args.clients)
     else:
-        result = {"digits": digits, "non-iid": non_iid, "non-iid-direct": non_iid_direct}[args.what](args)
+        result = {"digits": digits, "non-iid": non_iid, "non-iid-direct": non_iid_direct,
+                  "labels": per_label}[args.what](args)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

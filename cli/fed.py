@@ -50,6 +50,7 @@ def simulate(args) -> int:
                                  batch_size=args.batch_size, learning_rate=args.lr, local_epsilon=args.local_epsilon,
                                  client_dp_noise_multiplier=args.client_dp_noise, client_dp_clipping_norm=args.client_dp_clip,
                                  client_dp_delta=args.client_dp_delta, secure_aggregation=args.secure_aggregation,
+                                 proximal_mu=args.proximal_mu,
                                  adjacency=args.adjacency)
     import flwr  # noqa: F401  (refused here, with the install command, before anything loads)
 

@@ -216,6 +216,9 @@ def _add_fed_simulate(simulate) -> None:
                                "NOT covered by ε) in <out>/byproducts-not-covered-by-dp")
     simulate.add_argument("--secure-aggregation", action="store_true",
                           help="Flower's SecAgg+: the server sees only the sum of the clients' models")
+    simulate.add_argument("--proximal-mu", type=float, default=0.0,
+                          help="FedProx (Flower's strategy): each client adds (mu/2)·||w - w_global||² to its "
+                               "objective, keeping non-IID clients near the global model (default 0: FedAvg)")
     simulate.add_argument("--settings", default=None,
                           help="take every setting from this JSON file (FederatedConfig's fields) instead of the options")
 

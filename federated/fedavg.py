@@ -13,6 +13,7 @@ server computes on private items (held-out losses, client reports, the loss plot
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -62,6 +63,9 @@ class FederatedConfig:
     client_dp_clipping_norm: float = 0.1
     client_dp_delta: float | None = None  # default min(1e-5, 0.1 / clients): well below 1 / clients
     secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the clients' sum
+    # FedProx (Flower's strategy): the server sends mu as "proximal-mu"; each client adds
+    # (mu/2)·||w - w_global||² to its local objective, which keeps non-IID clients near the global model.
+    proximal_mu: float = 0.0
     # Neighbouring datasets of every guarantee: one unit (example; client, for client-level DP) added
     # or removed, or replaced by another.
     adjacency: str = "add-remove"
@@ -73,6 +77,12 @@ class FederatedConfig:
         check_partition_request(num_examples=self.num_items, num_clients=self.num_clients, beta=self.beta)
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds} must be at least 1.")
+        if not (isinstance(self.proximal_mu, (int, float)) and math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu={self.proximal_mu!r} must be a finite number >= 0 (0: FedAvg; FedProx "
+                             "uses 0.001 to 1).")
+        if self.proximal_mu and self.secure_aggregation:
+            raise ValueError("proximal_mu (FedProx) with secure_aggregation is not supported yet: the SecAgg+ path "
+                             "runs Flower's legacy FedAvg; drop one of them.")
         if self.trainable not in TRAINABLE_SETS:
             raise ValueError(f"trainable={self.trainable!r} is not a parameter set privdiff knows; choose one of "
                              f"{', '.join(TRAINABLE_SETS)}.")
@@ -149,9 +159,10 @@ class FederatedConfig:
     def local_delta(num_examples: int) -> float:
         return 1.0 / (10 * num_examples)
 
-    def local_config(self, *, client: int, round_number: int, num_examples: int):
+    def local_config(self, *, client: int, round_number: int, num_examples: int, proximal_mu: float | None = None):
         """The DP-LDM trainer's settings for one client's local training in one round: under local DP,
-        the σ of `local_plan` (calibrated over every round), so the rounds add up to `local_epsilon`."""
+        the σ of `local_plan` (calibrated over every round), so the rounds add up to `local_epsilon`.
+        `proximal_mu`: FedProx's mu as the server sent it (default: this config's)."""
         from ..pipelines.dp_ldm import DPLDMConfig
 
         plan = self.local_plan(num_examples=num_examples)
@@ -160,6 +171,7 @@ class FederatedConfig:
                            conditioning_words=tuple(self.conditioning_words), adjacency=self.adjacency,
                            max_grad_norm=self.local_max_grad_norm, epochs=self.local_epochs,
                            batch_size=plan.batch_size, learning_rate=self.learning_rate,
+                           proximal_mu=self.proximal_mu if proximal_mu is None else float(proximal_mu),
                            seed=self.seed + 1000 * round_number + client)
 
     def to_run_config(self) -> dict:
@@ -306,9 +318,11 @@ def load_parameters(pipeline, parameters: dict) -> None:
 # ---- the Flower apps ------------------------------------------------------------------------
 
 
-def train_round(*, config: FederatedConfig, client: int, round_number: int, initial: dict) -> tuple[dict, dict]:
+def train_round(*, config: FederatedConfig, client: int, round_number: int, initial: dict,
+                proximal_mu: float | None = None) -> tuple[dict, dict]:
     """One client's local training in one round, from the global set `initial`: its trained set and
-    what it reports (example count, steps, time; its loss only when no DP is on)."""
+    what it reports (example count, steps, time; its loss only when no DP is on). `proximal_mu`:
+    FedProx's mu from the server's message (default: `config.proximal_mu`)."""
     import torch
 
     from ..models.loading import load_pipeline
@@ -319,7 +333,8 @@ def train_round(*, config: FederatedConfig, client: int, round_number: int, init
     dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
     subset = _Subset(dataset, client_partition(config, dataset).indices[client])
     started = time.perf_counter()
-    local = config.local_config(client=client, round_number=round_number, num_examples=len(subset))
+    local = config.local_config(client=client, round_number=round_number, num_examples=len(subset),
+                                proximal_mu=proximal_mu)
     result = train_in_memory(pipeline=pipeline, dataset=subset, config=local, initial=initial)
     # Under local DP, the ε reported is this client's total so far: its rounds compose.
     spent = config.local_plan(num_examples=len(subset)).epsilon(rounds=round_number, config=config)
@@ -346,9 +361,11 @@ def client_app():
         import torch  # noqa: F401  (Flower's to_torch_state_dict needs torch imported first)
 
         config = FederatedConfig.from_run_config(context.run_config or message.content["config"])
+        sent = message.content["config"]
         parameters, metrics = train_round(config=config, client=int(context.node_config["partition-id"]),
-                                          round_number=int(message.content["config"]["server-round"]),
-                                          initial=message.content["arrays"].to_torch_state_dict())
+                                          round_number=int(sent["server-round"]),
+                                          initial=message.content["arrays"].to_torch_state_dict(),
+                                          proximal_mu=float(sent["proximal-mu"]) if "proximal-mu" in sent else 0.0)
         return Message(RecordDict({"arrays": ArrayRecord(parameters), "metrics": MetricRecord(metrics)}),
                        reply_to=message)
 
@@ -364,10 +381,11 @@ def _clip_when_asked(message, context, call_next):
     return call_next(message, context)
 
 
-def _strategy_class():
-    from flwr.serverapp.strategy import FedAvg
+def _strategy_class(*, proximal: bool = False):
+    """FedAvg, or Flower's FedProx (which sends "proximal-mu" to the clients) when `proximal`."""
+    from flwr.serverapp.strategy import FedAvg, FedProx
 
-    class CheckpointingFedAvg(FedAvg):
+    class CheckpointingFedAvg(FedProx if proximal else FedAvg):
         """FedAvg that counts rounds from where a resumed run left off and keeps each round's client
         reports and wall time for the checkpoint, which is written after the round's final model
         exists (after Flower's DP noise, when that is on)."""
@@ -549,9 +567,11 @@ def server_app(*, config: FederatedConfig | None = None, out: str | Path | None 
         done = run.done
         if done >= config.rounds:
             return
-        inner = _strategy_class()(round_offset=done, fraction_train=1.0, fraction_evaluate=0.0,
-                                  min_train_nodes=config.num_clients, min_available_nodes=config.num_clients,
-                                  weighted_by_key="dp-weight" if config.client_dp else "num-examples")
+        extra = {"proximal_mu": config.proximal_mu} if config.proximal_mu else {}
+        inner = _strategy_class(proximal=bool(config.proximal_mu))(
+            round_offset=done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.num_clients,
+            min_available_nodes=config.num_clients, weighted_by_key="dp-weight" if config.client_dp else "num-examples",
+            **extra)
         strategy = inner
         if config.client_dp:
             from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping

@@ -65,6 +65,10 @@ class DPLDMConfig:
     keep_byproducts: bool = False
     num_samples: int = 16
     sample_prompts: tuple[str, ...] = ()  # prompts for samples.png; default: public shape prompts
+    # FedProx's proximal term (mu/2)·||w - w_start||², w_start the set the run starts from (the round's
+    # global model in federated training). It does not depend on the data, so under DP its gradient
+    # is added after the noise: post-processing, ε unchanged.
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         from .trainable import TRAINABLE_SETS
@@ -88,6 +92,10 @@ class DPLDMConfig:
                              "physical_batch_size to at least noise_draws, or use fewer draws.")
         if self.num_samples < 0:
             raise ValueError(f"num_samples={self.num_samples} must be 0 (no sample grid) or more.")
+        if not (isinstance(self.proximal_mu, (int, float)) and math.isfinite(self.proximal_mu)
+                and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu={self.proximal_mu!r} must be a finite number >= 0 (0: no proximal term; "
+                             "FedProx uses 0.001 to 1).")
         if not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs} must be positive.")
         if not self.max_grad_norm > 0 or not self.learning_rate > 0:
@@ -168,6 +176,9 @@ class _Run:
         self.delta = config.delta if config.delta is not None else 1.0 / (10 * num_examples)
         lr = config.learning_rate * config.batch_size / 32
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.anchor = None
+        if config.proximal_mu:
+            self.anchor_proximal_term()
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=0.0)
         self.train_generator = torch.Generator().manual_seed(config.seed + 1)
         # DP noise is drawn where the parameters live (a CPU draw of every trainable weight per step
@@ -246,9 +257,24 @@ class _Run:
         target = denoising_target(scheduler=self.noise_scheduler, z0=z0, noise=noise, t=t)
         return (prediction - target).pow(2).mean(dim=(1, 2, 3))
 
+    def anchor_proximal_term(self) -> None:
+        """Take the trainable set's current values as w_start of the proximal term."""
+        self.anchor = [p.detach().clone() for p in self.parameters]
+
+    def _add_proximal_gradient(self) -> None:
+        # d/dw (mu/2)·||w - w_start||² = mu·(w - w_start): public values only, so it may follow the DP noise.
+        if self.anchor is None:
+            return
+        import torch
+
+        with torch.no_grad():
+            for p, start in zip(self.parameters, self.anchor):
+                term = (p - start).mul_(self.config.proximal_mu)
+                p.grad = term if p.grad is None else p.grad.add_(term)
+
     def train_step(self) -> TrainProgress:
         if self.engine is not None:
-            info = self.engine.step(self.per_sample_loss)
+            info = self.engine.step(self.per_sample_loss, after_noise=self._add_proximal_gradient)
             loss, eps = info["loss"], info["epsilon"]
         else:
             indices, _ = self.sampler.sample()
@@ -257,6 +283,7 @@ class _Run:
                 draws = self.config.noise_draws  # each example's loss: the mean over its draws, as DP runs do
                 losses = self.per_sample_loss(indices.repeat_interleave(draws)).reshape(-1, draws).mean(1)
                 losses.mean().backward()
+                self._add_proximal_gradient()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = float(losses.detach().mean())
@@ -512,6 +539,8 @@ def train_in_memory(*, pipeline, dataset, config: DPLDMConfig, initial: dict | N
         with torch.no_grad():
             for name, value in initial.items():
                 current[name].copy_(value)
+        if config.proximal_mu:
+            run.anchor_proximal_term()  # FedProx pulls toward the round's global model
     while run.step < run.total_steps:
         info = run.train_step()
         if progress is not None:

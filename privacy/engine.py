@@ -153,9 +153,11 @@ class DPSGDEngine:
                    num_steps=self.config.steps - probe.total_steps)
         return probe.epsilon(delta=self.config.delta)
 
-    def step(self, per_sample_loss: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    def step(self, per_sample_loss: Callable[[torch.Tensor], torch.Tensor], *,
+             after_noise: Callable[[], None] | None = None) -> dict:
         """One logical DP-SGD step. Returns {'batch_units', 'loss' (None if empty), 'epsilon' (ε spent,
-        refreshed every `epsilon_every` steps)}."""
+        refreshed every `epsilon_every` steps)}. `after_noise` runs between the noisy average and the
+        optimizer step, e.g. to add a regulariser's gradient: it must not read private data."""
         config = self.config
         within_plan = self.accountant.total_steps + 1 <= config.steps and all(
             (s.noise_multiplier, s.sample_rate) == (self.noise_multiplier, config.sample_rate)
@@ -205,6 +207,8 @@ class DPSGDEngine:
                 expected_batch_units=self.sampler.expected_batch_units, generator=self.generator,
                 add_noise=self.rank == 0, all_reduce=_all_reduce_sum if self.world_size > 1 else None,
             )
+        if after_noise is not None:
+            after_noise()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=config.sample_rate)

