@@ -104,10 +104,20 @@ def _overrides(*, trainable, epochs, batch_size, lr, max_grad_norm, conditioning
                 noise_draws=noise_draws)
 
 
-def default_arguments() -> dict:
-    """`study()` keyword arguments for the published settings (all but `epsilons`)."""
-    training = {k: v for k, v in DEFAULTS.items() if k not in ("num_items", "num_eval")}
-    return dict(num_items=DEFAULTS["num_items"], num_eval=DEFAULTS["num_eval"], config_overrides=_overrides(**training))
+# The mnist recipe (issue [10]), chosen on the validation split (bench/RESULTS.md lists the sweep): the
+# whole UNet plus the ten digit rows (group-wise clipping, half of C² for the rows), expected batch 250
+# of the 3,000 (q = 1/12), 10 epochs (120 steps), AdamW at 1.5e-3 (1.92e-4 x 250/32), C = 0.01, K = 1.
+MNIST_DEFAULTS = dict(num_items=3000, num_eval=200, trainable="full", epochs=10.0, batch_size=250, lr=1.92e-4,
+                      max_grad_norm=0.01, conditioning_words=DIGIT_WORDS, conditioning_clip_share=0.5,
+                      physical_batch_size=100)
+
+
+def default_arguments(data: str = "digits") -> dict:
+    """`study()` keyword arguments for the published settings of `data` (all but `epsilons`)."""
+    defaults = MNIST_DEFAULTS if data == "mnist" else DEFAULTS
+    training = {k: v for k, v in defaults.items() if k not in ("num_items", "num_eval")}
+    return dict(num_items=defaults["num_items"], num_eval=defaults["num_eval"], data=data,
+                config_overrides=_overrides(**training))
 
 
 def main(argv=None) -> int:
