@@ -96,6 +96,17 @@ def _digits_config(args, *, beta, seed=None, proximal_mu=0.0):
                            proximal_mu=proximal_mu)
 
 
+def _direct_round(*, config, round_number: int, global_set: dict) -> dict:
+    """One FedAvg round without Flower: every client's `train_round` (as the ClientApp calls it) from
+    `global_set`, then their sample-weighted mean, the next global set."""
+    from privdiff.federated.fedavg import train_round
+
+    replies = [train_round(config=config, client=c, round_number=round_number, initial=global_set)
+               for c in range(config.num_clients)]
+    total = sum(m["num-examples"] for _, m in replies)
+    return {k: sum(p[k] * (m["num-examples"] / total) for p, m in replies) for k in global_set}
+
+
 def per_label(args) -> dict:
     """Per-label accuracy of the final global model for each setting and seed, without Flower or Ray
     (the same `train_round` the ClientApp calls, and FedAvg's sample-weighted mean; with a mu, the
@@ -104,7 +115,7 @@ def per_label(args) -> dict:
     import numpy as np
 
     from privdiff.data.analyzers import analyzer_for
-    from privdiff.federated.fedavg import client_partition, initial_parameters, load_data, load_parameters, train_round
+    from privdiff.federated.fedavg import client_partition, initial_parameters, load_data, load_parameters
     from privdiff.federated.partition import dataset_labels
     from privdiff.models.loading import load_pipeline
     from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
@@ -138,10 +149,7 @@ def per_label(args) -> dict:
             partition = client_partition(config, dataset)
             labels = np.array(dataset_labels(dataset)[:config.num_items])
             for round_number in range(1, config.rounds + 1):
-                replies = [train_round(config=config, client=c, round_number=round_number, initial=global_set)
-                           for c in range(config.num_clients)]
-                total = sum(m["num-examples"] for _, m in replies)
-                global_set = {k: sum(p[k] * (m["num-examples"] / total) for p, m in replies) for k in global_set}
+                global_set = _direct_round(config=config, round_number=round_number, global_set=global_set)
             load_parameters(pipeline, global_set)
             row = scored(pipeline)
             row.update(seed=seed, partition_sizes=partition.sizes,
@@ -185,7 +193,7 @@ def non_iid_direct(args) -> dict:
     import numpy as np
 
     from privdiff.federated.fedavg import (HELDOUT_TIMESTEPS, client_partition, initial_parameters, load_data,
-                                           load_parameters, train_round)
+                                           load_parameters)
     from privdiff.models.loading import load_pipeline
     from privdiff.pipelines.membership import MembershipAuditConfig, diffusion_losses
 
@@ -204,10 +212,7 @@ def non_iid_direct(args) -> dict:
 
         history = [per_timestep()]
         for round_number in range(1, config.rounds + 1):
-            replies = [train_round(config=config, client=c, round_number=round_number, initial=global_set)
-                       for c in range(config.num_clients)]
-            total = sum(m["num-examples"] for _, m in replies)
-            global_set = {k: sum(p[k] * (m["num-examples"] / total) for p, m in replies) for k in global_set}
+            global_set = _direct_round(config=config, round_number=round_number, global_set=global_set)
             load_parameters(pipeline, global_set)
             history.append(per_timestep())
         results[str(beta)] = {"partition_sizes": client_partition(config, dataset).sizes,
