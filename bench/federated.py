@@ -118,19 +118,17 @@ def per_label(args) -> dict:
     from privdiff.federated.fedavg import client_partition, initial_parameters, load_data, load_parameters
     from privdiff.federated.partition import dataset_labels
     from privdiff.models.loading import load_pipeline
-    from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
+    from privdiff.pipelines.evaluation import SamplingConfig, evaluation_items, generate
 
     sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
     analyzer = analyzer_for(args.data)()
+    items = evaluation_items(set_name=args.data, num=args.eval_num, seed=sampling.seed)
+    wanted = np.array([item["label"] for item in items])
 
     def scored(pipeline) -> dict:
-        report = evaluate_quality(pipeline=pipeline, set_name=args.data, num=args.eval_num, sampling=sampling,
-                                  analyzer=analyzer)
-        wanted = [i % 10 for i in range(len(report.images))]
-        read = analyzer.predict(images=report.images)
-        hits = np.array([a == b for a, b in zip(read, wanted)])
-        return {"accuracy": float(hits.mean()),
-                "per_label": [float(hits[np.array(wanted) == d].mean()) for d in range(10)]}
+        images = generate(pipeline=pipeline, prompts=[item["caption"] for item in items], sampling=sampling)
+        hits = np.array(analyzer.score(images=images, labels=wanted.tolist()).predictions) == wanted
+        return {"accuracy": float(hits.mean()), "per_label": [float(hits[wanted == d].mean()) for d in range(10)]}
 
     base = load_pipeline(base="tiny")
     base.set_progress_bar_config(disable=True)

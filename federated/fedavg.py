@@ -13,7 +13,6 @@ server computes on private items (held-out losses, client reports, the loss plot
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -71,15 +70,14 @@ class FederatedConfig:
     adjacency: str = "add-remove"
 
     def __post_init__(self) -> None:
+        from ..pipelines.dp_ldm import check_proximal_mu
         from ..pipelines.trainable import TRAINABLE_SETS
         from .partition import check_partition_request
 
         check_partition_request(num_examples=self.num_items, num_clients=self.num_clients, beta=self.beta)
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds} must be at least 1.")
-        if not (isinstance(self.proximal_mu, (int, float)) and math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
-            raise ValueError(f"proximal_mu={self.proximal_mu!r} must be a finite number >= 0 (0: FedAvg; FedProx "
-                             "uses 0.001 to 1).")
+        check_proximal_mu(self.proximal_mu)
         if self.proximal_mu and self.secure_aggregation:
             raise ValueError("proximal_mu (FedProx) with secure_aggregation is not supported yet: the SecAgg+ path "
                              "runs Flower's legacy FedAvg; drop one of them.")

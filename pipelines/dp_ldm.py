@@ -23,6 +23,13 @@ WEIGHTS_LORA = "dp_ldm_lora.safetensors"  # trainable='lora': one file for diffu
 TEXT_ROWS_PARAM = "text_encoder.embeddings.token_embedding.rows"  # the conditioning rows, in the run's model
 
 
+def check_proximal_mu(value) -> None:
+    """FedProx's mu: a finite number >= 0 (0: no proximal term). For DPLDMConfig and FederatedConfig."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"proximal_mu={value!r} must be a finite number >= 0 (0: no proximal term, plain FedAvg "
+                         "when federated; FedProx uses 0.001 to 1).")
+
+
 @dataclass(frozen=True)
 class DPLDMConfig:
     trainable: str = "attention"
@@ -92,10 +99,7 @@ class DPLDMConfig:
                              "physical_batch_size to at least noise_draws, or use fewer draws.")
         if self.num_samples < 0:
             raise ValueError(f"num_samples={self.num_samples} must be 0 (no sample grid) or more.")
-        if not (isinstance(self.proximal_mu, (int, float)) and math.isfinite(self.proximal_mu)
-                and self.proximal_mu >= 0):
-            raise ValueError(f"proximal_mu={self.proximal_mu!r} must be a finite number >= 0 (0: no proximal term; "
-                             "FedProx uses 0.001 to 1).")
+        check_proximal_mu(self.proximal_mu)
         if not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs} must be positive.")
         if not self.max_grad_norm > 0 or not self.learning_rate > 0:
