@@ -22,12 +22,38 @@ from dataclasses import asdict
 from pathlib import Path
 
 
+def public_warmup(*, out, steps: int, batch_size: int = 100, lr: float = 3e-4, num_items: int = 10_000,
+                  seed: int = 0, device: str | None = None, log=print) -> Path:
+    """privdiff-tiny fine-tuned WITHOUT privacy on the public ``letters`` set (no digits; MNIST's
+    drawing), saved as a diffusers folder at ``out``: the public starting point of a handwriting
+    fine-tune, as DP-LDM starts MNIST from EMNIST letters. Only public data is seen."""
+    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
+
+    out = Path(out)
+    if (out / "model_index.json").is_file():
+        log(f"public warm-up: reusing {out}")
+        return out
+    pipeline = load_privdiff_tiny()
+    pipeline.set_progress_bar_config(disable=True)
+    config = DPLDMConfig(epsilon=None, trainable="full", epochs=steps * batch_size / num_items, batch_size=batch_size,
+                         physical_batch_size=batch_size, learning_rate=lr, seed=seed,
+                         sample_prompts=tuple(f"a handwritten letter {c}" for c in "abcdefghij"))
+    start = time.perf_counter()
+    train_dp_ldm(base=pipeline, data="letters", num_items=num_items, out=out.with_name(out.name + "-run"),
+                 config=config, device=device)
+    pipeline.to("cpu").save_pretrained(str(out), safe_serialization=True)
+    log(f"public warm-up: {steps} steps of {batch_size} on letters in {(time.perf_counter() - start) / 60:.1f} min -> {out}")
+    return out
+
+
 def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 200, workdir=None,
           device: str | None = None, log=print, data: str = "digits", seeds=(0,), score_on: str = "classifier",
-          base: bool = True, audit: bool = True) -> dict:
+          base: bool = True, audit: bool = True, base_model: str = "tiny") -> dict:
     """`score_on='validation'` (mnist) scores with an analyzer fitted on the validation split: the
-    setting for recipe sweeps, which must never look at the classifier split."""
-    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    setting for recipe sweeps, which must never look at the classifier split. `base_model`: what
+    `load_pipeline` takes ('tiny', or a folder such as `public_warmup`'s)."""
+    from privdiff.models.loading import load_pipeline
     from privdiff.pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
     from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
     from privdiff.data import procedural_dataset
@@ -42,7 +68,7 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
     analyzer = MnistAnalyzer(split="validation") if score_on == "validation" else None
     rows = {}
     if base:
-        model = load_privdiff_tiny().to(device or "cpu")
+        model = load_pipeline(base=base_model).to(device or "cpu")
         model.set_progress_bar_config(disable=True)
         rows["base"] = {"digit_accuracy": evaluate_quality(pipeline=model, set_name=data, num=num_eval, sampling=sampling,
                                                            analyzer=analyzer).metrics["digit_accuracy"]}
@@ -63,7 +89,7 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
         name = ("no DP" if epsilon is None else f"eps={epsilon:g}") + (f" seed={seed}" if len(seeds) > 1 else "")
         config = DPLDMConfig(epsilon=epsilon, sample_prompts=tuple(f"a handwritten digit {d}" for d in range(10)),
                              seed=seed, **config_overrides)
-        pipeline = load_privdiff_tiny()
+        pipeline = load_pipeline(base=base_model)
         pipeline.set_progress_bar_config(disable=True)
         start = time.perf_counter()
         out = workdir / name.replace("=", "")
@@ -84,7 +110,7 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
         log(f"{line}, {result.total_steps} steps in {seconds / 60:.1f} min")
     example = DPLDMConfig(**config_overrides)
     return {"data": data, "num_items": num_items, "num_eval": num_eval, "seeds": list(seeds), "score_on": score_on,
-            "config": asdict(example), "rows": rows}
+            "base_model": str(base_model), "config": asdict(example), "rows": rows}
 
 
 # The settings behind bench/RESULTS.md and the slow acceptance test.
@@ -143,8 +169,18 @@ def main(argv=None) -> int:
                         help="validation: an analyzer fitted on mnist's validation split, for recipe sweeps")
     parser.add_argument("--no-base", action="store_true", help="skip scoring the base model")
     parser.add_argument("--no-audit", action="store_true", help="skip the membership-inference audit")
+    parser.add_argument("--base-model", default="tiny", help="'tiny' or a diffusers folder")
+    parser.add_argument("--public-warmup", type=int, default=0, metavar="STEPS",
+                        help="first fine-tune the base WITHOUT privacy for STEPS steps of 100 on the public "
+                             "`letters` set (saved under the workdir, reused when there), and start from that")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    base_model = args.base_model
+    if args.public_warmup:
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="privdiff-digits-"))
+        args.workdir = workdir
+        base_model = str(public_warmup(out=workdir / f"letters-warmup-{args.public_warmup}", steps=args.public_warmup,
+                                       device=args.device, log=lambda line: print(line, flush=True)))
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     overrides = _overrides(trainable=args.trainable, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            max_grad_norm=args.max_grad_norm, conditioning_words=args.conditioning_words,
@@ -153,7 +189,7 @@ def main(argv=None) -> int:
     figures = study(epsilons=epsilons, num_items=args.num_items, config_overrides=overrides,
                     num_eval=args.num_eval, workdir=args.workdir, device=args.device,
                     log=lambda line: print(line, flush=True), data=args.data, seeds=tuple(args.seeds),
-                    score_on=args.score_on, base=not args.no_base, audit=not args.no_audit)
+                    score_on=args.score_on, base=not args.no_base, audit=not args.no_audit, base_model=base_model)
     print(json.dumps(figures["rows"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

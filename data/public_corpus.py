@@ -12,6 +12,11 @@ seen the private domain. So the corpus mixes three public sets, none with a digi
 - ``textures``: stripes, checks, dots and gradients in continuous random colours, captioned by kind
   only ("diagonal stripes"), so the autoencoder learns to reproduce colours nobody named.
 
+Outside the mixture, ``letters`` draws the same font's letters the way MNIST draws digits (light ink
+on black, pen-width strokes, fitted to 20x20 and centred by mass in 28x28, then upscaled like
+``mnist``): the public set a DP fine-tune on handwriting starts from, as DP-LDM starts MNIST from
+EMNIST letters, so the private budget is not spent learning "light strokes on black".
+
 ``public`` interleaves them (PUBLIC_MIX). Like every procedural set, item i is drawn from a generator
 seeded with (seed, set, i): nothing is stored and any item can be redrawn alone.
 """
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .private_sets import _check_ints, _PrivateProcedural, public_shapes_config
+from .private_sets import _check_ints, _PrivateProcedural, public_shapes_config, upscale_grey
 from .procedural import ShapesDataset
 from .registry import config_factory, register_procedural_dataset
 
@@ -41,6 +46,9 @@ __all__ = [
     "GlyphsConfig",
     "GlyphSpec",
     "GlyphsDataset",
+    "LettersConfig",
+    "LetterSpec",
+    "LettersDataset",
     "TEXTURE_KINDS",
     "TexturesConfig",
     "TextureSpec",
@@ -265,6 +273,120 @@ class GlyphsDataset(_PrivateProcedural):
 
 
 # ---------------------------------------------------------------------------------------------
+# letters, drawn the way MNIST draws digits
+
+#: MNIST's normalisation: the glyph is fitted into a LETTERS_BOX square (aspect kept) and its centre of
+#: mass put at the centre of a LETTERS_SIDE square, which is then upscaled like ``mnist``.
+LETTERS_SIDE = 28
+LETTERS_BOX = 20
+_LETTERS_EM = 64  # font size of the drawing, before the fit to LETTERS_BOX
+
+
+@dataclass(frozen=True)
+class LettersConfig:
+    """The ``letters`` set (public; no digits). Validated on construction.
+
+    stroke_range: the pen's outline width in pixels at a 64 px em (so strokes run from the font's thin
+    line to a felt tip). max_rotation: degrees either way. max_shear: horizontal shear either way.
+    """
+
+    num_items: int = 10_000
+    resolution: int = 64
+    seed: int = 0
+    stroke_range: tuple[int, int] = (0, 2)
+    max_rotation: float = 12.0
+    max_shear: float = 0.35
+    num_subjects: int = 0
+
+    def __post_init__(self) -> None:
+        _check_ints(self, {"num_items": 1, "resolution": 16, "seed": 0, "num_subjects": 0})
+        lo, hi = self.stroke_range
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= 12):
+            raise ValueError(f"stroke_range={self.stroke_range!r} must be (low, high) ints with 0 <= low <= high <= 12")
+        for name, top in (("max_rotation", 45.0), ("max_shear", 0.6)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
+                raise ValueError(f"{name}={value!r} must be a number in [0, {top}]")
+
+
+@dataclass(frozen=True)
+class LetterSpec:
+    """One letters item: the letter, pen width, rotation and shear."""
+
+    glyph: str
+    stroke: int
+    rotation: float
+    shear: float
+
+    @property
+    def caption(self) -> str:
+        size = "capital letter" if self.glyph.isupper() else "letter"
+        return f"a handwritten {size} {self.glyph.lower()}"
+
+
+def mnist_normalise(coverage: np.ndarray) -> np.ndarray:
+    """float32 ink coverage of any size -> float32 [LETTERS_SIDE, LETTERS_SIDE]: fitted into
+    LETTERS_BOX (aspect kept, anti-aliased) and centred by mass, as MNIST's digits were."""
+    rows, cols = np.nonzero(coverage > 0)
+    out = np.zeros((LETTERS_SIDE, LETTERS_SIDE), dtype=np.float32)
+    if rows.size == 0:
+        return out
+    crop = coverage[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+    h, w = crop.shape
+    scale = LETTERS_BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(crop.astype(np.float32), mode="F").resize(size, Image.Resampling.LANCZOS),
+                       dtype=np.float32).clip(0.0, 1.0)
+    total = float(small.sum())
+    yy, xx = np.mgrid[: small.shape[0], : small.shape[1]]
+    cy, cx = (float((yy * small).sum()) / total, float((xx * small).sum()) / total) if total > 0 else (0.0, 0.0)
+    top = int(round((LETTERS_SIDE - 1) / 2 - cy))
+    left = int(round((LETTERS_SIDE - 1) / 2 - cx))
+    top = min(max(top, 0), LETTERS_SIDE - small.shape[0])
+    left = min(max(left, 0), LETTERS_SIDE - small.shape[1])
+    out[top: top + small.shape[0], left: left + small.shape[1]] = small
+    return out
+
+
+class LettersDataset(_PrivateProcedural):
+    """Letters in pen-width strokes, light on black, normalised like MNIST; items carry ``glyph``."""
+
+    name = "letters"
+    has_hints = False
+
+    def __init__(self, config: LettersConfig | None = None):
+        config = LettersConfig() if config is None else config
+        if not isinstance(config, LettersConfig):
+            raise TypeError(f"config={config!r} must be a LettersConfig(...)")
+        super().__init__(config)
+
+    def attributes(self, index: int) -> LetterSpec:
+        cfg = self.config
+        rng = self.rng(index)
+        glyph = GLYPH_LETTERS[int(rng.integers(len(GLYPH_LETTERS)))]
+        stroke = int(rng.integers(cfg.stroke_range[0], cfg.stroke_range[1] + 1))
+        u = rng.random(2)
+        return LetterSpec(glyph, stroke, float((2 * u[0] - 1) * cfg.max_rotation),
+                          float((2 * u[1] - 1) * cfg.max_shear))
+
+    def coverage(self, spec: LetterSpec) -> np.ndarray:
+        """float32 [LETTERS_SIDE, LETTERS_SIDE] ink in 0..1, before upscaling."""
+        # Size the font so that every letter's box spans _LETTERS_EM pixels: a small "o" fitted to the box
+        # then keeps the pen width a capital "W" has, as a pen (not a scaled font) would.
+        left, top, right, bottom = _font(_LETTERS_EM).getbbox(spec.glyph)
+        em = max(8, round(_LETTERS_EM * _LETTERS_EM / max(right - left, bottom - top, 1)))
+        drawn = glyph_mask(GlyphSpec(spec.glyph, (255, 255, 255), (0, 0, 0), em, spec.stroke,
+                                     spec.rotation, spec.shear, (0.5, 0.5)), 3 * _LETTERS_EM)
+        return mnist_normalise(drawn)
+
+    def render(self, spec: LetterSpec) -> tuple[np.ndarray, None]:
+        return upscale_grey(values=self.coverage(spec), resolution=self.config.resolution), None
+
+    def _extra(self, spec: LetterSpec) -> dict[str, Any]:
+        return {"glyph": spec.glyph}
+
+
+# ---------------------------------------------------------------------------------------------
 # textures
 
 #: Texture kinds, drawn with equal probability.
@@ -436,5 +558,6 @@ class PublicDataset(_PrivateProcedural):
 
 
 register_procedural_dataset(name="glyphs", factory=config_factory(GlyphsConfig, GlyphsDataset))
+register_procedural_dataset(name="letters", factory=config_factory(LettersConfig, LettersDataset))
 register_procedural_dataset(name="textures", factory=config_factory(TexturesConfig, TexturesDataset))
 register_procedural_dataset(name="public", factory=config_factory(PublicConfig, PublicDataset))

@@ -10,6 +10,8 @@ from privdiff.data.public_corpus import (
     GLYPH_SYMBOLS,
     GlyphsConfig,
     GlyphsDataset,
+    LettersConfig,
+    LettersDataset,
     PublicConfig,
     PublicDataset,
     TexturesConfig,
@@ -76,7 +78,37 @@ def test_textures_use_two_colours_in_their_period():
         assert 8.0 <= spec.period <= 24.0
 
 
-@pytest.mark.parametrize("name", ["glyphs", "textures", "public"])
+def test_letters_are_drawn_the_way_mnist_draws_digits():
+    """Light ink on black, fitted into 20x20 and centred by mass in 28x28 (MNIST's normalisation),
+    captioned in the tokenizer's words, never a digit, the same for the same seed."""
+    ds = LettersDataset(LettersConfig(num_items=40, seed=5))
+    again = LettersDataset(LettersConfig(num_items=40, seed=5))
+    for i in range(40):
+        spec = ds.attributes(i)
+        ink = ds.coverage(spec)
+        rows, cols = np.nonzero(ink > 0.05)
+        assert rows.max() - rows.min() < 21 and cols.max() - cols.min() < 21 and max(
+            rows.max() - rows.min(), cols.max() - cols.min()) >= 17, spec
+        yy, xx = np.mgrid[:28, :28]
+        centre = ((yy * ink).sum() / ink.sum(), (xx * ink).sum() / ink.sum())
+        assert abs(centre[0] - 13.5) <= 1.0 and abs(centre[1] - 13.5) <= 1.0, (spec, centre)
+        image = (ds[i]["pixel_values"].numpy() + 1) * 127.5
+        assert np.allclose(image[0], image[1]) and np.allclose(image[0], image[2])  # grey, like mnist
+        assert np.median(image) < 5 and image.max() > 200  # black ground, light strokes
+        assert not spec.glyph.isdigit() and spec.caption.startswith("a handwritten ")
+        assert spec.caption.split()[-1] == spec.glyph.lower() and ("capital" in spec.caption) == spec.glyph.isupper()
+        assert all(w in DEFAULT_WORDS or len(w) == 1 for w in spec.caption.split())
+        assert np.array_equal(ds[i]["pixel_values"].numpy(), again[i]["pixel_values"].numpy())
+
+
+@pytest.mark.parametrize("bad", [{"stroke_range": (3, 1)}, {"stroke_range": (0, 40)}, {"max_rotation": 90.0},
+                                 {"num_items": 0}])
+def test_letters_config_is_validated(bad):
+    with pytest.raises(ValueError):
+        LettersConfig(**bad)
+
+
+@pytest.mark.parametrize("name", ["glyphs", "textures", "public", "letters"])
 def test_the_sets_load_by_name(name):
     ds = load_dataset(data=name, resolution=32, seed=0, num_items=5)
     assert len(ds) == 5 and ds[0]["pixel_values"].shape == (3, 32, 32)

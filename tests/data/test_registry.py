@@ -30,7 +30,7 @@ def test_builtin_sets_are_registered():
 
 
 def test_unknown_name_and_option_are_explained():
-    with pytest.raises(ValueError, match="supported names: circles, digits, glyphs, mnist, public, shapes, style, textures"):
+    with pytest.raises(ValueError, match="supported names: circles, digits, glyphs, letters, mnist, public, shapes, style, textures"):
         procedural_dataset(name="squares")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['colour'\].*accepted: \[.*'palette'"):
         procedural_dataset(name="circles", colour="red")
