@@ -192,8 +192,8 @@ def check_split_dataset(dataset) -> None:
 
 def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: int, config: SplitConfig, secret,
                        ledger, progress: Callable[[int, int, int], None] | None = None, cache_latents: bool = True,
-                       latent_cache: dict | None = None, should_stop: Callable[[], bool] | None = None
-                       ) -> SplitClientResult:
+                       latent_cache: dict | None = None, should_stop: Callable[[], bool] | None = None,
+                       window: int = 4) -> SplitClientResult:
     """Send every image of `dataset` for `epochs` epochs through `client`.
 
     `secret` (a `ClientSecret`) keys every draw, the images' order (a secret shuffle per epoch) and
@@ -201,9 +201,12 @@ def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: in
     sent under other settings, and records each message before it leaves. Batches are cut from the
     images' content, not their positions, so the same call after a failure, a stop, or on a reordered
     folder re-sends identical messages, which the server acknowledges without training them twice.
-    `progress(batches sent, batches in all, batches applied)`; `should_stop()` is asked before every
-    batch. With `cache_latents` each image is encoded once per call (pass your own `latent_cache`,
-    content id -> (image latent, hint latent), to keep them across calls)."""
+    Up to `window` batches are on their way at once (`SplitClient.stream`): the client makes the next
+    while the server trains the ones before (1: one at a time).
+    `progress(batches acknowledged, batches in all, batches applied)`; `should_stop()` is asked before
+    every batch is made (the batches already on their way are still acknowledged). With
+    `cache_latents` each image is encoded once per call (pass your own `latent_cache`, content id ->
+    (image latent, hint latent), to keep them across calls)."""
     from ..privacy.split_secret import content_hash
     from ..transport.codec import Message
 
@@ -216,34 +219,44 @@ def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: in
     ledger.check_settings(image_ids=ids, settings=settings)  # refused here, before anything is sent
     cache: dict = {} if latent_cache is None else latent_cache
     per_epoch = -(-len(dataset) // batch_size)
+    chunks: dict[str, tuple] = {}  # batch id -> its dataset indices, for batches on their way
+    stopped = False
+
+    def messages():
+        nonlocal stopped
+        for epoch in range(epochs):
+            order = sorted(range(len(dataset)), key=lambda i: secret.order_key(image_id=ids[i], epoch=epoch))
+            for start in range(0, len(order), batch_size):
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    return
+                chunk = order[start:start + batch_size]
+                latents = _latents(pipeline=pipeline, dataset=dataset, indices=chunk, ids=ids, cache=cache,
+                                   keep=cache_latents)
+                chunk_ids = [ids[i] for i in chunk]
+                payload = client_payload(pipeline=pipeline, latents=latents, image_ids=chunk_ids, epoch=epoch,
+                                         config=config, secret=secret)
+                draw = config.draw_index(epoch)
+                ledger.check_and_record(entries=[(i, draw, m) for i, m in zip(chunk_ids, message_hashes(payload))],
+                                        settings=settings)
+                batch_id = secret.batch_id(epoch=epoch, image_ids=chunk_ids)
+                chunks[batch_id] = tuple(chunk)
+                yield Message(kind="batch", fields={"batch_id": batch_id}, tensors=payload)
+
     applied = sent = duplicates = 0
     batches, batch_ids = [], []
-    for epoch in range(epochs):
-        order = sorted(range(len(dataset)), key=lambda i: secret.order_key(image_id=ids[i], epoch=epoch))
-        for start in range(0, len(order), batch_size):
-            if should_stop is not None and should_stop():
-                return SplitClientResult(applied=applied, batches_sent=sent, duplicates=duplicates, stopped=True,
-                                         batches=batches, batch_ids=batch_ids)
-            chunk = order[start:start + batch_size]
-            latents = _latents(pipeline=pipeline, dataset=dataset, indices=chunk, ids=ids, cache=cache,
-                               keep=cache_latents)
-            chunk_ids = [ids[i] for i in chunk]
-            payload = client_payload(pipeline=pipeline, latents=latents, image_ids=chunk_ids, epoch=epoch,
-                                     config=config, secret=secret)
-            draw = config.draw_index(epoch)
-            ledger.check_and_record(entries=[(i, draw, m) for i, m in zip(chunk_ids, message_hashes(payload))],
-                                    settings=settings)
-            batch_id = secret.batch_id(epoch=epoch, image_ids=chunk_ids)
-            reply = _answered(client.request(Message(kind="batch", fields={"batch_id": batch_id}, tensors=payload)))
-            applied = int(reply.fields["applied"])
-            duplicates += bool(reply.fields.get("duplicate"))
-            sent += 1
-            batches.append(tuple(chunk))
-            batch_ids.append(batch_id)
-            if progress is not None:
-                progress(epoch * per_epoch + start // batch_size + 1, epochs * per_epoch, applied)
-    return SplitClientResult(applied=applied, batches_sent=sent, duplicates=duplicates, stopped=False, batches=batches,
-                             batch_ids=batch_ids)
+    for request, reply in client.stream(messages(), window=window):
+        reply = _answered(reply)
+        applied = int(reply.fields["applied"])
+        duplicates += bool(reply.fields.get("duplicate"))
+        sent += 1
+        batch_id = request.fields["batch_id"]
+        batches.append(chunks.pop(batch_id))
+        batch_ids.append(batch_id)
+        if progress is not None:
+            progress(sent, epochs * per_epoch, applied)
+    return SplitClientResult(applied=applied, batches_sent=sent, duplicates=duplicates, stopped=stopped,
+                             batches=batches, batch_ids=batch_ids)
 
 
 def _answered(reply):

@@ -9,13 +9,16 @@ A session starts with the client's `hello`, which carries a fresh random MAC key
 encrypted, authenticated Curve channel). A client *is* its Curve key: the server takes its identity
 from the public key ZAP authenticated (the message's User-Id), never from anything the client says,
 checks it on every message, and hands it to the job (which de-duplicates and counts per key); the
-allowlist file's name is only its label in logs. Then the client sends requests and waits
-for each reply (one request in flight: backpressure by construction); every wait has a timeout.
+allowlist file's name is only its label in logs. Then the client either sends one request and waits
+for its reply (`request`), or streams requests with a bounded window of them unanswered (`stream`):
+the client makes the next batch while the server trains the ones before it, so neither side waits
+for the other, and the window is the backpressure (the server's queue never holds more than a
+window per client). Replies come back in order; every wait has a timeout.
 While the client computes between requests (encoding a batch can take long on a laptop), a
 background thread sends `heartbeat` every `heartbeat_interval` seconds of silence, so the server
 keeps its session; the server forgets sessions silent for longer than `session_timeout`. Both
 sockets also use ZeroMQ's own (ZMTP) heartbeats to notice a dead connection. After a timeout the
-client reconnects with a new socket and a new session.
+client reconnects with a new socket and a new session, and re-sends what was unanswered.
 
 Which kinds of message exist is fixed here, so a reviewer can see that during training nothing flows
 back that the client must apply: the server answers `hello` with `welcome`, a `batch` with `ack`
@@ -28,7 +31,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +42,8 @@ from .codec import Limits, Message, ProtocolError, decode, encode, peek_header
 CLIENT_KINDS = ("hello", "batch", "heartbeat", "download", "bye")
 #: What the server may send, and for which request. Only `download` is answered with tensors.
 REPLY_KINDS = {"hello": "welcome", "batch": "ack", "heartbeat": "heartbeat", "download": "weights", "bye": "bye"}
+#: The most requests `SplitClient.stream` keeps unanswered (well under the server's receive queue).
+MAX_WINDOW = 16
 
 
 class TransportError(RuntimeError, UserError):
@@ -218,10 +224,12 @@ class SplitClient:
         self.connect_to, self.name, self.timeout, self.limits, self.retries = connect, name, timeout, limits, retries
         self.context = None
         self.socket = None
-        # One exchange at a time: requests and the heartbeat thread share the socket under this lock.
+        # Requests, streams and the heartbeat thread share the socket; each use holds this lock.
         self._lock = threading.Lock()
         self._last_exchange = time.monotonic()
         self._broken = False  # a heartbeat went unanswered: the next request reconnects first
+        self._pending: deque[str] = deque()  # kinds of the requests sent and not yet answered, in order
+        self._streaming = False
         self._open()
         self._stop_heartbeats = threading.Event()
         self._heartbeats = None
@@ -236,6 +244,10 @@ class SplitClient:
         while not self._stop_heartbeats.wait(interval / 4):
             with self._lock:
                 if self.socket is None or self._broken or time.monotonic() - self._last_exchange < interval:
+                    continue
+                if self._streaming:
+                    # The stream reads every reply in order: it takes this one's answer too.
+                    self._send(Message(kind="heartbeat"))
                     continue
                 try:
                     self._exchange(Message(kind="heartbeat"))
@@ -260,16 +272,22 @@ class SplitClient:
                              "as tcp://server.example.org:5555.") from None
         self.session, self.key = os.urandom(16).hex(), os.urandom(32)
         self.last_out = self.last_in = 0
+        self._pending = deque()
         welcome = self._exchange(Message(kind="hello", fields={"mac_key": self.key.hex()}))
         if welcome.kind != "welcome":
             raise TransportError(f"the server answered hello with {welcome.kind!r}.")
         self._broken = False
 
-    def _exchange(self, message: Message) -> Message:
-        import zmq
-
+    def _send(self, message: Message) -> None:
         self.last_out += 1
         self.socket.send_multipart(encode(message, key=self.key, session=self.session, seq=self.last_out), copy=False)
+        self._pending.append(message.kind)
+        self._last_exchange = time.monotonic()
+
+    def _receive(self) -> tuple[str, Message]:
+        """The next reply, verified and matched to the oldest unanswered request: (its kind, reply)."""
+        import zmq
+
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
@@ -287,17 +305,27 @@ class SplitClient:
             except ProtocolError as error:
                 # Only the server can reach this socket (Curve), so an invalid reply is a real fault.
                 raise TransportError(f"the server's reply was refused: {error}") from None
-            expected = REPLY_KINDS[message.kind]
-            if reply.kind != expected:
-                raise TransportError(f"the server answered {message.kind!r} with {reply.kind!r}, not {expected!r}.")
+            if not self._pending:
+                raise TransportError(f"the server sent {reply.kind!r} that answers no request.")
+            kind = self._pending.popleft()
+            if reply.kind != REPLY_KINDS[kind]:
+                raise TransportError(f"the server answered {kind!r} with {reply.kind!r}, not {REPLY_KINDS[kind]!r}.")
             self._last_exchange = time.monotonic()
-            return reply
+            return kind, reply
+
+    def _exchange(self, message: Message) -> Message:
+        self._send(message)
+        while True:
+            _, reply = self._receive()
+            if not self._pending:  # earlier answers can only be heartbeats' (nothing else is left unanswered)
+                return reply
 
     def request(self, message: Message) -> Message:
         """Send one request and return its reply; on a timeout or a server that lost the session,
         reconnect (new socket, new session) and send it again, up to `retries` times."""
-        if message.kind not in CLIENT_KINDS or message.kind == "hello":
-            raise ValueError(f"kind {message.kind!r} is not a client request; use one of {CLIENT_KINDS[1:]}.")
+        _check_request(message)
+        if self._streaming:
+            raise RuntimeError("request() while a stream() is open: finish the stream first.")
         with self._lock:
             if self._broken:
                 self._reopen_quietly()
@@ -310,6 +338,61 @@ class SplitClient:
                     time.sleep(min(2.0 ** attempt * 0.2, 5.0))
                     self._reopen_quietly()
         raise AssertionError("unreachable")
+
+    def stream(self, messages: Iterable[Message], *, window: int = 4) -> Iterator[tuple[Message, Message]]:
+        """Send `messages` keeping up to `window` of them unanswered; yield each (request, reply) in order.
+
+        `messages` is drawn from only when the window has room, outside the lock, so whatever makes
+        the next request (encoding, noising) runs while the server works on the ones before it, and
+        heartbeats go on meanwhile. On a timeout or a lost session the client reconnects and re-sends
+        every unanswered request in order, up to `retries` times in a row: requests must be safe to
+        repeat (the split job acknowledges a batch it already trained without training it again).
+        A stream left before its end leaves the session to be renewed by the next request."""
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"window={window!r} must be a whole number from 1 to {MAX_WINDOW}.")
+        if self._streaming:
+            raise RuntimeError("a stream is already open on this client.")
+        source, exhausted = iter(messages), False
+        unanswered: deque[Message] = deque()
+        failures = 0
+        self._streaming = True
+        try:
+            while True:
+                while not exhausted and len(unanswered) < window:
+                    message = next(source, None)
+                    if message is None:
+                        exhausted = True
+                        break
+                    _check_request(message)
+                    with self._lock:
+                        if self._broken:
+                            self._reopen_quietly()
+                            for earlier in unanswered:
+                                self._send(earlier)
+                        self._send(message)
+                    unanswered.append(message)
+                if not unanswered:
+                    return
+                with self._lock:
+                    try:
+                        kind, reply = self._receive()
+                    except (TransportError, _UnknownSession):
+                        failures += 1
+                        if failures > self.retries:
+                            raise
+                        time.sleep(min(2.0 ** (failures - 1) * 0.2, 5.0))
+                        self._reopen_quietly()
+                        for earlier in unanswered:
+                            self._send(earlier)
+                        continue
+                if kind in ("heartbeat", "hello"):  # a heartbeat's, or a late welcome after a reconnect timed out
+                    continue
+                failures = 0
+                yield unanswered.popleft(), reply
+        finally:
+            self._streaming = False
+            if unanswered or self._pending:
+                self._broken = True  # answers still on their way belong to this session: start a new one
 
     def _reopen_quietly(self) -> None:
         try:
@@ -330,6 +413,11 @@ class SplitClient:
             self.socket.close(0)
             self.context.term()
             self.socket = self.context = None
+
+
+def _check_request(message: Message) -> None:
+    if message.kind not in CLIENT_KINDS or message.kind == "hello":
+        raise ValueError(f"kind {message.kind!r} is not a client request; use one of {CLIENT_KINDS[1:]}.")
 
 
 def _user_id(frame) -> str:

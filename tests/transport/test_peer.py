@@ -235,3 +235,77 @@ def test_a_client_is_its_key_whatever_it_calls_itself(keys, server):
     assert keys_seen == expected and len(set(keys_seen)) == 2
     assert z85.decode(keys_seen[1]) and server.name_of(keys_seen[1]) == "bob"
     alice.close(), bob.close()
+
+
+def test_a_stream_keeps_a_window_of_requests_unanswered_and_yields_replies_in_order(keys):
+    """The client makes request k + window only after reply k: the server always has the next batch
+    queued while it works (never idle), and never holds more than a window of one client's."""
+    queued_max = []
+
+    def handler(name, message):
+        time.sleep(0.02)  # a training step
+        return Message(kind="ack", fields={"n": int(message.fields["n"])})
+
+    server = SplitServer(bind="tcp://127.0.0.1:*", server_key=keys / "server" / "server.key_secret",
+                         allowed_clients=keys / "allowed", handler=handler)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, kwargs={"should_stop": stop.is_set, "poll_ms": 10}, daemon=True)
+    thread.start()
+    made = []
+    try:
+        alice = _client(keys, server, "alice")
+
+        def messages():
+            for n in range(12):
+                made.append(n)
+                yield Message(kind="batch", fields={"n": n}, tensors={"z": np.zeros(1, np.float16)})
+
+        replies = []
+        for request, reply in alice.stream(messages(), window=3):
+            replies.append(reply.fields["n"])
+            assert request.fields["n"] == reply.fields["n"]
+            queued_max.append(len(made) - len(replies))
+        assert replies == list(range(12))
+        assert max(queued_max) == 3 - 1  # when reply k arrives, k + 1 and k + 2 are already sent: the window, no more
+        assert alice.request(Message(kind="heartbeat")).kind == "heartbeat"  # plain requests work after it
+        with pytest.raises(ValueError, match="window"):
+            next(alice.stream([], window=0))
+        alice.close()
+    finally:
+        stop.set(), thread.join(), server.close()
+
+
+def test_a_stream_resends_what_was_unanswered_after_a_server_restart(keys):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    handled = []
+
+    def start():
+        server = SplitServer(bind=endpoint, server_key=keys / "server" / "server.key_secret",
+                             allowed_clients=keys / "allowed",
+                             handler=lambda name, m: handled.append(m.fields["n"]) or Message(
+                                 kind="ack", fields={"n": m.fields["n"]}))
+        stop = threading.Event()
+        thread = threading.Thread(target=server.serve, kwargs={"should_stop": stop.is_set, "poll_ms": 10},
+                                  daemon=True)
+        thread.start()
+        return server, stop, thread
+
+    first, stop, thread = start()
+    alice = SplitClient(connect=endpoint, client_key=keys / "alice" / "alice.key_secret",
+                        server_public_key=keys / "server" / "server.key", name="alice", timeout=1.0)
+    replies = []
+    try:
+        for request, reply in alice.stream((Message(kind="batch", fields={"n": n}) for n in range(8)), window=4):
+            replies.append(reply.fields["n"])
+            if len(replies) == 2:  # the server goes away with requests on their way, and comes back
+                stop.set(), thread.join(), first.close()
+                first, stop, thread = start()
+        assert replies == list(range(8))  # every request answered once, in order
+        assert sorted(set(handled)) == list(range(8))  # some twice: the handler must be idempotent (the job is)
+    finally:
+        alice.close()
+        stop.set(), thread.join(), first.close()
