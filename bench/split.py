@@ -45,10 +45,10 @@ def wire_bytes_per_sample(*, resolution: int, batch: int) -> dict[str, float]:
 
 
 def training_throughput(*, model: str, device: str, dtype: str, resolution: int | None, batch: int, steps: int,
-                        warmup: int) -> dict:
+                        warmup: int, window: int = 4) -> dict:
     """Hardened split training, samples/s: the client's noising and the server's ControlNet step in one
     process, against the same through the real transport (CurveZMQ + codec + MAC, a server thread and a
-    client on loopback, one batch in flight). Latents are random (the client's VAE is not timed: it
+    client on loopback, `--window` batches in flight). Latents are random (the client's VAE is not timed: it
     runs once per image, see `train_split_client`); the UNet is privdiff-tiny's or random from a
     bundled config (sd15)."""
     import tempfile
@@ -133,11 +133,12 @@ def training_throughput(*, model: str, device: str, dtype: str, resolution: int 
     with tempfile.TemporaryDirectory() as folder:
         run = run_loopback_job(pipeline=client_side, datasets={"client": Placeholder()}, config=config, epochs=epochs,
                                batch_size=batch, folder=folder, learning_rate=1e-5, progress=progress,
-                               download=False, latent_caches={"client": cache}, secrets={"client": secret})
+                               download=False, latent_caches={"client": cache}, secrets={"client": secret},
+                               window=window)
     loopback = steps * batch / (timings[1] - timings[0])
     return {"model": model, "device": device, "dtype": dtype, "latent_side": side, "batch": batch, "steps": steps,
             "in_process_samples_per_s": in_process, "loopback_samples_per_s": loopback,
-            "loopback_vs_in_process": loopback / in_process, "server_steps": run.job.trainer.steps}
+            "loopback_vs_in_process": loopback / in_process, "server_steps": run.job.trainer.steps, "window": window}
 
 
 def main(argv=None) -> int:
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--window", type=int, default=4, help="batches on their way at once (1: one at a time)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     figures = wire_bytes_per_sample(resolution=args.resolution, batch=args.batch)
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
     if args.throughput_model != "none":
         result["throughput"] = throughput = training_throughput(
             model=args.throughput_model, device=args.device, dtype=args.dtype, resolution=args.throughput_resolution,
-            batch=args.batch, steps=args.steps, warmup=args.warmup)
+            batch=args.batch, steps=args.steps, warmup=args.warmup, window=args.window)
         print(json.dumps(throughput))
         print(f"split training, {throughput['model']} on {args.device} ({args.dtype}), batch {args.batch}: "
               f"{throughput['in_process_samples_per_s']:.1f} samples/s in one process, "

@@ -116,14 +116,15 @@ class LoopbackRun:
 def run_loopback_job(*, pipeline, datasets: dict, config: SplitConfig, epochs: int, batch_size: int, folder,
                      learning_rate: float = 1e-4, seed: int = 0, record: bool = False, progress=None,
                      download: bool = True, latent_caches: dict | None = None,
-                     secrets: dict | None = None) -> LoopbackRun:
+                     secrets: dict | None = None, window: int = 4) -> LoopbackRun:
     """A whole split job on this machine, over the real transport: a CurveZMQ server in a thread and one
     client per entry of `datasets` (name -> dataset), one after the other; the last downloads the
     ControlNet (unless `download` is off). Keys live in `folder`/keys, and so does each client's noise
     secret and ledger (`<name>.split-secret`, `<name>.split-ledger.sqlite`), made on first use;
     `secrets` (name -> ClientSecret) injects them instead (tests). With `record`, the server also keeps
     a copy of every message it receives (what an honest-but-curious server could store), for the
-    attacks. `latent_caches` (name -> latent cache) is handed to each client's `train_split_client`."""
+    attacks. `latent_caches` (name -> latent cache) and `window` (batches on their way at once) are handed
+    to each client's `train_split_client`."""
     import copy
     import threading
     from pathlib import Path
@@ -171,7 +172,8 @@ def run_loopback_job(*, pipeline, datasets: dict, config: SplitConfig, epochs: i
                                                                          ledger=ledger)
                 results[name] = train_split_client(client=client, pipeline=pipeline, dataset=dataset, epochs=epochs,
                                                    batch_size=batch_size, config=config, secret=secret, ledger=ledger,
-                                                   progress=progress, latent_cache=(latent_caches or {}).get(name))
+                                                   progress=progress, latent_cache=(latent_caches or {}).get(name),
+                                                   window=window)
                 if download and index == len(datasets) - 1:
                     controlnet = download_controlnet(client=client)
             finally:

@@ -94,8 +94,9 @@ class SplitServer:
         # libzmq drops a peer whose frame is larger than this before allocating it: oversize messages
         # never reach memory, let alone the codec.
         self.socket.setsockopt(zmq.MAXMSGSIZE, max(limits.max_tensor_bytes, limits.max_header_bytes))
-        # Backpressure: each client has one request in flight, and at most this many wait in the queue
-        # (libzmq then drops more, whose senders time out and retry), so memory stays bounded.
+        # Backpressure: each client has at most a stream window (MAX_WINDOW) of requests unanswered, and at
+        # most this many wait in the queue (libzmq then drops more, whose senders time out and retry), so
+        # memory stays bounded.
         self.socket.setsockopt(zmq.RCVHWM, receive_queue)
         try:
             self.socket.bind(bind)
