@@ -99,6 +99,14 @@ def _shrink(linked: torch.Tensor, error_variance: torch.Tensor) -> torch.Tensor:
 def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hint_pixels: torch.Tensor,
                              sigma_label: float = 0.0, sigma_hint: float = 0.0,
                              optimisation_steps: int = 100) -> ReconstructionReport:
+    """Run the server-side attacks on the messages one image set produced over several epochs (see
+    `_attack_traffic`); the report only."""
+    return _attack_traffic(pipeline=pipeline, payloads=payloads, pixels=pixels, hint_pixels=hint_pixels,
+                           sigma_label=sigma_label, sigma_hint=sigma_hint, optimisation_steps=optimisation_steps)[0]
+
+
+def _attack_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hint_pixels: torch.Tensor,
+                    sigma_label: float, sigma_hint: float, optimisation_steps: int):
     """Run the server-side attacks on the messages one image set produced over several epochs.
 
     `payloads[e]` is what the server received for the same samples (same order) in epoch e. The
@@ -108,7 +116,8 @@ def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Te
     `optimisation_steps` > 0, `tv-inversion` (an image optimised through the public VAE encoder under
     a total-variation prior, at two prior weights) and `hint-regions` (the estimate averaged over the
     flat regions the recovered hint outlines). The best of them, judged against the truth
-    (the attacker's most favourable choice), is the headline.
+    (the attacker's most favourable choice), is the headline. Returns (report, the best attack's
+    images, the recovered hints), images in [0, 1].
     """
     from ..privacy.attacks import (denoiser_estimate, hint_regions, latent_error, mean_image_psnr, psnr,
                                    region_average, ssim, total_variation_inversion)
@@ -170,7 +179,7 @@ def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Te
         shrunk = decode(_shrink(hint_latent, torch.full((len(hint_latent),), sigma_hint ** 2 / distinct)))
         if psnr(estimate=shrunk, reference=hint_reference) > psnr(estimate=hint_images, reference=hint_reference):
             hint_images = shrunk
-    return ReconstructionReport(
+    report = ReconstructionReport(
         image_psnr=attacks[best]["psnr"], image_ssim=max(v["ssim"] for v in attacks.values()),
         image_latent_error=min(latent_error(estimate=z, reference=true_latents) for z in latents.values()),
         mean_image_psnr=mean_image_psnr(reference=reference),
@@ -181,3 +190,40 @@ def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Te
         hint_mean_psnr=mean_image_psnr(reference=hint_reference),
         epochs=len(payloads),
     )
+    return report, images[best], hint_images
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """What a split server receives for some images and hints, and the best it rebuilds from that."""
+
+    payloads: list  # per epoch: the messages' tensors (z_t, h, t, label; numpy), images in the order given
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]: the best attack's reconstructions
+    hints: torch.Tensor  # [B, 3, H, W] in [0, 1]: the recovered hints
+    report: ReconstructionReport
+
+
+def server_view(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor, config, secret, epochs: int = 1,
+                optimisation_steps: int = 0) -> ServerView:
+    """Exactly what `train_split_client` would send for these images and hints (`pixels` in [-1, 1],
+    `hint_pixels` in [0, 1], as dataset items hold them) under `config` and `secret` over `epochs`
+    linked epochs, and the server's attacks on it. Nothing is sent and the ledger is not touched:
+    this is the preview a user looks at before training."""
+    from ..privacy.split_secret import content_hash
+    from .split_client import client_latents, client_payload
+
+    if epochs < 1:
+        raise ValueError(f"epochs={epochs} must be at least 1.")
+    if pixels.shape != hint_pixels.shape or pixels.ndim != 4:
+        raise ValueError(f"images {list(pixels.shape)} and hints {list(hint_pixels.shape)} must be the same "
+                         "[B, 3, H, W] size: one hint per image.")
+    ids = [secret.image_id(content_hash(pixels=p, hint=h)) for p, h in zip(pixels, hint_pixels)]
+    latents = client_latents(pipeline=pipeline, pixels=pixels, hint_pixels=hint_pixels * 2 - 1)
+    payloads = [client_payload(pipeline=pipeline, latents=latents, image_ids=ids, epoch=e, config=config, secret=secret)
+                for e in range(epochs)]
+    hardened = config.mode == "hardened"
+    report, images, hints = _attack_traffic(
+        pipeline=pipeline, payloads=payloads, pixels=pixels, hint_pixels=hint_pixels * 2 - 1,
+        sigma_label=config.sigma_label if hardened else 0.0, sigma_hint=config.sigma_hint if hardened else 0.0,
+        optimisation_steps=optimisation_steps)
+    return ServerView(payloads=payloads, images=images, hints=hints, report=report)
