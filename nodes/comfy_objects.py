@@ -131,6 +131,18 @@ def split_secret_file() -> Path:
     return Path(folder_paths.get_user_directory()) / "privdiff" / "split-client.split-secret"
 
 
+def split_client_secret():
+    """This ComfyUI's split noise secret (made on first use; see `split_secret_file`)."""
+    from ..privacy.split_secret import SentLedger, ledger_path, open_client_secret
+
+    path = split_secret_file()
+    ledger = SentLedger(ledger_path(path))
+    try:
+        return open_client_secret(path=path, ledger=ledger)
+    finally:
+        ledger.close()
+
+
 def run_folder(name: str) -> Path:
     """Where a privdiff run keeps its working files (checkpoints to resume from, samples): output/privdiff/<name>."""
     import folder_paths

@@ -1,11 +1,14 @@
 """Split-learning ControlNet: a local server (child process), the client that trains through it, the
-apply node for generation with a hint image, and the server's attacks on the traffic."""
+apply node for generation with a hint image, the server's attacks on the traffic, and the privacy
+activation family: one settings node that drives the graph, what leaves the machine, and what the
+server rebuilds from it."""
 
 from comfy_api.latest import io
 
 from .datasets import Dataset
 
 SplitServer = io.Custom("PRIVDIFF_SPLIT_SERVER")
+SplitPrivacy = io.Custom("PRIVDIFF_SPLIT_PRIVACY")
 _MODES = ("hardened", "paper")
 
 
@@ -15,7 +18,7 @@ def _base_inputs(role: str):
             io.Vae.Input("vae", tooltip="the base model's autoencoder (the client's frozen encoder)")]
 
 
-def _privacy_inputs():
+def _noise_inputs():
     return [
         io.Combo.Input("mode", options=list(_MODES), default="hardened",
                        tooltip="hardened: privdiff's default, which closes the reference design's leak; paper: the "
@@ -28,6 +31,12 @@ def _privacy_inputs():
                        tooltip="hardened: Gaussian noise on the hint latent (hint privacy against hint-following)"),
         io.Int.Input("draws_per_image", default=1, min=0, max=10000,
                      tooltip="hardened: different noisings one image ever gets over the run (0: a fresh one every epoch)"),
+    ]
+
+
+def _privacy_inputs():
+    return [
+        *_noise_inputs(),
         io.Int.Input("epochs", default=2, min=1, max=100000, tooltip="passes over the private images"),
         io.Int.Input("batch_size", default=4, min=1, max=4096, tooltip="images per message"),
         # Kept so that saved workflows keep their widget order; the noise never comes from a typed seed.
@@ -37,11 +46,37 @@ def _privacy_inputs():
     ]
 
 
-def _split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image):
+def _split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image, privacy=None):
+    """The settings node's config when one is linked (it drives the whole graph), else the widgets'."""
     from ..pipelines.split_client import SplitConfig
 
+    if privacy is not None:
+        return privacy
     return SplitConfig(mode=mode, snr_bound=snr_bound, sigma_label=sigma_label, sigma_hint=sigma_hint,
                        draws_per_image=draws_per_image or None)
+
+
+def _privacy_link():
+    # Last, and optional: saved workflows without it keep their inputs and widget order.
+    return SplitPrivacy.Input("privacy", optional=True,
+                              tooltip="from the split privacy settings node: when linked, it replaces this node's "
+                                      "mode, snr_bound, sigma_label, sigma_hint and draws_per_image")
+
+
+def _items(dataset, count: int):
+    """The first `count` items' images ([-1, 1]) and hints ([0, 1]) as dataset items hold them."""
+    import torch
+
+    from ..pipelines.split_client import check_split_dataset
+
+    check_split_dataset(dataset)
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    return torch.stack([it["pixel_values"] for it in items]), torch.stack([it["hint"] for it in items])
+
+
+def _comfy_images(pictures):
+    """[B, 3, H, W] in [0, 1] -> ComfyUI IMAGE [B, H, W, 3]."""
+    return pictures.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()
 
 
 def _check_mode(mode):
@@ -102,6 +137,7 @@ class PrivDiffSplitClientTrain(io.ComfyNode):
                 io.String.Input("name", default="privdiff-split", tooltip="file name in models/controlnet (no extension)"),
                 *_privacy_inputs(),
                 io.Boolean.Input("stop_server", default=True, tooltip="stop the local server once the ControlNet is downloaded"),
+                _privacy_link(),
             ],
             outputs=[io.String.Output(display_name="controlnet_name", tooltip="the file in models/controlnet")],
             hidden=[io.Hidden.unique_id],
@@ -117,14 +153,15 @@ class PrivDiffSplitClientTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, server, name, mode, snr_bound, sigma_label, sigma_hint,
-                draws_per_image, epochs, batch_size, seed, stop_server):
+                draws_per_image, epochs, batch_size, seed, stop_server, privacy=None):
         from ..pipelines.split_run import train_split_controlnet
         from .comfy_objects import NodeProgress, pipeline_from_comfy, publish_to_comfy, run_folder, split_secret_file
 
         progress = NodeProgress(node_id=cls.hidden.unique_id)
+        config = _split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image, privacy)
         result = train_split_controlnet(
             pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), dataset=dataset, connection=server,
-            config=_split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image), epochs=epochs,
+            config=config, epochs=epochs,
             batch_size=batch_size, out=run_folder(name) / "client", stop_server=stop_server,
             secret_file=split_secret_file(),
             should_stop=progress.stop_requested,
@@ -132,7 +169,7 @@ class PrivDiffSplitClientTrain(io.ComfyNode):
                                                                 note=f"{applied} trained"))
         progress.raise_if_stopped()
         path = publish_to_comfy(source=result.controlnet_file, kind="controlnet", name=name)
-        return io.NodeOutput(path.name, ui={"text": [f"{path.name}: {result.steps} batches trained ({mode})"]})
+        return io.NodeOutput(path.name, ui={"text": [f"{path.name}: {result.steps} batches trained ({config.mode})"]})
 
 
 class PrivDiffSplitControlNetApply(io.ComfyNode):
@@ -177,14 +214,16 @@ class PrivDiffSplitAttack(io.ComfyNode):
             display_name="privdiff split attack audit",
             category="privdiff/privacy",
             description="Measures what a split-learning server can rebuild: trains a short job on loopback with your "
-                        "settings, keeps every message as the server receives it, and runs the server's attacks. "
+                        "settings and this ComfyUI's noise secret (so its messages are the ones your training will "
+                        "send), keeps every message as the server receives it, and runs the server's attacks. "
                         "PSNR near the mean-image guess means the images stay hidden. The figures come from "
                         "private data and are shown here, never saved.",
             inputs=[*_base_inputs("the public model the attacker also has"),
                     Dataset.Input("dataset", tooltip="images with hints, like the ones you would train on"),
                     *_privacy_inputs(),
                     io.Int.Input("optimisation_steps", default=0, min=0, max=100000,
-                                 tooltip="steps of the total-variation inversion attack (0: skip it; slow)")],
+                                 tooltip="steps of the total-variation inversion attack (0: skip it; slow)"),
+                    _privacy_link()],
             outputs=[io.String.Output(display_name="report", tooltip="each attack's PSNR / SSIM, one per line")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -197,24 +236,142 @@ class PrivDiffSplitAttack(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, mode, snr_bound, sigma_label, sigma_hint, draws_per_image, epochs,
-                batch_size, seed, optimisation_steps):
+                batch_size, seed, optimisation_steps, privacy=None):
         import tempfile
 
         import torch
 
         from ..pipelines.split_run import audit_split_training
-        from .comfy_objects import NodeProgress, pipeline_from_comfy
+        from .comfy_objects import NodeProgress, pipeline_from_comfy, split_client_secret
 
         progress = NodeProgress(node_id=cls.hidden.unique_id)
-        # The loopback job trains; its keys and throwaway noise secret live in a scratch folder.
+        config = _split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image, privacy)
+        # The loopback job trains; its keys and ledger live in a scratch folder (this ComfyUI's ledger is
+        # not touched: nothing leaves the machine).
         with torch.inference_mode(False), tempfile.TemporaryDirectory() as scratch:
             report, steps = audit_split_training(
                 pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), dataset=dataset,
-                config=_split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image), epochs=epochs,
-                batch_size=batch_size, folder=scratch, optimisation_steps=optimisation_steps,
+                config=config, epochs=epochs, batch_size=batch_size, folder=scratch,
+                optimisation_steps=optimisation_steps, secret=split_client_secret(),
                 progress=lambda sent, total: progress.step(step=sent, total=total, unit="batch"))
-        text = "\n".join([f"{mode} mode, {len(dataset)} images, {steps} server steps:", *report.lines()])
+        text = "\n".join([f"{config.mode} mode, {len(dataset)} images, {steps} server steps:", *report.lines()])
         return io.NodeOutput(text, ui={"text": [text]})
 
 
-SPLIT_NODES = [PrivDiffSplitServer, PrivDiffSplitClientTrain, PrivDiffSplitControlNetApply, PrivDiffSplitAttack]
+class PrivDiffSplitPrivacy(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PrivDiffSplitPrivacy",
+            display_name="Split privacy settings",
+            category="privdiff/split",
+            description="One place for the split client's noise settings: link its output to the client-train, "
+                        "attack-audit, privacy-activation and server-view nodes and they all use it, so the "
+                        "settings you audit are the settings you train with.",
+            inputs=_noise_inputs(),
+            outputs=[SplitPrivacy.Output(display_name="privacy", tooltip="the settings, for the split nodes")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, mode):
+        return _check_mode(mode)
+
+    @classmethod
+    def execute(cls, mode, snr_bound, sigma_label, sigma_hint, draws_per_image):
+        from ..privacy.threat_model import split_promise
+
+        config = _split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image)
+        text = f"{config.mode}: k = {config.snr_bound:g}, σ_label = {config.sigma_label:g}, " \
+               f"σ_hint = {config.sigma_hint:g}, noisings per image = {config.draws_per_image or 'fresh each epoch'}\n" \
+               f"promise: {split_promise(config)['promise']}"
+        return io.NodeOutput(config, ui={"text": [text]})
+
+
+class PrivDiffSplitActivation(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PrivDiffSplitActivation",
+            display_name="Split privacy activation (what is sent)",
+            category="privdiff/split",
+            description="For your own images and hints, exactly what the split client would send in its first "
+                        "epoch under these settings and this ComfyUI's noise secret: the noised latents z_t and "
+                        "the privacy-activated hint h = fp16(symsigmoid(hint latent + z_t)), each latent channel "
+                        "a grey tile (black -3, white +3). Nothing is sent.",
+            inputs=[*_base_inputs("the client's copy"),
+                    Dataset.Input("dataset", tooltip="the private images with hints"),
+                    io.Int.Input("count", default=8, min=1, max=4096, tooltip="how many items, from the first"),
+                    _privacy_link()],
+            outputs=[io.Image.Output(display_name="z_t", tooltip="the noised image latents, as sent"),
+                     io.Image.Output(display_name="h", tooltip="the privacy-activated hints, as sent")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, count, privacy=None):
+        import torch
+
+        from ..pipelines.split_attacks import client_messages, latent_picture
+        from ..pipelines.split_client import SplitConfig
+        from .comfy_objects import pipeline_from_comfy, split_client_secret
+
+        pixels, hints = _items(dataset, count)
+        with torch.inference_mode(False):
+            message = client_messages(pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), pixels=pixels,
+                                      hint_pixels=hints, config=privacy or SplitConfig(),
+                                      secret=split_client_secret())[0]
+        size = tuple(pixels.shape[-2:])
+        return io.NodeOutput(_comfy_images(latent_picture(message["z_t" if "z_t" in message else "conv_in_z_t"],
+                                                          size=size)),
+                             _comfy_images(latent_picture(message["h"], size=size)))
+
+
+class PrivDiffSplitServerView(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PrivDiffSplitServerView",
+            display_name="Split server view (what it rebuilds)",
+            category="privdiff/split",
+            description="The server's best reconstruction of your images and hints from exactly the messages the "
+                        "client would send (these settings, this ComfyUI's noise secret, the epochs linked), with "
+                        "its PSNR next to guessing the mean image: look before you send. The figures are those "
+                        "of the attack audit for the same settings; nothing is sent or saved.",
+            inputs=[*_base_inputs("the public model the server also has"),
+                    Dataset.Input("dataset", tooltip="the private images with hints"),
+                    io.Int.Input("count", default=8, min=2, max=4096,
+                                 tooltip="how many items, from the first (the attacks use the set's statistics)"),
+                    io.Int.Input("epochs", default=2, min=1, max=1000,
+                                 tooltip="epochs of messages the server links (with one noising per image, more add nothing)"),
+                    io.Int.Input("optimisation_steps", default=0, min=0, max=100000,
+                                 tooltip="steps of the total-variation inversion attack (0: skip it; slow)"),
+                    _privacy_link()],
+            outputs=[io.Image.Output(display_name="images", tooltip="the server's best reconstruction of the images"),
+                     io.Image.Output(display_name="hints", tooltip="the server's reconstruction of the hints"),
+                     io.String.Output(display_name="report", tooltip="the attacks' PSNR / SSIM, one per line")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, count, epochs, optimisation_steps, privacy=None):
+        import torch
+
+        from ..pipelines.split_attacks import server_view
+        from ..pipelines.split_client import SplitConfig
+        from .comfy_objects import pipeline_from_comfy, split_client_secret
+
+        config = privacy or SplitConfig()
+        pixels, hints = _items(dataset, count)
+        with torch.inference_mode(False):
+            view = server_view(pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), pixels=pixels,
+                               hint_pixels=hints, config=config, secret=split_client_secret(), epochs=epochs,
+                               optimisation_steps=optimisation_steps)
+        report = view.report
+        text = "\n".join([f"{config.mode} mode, {len(pixels)} images, {epochs} epochs linked: image PSNR "
+                          f"{report.image_psnr:.2f} dB ({report.gain_over_mean_guess:+.2f} over the mean image), "
+                          f"hint PSNR {report.hint_psnr:.2f} dB ({report.hint_psnr - report.hint_mean_psnr:+.2f})",
+                          *report.lines()])
+        return io.NodeOutput(_comfy_images(view.images), _comfy_images(view.hints), text, ui={"text": [text]})
+
+
+SPLIT_NODES = [PrivDiffSplitServer, PrivDiffSplitClientTrain, PrivDiffSplitControlNetApply, PrivDiffSplitAttack,
+               PrivDiffSplitPrivacy, PrivDiffSplitActivation, PrivDiffSplitServerView]

@@ -209,21 +209,46 @@ def server_view(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor, co
     `hint_pixels` in [0, 1], as dataset items hold them) under `config` and `secret` over `epochs`
     linked epochs, and the server's attacks on it. Nothing is sent and the ledger is not touched:
     this is the preview a user looks at before training."""
-    from ..privacy.split_secret import content_hash
-    from .split_client import client_latents, client_payload
-
-    if epochs < 1:
-        raise ValueError(f"epochs={epochs} must be at least 1.")
-    if pixels.shape != hint_pixels.shape or pixels.ndim != 4:
-        raise ValueError(f"images {list(pixels.shape)} and hints {list(hint_pixels.shape)} must be the same "
-                         "[B, 3, H, W] size: one hint per image.")
-    ids = [secret.image_id(content_hash(pixels=p, hint=h)) for p, h in zip(pixels, hint_pixels)]
-    latents = client_latents(pipeline=pipeline, pixels=pixels, hint_pixels=hint_pixels * 2 - 1)
-    payloads = [client_payload(pipeline=pipeline, latents=latents, image_ids=ids, epoch=e, config=config, secret=secret)
-                for e in range(epochs)]
+    payloads = client_messages(pipeline=pipeline, pixels=pixels, hint_pixels=hint_pixels, config=config,
+                               secret=secret, epochs=epochs)
     hardened = config.mode == "hardened"
     report, images, hints = _attack_traffic(
         pipeline=pipeline, payloads=payloads, pixels=pixels, hint_pixels=hint_pixels * 2 - 1,
         sigma_label=config.sigma_label if hardened else 0.0, sigma_hint=config.sigma_hint if hardened else 0.0,
         optimisation_steps=optimisation_steps)
     return ServerView(payloads=payloads, images=images, hints=hints, report=report)
+
+
+def client_messages(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor, config, secret,
+                    epochs: int = 1) -> list[dict]:
+    """Per epoch, the tensors `train_split_client` sends for these images and hints (`pixels` in
+    [-1, 1], `hint_pixels` in [0, 1]) under `config` and `secret`, images in the order given. Nothing
+    is sent or recorded."""
+    from ..privacy.split_secret import content_hash
+    from .split_client import client_latents, client_payload
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs={epochs!r} must be a whole number >= 1.")
+    if pixels.shape != hint_pixels.shape or pixels.ndim != 4:
+        raise ValueError(f"images {list(pixels.shape)} and hints {list(hint_pixels.shape)} must be the same "
+                         "[B, 3, H, W] size: one hint per image.")
+    ids = [secret.image_id(content_hash(pixels=p, hint=h)) for p, h in zip(pixels, hint_pixels)]
+    latents = client_latents(pipeline=pipeline, pixels=pixels, hint_pixels=hint_pixels * 2 - 1)
+    return [client_payload(pipeline=pipeline, latents=latents, image_ids=ids, epoch=e, config=config, secret=secret)
+            for e in range(epochs)]
+
+
+def latent_picture(latents, *, size: tuple[int, int], scale: float = 3.0) -> torch.Tensor:
+    """A [B, C, h, w] latent-sized tensor (z_t, h) as pictures [B, 3, H, W] in [0, 1]: its channels as
+    grey tiles side by side in a square grid (C = 4: 2 x 2), values -scale..scale as black..white,
+    nearest-neighbour upscaled so that one latent value stays one visible block."""
+    values = torch.as_tensor(np.asarray(latents, dtype=np.float32))
+    b, c, h, w = values.shape
+    side = int(np.ceil(np.sqrt(c)))
+    grid = torch.full((b, side * h, side * w), 0.5)
+    grey = (values / (2 * scale) + 0.5).clamp(0, 1)
+    for k in range(c):
+        row, col = divmod(k, side)
+        grid[:, row * h:(row + 1) * h, col * w:(col + 1) * w] = grey[:, k]
+    big = torch.nn.functional.interpolate(grid[:, None], size=size, mode="nearest")
+    return big.expand(-1, 3, -1, -1).contiguous()

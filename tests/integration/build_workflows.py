@@ -94,11 +94,24 @@ GRAPHS = {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "name": "privdiff-split-example",
             "learning_rate": 0.0001, "checkpoint_every": 20, "seed": 0}},
         "4": {"class_type": "PrivDiffSplitClientTrain", "inputs": {
-            **_models("privdiff-split-example"), "server": ["3", 0], **SPLIT_SETTINGS, "stop_server": True}},
+            **_models("privdiff-split-example"), "server": ["3", 0], **SPLIT_SETTINGS, "stop_server": True,
+            "privacy": ["30", 0]}},
         "5": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["4", 0]}},
         "6": {"class_type": "PrivDiffSplitAttack", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], **SPLIT_SETTINGS,
-            "optimisation_steps": 0}},
+            "optimisation_steps": 0, "privacy": ["30", 0]}},
+        # One settings node drives the client, the audit and the two previews of what leaves the machine.
+        "30": {"class_type": "PrivDiffSplitPrivacy", "inputs": {
+            k: SPLIT_SETTINGS[k] for k in ("mode", "snr_bound", "sigma_label", "sigma_hint", "draws_per_image")}},
+        "31": {"class_type": "PrivDiffSplitActivation", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "count": 8, "privacy": ["30", 0]}},
+        "32": {"class_type": "PrivDiffSplitServerView", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "count": 16, "epochs": 2,
+            "optimisation_steps": 0, "privacy": ["30", 0]}},
+        "33": {"class_type": "PreviewImage", "inputs": {"images": ["31", 0]}},
+        "34": {"class_type": "PreviewImage", "inputs": {"images": ["31", 1]}},
+        "35": {"class_type": "PreviewImage", "inputs": {"images": ["32", 0]}},
+        "36": {"class_type": "PreviewImage", "inputs": {"images": ["32", 1]}},
         # Hints for generation: circles the training never saw (another seed).
         "7": {"class_type": "PrivDiffProceduralDataset", "inputs": {"name": "circles", "num_items": 4, "resolution": 64, "seed": 1}},
         "8": {"class_type": "PrivDiffDatasetImages", "inputs": {"dataset": ["7", 0], "count": 4}},

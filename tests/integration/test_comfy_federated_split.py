@@ -129,3 +129,39 @@ def test_split_client_with_bad_mode_is_a_node_error(comfy_server):
         "3": {"class_type": "PrivDiffSplitAttack",
               "inputs": {**BASE, "dataset": ["2", 0], **_split_settings(mode="leaky"), "optimisation_steps": 0}}}})
     assert status == 400 and "leaky" in str(body["node_errors"])
+
+
+def _psnr_after(report: str, label: str) -> float:
+    """The PSNR (dB) on the first line of `report` that starts with `label`."""
+    line = next(row for row in report.splitlines() if row.strip().startswith(label))
+    return float(line.split(":", 1)[1].split("dB")[0])
+
+
+def test_split_settings_node_drives_the_audit_and_the_server_view_matches_it(comfy_server):
+    """[11] acceptance 3: one settings node overrides the audit's own widgets (paper there, hardened
+    here), and the server view's PSNR for the same settings and this ComfyUI's secret is the audit's."""
+    settings = {"mode": "hardened", "snr_bound": 0.01, "sigma_label": 1.0, "sigma_hint": 1.0, "draws_per_image": 1}
+    entry = comfy_server.run({
+        **TINY, "2": _circles(),
+        "3": {"class_type": "PrivDiffSplitPrivacy", "inputs": settings},
+        "4": {"class_type": "PrivDiffSplitAttack",
+              "inputs": {**BASE, "dataset": ["2", 0], **_split_settings(mode="paper", epochs=2),
+                         "optimisation_steps": 0, "privacy": ["3", 0]}},
+        "5": {"class_type": "PrivDiffSplitServerView",
+              "inputs": {**BASE, "dataset": ["2", 0], "count": 8, "epochs": 2, "optimisation_steps": 0,
+                         "privacy": ["3", 0]}},
+        "6": {"class_type": "PrivDiffSplitActivation",
+              "inputs": {**BASE, "dataset": ["2", 0], "count": 8, "privacy": ["3", 0]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+        "10": {"class_type": "PreviewImage", "inputs": {"images": ["6", 1]}},
+    })
+    audit, view = entry["outputs"]["4"]["text"][0], entry["outputs"]["5"]["text"][0]
+    assert audit.startswith("hardened mode, 8 images") and view.startswith("hardened mode, 8 images, 2 epochs")
+    assert "σ_hint = 1" in entry["outputs"]["3"]["text"][0]
+    for label in ("images,", "hints:"):
+        assert abs(_psnr_after(audit, label) - _psnr_after(view, label)) <= 0.5, (label, audit, view)
+    assert _psnr_after(view, "images,") < 20  # hardened: far from the paper mode's > 40 dB
+    for node in ("7", "8", "9", "10"):
+        assert len(entry["outputs"][node]["images"]) == 8
