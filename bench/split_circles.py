@@ -3,6 +3,7 @@
     python bench/split_circles.py utility --mode paper --steps 3000 --batch 16
     python bench/split_circles.py utility --mode hardened --snr-bound 1 --draws-per-image 0 --steps 1000 --batch 64
     python bench/split_circles.py attack --mode hardened --snr-bound 0.01 --draws-per-image 1 --epochs 10 --secrets 8
+    python bench/split_circles.py frontier --ks 0.03 0.1 0.3 1 --images 1000 10000 --sigma-hints 1 --run-epochs 4
 
 `utility` trains a SplitTrainer on client payloads of 1,000 `circles` images (the client's latents are
 computed once, as `train_split_client` caches them; batches are drawn at random) and prints the circle
@@ -10,6 +11,10 @@ IoU of 50 (`--eval-num`) generations against their hints every `--eval-every` st
 `attack` runs every server attack of `reconstruct_from_traffic` on `--epochs` epochs of traffic of 32
 images, for each of `--secrets` client secrets (the noise is the secret's: the figures are a mean and a
 spread). `--draws-per-image 0` means a fresh noising every step (or epoch).
+`frontier` ([11]) runs both for every k x images x σ_hint, one noising per image: the IoU gain over
+the base with a shuffled-hint control (the same generations' targets, hints permuted: a ControlNet that
+follows hints loses its gain there) and the best attack's margin over the mean-image guess for images
+and for hints; rows go to `--json` as they finish, so a cut run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -69,12 +74,18 @@ def utility(args) -> dict:
     trainer = SplitTrainer(unet=copy.deepcopy(tiny.unet), learning_rate=args.lr, seed=args.seed)
     sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
     hints = [it["hint"].permute(1, 2, 0).numpy() for it in evaluation_items(set_name="circles", num=args.eval_num)]
+    # The control: the same targets with the hints permuted (a fixed derangement-like shuffle).
+    shuffled = [hints[i] for i in torch.randperm(len(hints), generator=torch.Generator().manual_seed(1)).tolist()]
 
     def evaluate():
         pipe = split_controlnet_pipeline(base=tiny, controlnet=trainer.controlnet.eval())
         pipe.set_progress_bar_config(disable=True)
         metrics = evaluate_quality(pipeline=pipe, set_name="circles", num=args.eval_num, sampling=sampling,
                                    image=hints).metrics
+        if getattr(args, "shuffled_control", False):
+            control = evaluate_quality(pipeline=pipe, set_name="circles", num=args.eval_num, sampling=sampling,
+                                       image=shuffled).metrics
+            metrics.update({f"shuffled_{k}": v for k, v in control.items()})
         trainer.controlnet.train()
         return metrics
 
@@ -161,9 +172,47 @@ def attack(args) -> dict:
             "best_attacks": [max(r.attacks, key=lambda a: r.attacks[a]["psnr"]) for r in runs]}
 
 
+def frontier(args) -> dict:
+    """Every (k, images, σ_hint): utility (IoU gain, shuffled control) and attack margins, one noising
+    per image; `--run-epochs` passes over the images (steps = epochs x images / batch)."""
+    rows = []
+    for sigma_hint in args.sigma_hints:
+        for k in args.ks:
+            point = argparse.Namespace(**{**vars(args), "mode": "hardened", "snr_bound": k, "sigma_hint": sigma_hint,
+                                          "draws_per_image": 1})
+            leak = attack(argparse.Namespace(**{**vars(point), "num_items": 32, "epochs": 2}))
+            for images in args.images:
+                run = argparse.Namespace(**{**vars(point), "num_items": images, "shuffled_control": True,
+                                            "steps": max(1, args.run_epochs * images // args.batch),
+                                            "eval_every": 10 ** 9, "out": None, "grid": None})
+                start = time.time()
+                figures = utility(run)
+                final = figures["evaluations"][-1]
+                rows.append({"k": k, "images": images, "sigma_hint": sigma_hint, "steps": run.steps,
+                             "iou": final["circle_iou"], "iou_shuffled": final["shuffled_circle_iou"],
+                             "iou_base": figures["base"]["circle_iou"],
+                             "iou_gain": final["circle_iou"] - figures["base"]["circle_iou"],
+                             "image_margin_db": leak["margin_db"], "hint_margin_db": {
+                                 key: value - leak["hint_mean_psnr"] for key, value in leak["hint_psnr"].items()
+                                 if key in ("mean", "min", "max")},
+                             "minutes": round((time.time() - start) / 60, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump({"rows": rows, "eval_num": args.eval_num, "batch": args.batch, "lr": args.lr}, f,
+                                  indent=1)
+    print("| k | images | σ_hint | IoU gain | IoU, shuffled hints | image margin dB (mean, max) | hint margin dB (mean, max) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['k']:g} | {r['images']} | {r['sigma_hint']:g} | {r['iou_gain']:+.3f} | {r['iou_shuffled']:.3f} | "
+              f"{r['image_margin_db']['mean']:+.1f}, {r['image_margin_db']['max']:+.1f} | "
+              f"{r['hint_margin_db']['mean']:+.1f}, {r['hint_margin_db']['max']:+.1f} |")
+    return {"rows": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["utility", "attack"])
+    parser.add_argument("what", choices=["utility", "attack", "frontier"])
     parser.add_argument("--mode", default="hardened", choices=["hardened", "paper"])
     parser.add_argument("--snr-bound", type=float, default=0.01)
     parser.add_argument("--sigma-hint", type=float, default=0.0)
@@ -182,9 +231,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="utility: save the ControlNet here at every evaluation")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--grid", default=None, help="utility: save a picture of hints, targets, base and split here")
+    parser.add_argument("--ks", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0], help="frontier: the SNR bounds")
+    parser.add_argument("--images", type=int, nargs="+", default=[1000, 10000], help="frontier: images per run")
+    parser.add_argument("--sigma-hints", type=float, nargs="+", default=[1.0], help="frontier: hint noise scales")
+    parser.add_argument("--run-epochs", type=int, default=4, help="frontier: passes over each run's images")
+    parser.add_argument("--shuffled-control", action="store_true", help="utility: also score with permuted hints")
     args = parser.parse_args(argv)
     args.num_items = args.num_items or (1000 if args.what == "utility" else 32)
-    result = utility(args) if args.what == "utility" else attack(args)
+    result = {"utility": utility, "attack": attack, "frontier": frontier}[args.what](args)
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -12,7 +12,8 @@ SHIPPED_NODES = {
     "PrivDiffTinyLoader", "PrivDiffProceduralDataset", "PrivDiffImageFolderDataset", "PrivDiffImageBatchDataset",
     "PrivDiffDPLDMTrain", "PrivDiffDPAggTITrain", "PrivDiffDPSGDTITrain", "PrivDiffPrivacyReport",
     "PrivDiffMembershipAudit", "PrivDiffFederatedSimulate", "PrivDiffSplitServer", "PrivDiffSplitClientTrain",
-    "PrivDiffSplitControlNetApply", "PrivDiffSplitAttack", "PrivDiffDatasetImages",
+    "PrivDiffSplitControlNetApply", "PrivDiffSplitAttack", "PrivDiffDatasetImages", "PrivDiffSplitPrivacy",
+    "PrivDiffSplitActivation", "PrivDiffSplitServerView",
 }
 # Nodes that train or talk to the network: ComfyUI must run them again on every queue.
 TRAINING_NODES = {"PrivDiffDPLDMTrain", "PrivDiffDPAggTITrain", "PrivDiffDPSGDTITrain", "PrivDiffFederatedSimulate",
