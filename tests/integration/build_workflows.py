@@ -145,11 +145,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", default="http://127.0.0.1:8199")
     parser.add_argument("--screenshots", default=None, help="folder for one PNG per workflow")
+    parser.add_argument("--only", nargs="*", default=None, help="rebuild only these workflows (names without .json)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         note = Path(folder) / "note.txt"
         note.write_text(SWAP_NOTE)
         for name, graph in GRAPHS.items():
+            if args.only and name not in args.only:
+                continue
             api, ui = Path(folder) / f"{name}.api.json", WORKFLOWS / f"{name}.json"
             api.write_text(json.dumps(graph))
             frontend(server=args.server, mode="from-api", source=api, target=ui, note=note)
