@@ -63,6 +63,12 @@ def _privacy_link():
                                       "mode, snr_bound, sigma_label, sigma_hint and draws_per_image")
 
 
+def _preview_inputs(role: str, *, min_count: int):
+    return [*_base_inputs(role), Dataset.Input("dataset", tooltip="the private images with hints"),
+            io.Int.Input("count", default=8, min=min_count, max=4096,
+                         tooltip="how many items, from the first (the attacks use the set's statistics)")]
+
+
 def _items(dataset, count: int):
     """The first `count` items' images ([-1, 1]) and hints ([0, 1]) as dataset items hold them."""
     import torch
@@ -298,10 +304,7 @@ class PrivDiffSplitActivation(io.ComfyNode):
                         "epoch under these settings and this ComfyUI's noise secret: the noised latents z_t and "
                         "the privacy-activated hint h = fp16(symsigmoid(hint latent + z_t)), each latent channel "
                         "a grey tile (black -3, white +3). Nothing is sent.",
-            inputs=[*_base_inputs("the client's copy"),
-                    Dataset.Input("dataset", tooltip="the private images with hints"),
-                    io.Int.Input("count", default=8, min=1, max=4096, tooltip="how many items, from the first"),
-                    _privacy_link()],
+            inputs=[*_preview_inputs("the client's copy", min_count=1), _privacy_link()],
             outputs=[io.Image.Output(display_name="z_t", tooltip="the noised image latents, as sent"),
                      io.Image.Output(display_name="h", tooltip="the privacy-activated hints, as sent")],
         )
@@ -336,10 +339,7 @@ class PrivDiffSplitServerView(io.ComfyNode):
                         "client would send (these settings, this ComfyUI's noise secret, the epochs linked), with "
                         "its PSNR next to guessing the mean image: look before you send. The figures are those "
                         "of the attack audit for the same settings; nothing is sent or saved.",
-            inputs=[*_base_inputs("the public model the server also has"),
-                    Dataset.Input("dataset", tooltip="the private images with hints"),
-                    io.Int.Input("count", default=8, min=2, max=4096,
-                                 tooltip="how many items, from the first (the attacks use the set's statistics)"),
+            inputs=[*_preview_inputs("the public model the server also has", min_count=2),
                     io.Int.Input("epochs", default=2, min=1, max=1000,
                                  tooltip="epochs of messages the server links (with one noising per image, more add nothing)"),
                     io.Int.Input("optimisation_steps", default=0, min=0, max=100000,
