@@ -7,7 +7,8 @@
         --row "base=base" --row "DPAgg-TI ε=1=/tmp/style/run2/embedding.safetensors" \\
         --prompts "a picture in the style of {token}" --columns 8
 
-Each row is LABEL=WHAT: `base` (privdiff-tiny as shipped), a DP-LDM output (folder or weight file,
+Each row is LABEL=WHAT: `base` (`--base`: privdiff-tiny as shipped, or a diffusers folder such as
+`bench/dp_ldm_digits.py --public-warmup`'s, which every row then starts from), a DP-LDM output (folder or weight file,
 applied with `apply_fine_tune`), or a textual-inversion embedding (a .safetensors that holds one
 embedding, loaded with diffusers' `load_textual_inversion` under --token). A row label may hold '='
 (only the last '=' splits). Column c uses seed `--seed + c` in every row, so differences down a
@@ -21,14 +22,14 @@ import argparse
 from pathlib import Path
 
 
-def _load(what: str, token: str):
+def _load(what: str, token: str, base: str = "tiny"):
     from safetensors import safe_open
 
-    from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.models.loading import load_pipeline
     from privdiff.pipelines.fine_tuned import apply_fine_tune
     from privdiff.pipelines.textual_inversion import load_embedding
 
-    pipeline = load_privdiff_tiny()
+    pipeline = load_pipeline(base=base)
     pipeline.set_progress_bar_config(disable=True)
     if what == "base":
         return pipeline, False
@@ -44,14 +45,15 @@ def _load(what: str, token: str):
 
 
 def compare(*, rows: list[tuple[str, str]], prompts: list[str], columns: int, out: Path, seed: int = 0,
-            token: str = "<token>", init_word: str = "painting", steps: int = 30, guidance: float = 5.0) -> Path:
+            token: str = "<token>", init_word: str = "painting", steps: int = 30, guidance: float = 5.0,
+            base: str = "tiny") -> Path:
     import torch
 
     from privdiff.data.images import make_grid, save_png
 
     images, labels = [], []
     for label, what in rows:
-        pipeline, has_token = _load(what, token)
+        pipeline, has_token = _load(what, token, base)
         for column in range(columns):
             prompt = prompts[column % len(prompts)].format(d=column % 10, token=token if has_token else init_word)
             generator = torch.Generator().manual_seed(seed + column)
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--token", default="<token>")
     parser.add_argument("--init-word", default="painting")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--base", default="tiny", help="the model every row starts from: 'tiny' or a diffusers folder")
     args = parser.parse_args(argv)
     rows = []
     for row in args.row:
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
             parser.error(f"--row {row!r}: write LABEL=WHAT (e.g. 'DP ε=10=/tmp/run')")
         rows.append((label, what))
     path = compare(rows=rows, prompts=args.prompts, columns=args.columns, out=Path(args.out), seed=args.seed,
-                   token=args.token, init_word=args.init_word)
+                   token=args.token, init_word=args.init_word, base=args.base)
     print(path)
     return 0
 
