@@ -137,6 +137,7 @@ def attack(args) -> dict:
 
     from privdiff.data import load_dataset
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
+    from privdiff.pipelines.split_attacks import known_noise
     from privdiff.pipelines.split_controlnet import client_payload, reconstruct_from_traffic
 
     tiny = load_privdiff_tiny()
@@ -145,16 +146,13 @@ def attack(args) -> dict:
     pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
     hints = torch.stack([dataset[i]["hint"] for i in range(len(dataset))]) * 2 - 1
     latents = _latents(tiny, dataset)
-    hardened = config.mode == "hardened"
     runs = []
     for index in range(args.secrets):  # the noise is the client's secret: figures vary with it
         secret, ids = _secret_and_ids(args, len(dataset), index)
         traffic = [client_payload(pipeline=tiny, latents=latents, image_ids=ids, epoch=e, config=config, secret=secret)
                    for e in range(args.epochs)]
         report = reconstruct_from_traffic(pipeline=tiny, payloads=traffic, pixels=pixels, hint_pixels=hints,
-                                          sigma_label=config.sigma_label if hardened else 0.0,
-                                          sigma_hint=config.sigma_hint if hardened else 0.0,
-                                          optimisation_steps=args.optimisation_steps)
+                                          optimisation_steps=args.optimisation_steps, **known_noise(config))
         print(f"secret {index}:", "\n".join(report.lines()), flush=True)
         runs.append(report)
 

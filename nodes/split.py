@@ -69,17 +69,6 @@ def _preview_inputs(role: str, *, min_count: int):
                          tooltip="how many items, from the first (the attacks use the set's statistics)")]
 
 
-def _items(dataset, count: int):
-    """The first `count` items' images ([-1, 1]) and hints ([0, 1]) as dataset items hold them."""
-    import torch
-
-    from ..pipelines.split_client import check_split_dataset
-
-    check_split_dataset(dataset)
-    items = [dataset[i] for i in range(min(count, len(dataset)))]
-    return torch.stack([it["pixel_values"] for it in items]), torch.stack([it["hint"] for it in items])
-
-
 def _comfy_images(pictures):
     """[B, 3, H, W] in [0, 1] -> ComfyUI IMAGE [B, H, W, 3]."""
     return pictures.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()
@@ -314,10 +303,10 @@ class PrivDiffSplitActivation(io.ComfyNode):
         import torch
 
         from ..pipelines.split_attacks import client_messages, latent_picture
-        from ..pipelines.split_client import SplitConfig
+        from ..pipelines.split_client import SplitConfig, split_tensors
         from .comfy_objects import pipeline_from_comfy, split_client_secret
 
-        pixels, hints = _items(dataset, count)
+        pixels, hints = split_tensors(dataset, count=count)
         with torch.inference_mode(False):
             message = client_messages(pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), pixels=pixels,
                                       hint_pixels=hints, config=privacy or SplitConfig(),
@@ -356,11 +345,11 @@ class PrivDiffSplitServerView(io.ComfyNode):
         import torch
 
         from ..pipelines.split_attacks import server_view
-        from ..pipelines.split_client import SplitConfig
+        from ..pipelines.split_client import SplitConfig, split_tensors
         from .comfy_objects import pipeline_from_comfy, split_client_secret
 
         config = privacy or SplitConfig()
-        pixels, hints = _items(dataset, count)
+        pixels, hints = split_tensors(dataset, count=count)
         with torch.inference_mode(False):
             view = server_view(pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), pixels=pixels,
                                hint_pixels=hints, config=config, secret=split_client_secret(), epochs=epochs,

@@ -193,6 +193,14 @@ def _attack_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hin
     return report, images[best], hint_images
 
 
+def known_noise(config) -> dict[str, float]:
+    """The noise scales an attacker of `config`'s traffic knows (they are public settings):
+    `sigma_label` and `sigma_hint` for `reconstruct_from_traffic` (none in paper mode)."""
+    hardened = config.mode == "hardened"
+    return {"sigma_label": config.sigma_label if hardened else 0.0,
+            "sigma_hint": config.sigma_hint if hardened else 0.0}
+
+
 @dataclass(frozen=True)
 class ServerView:
     """What a split server receives for some images and hints, and the best it rebuilds from that."""
@@ -211,11 +219,9 @@ def server_view(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor, co
     this is the preview a user looks at before training."""
     payloads = client_messages(pipeline=pipeline, pixels=pixels, hint_pixels=hint_pixels, config=config,
                                secret=secret, epochs=epochs)
-    hardened = config.mode == "hardened"
-    report, images, hints = _attack_traffic(
-        pipeline=pipeline, payloads=payloads, pixels=pixels, hint_pixels=hint_pixels * 2 - 1,
-        sigma_label=config.sigma_label if hardened else 0.0, sigma_hint=config.sigma_hint if hardened else 0.0,
-        optimisation_steps=optimisation_steps)
+    report, images, hints = _attack_traffic(pipeline=pipeline, payloads=payloads, pixels=pixels,
+                                            hint_pixels=hint_pixels * 2 - 1, optimisation_steps=optimisation_steps,
+                                            **known_noise(config))
     return ServerView(payloads=payloads, images=images, hints=hints, report=report)
 
 

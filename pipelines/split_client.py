@@ -190,6 +190,14 @@ def check_split_dataset(dataset) -> None:
                            "image/hint pairs; give a folder with a hint per image, or a set such as circles.")
 
 
+def split_tensors(dataset, *, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` items (all: None) of a split dataset as its images ([B, 3, H, W] in [-1, 1])
+    and hints (in [0, 1]), as the items hold them."""
+    check_split_dataset(dataset)
+    items = [dataset[i] for i in range(len(dataset) if count is None else min(count, len(dataset)))]
+    return torch.stack([it["pixel_values"] for it in items]), torch.stack([it["hint"] for it in items])
+
+
 def train_split_client(*, client, pipeline, dataset, epochs: int, batch_size: int, config: SplitConfig, secret,
                        ledger, progress: Callable[[int, int, int], None] | None = None, cache_latents: bool = True,
                        latent_cache: dict | None = None, should_stop: Callable[[], bool] | None = None,

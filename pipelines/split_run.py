@@ -201,9 +201,8 @@ def audit_split_training(*, pipeline, dataset, config: SplitConfig, epochs: int,
     (ReconstructionReport, server steps)."""
     import warnings
 
-    import torch
-
-    from .split_client import check_split_dataset
+    from .split_attacks import known_noise
+    from .split_client import check_split_dataset, split_tensors
     from .split_controlnet import reconstruct_from_traffic, run_loopback_job, traffic_by_epoch
 
     if epochs < 1 or batch_size < 1:
@@ -220,14 +219,9 @@ def audit_split_training(*, pipeline, dataset, config: SplitConfig, epochs: int,
         run = run_loopback_job(pipeline=pipeline, datasets={"client": dataset}, config=config, epochs=epochs,
                                batch_size=batch_size, folder=Path(folder), record=True, progress=report,
                                download=False, secrets={"client": secret} if secret is not None else None)
-    items = [dataset[i] for i in range(len(dataset))]
-    pixels = torch.stack([it["pixel_values"] for it in items])
-    hints = torch.stack([it["hint"] for it in items]) * 2 - 1
+    pixels, hints = split_tensors(dataset)
     traffic = traffic_by_epoch(messages=run.traffic["client"], batches=run.results["client"].batches,
                                num_samples=len(dataset))
-    hardened = config.mode == "hardened"
-    result = reconstruct_from_traffic(pipeline=pipeline, payloads=traffic, pixels=pixels, hint_pixels=hints,
-                                      sigma_label=config.sigma_label if hardened else 0.0,
-                                      sigma_hint=config.sigma_hint if hardened else 0.0,
-                                      optimisation_steps=optimisation_steps)
+    result = reconstruct_from_traffic(pipeline=pipeline, payloads=traffic, pixels=pixels, hint_pixels=hints * 2 - 1,
+                                      optimisation_steps=optimisation_steps, **known_noise(config))
     return result, run.job.trainer.steps

@@ -336,8 +336,7 @@ class SplitClient:
                 except (TransportError, _UnknownSession):
                     if attempt == self.retries:
                         raise
-                    time.sleep(min(2.0 ** attempt * 0.2, 5.0))
-                    self._reopen_quietly()
+                    self._reconnect(attempt, resend=())
         raise AssertionError("unreachable")
 
     def stream(self, messages: Iterable[Message], *, window: int = 4) -> Iterator[tuple[Message, Message]]:
@@ -366,10 +365,8 @@ class SplitClient:
                         break
                     _check_request(message)
                     with self._lock:
-                        if self._broken:
+                        if self._broken:  # only before the first send: heartbeats never fail mid-stream
                             self._reopen_quietly()
-                            for earlier in unanswered:
-                                self._send(earlier)
                         self._send(message)
                     unanswered.append(message)
                 if not unanswered:
@@ -381,10 +378,7 @@ class SplitClient:
                         failures += 1
                         if failures > self.retries:
                             raise
-                        time.sleep(min(2.0 ** (failures - 1) * 0.2, 5.0))
-                        self._reopen_quietly()
-                        for earlier in unanswered:
-                            self._send(earlier)
+                        self._reconnect(failures - 1, resend=unanswered)
                         continue
                 if kind in ("heartbeat", "hello"):  # a heartbeat's, or a late welcome after a reconnect timed out
                     continue
@@ -394,6 +388,13 @@ class SplitClient:
             self._streaming = False
             if unanswered or self._pending:
                 self._broken = True  # answers still on their way belong to this session: start a new one
+
+    def _reconnect(self, attempt: int, *, resend) -> None:
+        """After failed try number `attempt` (from 0): back off, open a new session, re-send `resend`."""
+        time.sleep(min(2.0 ** attempt * 0.2, 5.0))
+        self._reopen_quietly()
+        for message in resend:
+            self._send(message)
 
     def _reopen_quietly(self) -> None:
         try:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from privdiff.pipelines.split_attacks import server_view
+from privdiff.pipelines.split_client import split_tensors
 from privdiff.pipelines.split_controlnet import SplitConfig
 from privdiff.pipelines.split_run import (audit_split_training, load_split_controlnet_file, start_split_server,
                                           stop_split_server, train_split_controlnet)
@@ -78,16 +79,11 @@ def test_audit_shows_paper_mode_leaks_and_hardened_does_not(tiny, circles, tmp_p
     assert hardened.image_psnr < hardened.mean_image_psnr + 3
 
 
-def _stacked(dataset):
-    items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([it["pixel_values"] for it in items]), torch.stack([it["hint"] for it in items])
-
-
 @pytest.mark.parametrize("config", [SplitConfig(), SplitConfig(sigma_hint=1.0, draws_per_image=None)],
                          ids=["default", "hint-noise-fresh-draws"])
 def test_the_view_is_what_training_sends_and_its_figures_are_the_audits(tiny, circles, tmp_path, config):
     secret = ClientSecret(bytes(range(32)))  # the test's fixed secret; a user's comes from the OS
-    pixels, hints = _stacked(circles)
+    pixels, hints = split_tensors(circles)
     view = server_view(pipeline=tiny, pixels=pixels, hint_pixels=hints, config=config, secret=secret, epochs=2)
     report, _ = audit_split_training(pipeline=tiny, dataset=circles, config=config, epochs=2, batch_size=4,
                                      folder=tmp_path, optimisation_steps=0, secret=secret)
@@ -104,7 +100,7 @@ def test_the_view_is_what_training_sends_and_its_figures_are_the_audits(tiny, ci
 
 
 def test_the_view_refuses_mismatched_images_and_hints(tiny, circles):
-    pixels, hints = _stacked(circles)
+    pixels, hints = split_tensors(circles)
     with pytest.raises(ValueError, match="one hint per image"):
         server_view(pipeline=tiny, pixels=pixels, hint_pixels=hints[:3], config=SplitConfig(),
                     secret=ClientSecret(bytes(32)))
