@@ -259,6 +259,9 @@ def _add_split(actions) -> None:
     _add_base(attack)
     _add_common(attack, data_default="circles", out_required=False)
     _add_split_settings(attack)
+    attack.add_argument("--noise-secret", default=None,
+                        help="a client's noise secret, so the traffic is exactly what that client sends "
+                             "(default: a throwaway one)")
     attack.add_argument("--num-items", type=int, default=32, help="private images (default 32)")
     attack.add_argument("--epochs", type=int, default=5)
     attack.add_argument("--batch-size", type=int, default=8)

@@ -152,6 +152,7 @@ def attack(args) -> int:
     from ..pipelines.split_client import check_split_dataset
     from ..pipelines.split_run import audit_split_training
     from ..privacy.record import write_byproduct_report
+    from ..privacy.split_secret import load_client_secret
     from ..training.outputs import check_out_folder
     from .train import _Bar, _dataset, _pipeline
 
@@ -167,12 +168,14 @@ def attack(args) -> int:
     if config.mode == "paper":
         print("paper mode: the reference design, which the attacks below rebuild exactly", flush=True)
     bar = _Bar(f"split on loopback ({args.mode})", unit="batch")
-    # The loopback job's keys and its throwaway noise secret live in a scratch folder deleted after.
+    # The loopback job's keys, ledger and (without --noise-secret) throwaway noise secret live in a scratch
+    # folder deleted after.
+    secret = load_client_secret(args.noise_secret) if args.noise_secret else None
     with tempfile.TemporaryDirectory() as scratch:
         try:
             report, steps = audit_split_training(
                 pipeline=pipeline, dataset=dataset, config=config, epochs=args.epochs, batch_size=args.batch_size,
-                folder=Path(scratch), optimisation_steps=args.optimisation_steps,
+                folder=Path(scratch), optimisation_steps=args.optimisation_steps, secret=secret,
                 progress=lambda done, total: bar.update(total=total))
         finally:
             bar.close()

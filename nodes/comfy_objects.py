@@ -133,14 +133,9 @@ def split_secret_file() -> Path:
 
 def split_client_secret():
     """This ComfyUI's split noise secret (made on first use; see `split_secret_file`)."""
-    from ..privacy.split_secret import SentLedger, ledger_path, open_client_secret
+    from ..privacy.split_secret import load_client_secret
 
-    path = split_secret_file()
-    ledger = SentLedger(ledger_path(path))
-    try:
-        return open_client_secret(path=path, ledger=ledger)
-    finally:
-        ledger.close()
+    return load_client_secret(split_secret_file())
 
 
 def run_folder(name: str) -> Path:

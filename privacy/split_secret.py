@@ -207,3 +207,13 @@ def open_client_secret(*, path: str | os.PathLike, ledger: SentLedger) -> Client
         f.flush()
         os.fsync(f.fileno())
     return secret
+
+
+def load_client_secret(path: str | os.PathLike) -> ClientSecret:
+    """The secret at `path` (made on first use, as `open_client_secret` makes it), checked against its own
+    ledger and the ledger closed again: for previews and audits, which send nothing."""
+    ledger = SentLedger(ledger_path(path))
+    try:
+        return open_client_secret(path=path, ledger=ledger)
+    finally:
+        ledger.close()

@@ -283,16 +283,21 @@ def test_a_restarted_job_continues_exactly_and_skips_batches_it_already_applied(
 
 
 @pytest.mark.parametrize("mode", ["paper", "hardened"])
-def test_cli_split_attack_trains_on_loopback_and_scores_what_the_server_recorded(mode, capsys):
+def test_cli_split_attack_trains_on_loopback_and_scores_what_the_server_recorded(mode, capsys, tmp_path):
+    import json
     import re
     import warnings
 
     from privdiff.cli import main
 
+    # A fixed secret, so the noise (and the figures) are the same on every run.
+    secret = tmp_path / "test.split-secret"
+    secret.write_text(json.dumps({"format": "privdiff-split-secret", "key": bytes(range(32)).hex()}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["split", "attack", "--base", "tiny", "--data", "circles", "--mode", mode, "--num-items", "8",
-                     "--epochs", "3", "--batch-size", "4", "--optimisation-steps", "0"]) == 0
+                     "--epochs", "3", "--batch-size", "4", "--optimisation-steps", "0",
+                     "--noise-secret", str(secret)]) == 0
     out = capsys.readouterr().out
     assert "6 server steps" in out
     best, mean = (float(v) for v in re.search(r"linked: ([\d.]+) dB PSNR.*mean-image guess ([\d.]+) dB", out).groups())
