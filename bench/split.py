@@ -45,7 +45,7 @@ def wire_bytes_per_sample(*, resolution: int, batch: int) -> dict[str, float]:
 
 
 def training_throughput(*, model: str, device: str, dtype: str, resolution: int | None, batch: int, steps: int,
-                        warmup: int, window: int = 4) -> dict:
+                        warmup: int, window: int = 4, server: str | None = None) -> dict:
     """Hardened split training, samples/s: the client's noising and the server's ControlNet step in one
     process, against the same through the real transport (CurveZMQ + codec + MAC, a server thread and a
     client on loopback, `--window` batches in flight). Latents are random (the client's VAE is not timed: it
@@ -59,6 +59,7 @@ def training_throughput(*, model: str, device: str, dtype: str, resolution: int 
     from privdiff.pipelines.split_controlnet import SplitConfig, SplitTrainer, client_payload, run_loopback_job
     from privdiff.privacy.split_secret import ClientSecret, content_hash
 
+    server = server or ("process" if model == "tiny" else "thread")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if model == "tiny":
         from privdiff.models.privdiff_tiny import load_privdiff_tiny
@@ -66,6 +67,7 @@ def training_throughput(*, model: str, device: str, dtype: str, resolution: int 
         tiny = load_privdiff_tiny()
         unet, scheduler, vae = tiny.unet, tiny.scheduler, tiny.vae
     else:
+        tiny = None
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         from privdiff.models.loading import CONFIGS_DIR
@@ -131,14 +133,56 @@ def training_throughput(*, model: str, device: str, dtype: str, resolution: int 
             timings.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as folder:
-        run = run_loopback_job(pipeline=client_side, datasets={"client": Placeholder()}, config=config, epochs=epochs,
-                               batch_size=batch, folder=folder, learning_rate=1e-5, progress=progress,
-                               download=False, latent_caches={"client": cache}, secrets={"client": secret},
-                               window=window)
+        if server == "process":
+            server_steps = _process_server_run(tiny=tiny, client_side=client_side, dataset=Placeholder(), cache=cache,
+                                               config=config, secret=secret, epochs=epochs, batch=batch,
+                                               window=window, folder=folder, progress=progress)
+        else:
+            run = run_loopback_job(pipeline=client_side, datasets={"client": Placeholder()}, config=config,
+                                   epochs=epochs, batch_size=batch, folder=folder, learning_rate=1e-5,
+                                   progress=progress, download=False, latent_caches={"client": cache},
+                                   secrets={"client": secret}, window=window)
+            server_steps = run.job.trainer.steps
     loopback = steps * batch / (timings[1] - timings[0])
     return {"model": model, "device": device, "dtype": dtype, "latent_side": side, "batch": batch, "steps": steps,
             "in_process_samples_per_s": in_process, "loopback_samples_per_s": loopback,
-            "loopback_vs_in_process": loopback / in_process, "server_steps": run.job.trainer.steps, "window": window}
+            "loopback_vs_in_process": loopback / in_process, "server_steps": server_steps, "window": window,
+            "server": server}
+
+
+def _process_server_run(*, tiny, client_side, dataset, cache, config, secret, epochs, batch, window, folder,
+                        progress) -> int:
+    """The loopback run with the server in its own process (`privdiff split serve`, as the ComfyUI
+    nodes start it), as a deployment has it: the client's process keeps one thread for its noising and
+    the server's keeps its own, so neither waits for the other's cores. Returns the batches trained."""
+    from pathlib import Path
+
+    import torch
+
+    from privdiff.pipelines.split_client import train_split_client
+    from privdiff.pipelines.split_run import CLIENT_NAME, start_split_server, stop_split_server
+    from privdiff.privacy.split_secret import SentLedger
+    from privdiff.transport.peer import SplitClient
+
+    if tiny is None:
+        raise ValueError("--server process runs privdiff-tiny only (the server loads a saved base model).")
+    connection = start_split_server(base_pipeline=tiny, out=Path(folder) / "server", learning_rate=1e-5,
+                                    checkpoint_every=10 ** 6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    client = SplitClient(connect=connection.endpoint, client_key=connection.client_secret_key,
+                         server_public_key=connection.server_public_key, name=CLIENT_NAME)
+    ledger = SentLedger(Path(folder) / "client.split-ledger.sqlite")
+    try:
+        result = train_split_client(client=client, pipeline=client_side, dataset=dataset, epochs=epochs,
+                                    batch_size=batch, config=config, secret=secret, ledger=ledger,
+                                    progress=progress, latent_cache=cache, window=window)
+    finally:
+        client.close()
+        ledger.close()
+        stop_split_server(connection)
+        torch.set_num_threads(threads)
+    return result.applied
 
 
 def main(argv=None) -> int:
@@ -153,6 +197,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--window", type=int, default=4, help="batches on their way at once (1: one at a time)")
+    parser.add_argument("--server", default=None, choices=["thread", "process"],
+                        help="loopback server in its own process (tiny only; its default) or in a thread of this "
+                             "process (the default for other models)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     figures = wire_bytes_per_sample(resolution=args.resolution, batch=args.batch)
@@ -165,7 +212,8 @@ def main(argv=None) -> int:
     if args.throughput_model != "none":
         result["throughput"] = throughput = training_throughput(
             model=args.throughput_model, device=args.device, dtype=args.dtype, resolution=args.throughput_resolution,
-            batch=args.batch, steps=args.steps, warmup=args.warmup, window=args.window)
+            batch=args.batch, steps=args.steps, warmup=args.warmup, window=args.window,
+            server=args.server)
         print(json.dumps(throughput))
         print(f"split training, {throughput['model']} on {args.device} ({args.dtype}), batch {args.batch}: "
               f"{throughput['in_process_samples_per_s']:.1f} samples/s in one process, "

@@ -4,6 +4,7 @@
     python bench/split_circles.py utility --mode hardened --snr-bound 1 --draws-per-image 0 --steps 1000 --batch 64
     python bench/split_circles.py attack --mode hardened --snr-bound 0.01 --draws-per-image 1 --epochs 10 --secrets 8
     python bench/split_circles.py frontier --ks 0.03 0.1 0.3 1 --images 1000 10000 --sigma-hints 1 --run-epochs 4
+    python bench/split_circles.py plot --json privdiff/pipelines/split_frontier.json --out-png frontier.png
 
 `utility` trains a SplitTrainer on client payloads of 1,000 `circles` images (the client's latents are
 computed once, as `train_split_client` caches them; batches are drawn at random) and prints the circle
@@ -15,6 +16,7 @@ spread). `--draws-per-image 0` means a fresh noising every step (or epoch).
 the base with a shuffled-hint control (the same generations' targets, hints permuted: a ControlNet that
 follows hints loses its gain there) and the best attack's margin over the mean-image guess for images
 and for hints; rows go to `--json` as they finish, so a cut run keeps what it measured.
+`pipelines/split_frontier.json` (what the planner fits, shipped) holds such rows; `plot` draws them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def _latents(pipeline, dataset):
 def utility(args) -> dict:
     import warnings
 
+    import numpy as np
     import torch
 
     from privdiff.data import load_dataset
@@ -80,8 +83,10 @@ def utility(args) -> dict:
     def evaluate():
         pipe = split_controlnet_pipeline(base=tiny, controlnet=trainer.controlnet.eval())
         pipe.set_progress_bar_config(disable=True)
-        metrics = evaluate_quality(pipeline=pipe, set_name="circles", num=args.eval_num, sampling=sampling,
-                                   image=hints).metrics
+        report = evaluate_quality(pipeline=pipe, set_name="circles", num=args.eval_num, sampling=sampling,
+                                  image=hints)
+        metrics = report.metrics
+        last_images[:] = report.images
         if getattr(args, "shuffled_control", False):
             control = evaluate_quality(pipeline=pipe, set_name="circles", num=args.eval_num, sampling=sampling,
                                        image=shuffled).metrics
@@ -89,6 +94,7 @@ def utility(args) -> dict:
         trainer.controlnet.train()
         return metrics
 
+    last_images = []  # the last evaluation's generations, for the gain's paired spread
     generator = torch.Generator().manual_seed(args.seed)
     secret, image_ids = _secret_and_ids(args, len(image_latents))
     losses, evaluations, start = [], [], time.time()
@@ -105,10 +111,19 @@ def utility(args) -> dict:
             print(json.dumps(evaluations[-1]), flush=True)
             if args.out:
                 trainer.controlnet.save_pretrained(args.out)
-    base = evaluate_quality(pipeline=tiny, set_name="circles", num=args.eval_num, sampling=sampling).metrics
+    base_report = evaluate_quality(pipeline=tiny, set_name="circles", num=args.eval_num, sampling=sampling)
+    base = base_report.metrics
+    # The gain's standard error over the generations, paired (same prompts, hints and seeds for both models).
+    from privdiff.data.analyzers import CirclesAnalyzer
+
+    circles = [it["circle"] for it in evaluation_items(set_name="circles", num=args.eval_num)]
+    paired = (np.array(CirclesAnalyzer().score(images=last_images, circles=circles).ious)
+              - np.array(CirclesAnalyzer().score(images=base_report.images, circles=circles).ious))
+    gain_se = float(paired.std(ddof=1) / np.sqrt(len(paired)))
     if args.grid:
         save_grid(base=tiny, controlnet=trainer.controlnet.eval(), path=args.grid, label=args.mode)
     return {"config": repr(config), "lr": args.lr, "batch": args.batch, "base": base, "evaluations": evaluations,
+            "iou_gain_se": gain_se,
             "loss_first_100": sum(losses[:100]) / min(100, len(losses)),
             "loss_last_100": sum(losses[-100:]) / min(100, len(losses))}
 
@@ -172,45 +187,115 @@ def attack(args) -> dict:
 
 def frontier(args) -> dict:
     """Every (k, images, σ_hint): utility (IoU gain, shuffled control) and attack margins, one noising
-    per image; `--run-epochs` passes over the images (steps = epochs x images / batch)."""
-    rows = []
+    per image; `--run-epochs` passes over the images (steps = epochs x images / batch). With an
+    existing `--json` its rows are kept (a rerun measures only what is missing) and its attacks reused;
+    `--images` with no number measures the attacks alone (a row with images 0)."""
+    import os
+
+    rows = json.load(open(args.json))["rows"] if args.json and os.path.exists(args.json) else []
+    attacks = {(r["k"], r["sigma_hint"]): r for r in rows}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows, "eval_num": args.eval_num, "batch": args.batch, "lr": args.lr,
+                           "secrets": args.secrets, "run_epochs": args.run_epochs}, f, indent=1)
+
     for sigma_hint in args.sigma_hints:
         for k in args.ks:
             point = argparse.Namespace(**{**vars(args), "mode": "hardened", "snr_bound": k, "sigma_hint": sigma_hint,
                                           "draws_per_image": 1})
-            leak = attack(argparse.Namespace(**{**vars(point), "num_items": 32, "epochs": 2}))
+            if (k, sigma_hint) not in attacks:
+                leak = attack(argparse.Namespace(**{**vars(point), "num_items": 32, "epochs": 2}))
+                attacks[(k, sigma_hint)] = {
+                    "image_margin_db": leak["margin_db"], "hint_margin_db": {
+                        key: value - leak["hint_mean_psnr"] for key, value in leak["hint_psnr"].items()
+                        if key in ("mean", "min", "max")}, "secrets": args.secrets}
+                if not args.images:
+                    rows.append({"k": k, "images": 0, "sigma_hint": sigma_hint, **attacks[(k, sigma_hint)]})
+                    print(json.dumps(rows[-1]), flush=True)
+                    save()
+            leak = attacks[(k, sigma_hint)]
             for images in args.images:
+                if any(r["k"] == k and r["images"] == images and r["sigma_hint"] == sigma_hint
+                       and r.get("seed", 0) == args.seed for r in rows):
+                    continue
                 run = argparse.Namespace(**{**vars(point), "num_items": images, "shuffled_control": True,
                                             "steps": max(1, args.run_epochs * images // args.batch),
                                             "eval_every": 10 ** 9, "out": None, "grid": None})
                 start = time.time()
                 figures = utility(run)
                 final = figures["evaluations"][-1]
-                rows.append({"k": k, "images": images, "sigma_hint": sigma_hint, "steps": run.steps,
-                             "iou": final["circle_iou"], "iou_shuffled": final["shuffled_circle_iou"],
+                rows.append({"k": k, "images": images, "sigma_hint": sigma_hint, "seed": args.seed,
+                             "steps": run.steps, "iou": final["circle_iou"], "iou_shuffled": final["shuffled_circle_iou"],
                              "iou_base": figures["base"]["circle_iou"],
                              "iou_gain": final["circle_iou"] - figures["base"]["circle_iou"],
-                             "image_margin_db": leak["margin_db"], "hint_margin_db": {
-                                 key: value - leak["hint_mean_psnr"] for key, value in leak["hint_psnr"].items()
-                                 if key in ("mean", "min", "max")},
-                             "minutes": round((time.time() - start) / 60, 1)})
+                             "iou_gain_se": figures["iou_gain_se"], "image_margin_db": leak["image_margin_db"], "hint_margin_db": leak["hint_margin_db"],
+                             "secrets": leak.get("secrets"), "minutes": round((time.time() - start) / 60, 1)})
                 print(json.dumps(rows[-1]), flush=True)
-                if args.json:
-                    with open(args.json, "w") as f:
-                        json.dump({"rows": rows, "eval_num": args.eval_num, "batch": args.batch, "lr": args.lr}, f,
-                                  indent=1)
+                save()
     print("| k | images | σ_hint | IoU gain | IoU, shuffled hints | image margin dB (mean, max) | hint margin dB (mean, max) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
+    for r in (r for r in rows if r["images"]):
         print(f"| {r['k']:g} | {r['images']} | {r['sigma_hint']:g} | {r['iou_gain']:+.3f} | {r['iou_shuffled']:.3f} | "
               f"{r['image_margin_db']['mean']:+.1f}, {r['image_margin_db']['max']:+.1f} | "
               f"{r['hint_margin_db']['mean']:+.1f}, {r['hint_margin_db']['max']:+.1f} |")
     return {"rows": rows}
 
 
+def plot(args) -> dict:
+    """The frontier as a picture: attack margins against k (with the planner's fit and its promise) and
+    the IoU gain against images per run, per k (with the planner's plane)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from privdiff.pipelines.split_plan import SplitFrontier
+
+    frontier = SplitFrontier.load(args.json)
+    rows = frontier.rows
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    margins = frontier._margins_by_k()
+    ks = np.array(list(margins))
+    means = np.array([m["mean"] for m in margins.values()])
+    left.errorbar(ks, means, yerr=[means - [m["min"] for m in margins.values()],
+                                   [m["max"] for m in margins.values()] - means], fmt="o", color="#1f77b4",
+                  capsize=3, label="image attack, measured (mean, min-max over secrets)")
+    grid = np.geomspace(ks.min() / 1.5, ks.max() * 1.5, 100)
+    left.plot(grid, [frontier.image_margin(k)[0] for k in grid], color="#1f77b4", lw=1, label="fit 10 log10(1 + a k^b)")
+    left.plot(grid, [frontier.image_margin(k)[1] for k in grid], color="#1f77b4", lw=1, ls="--",
+              label="the planner's promise (fit + widest excess)")
+    for sigma, mean, upper in frontier._hint_points():
+        if mean < 20:
+            left.axhline(mean, color="#2ca02c", lw=0.8, ls=":")
+            left.text(ks.max() * 1.6, mean, f"hint, σ_hint={sigma:g}", fontsize=7, color="#2ca02c", va="center")
+    left.axhline(3.0, color="#d62728", lw=0.8)
+    left.set(xscale="log", xlabel="k (SNR bound), one noising per image", ylabel="dB over the mean guess",
+             title="What the server rebuilds (32 circles images)")
+    left.legend(fontsize=7, loc="upper left")
+    utility = [r for r in rows if r["images"]]
+    colors = {}
+    for r in utility:
+        key = (r["k"], r["sigma_hint"])
+        color = colors.setdefault(key, f"C{len(colors)}")
+        right.plot(r["images"], r["iou_gain"], "o", color=color)
+    for (k, sigma), color in colors.items():
+        right.plot([], [], "o", color=color, label=f"k={k:g}, σ_hint={sigma:g}")
+    right.axhline(0, color="black", lw=0.6)
+    right.axhline(0.15, color="#d62728", lw=0.8, ls="--")
+    right.set(xscale="log", xlabel="images per run (one noising each)", ylabel="circle IoU gain over the base",
+              title="What the ControlNet learns (200 generations)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out_png, dpi=110)
+    return {"picture": args.out_png}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["utility", "attack", "frontier"])
+    parser.add_argument("what", choices=["utility", "attack", "frontier", "plot"])
     parser.add_argument("--mode", default="hardened", choices=["hardened", "paper"])
     parser.add_argument("--snr-bound", type=float, default=0.01)
     parser.add_argument("--sigma-hint", type=float, default=0.0)
@@ -230,15 +315,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--grid", default=None, help="utility: save a picture of hints, targets, base and split here")
     parser.add_argument("--ks", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0], help="frontier: the SNR bounds")
-    parser.add_argument("--images", type=int, nargs="+", default=[1000, 10000], help="frontier: images per run")
+    parser.add_argument("--images", type=int, nargs="*", default=[1000, 10000],
+                        help="frontier: images per run (none: the attacks alone)")
     parser.add_argument("--sigma-hints", type=float, nargs="+", default=[1.0], help="frontier: hint noise scales")
     parser.add_argument("--run-epochs", type=int, default=4, help="frontier: passes over each run's images")
+    parser.add_argument("--out-png", default=None, help="plot: the picture of the frontier in --json")
     parser.add_argument("--shuffled-control", action="store_true", help="utility: also score with permuted hints")
     args = parser.parse_args(argv)
     args.num_items = args.num_items or (1000 if args.what == "utility" else 32)
-    result = {"utility": utility, "attack": attack, "frontier": frontier}[args.what](args)
+    result = {"utility": utility, "attack": attack, "frontier": frontier, "plot": plot}[args.what](args)
     print(json.dumps(result))
-    if args.json:
+    if args.json and args.what not in ("frontier", "plot"):  # the frontier wrote its rows (and settings) as it went
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0

@@ -250,10 +250,18 @@ def _add_split(actions) -> None:
                              "server: an image must never get two noisings")
     client.add_argument("--server-key", required=True, help="the server's public .key file")
     _add_split_settings(client)
+    client.add_argument("--target-margin-db", type=float, default=None,
+                        help="let the planner choose k and σ_hint: the most hint-following whose predicted image "
+                             "and hint attack margins stay within this many dB (see `privdiff split plan`)")
     client.add_argument("--epochs", type=int, default=1)
     client.add_argument("--batch-size", type=int, default=16)
     client.add_argument("--num-items", type=int, default=None, help="items of a procedural set")
     client.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
+    plan = _leaf(actions, "plan", help="predict, from the measured frontier, the settings that learn most within a "
+                                       "target attack margin, and what to expect", handler="split:plan")
+    plan.add_argument("--images", type=int, required=True, help="private images in the run (one noising each)")
+    plan.add_argument("--target-margin-db", type=float, default=3.0,
+                      help="largest attack margin over the mean-image guess, for images and hints (default 3)")
     attack = _leaf(actions, "attack", help="train a short job on loopback, record the traffic as the server sees it "
                                            "and run the server's attacks on it", handler="split:attack")
     _add_base(attack)

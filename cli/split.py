@@ -24,6 +24,38 @@ def _config(args):
     return SplitConfig(mode=args.mode, **overrides)
 
 
+def _planned_config(args, *, images: int):
+    """The client's settings (the planner's when --target-margin-db is given), with what the planner
+    expects of them printed before anything is sent."""
+    from ..pipelines.split_plan import plan_split, predict_split
+
+    if args.target_margin_db is not None:
+        if any(getattr(args, k) is not None for k in ("snr_bound", "sigma_hint", "draws_per_image")) \
+                or args.mode != "hardened":
+            raise ValueError("--target-margin-db chooses k and σ_hint itself: drop --snr-bound, --sigma-hint, "
+                             "--draws-per-image and --mode, or drop --target-margin-db.")
+        prediction = plan_split(images=images, target_margin_db=args.target_margin_db)
+        args.snr_bound, args.sigma_hint = prediction.snr_bound, prediction.sigma_hint
+    config = _config(args)
+    if config.mode == "hardened" and config.draws_per_image == 1 and config.sigma_label == 1.0:
+        print("what the measured frontier predicts for these settings:", *predict_split(config=config, images=images)
+              .lines(), sep="\n", flush=True)
+    else:
+        print(f"no prediction for {config}: the planner models hardened mode, one noising per image, σ_label = 1; "
+              "measure these settings with `privdiff split attack` first.", flush=True)
+    return config
+
+
+def plan(args) -> int:
+    from ..pipelines.split_plan import plan_split
+
+    prediction = plan_split(images=args.images, target_margin_db=args.target_margin_db)
+    print(f"the settings that learn most within {args.target_margin_db:g} dB:", *prediction.lines(), sep="\n")
+    print(f"use: privdiff split train --snr-bound {prediction.snr_bound:g} --sigma-hint {prediction.sigma_hint:g} ... "
+          f"(or --target-margin-db {args.target_margin_db:g})")
+    return 0
+
+
 def _check_run(args) -> None:
     if args.epochs < 1 or args.batch_size < 1:
         raise ValueError(f"--epochs {args.epochs} and --batch-size {args.batch_size} must be at least 1.")
@@ -103,7 +135,6 @@ def train(args) -> int:
     from ..transport.peer import SplitClient
     from .train import _Bar, _dataset, _pipeline
 
-    config = _config(args)
     _check_run(args)
     for option, path, secret in (("--client-key", args.client_key, True), ("--server-key", args.server_key, False)):
         if secret and load_keys(path)[1] is None:
@@ -112,6 +143,7 @@ def train(args) -> int:
             load_keys(path)
     dataset = _dataset(args)
     check_split_dataset(dataset)
+    config = _planned_config(args, images=len(dataset))
     out = check_out_folder(args.out, results=["split_controlnet.safetensors"])
     # A server that does not answer is found before anything is written or loaded.
     client = SplitClient(connect=args.connect, client_key=args.client_key, server_public_key=args.server_key,

@@ -23,12 +23,13 @@ def _noise_inputs():
         io.Combo.Input("mode", options=list(_MODES), default="hardened",
                        tooltip="hardened: privdiff's default, which closes the reference design's leak; paper: the "
                                "reference design, which gives every image away (for reproduction only)"),
-        io.Float.Input("snr_bound", default=0.01, min=1e-6, max=1000.0, step=0.001,
+        io.Float.Input("snr_bound", default=0.014, min=1e-6, max=1000.0, step=0.001,
                        tooltip="hardened: only timesteps with signal-to-noise ratio at or below this are sent"),
         io.Float.Input("sigma_label", default=1.0, min=0.0, max=100.0, step=0.1,
                        tooltip="hardened: Gaussian noise on the training label"),
-        io.Float.Input("sigma_hint", default=0.0, min=0.0, max=100.0, step=0.1,
-                       tooltip="hardened: Gaussian noise on the hint latent (hint privacy against hint-following)"),
+        io.Float.Input("sigma_hint", default=0.5, min=0.0, max=100.0, step=0.05,
+                       tooltip="hardened: Gaussian noise on the hint latent (hint privacy against hint-following; "
+                               "0 gives the hints away)"),
         io.Int.Input("draws_per_image", default=1, min=0, max=10000,
                      tooltip="hardened: different noisings one image ever gets over the run (0: a fresh one every epoch)"),
     ]
@@ -263,7 +264,12 @@ class PrivDiffSplitPrivacy(io.ComfyNode):
             description="One place for the split client's noise settings: link its output to the client-train, "
                         "attack-audit, privacy-activation and server-view nodes and they all use it, so the "
                         "settings you audit are the settings you train with.",
-            inputs=_noise_inputs(),
+            inputs=[*_noise_inputs(),
+                    # Optional and last: saved graphs without it keep loading and running.
+                    io.Float.Input("target_margin_db", default=0.0, min=0.0, max=100.0, step=0.5, optional=True,
+                                   tooltip="above 0: the planner chooses k and σ_hint (the typed ones are ignored): "
+                                           "the most hint-following whose predicted image and hint attack margins "
+                                           "over the mean guess stay within this many dB")],
             outputs=[SplitPrivacy.Output(display_name="privacy", tooltip="the settings, for the split nodes")],
         )
 
@@ -272,13 +278,26 @@ class PrivDiffSplitPrivacy(io.ComfyNode):
         return _check_mode(mode)
 
     @classmethod
-    def execute(cls, mode, snr_bound, sigma_label, sigma_hint, draws_per_image):
+    def execute(cls, mode, snr_bound, sigma_label, sigma_hint, draws_per_image, target_margin_db=0.0):
+        from ..pipelines.split_plan import plan_split, predict_split
         from ..privacy.threat_model import split_promise
 
+        if target_margin_db > 0:
+            if mode != "hardened" or draws_per_image != 1 or sigma_label != 1.0:
+                raise ValueError("target_margin_db plans hardened mode with one noising per image and sigma_label 1: "
+                                 "set those, or set target_margin_db to 0.")
+            plan = plan_split(images=1000, target_margin_db=target_margin_db)
+            snr_bound, sigma_hint = plan.snr_bound, plan.sigma_hint
         config = _split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image)
         text = f"{config.mode}: k = {config.snr_bound:g}, σ_label = {config.sigma_label:g}, " \
                f"σ_hint = {config.sigma_hint:g}, noisings per image = {config.draws_per_image or 'fresh each epoch'}\n" \
                f"promise: {split_promise(config)['promise']}"
+        if config.mode == "hardened" and config.draws_per_image == 1 and config.sigma_label == 1.0:
+            expected = [predict_split(config=config, images=n) for n in (1_000, 10_000, 50_000)]
+            text += f"\npredicted (measured frontier on circles): image attack margin {expected[0].image_margin_db:+.1f} dB " \
+                    f"(at most {expected[0].image_margin_upper_db:+.1f}), hint {expected[0].hint_margin_db:+.1f} dB " \
+                    f"(at most {expected[0].hint_margin_upper_db:+.1f}); circle IoU gain " + ", ".join(
+                        f"{p.iou_gain:+.2f} ± {p.iou_gain_interval:.2f} at {p.images:,} images" for p in expected)
         return io.NodeOutput(config, ui={"text": [text]})
 
 

@@ -38,16 +38,18 @@ MODES = ("hardened", "paper")
 class SplitConfig:
     mode: str = "hardened"
     # k: hardened mode draws t only where ab_t / (1 - ab_t) <= k. Each message tells the server z_0
-    # up to an error of variance 1 / (SNR_t (1 + 1/σ_label²)) per latent value, and E linked epochs
-    # divide it by E: 0.01 keeps ten linked epochs at an error of about 2 latent standard deviations.
-    snr_bound: float = 0.01
+    # up to an error of variance 1 / (SNR_t (1 + 1/σ_label²)) per latent value. The default is the
+    # planner's rule (`split_plan.plan_split`, target 3 dB): the largest k whose measured image attack
+    # margin stays within 3 dB of the mean-image guess for every secret measured (privacy/threat_model.py).
+    snr_bound: float = 0.014
     sigma_label: float = 1.0  # hardened: the label is ε + σ_label·n
-    sigma_hint: float = 0.0  # hardened: Gaussian noise on the hint latent (a dial: hint privacy vs hint-following)
+    # hardened: Gaussian noise on the hint latent (hint privacy against hint-following); the default is the
+    # least measured noise that keeps the hint attack within 3 dB of the mean-hint guess (0 gives it away).
+    sigma_hint: float = 0.5
     # How many different noisings (t, ε, label and hint noise) one image ever gets: epoch e reuses draw
     # e mod M, so a server linking every message of a run learns no more than from M of them, however
-    # long the run. None: a fresh draw every epoch (paper mode's behaviour). Measured (RESULTS.md): at
-    # k = 0.01 one draw keeps the best attack within 2.5 dB of the mean-image guess (+1.3 on average);
-    # fresh draws every epoch climb to +6.6 dB after 10 epochs.
+    # long the run. None: a fresh draw every epoch (paper mode's behaviour). Fresh draws add up: at
+    # k = 0.01 the best attack climbs from +1.3 dB to +6.6 dB over 10 linked epochs (RESULTS.md).
     draws_per_image: int | None = 1
 
     def __post_init__(self) -> None:

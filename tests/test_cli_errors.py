@@ -182,6 +182,9 @@ CASES = [
     ([*CLIENT, "--snr-bound", "0"], "snr_bound"),
     ([*CLIENT, "--draws-per-image", "-1"], "draws_per_image"),
     ([*CLIENT, "--epochs", "0"], "--epochs"),
+    ([*CLIENT, "--target-margin-db", "3", "--snr-bound", "0.1"], "chooses k and σ_hint itself"),
+    (["split", "plan", "--images", "0"], "at least 1"),
+    (["split", "plan", "--images", "1000", "--target-margin-db", "0.1"], "spread between secrets"),
     ([*ATTACK, "--num-items", "0"], "num_items"),
     ([*ATTACK, "--epochs", "0"], "--epochs"),
     ([*ATTACK, "--sigma-label", "-1"], "sigma_label"),
@@ -215,7 +218,7 @@ def test_at_least_sixty_bad_inputs_across_every_subcommand():
     commands = {" ".join(a for a in argv[:2] if not a.startswith("-")) for argv, _ in CASES}
     assert len(CASES) >= 60
     for command in ("demo", "pretrain", "train dp-ldm", "train dp-ti", "audit mia", "fed simulate", "fed certs",
-                    "split keys", "split serve", "split train", "split attack"):
+                    "split keys", "split serve", "split train", "split attack", "split plan"):
         assert any(c.startswith(command) for c in commands), command
 
 

@@ -155,6 +155,7 @@ def test_split_client_output(tmp_path):
     assert set(releases) == {"split_controlnet.safetensors"}
     record = releases["split_controlnet.safetensors"]
     assert record.mechanism == "split-hardened" and record.steps == 2 and record.num_examples == 4
-    assert record.extra["attack"]["image_margin_db"] > 0 and record.extra["attack"]["hints_protected"] is False
+    assert record.extra["attack"]["image_margin_db"] > 0 and record.extra["attack"]["hints_protected"] is True
+    assert record.extra["attack"]["hint_margin_db"] > 0
     # The client's secret and ledger stay beside its key, never in the output.
     assert (keys / "walker.split-secret").is_file() and (keys / "walker.split-ledger.sqlite").is_file()

@@ -17,7 +17,8 @@ from privdiff.pipelines.split_client import SplitConfig
 from privdiff.privacy.attacks import psnr
 from privdiff.privacy.split_secret import (ClientSecret, SentLedger, SplitPrivacyError, ledger_path,
                                            open_client_secret, secret_path)
-from privdiff.privacy.threat_model import SPLIT_DEFAULT_IMAGE_MARGIN_DB, SPLIT_DEFAULT_SETTINGS
+from privdiff.privacy.threat_model import (SPLIT_DEFAULT_HINT_MARGIN_DB, SPLIT_DEFAULT_IMAGE_MARGIN_DB,
+                                           SPLIT_DEFAULT_SETTINGS, SPLIT_DEFAULT_TARGET_DB)
 
 from .split_attacker import (LoopbackServer, decode, mean_guess_psnr, messages_by_image, noise_recomputation_attack,
                              references, run_client, two_equation_attack)
@@ -60,10 +61,29 @@ class _Reordered:
         return self.dataset[self.order[i]]
 
 
-def test_the_default_is_the_one_the_threat_model_promises_for():
+def test_the_default_is_the_one_the_threat_model_promises_for_and_states():
     from dataclasses import asdict
+    from pathlib import Path
+
+    import privdiff
 
     assert asdict(SplitConfig()) == SPLIT_DEFAULT_SETTINGS
+    text = " ".join((Path(privdiff.__file__).parent / "privacy" / "THREAT_MODEL.md").read_text().split())
+    assert (f"`snr_bound` {SPLIT_DEFAULT_SETTINGS['snr_bound']:g}, σ_label {SPLIT_DEFAULT_SETTINGS['sigma_label']:g}, "
+            f"σ_hint {SPLIT_DEFAULT_SETTINGS['sigma_hint']:g}, one noising per image") in text
+    assert f"**{SPLIT_DEFAULT_IMAGE_MARGIN_DB:g} dB** PSNR of guessing the mean image" in text
+    assert f"**{SPLIT_DEFAULT_HINT_MARGIN_DB:g} dB** of guessing the mean hint" in text
+
+
+def test_the_default_is_the_planners_choice_for_its_target():
+    """The stated rule ([11]): the default is what the planner picks for the threat model's target,
+    from the frontier shipped with privdiff; a new frontier that moves it fails here until both agree."""
+    from privdiff.pipelines.split_plan import plan_split
+
+    plan = plan_split(images=50_000, target_margin_db=SPLIT_DEFAULT_TARGET_DB)
+    assert (plan.snr_bound, plan.sigma_hint) == (SplitConfig().snr_bound, SplitConfig().sigma_hint)
+    assert plan.image_margin_upper_db <= SPLIT_DEFAULT_IMAGE_MARGIN_DB
+    assert plan.hint_margin_upper_db <= SPLIT_DEFAULT_HINT_MARGIN_DB
 
 
 def test_recomputing_the_noise_from_the_code_and_the_seed_gives_nothing(server, tiny, circles, tmp_path):
@@ -209,17 +229,16 @@ def test_hardened_default_keeps_its_promise_through_reconnects_resumes_changes_a
         assert all(all(np.array_equal(m[k], messages[0][k]) for k in m) for m in messages), image
     assert two_equation_attack(pipeline=tiny, messages_by_image=by_image) == {}
     # The server's attacks on everything it got, linked per image (the most favourable case for them).
-    from privdiff.pipelines.split_attacks import reconstruct_from_traffic
+    from privdiff.pipelines.split_attacks import known_noise, reconstruct_from_traffic
 
     payloads = [{k: np.stack([by_image[i][e][k] for i in range(N)]) for k in by_image[0][0]} for e in range(3)]
     pixels = torch.stack([circles[i]["pixel_values"] for i in range(N)])
     hints = torch.stack([circles[i]["hint"] for i in range(N)]) * 2 - 1
     report = reconstruct_from_traffic(pipeline=tiny, payloads=payloads, pixels=pixels, hint_pixels=hints,
-                                      sigma_label=config.sigma_label, optimisation_steps=20)
+                                      optimisation_steps=20, **known_noise(config))
     assert report.image_psnr <= report.mean_image_psnr + SPLIT_DEFAULT_IMAGE_MARGIN_DB, report.lines()
+    assert report.hint_psnr <= report.hint_mean_psnr + SPLIT_DEFAULT_HINT_MARGIN_DB, report.lines()
     matched, _ = noise_recomputation_attack(pipeline=tiny, config=config, seeds=range(4),
                                             messages=[(b, t) for _, b, t in record.batches])
     assert matched < 0.5
-    # Hints are not protected at the default (sigma_hint = 0): the threat model says so.
-    assert report.hint_psnr > 40
     shutil.rmtree(tmp_path / "second", ignore_errors=True)

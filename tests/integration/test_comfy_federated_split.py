@@ -165,3 +165,19 @@ def test_split_settings_node_drives_the_audit_and_the_server_view_matches_it(com
     assert _psnr_after(view, "images,") < 20  # hardened: far from the paper mode's > 40 dB
     for node in ("7", "8", "9", "10"):
         assert len(entry["outputs"][node]["images"]) == 8
+
+
+def test_split_settings_node_plans_for_a_target_margin_and_shows_its_predictions(comfy_server):
+    """[11] acceptance 2-3: with a target the settings node takes the planner's k and σ_hint (the typed
+    ones are ignored) and shows the predicted margins; a graph saved without the input still runs."""
+    from privdiff.pipelines.split_plan import plan_split
+
+    typed = {"mode": "hardened", "snr_bound": 0.5, "sigma_label": 1.0, "sigma_hint": 0.0, "draws_per_image": 1}
+    shown = {"2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}  # ComfyUI's own output node
+    planned = comfy_server.run({"1": {"class_type": "PrivDiffSplitPrivacy", "inputs": {**typed, "target_margin_db": 3.0}},
+                                **shown})["outputs"]["1"]["text"][0]
+    plan = plan_split(images=1000, target_margin_db=3.0)
+    assert f"k = {plan.snr_bound:g}," in planned and f"σ_hint = {plan.sigma_hint:g}," in planned, planned
+    assert "predicted" in planned and "image attack margin" in planned
+    old = comfy_server.run({"1": {"class_type": "PrivDiffSplitPrivacy", "inputs": typed}, **shown})["outputs"]["1"]["text"][0]
+    assert "k = 0.5," in old and "σ_hint = 0," in old, old
