@@ -279,25 +279,10 @@ class PrivDiffSplitPrivacy(io.ComfyNode):
 
     @classmethod
     def execute(cls, mode, snr_bound, sigma_label, sigma_hint, draws_per_image, target_margin_db=0.0):
-        from ..pipelines.split_plan import plan_split, predict_split
-        from ..privacy.threat_model import split_promise
+        from ..pipelines.split_plan import planned_settings
 
-        if target_margin_db > 0:
-            if mode != "hardened" or draws_per_image != 1 or sigma_label != 1.0:
-                raise ValueError("target_margin_db plans hardened mode with one noising per image and sigma_label 1: "
-                                 "set those, or set target_margin_db to 0.")
-            plan = plan_split(images=1000, target_margin_db=target_margin_db)
-            snr_bound, sigma_hint = plan.snr_bound, plan.sigma_hint
-        config = _split_config(mode, snr_bound, sigma_label, sigma_hint, draws_per_image)
-        text = f"{config.mode}: k = {config.snr_bound:g}, σ_label = {config.sigma_label:g}, " \
-               f"σ_hint = {config.sigma_hint:g}, noisings per image = {config.draws_per_image or 'fresh each epoch'}\n" \
-               f"promise: {split_promise(config)['promise']}"
-        if config.mode == "hardened" and config.draws_per_image == 1 and config.sigma_label == 1.0:
-            expected = [predict_split(config=config, images=n) for n in (1_000, 10_000, 50_000)]
-            text += f"\npredicted (measured frontier on circles): image attack margin {expected[0].image_margin_db:+.1f} dB " \
-                    f"(at most {expected[0].image_margin_upper_db:+.1f}), hint {expected[0].hint_margin_db:+.1f} dB " \
-                    f"(at most {expected[0].hint_margin_upper_db:+.1f}); circle IoU gain " + ", ".join(
-                        f"{p.iou_gain:+.2f} ± {p.iou_gain_interval:.2f} at {p.images:,} images" for p in expected)
+        config, text = planned_settings(mode=mode, snr_bound=snr_bound, sigma_label=sigma_label, sigma_hint=sigma_hint,
+                                        draws_per_image=draws_per_image, target_margin_db=target_margin_db)
         return io.NodeOutput(config, ui={"text": [text]})
 
 

@@ -209,3 +209,32 @@ def predict_split(*, config, images: int) -> SplitPrediction:
         raise ValueError("the planner models hardened mode with one noising per image (draws_per_image=1) and "
                          "sigma_label=1, as measured; measure other settings with `privdiff split attack`.")
     return SplitFrontier.load().predict(snr_bound=config.snr_bound, sigma_hint=config.sigma_hint, images=images)
+
+
+def planned_settings(*, mode: str, snr_bound: float, sigma_label: float, sigma_hint: float,
+                     draws_per_image: int | None, target_margin_db: float = 0.0):
+    """A split client's `SplitConfig` from typed settings, or, with `target_margin_db` > 0, with the
+    planner's k and σ_hint for that target (the typed ones ignored), and a few lines saying what they
+    are, what the threat model promises for them and what the frontier predicts (the settings node's text)."""
+    from ..privacy.threat_model import split_promise
+    from .split_client import SplitConfig
+
+    if target_margin_db > 0:
+        if mode != "hardened" or draws_per_image != 1 or sigma_label != 1.0:
+            raise ValueError("target_margin_db plans hardened mode with one noising per image and sigma_label 1: "
+                             "set those, or set target_margin_db to 0.")
+        plan = plan_split(images=1000, target_margin_db=target_margin_db)  # k and σ_hint do not depend on N
+        snr_bound, sigma_hint = plan.snr_bound, plan.sigma_hint
+    config = SplitConfig(mode=mode, snr_bound=snr_bound, sigma_label=sigma_label, sigma_hint=sigma_hint,
+                         draws_per_image=draws_per_image or None)
+    text = (f"{config.mode}: k = {config.snr_bound:g}, σ_label = {config.sigma_label:g}, σ_hint = {config.sigma_hint:g}, "
+            f"noisings per image = {config.draws_per_image or 'fresh each epoch'}\n"
+            f"promise: {split_promise(config)['promise']}")
+    if config.mode == "hardened" and config.draws_per_image == 1 and config.sigma_label == 1.0:
+        expected = [predict_split(config=config, images=n) for n in (1_000, 10_000, 50_000)]
+        first = expected[0]
+        text += (f"\npredicted (measured frontier on circles): image attack margin {first.image_margin_db:+.1f} dB "
+                 f"(at most {first.image_margin_upper_db:+.1f}), hint {first.hint_margin_db:+.1f} dB "
+                 f"(at most {first.hint_margin_upper_db:+.1f}); circle IoU gain "
+                 + ", ".join(f"{p.iou_gain:+.2f} ± {p.iou_gain_interval:.2f} at {p.images:,} images" for p in expected))
+    return config, text

@@ -128,3 +128,17 @@ def test_held_out_gains_are_predicted_within_twice_their_measured_spread():
         rest = SplitFrontier(tuple(r for r in rows if r is not row))
         predicted, interval, _ = rest.iou_gain(snr_bound=row["k"], images=row["images"], sigma_hint=row["sigma_hint"])
         assert abs(predicted - row["iou_gain"]) <= 2 * row["iou_gain_se"], (row, predicted, interval)
+
+
+def test_the_settings_node_s_library_call_plans_for_a_target_or_keeps_typed_values():
+    from privdiff.pipelines.split_plan import planned_settings
+
+    typed = dict(mode="hardened", snr_bound=0.5, sigma_label=1.0, sigma_hint=0.0, draws_per_image=1)
+    config, text = planned_settings(**typed, target_margin_db=3.0)
+    plan = plan_split(images=1000, target_margin_db=3.0)
+    assert (config.snr_bound, config.sigma_hint) == (plan.snr_bound, plan.sigma_hint)
+    assert "predicted" in text and "promise:" in text
+    config, text = planned_settings(**typed)
+    assert (config.snr_bound, config.sigma_hint) == (0.5, 0.0) and "k = 0.5," in text
+    with pytest.raises(ValueError, match="one noising per image"):
+        planned_settings(**{**typed, "draws_per_image": 0}, target_margin_db=3.0)
