@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 FRONTIER_FILE = Path(__file__).with_name("split_frontier.json")
-# What the planner may choose: the measured range of k (never beyond what was measured).
+# How many k the planner tries, from the smallest measured k up to the target's ceiling (never above the largest measured).
 _K_GRID_POINTS = 200
 
 
@@ -62,13 +62,9 @@ class SplitFrontier:
     rows: tuple[dict, ...]
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, exclude=()) -> "SplitFrontier":
-        """The rows of `path` (default: the shipped frontier), minus those whose (k, images, σ_hint) is
-        in `exclude` (to check the fit on points it has not seen)."""
-        data = json.loads(Path(path or FRONTIER_FILE).read_text())
-        skip = {(float(k), int(n), float(s)) for k, n, s in exclude}
-        return cls(tuple(r for r in data["rows"]
-                         if (float(r["k"]), int(r["images"]), float(r["sigma_hint"])) not in skip))
+    def load(cls, path: str | Path | None = None) -> "SplitFrontier":
+        """The rows of `path` (default: the shipped frontier)."""
+        return cls(tuple(json.loads(Path(path or FRONTIER_FILE).read_text())["rows"]))
 
     def __post_init__(self) -> None:
         if len({float(r["k"]) for r in self.rows}) < 2:
