@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 FRONTIER_FILE = Path(__file__).with_name("split_frontier.json")
-# How many k the planner tries, from the smallest measured k up to the target's ceiling (never above the largest measured).
+# How many k the planner tries, from the smallest measured k up to the target's ceiling
+# (never above the largest measured k).
 _K_GRID_POINTS = 200
 
 
