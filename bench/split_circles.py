@@ -245,7 +245,7 @@ def frontier(args) -> dict:
 
 def plot(args) -> dict:
     """The frontier as a picture: attack margins against k (with the planner's fit and its promise) and
-    the IoU gain against images per run, per k (with the planner's plane)."""
+    the measured IoU gain against images per run, per (k, σ_hint)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,7 +267,7 @@ def plot(args) -> dict:
     left.plot(grid, [frontier.image_margin(k)[0] for k in grid], color="#1f77b4", lw=1, label="fit 10 log10(1 + a k^b)")
     left.plot(grid, [frontier.image_margin(k)[1] for k in grid], color="#1f77b4", lw=1, ls="--",
               label="the planner's promise (fit + widest excess)")
-    for sigma, mean, upper in frontier._hint_points():
+    for sigma, mean, upper in frontier._hint_points:
         if mean < 20:
             left.axhline(mean, color="#2ca02c", lw=0.8, ls=":")
             left.text(ks.max() * 1.6, mean, f"hint, σ_hint={sigma:g}", fontsize=7, color="#2ca02c", va="center")

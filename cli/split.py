@@ -27,7 +27,7 @@ def _config(args):
 def _planned_config(args, *, images: int):
     """The client's settings (the planner's when --target-margin-db is given), with what the planner
     expects of them printed before anything is sent."""
-    from ..pipelines.split_plan import plan_split, predict_split
+    from ..pipelines.split_plan import is_modelled, plan_split, predict_split
 
     if args.target_margin_db is not None:
         if any(getattr(args, k) is not None for k in ("snr_bound", "sigma_hint", "draws_per_image")) \
@@ -37,7 +37,7 @@ def _planned_config(args, *, images: int):
         prediction = plan_split(images=images, target_margin_db=args.target_margin_db)
         args.snr_bound, args.sigma_hint = prediction.snr_bound, prediction.sigma_hint
     config = _config(args)
-    if config.mode == "hardened" and config.draws_per_image == 1 and config.sigma_label == 1.0:
+    if is_modelled(config):
         print("what the measured frontier predicts for these settings:", *predict_split(config=config, images=images)
               .lines(), sep="\n", flush=True)
     else:

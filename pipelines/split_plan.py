@@ -17,6 +17,7 @@ Two models, each fitted to the measured rows and stated with its uncertainty:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ class SplitPrediction:
 
 @dataclass(frozen=True)
 class SplitFrontier:
-    """The fitted frontier; `SplitFrontier.load()` reads the shipped measurements."""
+    """The fitted frontier; `SplitFrontier.load()` reads the shipped measurements. Each fit is made once,
+    on first use (the rows never change), however many settings are then planned or predicted."""
 
     rows: tuple[dict, ...]
 
@@ -82,6 +84,7 @@ class SplitFrontier:
                 best[k] = row
         return {k: best[k]["image_margin_db"] for k in sorted(best)}
 
+    @functools.cached_property
     def _margin_fit(self) -> tuple[float, float, float]:
         margins = self._margins_by_k()
         ks = np.array(list(margins))
@@ -93,13 +96,13 @@ class SplitFrontier:
 
     def image_margin(self, snr_bound: float) -> tuple[float, float]:
         """(fit, promised upper bound) of the best image attack's margin in dB at SNR bound k."""
-        intercept, slope, excess = self._margin_fit()
+        intercept, slope, excess = self._margin_fit
         fit = float(_margin(np.array([snr_bound]), intercept, slope)[0])
         return fit, fit + excess
 
     def largest_k(self, target_margin_db: float) -> float:
         """The largest k whose promised image margin is within `target_margin_db`."""
-        intercept, slope, excess = self._margin_fit()
+        intercept, slope, excess = self._margin_fit
         room = target_margin_db - excess
         if room <= 0:
             raise ValueError(f"a target margin of {target_margin_db:g} dB is below the measured spread between "
@@ -107,6 +110,7 @@ class SplitFrontier:
         return float(math.exp((math.log(10 ** (room / 10) - 1) - intercept) / slope))
 
     # -- the hint leak ----------------------------------------------------------------------------------
+    @functools.cached_property
     def _hint_points(self) -> list[tuple[float, float, float]]:
         points: dict[float, list] = {}
         for row in self.rows:
@@ -117,12 +121,12 @@ class SplitFrontier:
     def hint_margin(self, sigma_hint: float) -> tuple[float, float]:
         """(mean, upper) hint attack margin in dB, interpolated between measured σ_hint (held flat
         beyond the largest: more noise never helps the attacker)."""
-        sigmas, means, uppers = (np.array(v) for v in zip(*self._hint_points()))
+        sigmas, means, uppers = (np.array(v) for v in zip(*self._hint_points))
         return float(np.interp(sigma_hint, sigmas, means)), float(np.interp(sigma_hint, sigmas, uppers))
 
     def smallest_sigma_hint(self, target_margin_db: float) -> float:
         """The least hint noise whose upper hint margin is within the target (a grid of 0.05)."""
-        top = max(s for s, _, _ in self._hint_points())
+        top = max(s for s, _, _ in self._hint_points)
         for sigma in np.arange(0.0, top + 1e-9, 0.05):
             if self.hint_margin(float(sigma))[1] <= target_margin_db:
                 return round(float(sigma), 2)
@@ -137,8 +141,8 @@ class SplitFrontier:
         return np.column_stack([np.ones_like(np.asarray(k, float)), np.log10(k), np.log10(images),
                                 np.asarray(sigma_hint, float)])
 
-    def iou_gain(self, *, snr_bound: float, images: int, sigma_hint: float) -> tuple[float, float, bool]:
-        """(predicted gain, 95 % half-interval, extrapolated?)."""
+    @functools.cached_property
+    def _gain_fit(self) -> dict:
         rows = self._utility_rows()
         if len(rows) < 5:
             raise ValueError(f"the split frontier has {len(rows)} utility rows; the gain fit needs 5 or more.")
@@ -149,15 +153,19 @@ class SplitFrontier:
         x = x[:, columns]
         coef, *_ = np.linalg.lstsq(x, y, rcond=None)
         dof = max(len(y) - len(columns), 1)
-        residual = float(np.sum((y - x @ coef) ** 2) / dof)
-        point = self._gain_design([snr_bound], [images], [sigma_hint])[0, columns]
-        leverage = float(point @ np.linalg.pinv(x.T @ x) @ point)
-        interval = 1.96 * math.sqrt(residual * (1 + leverage))
-        measured = lambda key: [float(r[key]) for r in rows]  # noqa: E731
-        extrapolated = not (min(measured("k")) <= snr_bound <= max(measured("k"))
-                            and min(measured("images")) <= images <= max(measured("images"))
-                            and min(measured("sigma_hint")) <= sigma_hint <= max(measured("sigma_hint")))
-        return float(point @ coef), interval, extrapolated
+        return {"columns": columns, "coef": coef, "residual": float(np.sum((y - x @ coef) ** 2) / dof),
+                "inverse": np.linalg.pinv(x.T @ x),
+                "ranges": {key: (min(float(r[key]) for r in rows), max(float(r[key]) for r in rows))
+                           for key in ("k", "images", "sigma_hint")}}
+
+    def iou_gain(self, *, snr_bound: float, images: int, sigma_hint: float) -> tuple[float, float, bool]:
+        """(predicted gain, 95 % half-interval, extrapolated?)."""
+        fit = self._gain_fit
+        point = self._gain_design([snr_bound], [images], [sigma_hint])[0, fit["columns"]]
+        interval = 1.96 * math.sqrt(fit["residual"] * (1 + float(point @ fit["inverse"] @ point)))
+        extrapolated = not all(lo <= value <= hi for value, (lo, hi) in
+                               zip((snr_bound, images, sigma_hint), fit["ranges"].values()))
+        return float(point @ fit["coef"]), interval, extrapolated
 
     def predict(self, *, snr_bound: float, sigma_hint: float, images: int) -> SplitPrediction:
         image = self.image_margin(snr_bound)
@@ -195,17 +203,29 @@ def _round_down(k: float) -> float:
     return float(f"{math.floor(k / scale + 1e-9) * scale:.2g}")
 
 
+@functools.lru_cache(maxsize=1)
+def shipped_frontier() -> SplitFrontier:
+    """The frontier shipped with privdiff, read and fitted once per process."""
+    return SplitFrontier.load()
+
+
 def plan_split(*, images: int, target_margin_db: float = 3.0) -> SplitPrediction:
     """The shipped frontier's plan for `images` images (see `SplitFrontier.plan`)."""
-    return SplitFrontier.load().plan(images=images, target_margin_db=target_margin_db)
+    return shipped_frontier().plan(images=images, target_margin_db=target_margin_db)
+
+
+def is_modelled(config) -> bool:
+    """Whether the planner models `config`: hardened mode, one noising per image, σ_label = 1 (what
+    the frontier measured)."""
+    return config.mode == "hardened" and config.draws_per_image == 1 and config.sigma_label == 1.0
 
 
 def predict_split(*, config, images: int) -> SplitPrediction:
     """What the shipped frontier expects of a hardened `SplitConfig` with one noising per image."""
-    if config.mode != "hardened" or config.draws_per_image != 1 or config.sigma_label != 1.0:
+    if not is_modelled(config):
         raise ValueError("the planner models hardened mode with one noising per image (draws_per_image=1) and "
                          "sigma_label=1, as measured; measure other settings with `privdiff split attack`.")
-    return SplitFrontier.load().predict(snr_bound=config.snr_bound, sigma_hint=config.sigma_hint, images=images)
+    return shipped_frontier().predict(snr_bound=config.snr_bound, sigma_hint=config.sigma_hint, images=images)
 
 
 def planned_settings(*, mode: str, snr_bound: float, sigma_label: float, sigma_hint: float,
@@ -227,7 +247,7 @@ def planned_settings(*, mode: str, snr_bound: float, sigma_label: float, sigma_h
     text = (f"{config.mode}: k = {config.snr_bound:g}, σ_label = {config.sigma_label:g}, σ_hint = {config.sigma_hint:g}, "
             f"noisings per image = {config.draws_per_image or 'fresh each epoch'}\n"
             f"promise: {split_promise(config)['promise']}")
-    if config.mode == "hardened" and config.draws_per_image == 1 and config.sigma_label == 1.0:
+    if is_modelled(config):
         expected = [predict_split(config=config, images=n) for n in (1_000, 10_000, 50_000)]
         first = expected[0]
         text += (f"\npredicted (measured frontier on circles): image attack margin {first.image_margin_db:+.1f} dB "
