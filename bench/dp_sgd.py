@@ -97,7 +97,7 @@ def _rss() -> int:
 
 
 def _trainable(unet, trainable: str, lora_rank: int):
-    from privdiff.pipelines.trainable import select_trainable
+    from privdiff.training.trainable import select_trainable
 
     select_trainable(unet=unet, trainable=trainable, lora_rank=lora_rank)
     return unet

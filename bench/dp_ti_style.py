@@ -81,7 +81,7 @@ def vae_ceiling(*, num: int = 100) -> dict:
     from privdiff.data import load_dataset
     from privdiff.data.analyzers import StyleAnalyzer, images_from_pixel_values
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
-    from privdiff.pipelines.dp_ldm import encode_latents
+    from privdiff.training.diffusion import encode_latents
 
     vae = load_privdiff_tiny().vae
     dataset = load_dataset(data="style", num_items=num)

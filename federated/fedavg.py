@@ -18,12 +18,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..training.outputs import BYPRODUCTS
+
 #: Flower, Ray and Hugging Face phone home unless told not to; privdiff runs offline by default.
 QUIET_ENVIRONMENT = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
                      "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1",
                      "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 HELDOUT_TIMESTEPS = (50, 200, 400, 600, 800)
-BYPRODUCTS = "byproducts-not-covered-by-dp"
 # Below this many clients, client-level DP cannot both mean something and let the average learn.
 FEW_CLIENTS_FOR_CLIENT_DP = 100
 
@@ -70,8 +71,8 @@ class FederatedConfig:
     adjacency: str = "add-remove"
 
     def __post_init__(self) -> None:
-        from ..pipelines.dp_ldm import check_proximal_mu
-        from ..pipelines.trainable import TRAINABLE_SETS
+        from ..training.fine_tune import check_proximal_mu
+        from ..training.trainable import TRAINABLE_SETS
         from .partition import check_partition_request
 
         check_partition_request(num_examples=self.num_items, num_clients=self.num_clients, beta=self.beta)
@@ -161,7 +162,7 @@ class FederatedConfig:
         """The DP-LDM trainer's settings for one client's local training in one round: under local DP,
         the σ of `local_plan` (calibrated over every round), so the rounds add up to `local_epsilon`.
         `proximal_mu`: FedProx's mu as the server sent it (default: this config's)."""
-        from ..pipelines.dp_ldm import DPLDMConfig
+        from ..training.fine_tune import DPLDMConfig
 
         plan = self.local_plan(num_examples=num_examples)
         return DPLDMConfig(trainable=self.trainable, lora_rank=self.lora_rank, epsilon=self.local_epsilon,
@@ -269,8 +270,8 @@ def client_partition(config: FederatedConfig, dataset):
 
 def initial_parameters(config: FederatedConfig, pipeline) -> dict:
     """The base model's trainable set (adapters added for `lora`): round 0's global model."""
-    from ..pipelines.dp_ldm import attach_conditioning_rows, trained_parameters
-    from ..pipelines.trainable import select_trainable
+    from ..training.diffusion import attach_conditioning_rows, trained_parameters
+    from ..training.trainable import select_trainable
 
     select_trainable(unet=pipeline.unet, trainable=config.trainable, lora_rank=config.lora_rank)
     pipeline.text_encoder.requires_grad_(False)
@@ -294,18 +295,18 @@ def check_request(config: FederatedConfig) -> dict:
 
 def heldout_loss(*, pipeline, dataset, config: FederatedConfig) -> float:
     """Mean denoising loss on the held-out items under fixed timesteps and noise (comparable across rounds)."""
-    from ..pipelines.membership import MembershipAuditConfig, diffusion_losses
+    from ..training.diffusion import diffusion_losses
 
     indices = list(range(config.num_items, config.num_items + config.heldout_items))
-    losses = diffusion_losses(pipeline=pipeline, dataset=dataset, indices=indices,
-                              config=MembershipAuditConfig(timesteps=HELDOUT_TIMESTEPS, noise_draws=1))
+    losses = diffusion_losses(pipeline=pipeline, dataset=dataset, indices=indices, timesteps=HELDOUT_TIMESTEPS,
+                              noise_draws=1)
     return float(losses.mean())
 
 
 def load_parameters(pipeline, parameters: dict) -> None:
     import torch
 
-    from ..pipelines.dp_ldm import training_modules
+    from ..training.diffusion import training_modules
 
     current = dict(training_modules(pipeline).named_parameters())
     with torch.no_grad():
@@ -324,7 +325,7 @@ def train_round(*, config: FederatedConfig, client: int, round_number: int, init
     import torch
 
     from ..models.loading import load_pipeline
-    from ..pipelines.dp_ldm import train_in_memory
+    from ..training.fine_tune import train_in_memory
 
     torch.set_num_threads(1)  # one core per client: the simulation runs clients side by side
     pipeline = load_pipeline(base=config.base)

@@ -2,7 +2,7 @@
 
 from comfy_api.latest import io
 
-from ..pipelines.trainable import TRAINABLE_SETS
+from ..training.trainable import TRAINABLE_SETS
 from .training import check_name_and_trainable
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..training.outputs import BYPRODUCTS
+
 
 def _check_token(token: str, template: str) -> None:
     if not token or any(c.isspace() for c in token):
@@ -134,7 +136,6 @@ class DPAggResult:
 
 # Where a stopped TI run keeps its checkpoint: for DPAgg-TI the per-unit embeddings, the most sensitive
 # by-product (outside the guarantee). Deleted when the run releases.
-BYPRODUCTS = "byproducts-not-covered-by-dp"
 
 
 def _run_secret(*, config, folder: Path, resume: bool) -> bytes:
@@ -376,7 +377,7 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     from ..privacy.engine import DPConfig, DPSGDEngine
     from ..privacy.record import record_for_dp_sgd
     from ..training.outputs import prepare_out_folder
-    from .dp_ldm import denoising_target
+    from ..training.diffusion import denoising_target
     from .dpagg_units import encode_images
     from .textual_inversion import (Placeholders, check_a1111, check_token_and_init_word, encode_prompts,
                                     encoder_slots, placeholder_names)

@@ -106,7 +106,7 @@ def train_unit_embeddings(*, pipeline, dataset, units: list[Unit], secret: bytes
     from diffusers import DDPMScheduler
 
     from ..training.checkpoint import (load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint)
-    from .dp_ldm import denoising_target
+    from ..training.diffusion import denoising_target
     from .textual_inversion import Placeholders, encode_prompts, placeholder_names
 
     n = len(units)
@@ -190,7 +190,7 @@ def _result(units, placeholders, num_vectors, *, steps_done: int, stopped: bool)
 def encode_images(*, pipeline, dataset, indices, chunk: int = 16) -> dict[int, torch.Tensor]:
     """The VAE latent of each image in `indices`, encoded once (the VAE is frozen), in batches of one
     fixed size (the last padded) so that an image's latent never depends on its neighbours."""
-    from .dp_ldm import encode_latents
+    from ..training.diffusion import encode_latents
 
     latents: dict[int, torch.Tensor] = {}
     with torch.no_grad():

@@ -104,8 +104,9 @@ def release_global_model(*, federation, out) -> dict:
     from ..federated.fedavg import config_from_release, last_round, load_parameters
     from ..models.loading import load_pipeline
     from ..privacy.record import read_record
-    from .dp_ldm import attach_conditioning_rows, trained_parameters, write_fine_tune_weights
-    from .trainable import select_trainable
+    from ..training.diffusion import attach_conditioning_rows, trained_parameters
+    from ..training.release import write_fine_tune_weights
+    from ..training.trainable import select_trainable
 
     federation, out = Path(federation), Path(out)
     rounds = last_round(federation)

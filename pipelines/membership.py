@@ -32,39 +32,10 @@ class MembershipAuditConfig:
 
 def diffusion_losses(*, pipeline, dataset, indices, config: MembershipAuditConfig = MembershipAuditConfig()):
     """Per-example denoising loss (numpy, one per index) under identical timesteps and noise draws."""
-    import numpy as np
-    import torch
-    from diffusers import DDPMScheduler
+    from ..training.diffusion import diffusion_losses as losses
 
-    from .dp_ldm import denoising_target, encode_latents
-
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    if max(config.timesteps) >= scheduler.config.num_train_timesteps:
-        raise ValueError(f"timesteps must be below {scheduler.config.num_train_timesteps}.")
-    unet, vae = pipeline.unet, pipeline.vae
-    device = unet.device
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(indices), config.batch_size):
-            items = [dataset[int(i)] for i in indices[start:start + config.batch_size]]
-            pixels = torch.stack([item["pixel_values"] for item in items]).to(device, vae.dtype)
-            z0 = encode_latents(vae=vae, pixels=pixels)
-            ids = pipeline.tokenizer([item["caption"] for item in items], padding="max_length",
-                                     max_length=pipeline.tokenizer.model_max_length, truncation=True,
-                                     return_tensors="pt").input_ids.to(device)
-            context = pipeline.text_encoder(ids)[0]
-            generator = torch.Generator().manual_seed(config.seed)
-            total = torch.zeros(len(items), dtype=torch.float64)
-            for t in config.timesteps:
-                for _ in range(config.noise_draws):
-                    noise = torch.randn(z0.shape[1:], generator=generator).to(device, z0.dtype).expand_as(z0)
-                    steps = torch.full((len(items),), t, dtype=torch.long, device=device)
-                    zt = scheduler.add_noise(z0, noise, steps)
-                    target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=steps)
-                    prediction = unet(zt, steps, context).sample
-                    total += (prediction - target).pow(2).mean(dim=(1, 2, 3)).double().cpu()
-            out.append((total / (len(config.timesteps) * config.noise_draws)).numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    return losses(pipeline=pipeline, dataset=dataset, indices=indices, timesteps=config.timesteps,
+                  noise_draws=config.noise_draws, batch_size=config.batch_size, seed=config.seed)
 
 
 def audit_membership(

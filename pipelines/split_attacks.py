@@ -121,7 +121,7 @@ def _attack_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hin
     """
     from ..privacy.attacks import (denoiser_estimate, hint_regions, latent_error, mean_image_psnr, psnr,
                                    region_average, ssim, total_variation_inversion)
-    from .dp_ldm import encode_latents
+    from ..training.diffusion import encode_latents
 
     vae, unet, alphas = pipeline.vae, pipeline.unet, pipeline.scheduler.alphas_cumprod
 

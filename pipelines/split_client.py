@@ -87,7 +87,7 @@ def allowed_timesteps(*, scheduler, config: SplitConfig) -> torch.Tensor:
 def client_latents(*, pipeline, pixels: torch.Tensor, hint_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen VAE encoder's latents of images and hints ([B, 3, H, W] in [-1, 1]; the hint as
     `2c - 1`). They never change, so a client may compute them once and reuse them every epoch."""
-    from .dp_ldm import encode_latents
+    from ..training.diffusion import encode_latents
 
     vae = pipeline.vae
     with torch.no_grad():

@@ -7,96 +7,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..privacy.attacks import symsigmoid
 from .split_attacks import ReconstructionReport, reconstruct_from_traffic  # noqa: F401  (public names)
 from .split_client import (SplitConfig, allowed_timesteps, client_latents, client_payload,  # noqa: F401
                            download_controlnet, train_split_client)
+from .split_pipeline import (SPLIT_CONFIG_KEY, SplitControlNetPipeline, mark_split_controlnet,  # noqa: F401
+                             split_control_residuals, split_controlnet_pipeline)
 from .split_server import SplitJob, SplitTrainer, batch_limits  # noqa: F401
-
-
-SPLIT_CONFIG_KEY = "privdiff_split_controlnet"  # in the saved ControlNet's config.json
-
-
-def mark_split_controlnet(controlnet) -> None:
-    """Write into the config how its hint input is formed, so loaders can tell a split ControlNet
-    (hint = symsigmoid(E(2c - 1) + z_t), recomputed every step) from a stock one."""
-    controlnet.register_to_config(**{SPLIT_CONFIG_KEY: {"version": 1, "hint_input": "symsigmoid(E(2c-1) + z_t)",
-                                                        "context": "zeros"}})
 
 
 def save_split_controlnet(*, controlnet, out, record=None) -> None:
     """Save in diffusers format, marked as a split ControlNet."""
     mark_split_controlnet(controlnet)
     controlnet.save_pretrained(str(out))
-
-
-def split_control_residuals(*, controlnet, model_input, hint_latent, timestep, scale: float = 1.0):
-    """A split ControlNet's residuals for the UNet's skip connections (down) and middle block at one
-    denoising step: its hint input h = fp16(symsigmoid(hint latent + z_t)) is formed from the current
-    latents, as in training, and it sees the zero text context it was trained with."""
-    dtype = controlnet.dtype
-    h = symsigmoid(hint_latent.to(model_input) + model_input).half().to(dtype)
-    context = torch.zeros(len(model_input), 1, controlnet.config.cross_attention_dim, device=model_input.device,
-                          dtype=dtype)
-    return controlnet(model_input.to(dtype), timestep, encoder_hidden_states=context, controlnet_cond=h,
-                      conditioning_scale=scale, return_dict=False)
-
-
-def _split_pipeline_class():
-    from diffusers import StableDiffusionControlNetPipeline
-
-    class SplitControlNetPipeline(StableDiffusionControlNetPipeline):
-        """Text-to-image with a split-learning ControlNet: its hint input h = fp16(symsigmoid(hint
-        latent + z_t)) mixes the hint with the current latents, so it is recomputed at every step;
-        the ControlNet sees the zero text context it was trained with, the UNet the prompt."""
-
-        @torch.no_grad()
-        def __call__(self, prompt, image, *, num_inference_steps: int = 30, guidance_scale: float = 5.0,
-                     controlnet_conditioning_scale: float = 1.0, generator=None, output_type: str = "np"):
-            from .dp_ldm import encode_latents
-
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            device, dtype = self.unet.device, self.unet.dtype
-            hints = self.image_processor.preprocess(image).to(device, self.vae.dtype)  # [-1, 1] = 2c - 1
-            if hints.shape[0] != len(prompts):
-                raise ValueError(f"{hints.shape[0]} hint images for {len(prompts)} prompts; give one per prompt.")
-            hint_latent = encode_latents(vae=self.vae, pixels=hints).to(dtype)
-            embeds, negative = self.encode_prompt(prompts, device, 1, guidance_scale > 1)
-            text = torch.cat([negative, embeds]) if guidance_scale > 1 else embeds
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-            latents = self.prepare_latents(len(prompts), self.unet.config.in_channels, hints.shape[2], hints.shape[3],
-                                           dtype, device, generator)
-            for t in self.progress_bar(self.scheduler.timesteps):
-                model_input = self.scheduler.scale_model_input(latents, t)
-                down, mid = split_control_residuals(controlnet=self.controlnet, model_input=model_input,
-                                                    hint_latent=hint_latent, timestep=t,
-                                                    scale=controlnet_conditioning_scale)
-                if guidance_scale > 1:
-                    down, mid = [torch.cat([d, d]) for d in down], torch.cat([mid, mid])
-                    model_input = torch.cat([model_input, model_input])
-                noise = self.unet(model_input, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                                  mid_block_additional_residual=mid).sample
-                if guidance_scale > 1:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(noise, t, latents).prev_sample
-            from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-
-            images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-            return StableDiffusionPipelineOutput(images=self.image_processor.postprocess(images, output_type=output_type),
-                                                 nsfw_content_detected=None)
-
-    return SplitControlNetPipeline
-
-
-def split_controlnet_pipeline(*, base, controlnet):
-    """A SplitControlNetPipeline from a base text-to-image pipeline and a trained split ControlNet."""
-    cls = _split_pipeline_class()
-    return cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-               controlnet=controlnet, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-               requires_safety_checker=False)
 
 
 @dataclass

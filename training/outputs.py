@@ -14,6 +14,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+# Where a run keeps what it computed on private data outside the DP guarantee (checkpoints, losses):
+# labelled by its name, never released, deleted at the end unless kept on purpose.
+BYPRODUCTS = "byproducts-not-covered-by-dp"
+
 
 def check_out_folder(out, *, results: Iterable[str] = (), resume: bool = False, has_checkpoint: bool | None = None,
                      option: str = "--out") -> Path:

@@ -101,7 +101,7 @@ def decode(pipeline, latents: torch.Tensor) -> torch.Tensor:
 
 def references(pipeline, dataset):
     """The VAE's own reconstruction of each private image (what every figure is scored against)."""
-    from privdiff.pipelines.dp_ldm import encode_latents
+    from privdiff.training.diffusion import encode_latents
 
     pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
     with torch.no_grad():

@@ -27,7 +27,7 @@ def test_the_global_model_is_the_sample_weighted_average_of_the_client_models(st
     from safetensors.torch import load_file
 
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
-    from privdiff.pipelines.dp_ldm import train_in_memory
+    from privdiff.training.fine_tune import train_in_memory
 
     out, state = straight_run
     assert state["last_round"] == 2
@@ -231,7 +231,7 @@ def test_fedprox_sends_mu_through_flower_and_each_client_adds_the_proximal_term(
     from safetensors.torch import load_file
 
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
-    from privdiff.pipelines.dp_ldm import train_in_memory
+    from privdiff.training.fine_tune import train_in_memory
 
     config = replace(CONFIG, rounds=1, proximal_mu=50.0)
     with warnings.catch_warnings():

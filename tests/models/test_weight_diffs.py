@@ -6,7 +6,7 @@ import torch
 from privdiff.models.original_layout import UNET_PREFIX, pipeline_to_original, unet_key_map
 from privdiff.models.weight_diffs import COMFY_PREFIX, apply_differences, comfy_diff_keys, weight_differences
 from privdiff.models.tiny import TinySpec, tiny_pipeline
-from privdiff.pipelines.trainable import select_trainable
+from privdiff.training.trainable import select_trainable
 
 
 def _apply_like_comfyui(original_state: dict, comfy_diffs: dict) -> dict:

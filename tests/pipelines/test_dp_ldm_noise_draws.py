@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from privdiff.models.tiny import TinySpec, tiny_pipeline
-from privdiff.pipelines.dp_ldm import BYPRODUCTS, DPLDMConfig, _Run, train_dp_ldm
+from privdiff.pipelines.dp_ldm import BYPRODUCTS, DPLDMConfig, train_dp_ldm
+from privdiff.training.fine_tune import FineTuneRun
 from privdiff.privacy.record import read_record
 
 QUICK = {"batch_size": 4, "physical_batch_size": 4, "epochs": 1.0, "secure_noise": False, "num_samples": 0,
@@ -90,7 +91,7 @@ def _clipper_view(*, physical: int, bound: float, draws: int, examples: torch.Te
     pipe = _base(torch.float64)
     dataset = load_dataset(data="shapes", resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor, seed=0,
                            num_items=8)
-    run = _Run(pipeline=pipe, dataset=dataset, num_examples=8, config=DPLDMConfig(
+    run = FineTuneRun(pipeline=pipe, dataset=dataset, num_examples=8, config=DPLDMConfig(
         **{**QUICK, "physical_batch_size": physical, "batch_size": 2, "max_grad_norm": bound}, noise_draws=draws,
         accountant="rdp"))  # σ plays no part here; RDP calibrates in a fraction of PRV's time
     run.engine.sampler.sample = lambda: (examples, torch.arange(len(examples)))  # a fixed Poisson batch

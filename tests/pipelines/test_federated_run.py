@@ -89,3 +89,10 @@ def test_stopped_run_resumes_and_releases_the_global_model_with_its_client_level
     assert any(v.abs().max() > 0 for v in diffs.values())
     assert done.loss_chart is not None  # shown in the node, never written with the release
     assert not (tmp_path / "federation" / "byproducts-not-covered-by-dp").exists()
+    # The release loads the way a DP-LDM output does, global model and record included.
+    from privdiff.pipelines import DPLDMPipeline
+
+    loaded = DPLDMPipeline.from_fine_tune(base="tiny", weights=tmp_path)
+    assert loaded.privacy_record.mechanism == "dp-fedavg"
+    tuned = dict(loaded.unet.named_parameters())
+    assert all(torch.allclose(tuned[k], final[f"unet.{k}"], atol=1e-6) for k in diffs)

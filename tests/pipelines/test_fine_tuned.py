@@ -79,7 +79,7 @@ def test_comfyui_file_is_refused_with_the_way_to_load_it(base_folder, tmp_path):
     _train(base_folder, tmp_path / "run", "attention")
     with pytest.raises(ValueError, match="ComfyUI's LoRA loader"):
         DPLDMPipeline.from_fine_tune(base=base_folder, weights=tmp_path / "run" / WEIGHTS_COMFYUI)
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(FileNotFoundError, match="holds none of"):
         DPLDMPipeline.from_fine_tune(base=base_folder, weights=tmp_path)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from privdiff.data import procedural_dataset
 from privdiff.models.tiny import TinySpec, tiny_pipeline
-from privdiff.pipelines.dp_ldm import DPLDMConfig, _Run, train_in_memory
+from privdiff.training.fine_tune import DPLDMConfig, FineTuneRun, train_in_memory
 
 QUICK = {"batch_size": 4, "physical_batch_size": 4, "epochs": 2.0, "secure_noise": False, "num_samples": 0,
          "max_grad_norm": 0.1, "learning_rate": 3e-3}
@@ -39,7 +39,7 @@ def test_a_strong_proximal_term_keeps_the_set_near_where_it_started_at_the_same_
 
 def test_the_proximal_gradient_is_mu_times_the_distance_from_the_anchor():
     dataset = procedural_dataset(name="shapes", num_items=8, resolution=32)
-    run = _Run(pipeline=_base(), dataset=dataset, config=DPLDMConfig(proximal_mu=0.5, epsilon=None, **QUICK),
+    run = FineTuneRun(pipeline=_base(), dataset=dataset, config=DPLDMConfig(proximal_mu=0.5, epsilon=None, **QUICK),
                num_examples=8)
     with torch.no_grad():
         for p in run.parameters:

@@ -191,7 +191,7 @@ def test_saved_split_controlnet_reloads_and_generates_with_its_hint(tiny, batch,
     pipe.set_progress_bar_config(disable=True)
     hints = [((h.permute(1, 2, 0).numpy() + 1) / 2) for h in batch[1][:2]]
     images = pipe(["a red circle on a blue background"] * 2, hints, num_inference_steps=4,
-                  generator=torch.Generator().manual_seed(0)).images
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
     # A fresh ControlNet's zero convolutions add nothing: the output equals the plain pipeline's.
     plain = tiny(["a red circle on a blue background"] * 2, num_inference_steps=4, guidance_scale=5.0,

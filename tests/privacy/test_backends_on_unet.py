@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from privdiff.models.tiny import TinySpec, tiny_unet
-from privdiff.pipelines.trainable import TRAINABLE_SETS, select_trainable
+from privdiff.training.trainable import TRAINABLE_SETS, select_trainable
 from privdiff.privacy.clipping import GradSampleClipper
 from privdiff.privacy.opacus_backend import OpacusClipper
 

@@ -4,7 +4,7 @@ per-unit loop's clipped sum (fp32 to 1e-4; bf16 to 10% of a loop that sums in bf
 import pytest
 import torch
 
-from privdiff.pipelines.trainable import TRAINABLE_SETS
+from privdiff.training.trainable import TRAINABLE_SETS
 from privdiff.privacy.clipping import GradSampleClipper
 
 from .test_backends_on_unet import CLIP, _inputs, _losses, _loop, _unet

@@ -1,7 +1,7 @@
 import pytest
 
 from privdiff.models.tiny import TinySpec, tiny_unet
-from privdiff.pipelines.trainable import TRAINABLE_SETS, select_trainable, transformer_blocks
+from privdiff.training.trainable import TRAINABLE_SETS, select_trainable, transformer_blocks
 from privdiff.privacy.clipping import GradSampleClipper
 
 
