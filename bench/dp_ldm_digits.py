@@ -18,7 +18,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 
@@ -40,8 +40,8 @@ def public_warmup(*, out, steps: int, batch_size: int = 100, lr: float = 3e-4, n
                          physical_batch_size=batch_size, learning_rate=lr, seed=seed,
                          sample_prompts=tuple(f"a handwritten letter {c}" for c in "abcdefghij"))
     start = time.perf_counter()
-    train_dp_ldm(base=pipeline, data="letters", num_items=num_items, out=out.with_name(out.name + "-run"),
-                 config=config, device=device)
+    train_dp_ldm(base=pipeline, data="letters", out=out.with_name(out.name + "-run"),
+                 config=replace(config, num_items=num_items, device=device))
     pipeline.to("cpu").save_pretrained(str(out), safe_serialization=True)
     log(f"public warm-up: {steps} steps of {batch_size} on letters in {(time.perf_counter() - start) / 60:.1f} min -> {out}")
     return out
@@ -99,13 +99,13 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
         start = time.perf_counter()
         out = workdir / name.replace("=", "")
         shutil.rmtree(out, ignore_errors=True)
-        result = train_dp_ldm(base=pipeline, data=data, num_items=num_items, out=out, config=config,
-                              device=device)
+        result = train_dp_ldm(base=pipeline, data=data, out=out,
+                              config=replace(config, num_items=num_items, device=device))
         seconds = time.perf_counter() - start
         report = evaluate_quality(pipeline=pipeline, set_name=data, num=num_eval, sampling=sampling, analyzer=analyzer)
         accuracy = report.metrics["digit_accuracy"]
-        rows[name] = {"epsilon": result.epsilon, "digit_accuracy": accuracy, "steps": result.total_steps,
-                      "train_seconds": round(seconds), "samples": str(result.sample_grid)}
+        rows[name] = {"epsilon": result.epsilon, "digit_accuracy": accuracy, "steps": result.figures["total_steps"],
+                      "train_seconds": round(seconds), "samples": str(result.files.get("samples"))}
         if analyzer is not None:
             # The same generations on the classifier split too, kept for the final table only: a recipe is
             # chosen on the validation figure, so a chosen recipe's sweep run counts as one of its seeds.
@@ -118,7 +118,7 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
                                       nonmember_data=nonmembers)
             rows[name].update(mia_auc=report.auc, mia_tpr_at_1pct_fpr=report.tpr_at_1pct_fpr)
             line += f", MIA AUC {report.auc:.3f}, TPR@1%FPR {report.tpr_at_1pct_fpr:.3f}"
-        log(f"{line}, {result.total_steps} steps in {seconds / 60:.1f} min")
+        log(f"{line}, {result.figures['total_steps']} steps in {seconds / 60:.1f} min")
     example = DPLDMConfig(**config_overrides)
     return {"data": data, "num_items": num_items, "num_eval": num_eval, "seeds": list(seeds), "score_on": score_on,
             "base_model": str(base_model), "public_warmup_steps": public_warmup_steps, "config": asdict(example),

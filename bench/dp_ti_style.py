@@ -110,19 +110,19 @@ def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: st
     dpagg = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, clip=clip, **common)
     runs = {
         "non-private TI": lambda out: train_dpagg_ti(
-            pipeline=load_privdiff_tiny(), dataset=dataset, out=out,
+            base=load_privdiff_tiny(), data=dataset, out=out,
             config=DPAggConfig(epsilon=None, num_subsets=1, seed=0, **dpagg)),
         "DPAgg σ=0 (no privacy)": lambda out: train_dpagg_ti(
-            pipeline=load_privdiff_tiny(), dataset=dataset, out=out, config=DPAggConfig(epsilon=None, seed=0, **dpagg)),
+            base=load_privdiff_tiny(), data=dataset, out=out, config=DPAggConfig(epsilon=None, seed=0, **dpagg)),
     }
     suffix = (lambda seed: f" seed={seed}") if len(seeds) > 1 else (lambda seed: "")
     for seed in seeds:
         runs[f"DPAgg-TI ε={epsilon:g}{suffix(seed)}"] = lambda out, seed=seed: train_dpagg_ti(
-            pipeline=load_privdiff_tiny(), dataset=dataset, out=out,
+            base=load_privdiff_tiny(), data=dataset, out=out,
             config=DPAggConfig(epsilon=epsilon, seed=seed, **dpagg))
     for seed in seeds:
         runs[f"DP-SGD TI ε={epsilon:g}{suffix(seed)}"] = lambda out, seed=seed: train_dpsgd_ti(
-            pipeline=load_privdiff_tiny(), dataset=dataset, out=out,
+            base=load_privdiff_tiny(), data=dataset, out=out,
             config=DPSGDTIConfig(epsilon=epsilon, epochs=dpsgd_epochs, batch_size=batch_size, seed=seed,
                                  max_grad_norm=dpsgd_max_grad_norm, learning_rate=dpsgd_learning_rate, **common))
     rows = {"base (initialiser word)": _score(files=None, init_word=init_word, num_eval=num_eval, sampling=sampling,

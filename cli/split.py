@@ -127,13 +127,10 @@ def serve(args) -> int:
 
 
 def train(args) -> int:
-    from ..pipelines.split_client import check_split_dataset, download_controlnet, train_split_client
-    from ..pipelines.split_run import save_split_controlnet_file, split_record
-    from ..privacy.split_secret import SentLedger, ledger_path, open_client_secret, secret_path
-    from ..training.outputs import check_out_folder, prepare_out_folder
+    from ..pipelines.split_client import check_split_dataset
+    from ..pipelines.split_run import SplitConnection, SplitTrainConfig, train_split_controlnet
     from ..transport.keys import load_keys
-    from ..transport.peer import SplitClient
-    from .train import _Bar, _dataset, _pipeline
+    from .train import _Bar, _dataset, base_spec
 
     _check_run(args)
     for option, path, secret in (("--client-key", args.client_key, True), ("--server-key", args.server_key, False)):
@@ -143,38 +140,19 @@ def train(args) -> int:
             load_keys(path)
     dataset = _dataset(args)
     check_split_dataset(dataset)
-    config = _planned_config(args, images=len(dataset))
-    out = check_out_folder(args.out, results=["split_controlnet.safetensors"])
-    # A server that does not answer is found before anything is written or loaded.
-    client = SplitClient(connect=args.connect, client_key=args.client_key, server_public_key=args.server_key,
-                         name=Path(args.client_key).name.split(".")[0], timeout=args.timeout)
-    # The noise secret and the ledger of what was sent stay on this machine (beside the key by default).
-    secret_file = Path(args.noise_secret) if args.noise_secret else secret_path(args.client_key)
-    ledger = None
-    try:
-        ledger = SentLedger(ledger_path(secret_file))
-        secret = open_client_secret(path=secret_file, ledger=ledger)
-        bar = _Bar(f"split ({args.mode})", unit="batch")
-        try:
-            pipeline = _pipeline(args)
-            prepare_out_folder(out)
-            result = train_split_client(
-                client=client, pipeline=pipeline, dataset=dataset, epochs=args.epochs, batch_size=args.batch_size,
-                config=config, secret=secret, ledger=ledger,
-                progress=lambda sent, total, applied: bar.update(total=total, postfix=f"applied={applied}"))
-            controlnet = download_controlnet(client=client)
-        finally:
-            bar.close()
+    connection = SplitConnection(endpoint=args.connect, server_public_key=args.server_key,
+                                 client_secret_key=args.client_key, client_name=Path(args.client_key).name.split(".")[0])
+    config = SplitTrainConfig(connection=connection, privacy=_planned_config(args, images=len(dataset)),
+                              epochs=args.epochs, batch_size=args.batch_size, timeout=args.timeout,
+                              secret_file=args.noise_secret or None)
+    bar = _Bar(f"split ({args.mode})", unit="batch")
+    try:  # the server's answer, the secret and the folder are checked before the model loads
+        result = train_split_controlnet(base=base_spec(args), data=dataset, out=args.out,
+                                        config=config, progress=bar.report)
     finally:
-        client.close()
-        if ledger is not None:
-            ledger.close()
-    path = save_split_controlnet_file(controlnet=controlnet, path=out / "split_controlnet.safetensors",
-                                      record=split_record(config=config, steps=result.applied,
-                                                          num_examples=len(dataset)),
-                                      latent_scale=pipeline.vae.config.scaling_factor)
-    print(f"the server trained {result.applied} of this client's batches; split ControlNet (with its privacy "
-          f"record) -> {path}")
+        bar.close()
+    print(f"the server trained {result.figures['steps']} of this client's batches; split ControlNet (with its "
+          f"privacy record) -> {result.files['controlnet']}")
     return 0
 
 

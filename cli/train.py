@@ -59,24 +59,42 @@ def _dataset(args, *, captions: bool = True):
 
 
 class _Bar:
-    """A progress bar drawn when the work starts (after loading and checks), not before."""
+    """Progress drawn when the work starts (after loading and checks), not before: one bar per phase
+    on a terminal, one line per phase when the output goes to a file (no carriage returns there)."""
 
     def __init__(self, desc: str, unit: str = "step"):
-        self.desc, self.unit, self.bar = desc, unit, None
+        self.desc, self.unit, self.bar, self.phase = desc, unit, None, None
 
     def update(self, *, total: int, postfix: str = "") -> None:
-        if self.bar is None:
+        """One more step of `total` (the training phase)."""
+        done = (self.bar.n if self.bar is not None and self.phase == "training" else 0) + 1
+        self._show(phase="training", step=done, total=total, unit=self.unit, postfix=postfix)
+
+    def report(self, info) -> None:
+        """A trainer's `Progress`: its phase, its position, and while training the ε spent so far."""
+        spent = "" if info.epsilon is None else f"ε={info.epsilon:.3g}"
+        loss = "" if info.loss is None else f" loss={info.loss:.4f} (not covered by ε)"
+        self._show(phase=info.phase, step=info.step, total=info.total, unit=info.unit, postfix=f"{spent}{loss}".strip())
+
+    def _show(self, *, phase: str, step: int, total: int, unit: str, postfix: str) -> None:
+        if phase != self.phase:
+            self.close()
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(desc=self.desc, unit=self.unit, total=total)
+            self.phase = phase
+            # disable=None: no bar when stderr is not a terminal; a plain line says what is happening
+            self.bar = tqdm(desc=f"{self.desc}: {phase}", unit=unit, total=total, disable=None, leave=True)
+            if self.bar.disable:
+                print(f"{self.desc}: {phase} ({total} {unit}{'s' if total != 1 else ''})", file=sys.stderr, flush=True)
         self.bar.total = total
         if postfix:
             self.bar.set_postfix_str(postfix, refresh=False)
-        self.bar.update(1)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _stop_on_ctrl_c():
@@ -107,31 +125,20 @@ def dp_ldm(args) -> int:
         delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,
         max_examples_per_subject=args.max_examples_per_subject, seed=args.seed, keep_byproducts=args.keep_byproducts,
-        adjacency=args.adjacency, noise_draws=args.noise_draws,
+        adjacency=args.adjacency, noise_draws=args.noise_draws, device=args.device,
         sample_prompts=tuple(args.sample_prompt or default_sample_prompts(data=args.data)),
     )
     dataset = _dataset(args)
-    # train_dp_ldm checks everything else before it loads the model; a file that needs --config or
-    # --tokenizer is loaded here (the same checks then follow, before training).
-    base = _pipeline(args) if args.config or args.tokenizer or args.tokenizer_2 else args.base
-
-    def run(bar, should_stop):
-        def progress(info):
-            eps = "" if info.epsilon is None else f"ε={info.epsilon:.3g}"
-            loss = "" if info.loss is None else f" loss={info.loss:.4f} (not covered by ε)"
-            bar.update(total=info.total_steps, postfix=f"{eps}{loss}".strip())
-
-        return train_dp_ldm(base=base, data=dataset, out=args.out, config=config, device=args.device,
-                            resume=args.resume, progress=progress, should_stop=should_stop)
-
-    result = _stoppable("dp-ldm", run)
+    base = base_spec(args)  # train_dp_ldm checks everything else before it loads the model
+    result = _stoppable("dp-ldm", lambda bar, should_stop: train_dp_ldm(
+        base=base, data=dataset, out=args.out, config=config, resume=args.resume, progress=bar.report,
+        should_stop=should_stop))
     if result.stopped:
-        return _stopped(f"{result.steps_done}/{result.total_steps}")
+        return _stopped(f"{result.figures['steps_done']}/{result.figures['total_steps']}")
     eps = "without DP" if result.epsilon is None else f"ε = {result.epsilon:.3g}"
     print(f"DP-LDM finished ({eps}) -> {result.out}")
-    for kind, path in result.weights.items():
+    for kind, path in result.files.items():
         print(f"  {kind}: {path}")
-    print(f"  samples: {result.sample_grid}")
     return 0
 
 
@@ -151,6 +158,13 @@ def _stopped(at: str) -> int:
     return 130
 
 
+def base_spec(args):
+    """--base with --config, --tokenizer and --tokenizer-2: what every trainer's `base` takes."""
+    from ..training.inputs import BaseSpec
+
+    return BaseSpec(base=args.base, config=args.config, tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2)
+
+
 def _pipeline(args):
     from ..models.loading import load_pipeline
 
@@ -163,9 +177,12 @@ def dp_ti(args) -> int:
 
     if args.ti_method == "dpsgd" and args.no_dp:
         raise ValueError("--no-dp is for dpagg comparison runs; DP-SGD TI is always private.")
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every {args.checkpoint_every}: give a number of steps, at least 1.")
     common = dict(token=args.token, init_word=args.init_word, num_vectors=args.num_vectors, template=args.template,
                   delta=args.delta, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                  privacy_unit=args.privacy_unit, adjacency=args.adjacency)
+                  privacy_unit=args.privacy_unit, adjacency=args.adjacency, a1111=args.a1111,
+                  checkpoint_every=args.checkpoint_every)
     if args.ti_method == "dpagg":
         config = DPAggConfig(epsilon=None if args.no_dp else args.epsilon, clip=args.clip, sample_rate=args.sample_rate,
                              num_subsets=args.num_subsets, steps=args.steps, **common)
@@ -176,18 +193,15 @@ def dp_ti(args) -> int:
         plan, train = plan_dpsgd_ti, train_dpsgd_ti
     dataset = _dataset(args, captions=False)  # TI trains on its own template
     plan(dataset=dataset, config=config)  # units, δ against N, σ: refused here, before the model loads
-    if args.checkpoint_every < 1:
-        raise ValueError(f"--checkpoint-every {args.checkpoint_every}: give a number of steps, at least 1.")
     check_ti_out(out=args.out, resume=args.resume)
-    pipeline = _pipeline(args)
+    pipeline = _pipeline(args)  # the token is checked against its tokenizer before training starts
     result = _stoppable(f"dp-ti ({args.ti_method})", lambda bar, should_stop: train(
-        pipeline=pipeline, dataset=dataset, out=args.out, config=config, a1111=args.a1111,
-        progress=lambda step, total: bar.update(total=total), should_stop=should_stop, resume=args.resume,
-        checkpoint_every=args.checkpoint_every))
+        base=pipeline, data=dataset, out=args.out, config=config, progress=bar.report, should_stop=should_stop,
+        resume=args.resume))
     if result.stopped:
-        return _stopped(str(result.steps_done))
+        return _stopped(str(result.figures["steps_done"]))
     eps = "without DP" if result.epsilon is None else f"ε = {result.epsilon:.3g}"
-    print(f"DP-TI {args.ti_method} finished ({eps}, {result.num_units} units) -> {result.out}")
+    print(f"DP-TI {args.ti_method} finished ({eps}, {result.figures['num_units']} units) -> {result.out}")
     for kind, path in result.files.items():
         print(f"  {kind}: {path}")
     if getattr(pipeline, "text_encoder_2", None) is None:

@@ -207,6 +207,15 @@ class NodeProgress:
         spent = f" · ε spent {epsilon:.3g}" if epsilon is not None else ""
         self.text(f"{unit} {step}/{total}{spent}" + (f" · {note}" if note else ""))
 
+    def report(self, info) -> None:
+        """One trainer's `Progress`: the bar, and a line naming the phase (ε spent while training)."""
+        if info.phase == "training":
+            self.step(step=info.step, total=info.total, epsilon=info.epsilon, loss=info.loss, unit=info.unit,
+                      note=info.detail)
+        else:
+            self.bar.update_absolute(info.step, info.total)
+            self.text(f"{info.phase}: {info.step}/{info.total} {info.unit}")
+
     @staticmethod
     def stop_requested() -> bool:
         import comfy.model_management as mm

@@ -67,24 +67,24 @@ class PrivDiffFederatedSimulate(io.ComfyNode):
                 local_epochs, batch_size, learning_rate, client_dp_noise, client_dp_clip, secure_aggregation, seed,
                 resume):
         from ..federated.fedavg import FederatedConfig
-        from ..pipelines.federated_run import run_federated_simulation
+        from ..pipelines.federated_run import train_federated
         from .comfy_objects import NodeProgress, data_source, model_with_weight_file, pipeline_from_comfy, preview, \
             publish_to_comfy, run_folder
 
-        config = FederatedConfig(data=data_source(data), num_items=num_items, heldout_items=heldout_items,
+        config = FederatedConfig(num_items=num_items, heldout_items=heldout_items,
                                  num_clients=clients, rounds=rounds, beta=beta or None, trainable=trainable,
                                  local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  client_dp_noise_multiplier=client_dp_noise or None, client_dp_clipping_norm=client_dp_clip,
                                  secure_aggregation=secure_aggregation, seed=seed)
         progress = NodeProgress(node_id=cls.hidden.unique_id, total=rounds)
-        result = run_federated_simulation(
-            base_pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), config=config, out=run_folder(name),
-            resume=resume, should_stop=progress.stop_requested,
-            progress=lambda p: progress.step(step=p.round, total=p.rounds, epsilon=p.client_level_epsilon, unit="round"))
+        result = train_federated(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=data_source(data),
+                                 out=run_folder(name), config=config, resume=resume, progress=progress.report,
+                                 should_stop=progress.stop_requested)
         progress.raise_if_stopped()
-        lora = publish_to_comfy(source=result.weights.get("lora") or result.weights["comfyui"], kind="loras", name=name)
+        lora = publish_to_comfy(source=result.files.get("lora") or result.files["comfyui"], kind="loras", name=name)
+        chart = result.figures.get("loss_chart")
         return io.NodeOutput(model_with_weight_file(model=model, path=lora), lora.name,
-                             ui=preview([result.loss_chart]) if result.loss_chart is not None else None)
+                             ui=preview([chart]) if chart is not None else None)
 
 
 FEDERATED_NODES = [PrivDiffFederatedSimulate]

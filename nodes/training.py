@@ -121,19 +121,19 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
 
         config = DPLDMConfig(trainable=trainable, epsilon=epsilon, epochs=epochs, batch_size=batch_size,
                              learning_rate=learning_rate, max_grad_norm=max_grad_norm, lora_rank=lora_rank, seed=seed,
-                             num_samples=num_samples, adjacency=adjacency, noise_draws=noise_draws)
+                             num_samples=num_samples, adjacency=adjacency, noise_draws=noise_draws,
+                             device=training_device())
         progress = _progress(cls)
         make_room_for_training()
         with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; training needs autograd
             result = train_dp_ldm(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=dataset,
-                                  out=run_folder(name), config=config, resume=resume, device=training_device(),
-                                  progress=lambda p: progress.step(step=p.step, total=p.total_steps,
-                                                                   epsilon=p.epsilon, loss=p.loss),
+                                  out=run_folder(name), config=config, resume=resume, progress=progress.report,
                                   should_stop=progress.stop_requested)
         progress.raise_if_stopped()
-        lora = publish_to_comfy(source=result.weights.get("lora") or result.weights["comfyui"], kind="loras", name=name)
+        lora = publish_to_comfy(source=result.files.get("lora") or result.files["comfyui"], kind="loras", name=name)
         return io.NodeOutput(model_with_weight_file(model=model, path=lora), lora.name,
-                             ui=training_previews(losses=progress.losses, samples=result.sample_grid, title="DP-LDM"))
+                             ui=training_previews(losses=progress.losses, samples=result.files.get("samples"),
+                                                  title="DP-LDM"))
 
 
 class _TextualInversionNode(io.ComfyNode):
@@ -190,13 +190,13 @@ class _TextualInversionNode(io.ComfyNode):
         progress = _progress(cls)
         make_room_for_training()
 
-        def report(step, total):  # DPAgg-TI spends all of ε at its one release; DP-SGD TI plans it in advance
-            progress.step(step=step, total=total, note=f"ε = {config.epsilon:g} when released")
+        def report(info):  # DPAgg-TI spends all of ε at its one release; DP-SGD TI plans it in advance
+            progress.step(step=info.step, total=info.total, note=f"ε = {config.epsilon:g} when released")
 
         # ComfyUI runs nodes under inference mode; weights made there cannot take part in autograd.
         with torch.inference_mode(False):
             pipeline = pipeline_from_comfy(model=model, clip=clip, vae=vae).to(training_device())
-            result = trainer(pipeline=pipeline, dataset=dataset, out=run_folder(name), config=config, progress=report,
+            result = trainer(base=pipeline, data=dataset, out=run_folder(name), config=config, progress=report,
                              should_stop=progress.stop_requested, resume=resume)
         progress.raise_if_stopped()
         path = publish_to_comfy(source=result.files["comfyui"], kind="embeddings", name=name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -113,13 +113,13 @@ def _demo_dp_ldm(ctx: DemoContext) -> list[str]:
     out = ctx.out / "dp-ldm"
     if (out / WEIGHTS_DIFFUSERS).exists():
         shutil.rmtree(out)  # the demo's own earlier result: a re-run into the same --out replaces it
-    result = train_dp_ldm(base=ctx.base, data="digits", num_items=64, out=out, config=config)
-    record = read_record(result.weights["comfyui"])
+    result = train_dp_ldm(base=ctx.base, data="digits", out=out, config=replace(config, num_items=64))
+    record = read_record(result.files["comfyui"])
     return [
-        f"DP-LDM on 64 digits, {result.total_steps} steps: ε={record.epsilon:.3g}, δ={record.delta:.2g}, "
+        f"DP-LDM on 64 digits, {result.figures['total_steps']} steps: ε={record.epsilon:.3g}, δ={record.delta:.2g}, "
         f"σ={record.noise_multiplier:.3g}, C={record.clip}, q={record.sample_rate:.3g}",
-        f"weights (ComfyUI LoRA loader): {result.weights['comfyui'].relative_to(ctx.out)}; "
-        f"samples: {result.sample_grid.relative_to(ctx.out)}",
+        f"weights (ComfyUI LoRA loader): {result.files['comfyui'].relative_to(ctx.out)}; "
+        f"samples: {result.files['samples'].relative_to(ctx.out)}",
     ]
 
 
@@ -135,9 +135,10 @@ def _demo_dp_ti(ctx: DemoContext) -> list[str]:
                            resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
     config = DPAggConfig(token="<privdiff-style>", init_word="circle", epsilon=1.0, steps=5, batch_size=16,
                          seed=ctx.seed)
-    result = train_dpagg_ti(pipeline=pipeline, dataset=dataset, out=ctx.out / "dp-ti", config=config)
+    result = train_dpagg_ti(base=pipeline, data=dataset, out=ctx.out / "dp-ti", config=config)
     return [
-        f"DPAgg-TI on 16 style images: {result.num_units} per-image embeddings -> one token at ε={result.epsilon:.3g}",
+        f"DPAgg-TI on 16 style images: {result.figures['num_units']} per-image embeddings -> one token at "
+        f"ε={result.epsilon:.3g}",
         f"embedding (ComfyUI models/embeddings): {result.files['comfyui'].relative_to(ctx.out)}; diffusers: "
         f"load_textual_inversion('{result.files['diffusers'].relative_to(ctx.out)}', token='<privdiff-style>')",
     ]

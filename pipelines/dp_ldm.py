@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..training.fine_tune import (DPLDMConfig, FineTuneRun, TrainProgress, is_main_process,  # noqa: F401
-                                  validate_dataset)
+from ..training.fine_tune import DPLDMConfig, FineTuneRun, is_main_process, validate_dataset
+from ..training.inputs import is_unloaded, resolve_base, resolve_data
+from ..training.result import Progress, TrainResult
 from ..training.outputs import BYPRODUCTS
 from ..training.release import Release, weight_file, write_fine_tune_weights
 
@@ -25,41 +25,28 @@ WEIGHTS_COMFYUI = weight_file("dp_ldm", "comfyui")
 WEIGHTS_LORA = weight_file("dp_ldm", "lora")
 
 
-@dataclass(frozen=True)
-class DPLDMResult:
-    out: Path
-    steps_done: int
-    total_steps: int
-    stopped: bool
-    epsilon: float | None
-    weights: dict[str, Path] = field(default_factory=dict)
-    sample_grid: Path | None = None
-
-
 def train_dp_ldm(
     *,
     base,
     data,
     out: str | Path,
     config: DPLDMConfig = DPLDMConfig(),
-    num_items: int | None = None,
-    device: str | None = None,
-    resume: bool = False,
-    progress: Callable[[TrainProgress], None] | None = None,
+    progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> DPLDMResult:
+    resume: bool = False,
+) -> TrainResult:
     """Fine-tune `base` on `data` with DP-LDM and write the outputs into `out`.
 
     `base` is a pipeline object or anything `load_pipeline` takes; `data` a dataset, a folder or a
-    procedural set's name; `device` ("cuda", "cpu", ...) moves the pipeline there (default: where it
-    is). Everything that can be checked (settings, device, data, δ against N, the output folder) is
-    checked before the model loads and before anything is written. `should_stop` is polled after each
+    procedural set's name (`config.num_items` of it); `config.device` ("cuda", "cpu", ...) moves the
+    pipeline there (default: where it is). Everything that can be checked (settings, device, data, δ
+    against N, the output folder) is checked before the model loads and before anything is written.
+    `progress` hears each phase: loading, encoding, calibrating σ, training, sampling. `should_stop` is polled after each
     step: a stopped run leaves a checkpoint that `resume=True` continues exactly. A write that fails
     (a full disk) stops the run with its last checkpoint intact and no partial release; the same call
     with `resume=True` continues. Resuming a run whose release is already complete returns it.
     """
-    from ..data import load_dataset
-    from ..models.loading import base_resolution, check_device, load_pipeline
+    from ..models.loading import check_device
     from ..privacy.engine import distributed_rank_and_size
     from ..training.checkpoint import has_checkpoint
     from ..training.outputs import check_out_folder, prepare_out_folder
@@ -67,14 +54,10 @@ def train_dp_ldm(
 
     out = Path(out)
     byproducts = out / BYPRODUCTS
-    check_device(device)
+    check_device(config.device)
     if config.epsilon is None and distributed_rank_and_size()[1] > 1:
         raise ValueError("non-private comparison runs are single-process; run them without torchrun.")
-    loading = isinstance(base, (str, Path))
-    resolution = (base_resolution(base=base) if loading
-                  else base.unet.config.sample_size * base.vae_scale_factor)
-    dataset = data if hasattr(data, "__getitem__") and not isinstance(data, (str, Path)) else load_dataset(
-        data=data, resolution=resolution, seed=config.seed, num_items=num_items)
+    dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
     num_examples = validate_dataset(dataset=dataset, config=config)
     if out.is_dir():
         recover_release(out)  # a release a crash cut short after its commit is completed, else discarded
@@ -83,10 +66,10 @@ def train_dp_ldm(
         return _finished(out=out, byproducts=byproducts)
     check_out_folder(out, results=results, resume=resume,
                      has_checkpoint=has_checkpoint(byproducts) if resume else None)
-    pipeline = load_pipeline(base=base) if loading else base
-    if device is not None:
-        pipeline.to(device)
-    run = FineTuneRun(pipeline=pipeline, dataset=dataset, config=config, num_examples=num_examples)
+    if progress is not None and is_unloaded(base):
+        progress(Progress(step=0, total=1, phase="loading", unit="model"))
+    pipeline = resolve_base(base, device=config.device)
+    run = FineTuneRun(pipeline=pipeline, dataset=dataset, config=config, num_examples=num_examples, progress=progress)
     if config.epsilon is not None and run.engine.planned_epsilon() > config.epsilon * (1 + 1e-9):
         raise ValueError(f"the plan ({run.total_steps} steps) would exceed epsilon={config.epsilon}; "
                          "this should not happen after calibration: please report it.")
@@ -104,14 +87,12 @@ def train_dp_ldm(
             _save(run, byproducts)
             stopped = True
             break
-    if stopped:
-        return DPLDMResult(out=out, steps_done=run.step, total_steps=run.total_steps, stopped=True,
-                           epsilon=run.engine.accountant.epsilon(delta=run.delta) if run.engine else None)
-    if not is_main_process():
-        return DPLDMResult(out=out, steps_done=run.step, total_steps=run.total_steps, stopped=False,
-                           epsilon=run.engine.accountant.epsilon(delta=run.delta))
+    if stopped or not is_main_process():  # under torchrun, rank 0 alone releases
+        return TrainResult(out=out, stopped=stopped, figures={
+            "steps_done": run.step, "total_steps": run.total_steps,
+            "epsilon": run.engine.accountant.epsilon(delta=run.delta) if run.engine else None})
     _save(run, byproducts)  # the trained state, kept until its release is complete: a failed release resumes
-    return _release(run=run, out=out)
+    return _release(run=run, out=out, progress=progress)
 
 
 def _save(run: "FineTuneRun", folder: Path) -> None:
@@ -124,20 +105,20 @@ def _save(run: "FineTuneRun", folder: Path) -> None:
                                    "run the same command with --resume") from None
 
 
-def _finished(*, out: Path, byproducts: Path) -> "DPLDMResult":
+def _finished(*, out: Path, byproducts: Path) -> TrainResult:
     """A resumed run whose release is already complete: its files, and nothing more to do."""
     from ..privacy.record import read_record
 
-    weights = {kind: out / name for kind, name in (("diffusers", WEIGHTS_DIFFUSERS), ("comfyui", WEIGHTS_COMFYUI),
-                                                   ("lora", WEIGHTS_LORA)) if (out / name).is_file()}
-    record = read_record(next(iter(weights.values())))
+    files = {kind: out / name for kind, name in (("diffusers", WEIGHTS_DIFFUSERS), ("comfyui", WEIGHTS_COMFYUI),
+                                                 ("lora", WEIGHTS_LORA), ("samples", "samples.png"))
+             if (out / name).is_file()}
+    record = read_record(next(iter(files.values())))
     shutil.rmtree(byproducts, ignore_errors=True)  # what a crash after the release left behind
-    grid = out / "samples.png"
-    return DPLDMResult(out=out, steps_done=record.steps or 0, total_steps=record.steps or 0, stopped=False,
-                       epsilon=record.epsilon, weights=weights, sample_grid=grid if grid.is_file() else None)
+    return TrainResult(out=out, files=files, record=record,
+                       figures={"steps_done": record.steps or 0, "total_steps": record.steps or 0})
 
 
-def _release(*, run: FineTuneRun, out: Path) -> DPLDMResult:
+def _release(*, run: FineTuneRun, out: Path, progress=None) -> TrainResult:
     """Write the released files (weights + privacy record, samples) and clear the by-products."""
     import torch
 
@@ -157,11 +138,9 @@ def _release(*, run: FineTuneRun, out: Path) -> DPLDMResult:
         record = record_for_dp_sgd(history=run.engine.accountant, clip=config.max_grad_norm,
                                    num_examples=run.num_examples, delta=run.delta, accountant=config.accountant_name,
                                    privacy_unit=config.privacy_unit, extra={"dp_ldm": settings})
-        epsilon = record.epsilon
     else:
         record = PrivacyRecord(mechanism="none", extra={"dp_ldm": settings,
                                                         "warning": "trained WITHOUT differential privacy"})
-        epsilon = None
     release = Release(out)  # the files appear together, or (after a failed write) not at all
     with release as staging:
         weights = write_fine_tune_weights(pipeline=run.pipeline, chosen=run.chosen, base_state=run.base_state,
@@ -174,6 +153,7 @@ def _release(*, run: FineTuneRun, out: Path) -> DPLDMResult:
         grid = None
         if prompts:
             images = pipe(prompts, num_inference_steps=30, guidance_scale=5.0, output_type="np",
+                          callback_on_step_end=_sampling_progress(progress, steps=30),
                           generator=torch.Generator().manual_seed(config.seed)).images
             grid = save_png(make_grid(list(images), labels=prompts, columns=4, cell_size=96), staging / "samples.png")
             write_sidecar(path=grid, record=record)  # drawn from the released model: the same guarantee
@@ -184,8 +164,21 @@ def _release(*, run: FineTuneRun, out: Path) -> DPLDMResult:
                             note="computed on private data: NOT covered by the DP guarantee"), byproducts / "loss.png")
     elif byproducts.exists():
         shutil.rmtree(byproducts)
-    return DPLDMResult(out=out, steps_done=run.step, total_steps=run.total_steps, stopped=False, epsilon=epsilon,
-                       weights=weights, sample_grid=grid)
+    files = {**weights, **({"samples": grid} if grid is not None else {})}
+    return TrainResult(out=out, files=files, record=record,
+                       figures={"steps_done": run.step, "total_steps": run.total_steps})
+
+
+def _sampling_progress(progress, *, steps: int):
+    """A diffusers step-end callback that reports the sample grid's denoising steps."""
+    if progress is None:
+        return None
+
+    def on_step_end(pipe, step, timestep, values):
+        progress(Progress(step=step + 1, total=steps, phase="sampling"))
+        return values
+
+    return on_step_end
 
 
 def _public_prompts(*, num: int, seed: int) -> list[str]:

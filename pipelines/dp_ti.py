@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from ..training.inputs import resolve_base, resolve_data
 from ..training.outputs import BYPRODUCTS
+from ..training.result import Progress, TrainResult
 
 
 def _check_token(token: str, template: str) -> None:
@@ -54,11 +56,18 @@ class DPAggConfig:
     seed: int = 0
     secure_noise: bool = True  # DP noise and the units' streams from the OS; False only for reproducible tests
     adjacency: str = "add-remove"  # or "replace-one" (one image or subject replaced by another)
+    # How the run is kept and released, not what it trains (left out of the checkpoint's fingerprint):
+    a1111: bool = field(default=False, repr=False)  # also write an A1111 .pt embedding (SD1/SD2)
+    checkpoint_every: int = field(default=25, repr=False)  # a kill loses at most this many steps
+    num_items: int | None = field(default=None, repr=False)  # of a built-in set (default: all)
+    # The key of the units' streams (32 bytes); None: from the OS. Tests inject one to replay a run.
+    secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         from ..privacy.accounting import check_adjacency
 
         check_adjacency(self.adjacency)
+        _check_checkpoint_every(self.checkpoint_every)
         if self.adjacency == "replace-one" and self.num_subsets is not None:
             raise ValueError("adjacency='replace-one' with num_subsets: replacing one image can change two subsets; "
                              "use per-image units (leave num_subsets unset) or adjacency='add-remove'.")
@@ -122,16 +131,6 @@ def aggregate(*, embeddings: torch.Tensor, init: torch.Tensor, clip: float, nois
         total = total + noise_multiplier * clip * torch.randn(total.shape, generator=generator, dtype=torch.float64)
     release = base.double() + total / (sample_rate * n)
     return AggregateResult(release=release.to(embeddings.dtype), noise_multiplier=noise_multiplier, kept=int(keep.sum()))
-
-
-@dataclass(frozen=True)
-class DPAggResult:
-    out: Path
-    files: dict[str, Path] = field(default_factory=dict)
-    epsilon: float | None = None
-    num_units: int = 0
-    stopped: bool = False  # stopped on request: a checkpoint in out/BYPRODUCTS, nothing released
-    steps_done: int = 0
 
 
 # Where a stopped TI run keeps its checkpoint: for DPAgg-TI the per-unit embeddings, the most sensitive
@@ -211,7 +210,7 @@ def check_ti_out(*, out, resume: bool) -> Path:
     return out
 
 
-def _finished(out: Path, *, units: int) -> DPAggResult:
+def _finished(out: Path, *, units: int) -> TrainResult:
     """A resumed run whose release is already complete: its files, and nothing more to do."""
     import shutil
 
@@ -221,7 +220,9 @@ def _finished(out: Path, *, units: int) -> DPAggResult:
              "a1111": "learned_embeds_a1111.pt"}
     files = {kind: out / name for kind, name in names.items() if (out / name).is_file()}
     shutil.rmtree(out / BYPRODUCTS, ignore_errors=True)  # what a crash after the release left behind
-    return DPAggResult(out=out, files=files, epsilon=read_record(files["diffusers"]).epsilon, num_units=units)
+    record = read_record(files["diffusers"])
+    return TrainResult(out=out, files=files, record=record,
+                       figures={"num_units": units, "steps_done": record.extra.get("dp_ti", {}).get("steps")})
 
 
 def _release_embedding(*, out: Path, vectors, token: str, text_encoders, record, a1111: bool) -> dict:
@@ -244,45 +245,46 @@ def _check_checkpoint_every(checkpoint_every: int) -> None:
         raise ValueError(f"checkpoint_every={checkpoint_every!r} must be a whole number of steps, at least 1.")
 
 
-def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = DPAggConfig(),
-                   progress: Callable[[int, int], None] | None = None, a1111: bool = False,
-                   should_stop: Callable[[], bool] | None = None, resume: bool = False,
-                   secret: bytes | None = None, checkpoint_every: int = 25) -> DPAggResult:
+def train_dpagg_ti(*, base, data, out: str | Path, config: DPAggConfig = DPAggConfig(),
+                   progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                   resume: bool = False) -> TrainResult:
     """Train one embedding per unit (`config.steps` steps each), release their DP average, write the files.
 
     Works on SD1/SD2 and SDXL pipelines (the token gets rows in both SDXL encoders; a unit's rows in
     both are clipped together as one vector). `should_stop` is polled after each step: a stopped run
     releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly; so
-    does a release that fails, and a kill loses at most `checkpoint_every` steps. `secret` (32 bytes)
-    keys the units' streams; by default it comes from the OS."""
+    does a release that fails, and a kill loses at most `config.checkpoint_every` steps. `config.secret`
+    (32 bytes) keys the units' streams; by default it comes from the OS. `base` and `data` are what
+    every trainer takes (`training.inputs`)."""
     from ..privacy.dp_sgd import secure_generator
     from ..privacy.record import PrivacyRecord, record_for_gaussian_aggregate
     from ..training.outputs import prepare_out_folder
     from .dpagg_units import make_units, train_unit_embeddings
     from .textual_inversion import check_a1111, check_token_and_init_word, encoder_slots
 
-    _check_checkpoint_every(checkpoint_every)
+    dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
     plan = plan_dpagg(dataset=dataset, config=config)
-    check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
-    check_token_and_init_word(pipeline=pipeline, token=config.token, num_vectors=config.num_vectors,
-                              init_word=config.init_word)
     out = check_ti_out(out=out, resume=resume)
     if resume and (out / EMBEDDING_FILE).exists():
         return _finished(out, units=plan.units)
+    pipeline = resolve_base(base)
+    check_a1111(a1111=config.a1111, num_encoders=len(encoder_slots(pipeline)))
+    check_token_and_init_word(pipeline=pipeline, token=config.token, num_vectors=config.num_vectors,
+                              init_word=config.init_word)
     folder = out / BYPRODUCTS
     prepare_out_folder(out)
-    secret = secret if secret is not None else _run_secret(config=config, folder=folder, resume=resume)
+    secret = config.secret if config.secret is not None else _run_secret(config=config, folder=folder, resume=resume)
     units = make_units(dataset=dataset, secret=secret, privacy_unit=config.privacy_unit,
                        num_subsets=config.num_subsets)
     fingerprint = {"config": repr(config), "num_images": plan.num_images}
     trained = train_unit_embeddings(
         pipeline=pipeline, dataset=dataset, units=units, secret=secret, template=config.template,
         init_word=config.init_word, num_vectors=config.num_vectors, steps=config.steps, batch_size=config.batch_size,
-        learning_rate=config.learning_rate, progress=progress, should_stop=should_stop, checkpoint_folder=folder,
-        resume=resume, fingerprint=fingerprint, checkpoint_state={"secret": secret.hex()},
-        checkpoint_every=checkpoint_every)
+        learning_rate=config.learning_rate, progress=_step_reporter(progress), should_stop=should_stop,
+        checkpoint_folder=folder, resume=resume, fingerprint=fingerprint, checkpoint_state={"secret": secret.hex()},
+        checkpoint_every=config.checkpoint_every)
     if trained.stopped:
-        return DPAggResult(out=out, num_units=plan.units, stopped=True, steps_done=trained.steps_done)
+        return TrainResult(out=out, stopped=True, figures={"num_units": plan.units, "steps_done": trained.steps_done})
     noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed + 1)
     result = aggregate(embeddings=trained.embeddings, init=trained.init, clip=config.clip,
                        noise_multiplier=plan.noise_multiplier, sample_rate=config.sample_rate,
@@ -299,14 +301,13 @@ def train_dpagg_ti(*, pipeline, dataset, out: str | Path, config: DPAggConfig = 
                                                delta=plan.delta, privacy_unit=config.privacy_unit,
                                                adjacency=config.adjacency, accounted_adjacency=plan.accounted,
                                                extra={"dp_ti": settings})
-        epsilon = record.epsilon
     else:
         record = PrivacyRecord(mechanism="none", extra={"dp_ti": settings,
                                                         "warning": "averaged WITHOUT differential privacy"})
-        epsilon = None
     files = _release_embedding(out=out, vectors=list(torch.split(result.release, widths, dim=-1)), token=config.token,
-                               text_encoders=text_encoders, record=record, a1111=a1111)
-    return DPAggResult(out=out, files=files, epsilon=epsilon, num_units=plan.units, steps_done=config.steps)
+                               text_encoders=text_encoders, record=record, a1111=config.a1111)
+    return TrainResult(out=out, files=files, record=record,
+                       figures={"num_units": plan.units, "steps_done": config.steps})
 
 
 @dataclass(frozen=True)
@@ -328,11 +329,16 @@ class DPSGDTIConfig:
     seed: int = 0
     secure_noise: bool = True
     adjacency: str = "add-remove"  # or "replace-one"
+    # How the run is kept and released, not what it trains (left out of the checkpoint's fingerprint):
+    a1111: bool = field(default=False, repr=False)  # also write an A1111 .pt embedding (SD1/SD2)
+    checkpoint_every: int = field(default=25, repr=False)  # a kill loses at most this many steps
+    num_items: int | None = field(default=None, repr=False)  # of a built-in set (default: all)
 
     def __post_init__(self) -> None:
         from ..privacy.accounting import check_adjacency
 
         check_adjacency(self.adjacency)
+        _check_checkpoint_every(self.checkpoint_every)
         if self.privacy_unit not in ("example", "subject"):
             raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
         if not self.epsilon > 0:
@@ -362,14 +368,13 @@ def plan_dpsgd_ti(*, dataset, config: DPSGDTIConfig) -> tuple[int, list | None, 
     return n, subjects, units, delta
 
 
-def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig = DPSGDTIConfig(),
-                   progress: Callable[[int, int], None] | None = None, a1111: bool = False,
-                   should_stop: Callable[[], bool] | None = None, resume: bool = False,
-                   checkpoint_every: int = 25) -> DPAggResult:
+def train_dpsgd_ti(*, base, data, out: str | Path, config: DPSGDTIConfig = DPSGDTIConfig(),
+                   progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                   resume: bool = False) -> TrainResult:
     """Train one embedding with DP-SGD on privdiff's engine: per-sample gradients of the new rows only
     (in both encoders for SDXL, clipped together). `should_stop` is polled after each step: a stopped
     run releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly;
-    so does a release that fails, and a kill loses at most `checkpoint_every` steps."""
+    so does a release that fails, and a kill loses at most `config.checkpoint_every` steps."""
     from diffusers import DDPMScheduler
 
     from ..privacy.accounting import default_accountant
@@ -382,14 +387,15 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
     from .textual_inversion import (Placeholders, check_a1111, check_token_and_init_word, encode_prompts,
                                     encoder_slots, placeholder_names)
 
-    _check_checkpoint_every(checkpoint_every)
+    dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
     n, subjects, units, delta = plan_dpsgd_ti(dataset=dataset, config=config)
-    check_a1111(a1111=a1111, num_encoders=len(encoder_slots(pipeline)))
-    check_token_and_init_word(pipeline=pipeline, token=config.token, num_vectors=config.num_vectors,
-                              init_word=config.init_word)
     out = check_ti_out(out=out, resume=resume)
     if resume and (out / EMBEDDING_FILE).exists():
         return _finished(out, units=units)
+    pipeline = resolve_base(base)
+    check_a1111(a1111=config.a1111, num_encoders=len(encoder_slots(pipeline)))
+    check_token_and_init_word(pipeline=pipeline, token=config.token, num_vectors=config.num_vectors,
+                              init_word=config.init_word)
     names = placeholder_names(token=config.token, num_vectors=config.num_vectors)
     placeholders = Placeholders(pipeline=pipeline, names=names, init_word=config.init_word)
     image_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
@@ -445,13 +451,13 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
                                            f"{engine.accountant.total_steps} noisy steps accounted); start a new run.")
         prepare_out_folder(out)
         for step in range(first, steps):
-            engine.step(per_sample_loss)
+            spent = engine.step(per_sample_loss)["epsilon"]
             if progress is not None:
-                progress(step + 1, steps)
+                progress(Progress(step=step + 1, total=steps, epsilon=spent))
             stop = should_stop is not None and step + 1 < steps and should_stop()
             # On a stop, every `checkpoint_every` steps (a kill loses no more) and at the end (a
             # release that fails resumes from it).
-            if stop or step + 1 == steps or (step + 1) % checkpoint_every == 0:
+            if stop or step + 1 == steps or (step + 1) % config.checkpoint_every == 0:
                 tensors, param_groups = ckpt.optimizer_tensors(optimizer)
                 tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(placeholders.rows)})
                 tensors.update(ckpt.generator_tensors(generators))
@@ -459,7 +465,8 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
                     "step": step + 1, "accountant": engine.accountant.to_json(), "param_groups": param_groups})
             if stop:
                 engine.clipper.remove()
-                return DPAggResult(out=out, num_units=units, stopped=True, steps_done=step + 1)
+                return TrainResult(out=out, stopped=True, figures={
+                    "num_units": units, "steps_done": step + 1, "epsilon": spent})
         vectors = [rows.rows.detach().clone() for rows in placeholders.rows]
         engine.clipper.remove()
     finally:
@@ -469,5 +476,12 @@ def train_dpsgd_ti(*, pipeline, dataset, out: str | Path, config: DPSGDTIConfig 
                                extra={"dp_ti": {"method": "dpsgd", "token": config.token, "init_word": config.init_word,
                                                 "num_vectors": config.num_vectors, "template": config.template}})
     files = _release_embedding(out=out, vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders,
-                               record=record, a1111=a1111)
-    return DPAggResult(out=out, files=files, epsilon=record.epsilon, num_units=units, steps_done=steps)
+                               record=record, a1111=config.a1111)
+    return TrainResult(out=out, files=files, record=record, figures={"num_units": units, "steps_done": steps})
+
+
+def _step_reporter(progress):
+    """A (step, total) callback that forwards to a `Progress` one."""
+    if progress is None:
+        return None
+    return lambda step, total: progress(Progress(step=step, total=total))

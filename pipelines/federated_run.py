@@ -12,37 +12,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
-
-@dataclass(frozen=True)
-class FederatedProgress:
-    round: int  # rounds completed
-    rounds: int
-    client_level_epsilon: float | None  # spent so far, under client-level DP
-    heldout_loss: float | None  # the global model's, after the last completed round
+from ..privacy.record import read_record
+from ..training.inputs import is_dataset, resolve_base
+from ..training.result import Progress, TrainResult
 
 
-@dataclass(frozen=True)
-class FederatedRunResult:
-    out: Path
-    rounds_done: int
-    stopped: bool
-    weights: dict  # "comfyui" / "diffusers" (weight differences) or "lora"; empty when stopped
-    epsilon: float | None  # client-level ε of the release (None: no client-level DP)
-    # Held-out loss per round, as a picture in memory: computed on private items, labelled as outside
-    # the guarantee, never written with the release.
-    loss_chart: object = None
-
-
-def run_federated_simulation(*, base_pipeline, config, out, resume: bool = False,
-                             progress: Callable[[FederatedProgress], None] | None = None,
-                             should_stop: Callable[[], bool] | None = None) -> FederatedRunResult:
-    """Simulate `config` (a FederatedConfig; its `base` is replaced by `base_pipeline`, saved into the
-    run) in a child process and release the global model. A stop ends the child; the rounds it
-    finished stay, and `resume=True` continues from the last of them."""
+def train_federated(*, base, data, out, config, progress: Callable[[Progress], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None, resume: bool = False) -> TrainResult:
+    """Simulate `config` (a FederatedConfig) on `data` (a folder or a built-in set's name: every client
+    process reads its own share) from `base` (saved into the run) in a child process, and release the
+    global model. A stop ends the child; the rounds it finished stay, and `resume=True` continues from
+    the last of them. `progress` hears each finished round with the client-level ε spent so far."""
     from ..federated.fedavg import BYPRODUCTS, check_resumable, last_round, load_state, loss_chart
     from .background import ChildCommand
 
@@ -52,17 +36,20 @@ def run_federated_simulation(*, base_pipeline, config, out, resume: bool = False
     if importlib.util.find_spec("flwr") is None:  # the child would only fail later, deep in its log
         raise ModuleNotFoundError(f"Flower is not installed for {sys.executable}: install it there with "
                                   "pip install 'flwr[simulation]>=1.41' (or pip install 'privdiff[federated]').")
+    if is_dataset(data):
+        raise TypeError("a federated simulation's clients read their data in their own processes: give a folder "
+                        "or a built-in set's name as data, not a dataset object.")
     out = Path(out)
-    federation, base = out / "federation", out / "base"
-    config = replace(config, base=str(base))
+    federation, saved_base = out / "federation", out / "base"
+    config = replace(config, base=str(saved_base), data=str(data))
     if resume:
         if not last_round(federation):
             raise FileNotFoundError(f"resume: no federated run to continue in {out}; turn resume off to start one.")
         check_resumable(out=federation, config=config)
     else:
         shutil.rmtree(out, ignore_errors=True)  # a new federation: nothing of an older one may leak in
-    if not (base / "model_index.json").is_file():
-        base_pipeline.save_pretrained(str(base))
+    if not (saved_base / "model_index.json").is_file():
+        resolve_base(base).save_pretrained(str(saved_base))
     byproducts = federation / BYPRODUCTS
     byproducts.mkdir(parents=True, exist_ok=True)
     settings = byproducts / "requested-config.json"
@@ -73,10 +60,9 @@ def run_federated_simulation(*, base_pipeline, config, out, resume: bool = False
             return
         state = load_state(federation)
         done = int(state.get("last_round", 0))
-        losses = state.get("heldout_loss", {})
-        progress(FederatedProgress(round=done, rounds=config.rounds,
-                                   client_level_epsilon=config.client_level_epsilon(rounds=done) if done else None,
-                                   heldout_loss=losses.get(str(done))))
+        losses = state.get("heldout_loss", {})  # on private held-out items: for the display only
+        progress(Progress(step=done, total=config.rounds, unit="round", loss=losses.get(str(done)),
+                          epsilon=config.client_level_epsilon(rounds=done) if done else None))
 
     # The child keeps its by-products (the log, the state): this process reads them, then deletes them.
     child = ChildCommand.start(name=f"federated:{out.resolve()}", log=byproducts / "simulation.log",
@@ -86,13 +72,16 @@ def run_federated_simulation(*, base_pipeline, config, out, resume: bool = False
     finished = child.wait(poll=report, should_stop=should_stop, grace_seconds=3.0)
     done = last_round(federation)
     if not finished:
-        return FederatedRunResult(out=out, rounds_done=done, stopped=True, weights={}, epsilon=None)
+        return TrainResult(out=out, stopped=True, figures={
+            "rounds_done": done, "epsilon": config.client_level_epsilon(rounds=done) if done else None})
     child.raise_if_failed("the federated simulation")
     weights = release_global_model(federation=federation, out=out)
+    # Held-out loss per round, as a picture in memory: computed on private items, labelled as outside
+    # the guarantee, never written with the release.
     chart = loss_chart(load_state(federation))
     shutil.rmtree(byproducts, ignore_errors=True)
-    return FederatedRunResult(out=out, rounds_done=done, stopped=False, weights=weights,
-                              epsilon=config.client_level_epsilon(), loss_chart=chart)
+    return TrainResult(out=out, files=weights, record=read_record(next(iter(weights.values()))),
+                       figures={"rounds_done": done, "loss_chart": chart})
 
 
 def release_global_model(*, federation, out) -> dict:
@@ -103,7 +92,6 @@ def release_global_model(*, federation, out) -> dict:
 
     from ..federated.fedavg import config_from_release, last_round, load_parameters
     from ..models.loading import load_pipeline
-    from ..privacy.record import read_record
     from ..training.diffusion import attach_conditioning_rows, trained_parameters
     from ..training.release import write_fine_tune_weights
     from ..training.trainable import select_trainable

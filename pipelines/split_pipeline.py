@@ -76,13 +76,13 @@ class SplitControlNetPipeline(RecordInConfig, StableDiffusionControlNetPipeline)
 
     @classmethod
     def from_split_file(cls, *, base, controlnet_file: str | Path) -> "SplitControlNetPipeline":
-        """`base`: 'tiny', a diffusers folder or a single-file checkpoint; `controlnet_file`: the one
-        file `privdiff split train` downloads (weights, config and privacy record)."""
-        from ..models.loading import load_pipeline
+        """`base`: the base it was trained on (a pipeline, 'tiny', a diffusers folder or a single-file
+        checkpoint); `controlnet_file`: the one file a split client releases (weights, config, record)."""
         from ..privacy.record import read_record
+        from ..training.inputs import resolve_base
         from .split_run import load_split_controlnet_file
 
-        loaded, controlnet = load_pipeline(base=base), load_split_controlnet_file(controlnet_file)
+        loaded, controlnet = resolve_base(base), load_split_controlnet_file(controlnet_file)
         if abs(loaded.vae.config.scaling_factor - controlnet.latent_scale) > 1e-6:
             raise ValueError(f"{controlnet_file} was trained on latents scaled by {controlnet.latent_scale}, but this "
                              f"base's VAE scales by {loaded.vae.config.scaling_factor}: use the base it was trained on.")

@@ -16,9 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..training.inputs import resolve_base, resolve_data
+from ..training.result import Progress, TrainResult
 from .split_client import SplitConfig
 
 CLIENT_NAME = "local-client"
+CONTROLNET_FILE = "split_controlnet.safetensors"  # what a split client releases
 SPLIT_FILE_CONFIG_KEY = "privdiff_split_controlnet_config"  # the ControlNet's config.json, in the file's metadata
 LATENT_SCALE_KEY = "privdiff_latent_scale"
 
@@ -32,6 +35,29 @@ class SplitConnection:
     server_public_key: str
     client_secret_key: str
     process_name: str = ""  # the local child serving it, when privdiff started it
+    client_name: str = CLIENT_NAME  # how this client signs its messages (its key's name on the allowlist)
+
+
+@dataclass(frozen=True)
+class SplitTrainConfig:
+    """Everything a split client's run needs besides the base, the data and the output folder: where the
+    server is (`connection`), the privacy activation (`privacy`), and the schedule."""
+
+    connection: SplitConnection
+    privacy: SplitConfig = SplitConfig()
+    epochs: int = 1
+    batch_size: int = 8
+    timeout: float = 60.0  # seconds to wait for the server's answer to one message
+    stop_server: bool = False  # stop a server privdiff started, once the ControlNet is downloaded
+    # The client's noise secret (its ledger of sent images beside it); default: beside the client key.
+    # Use one for every job: the threat model's promise is per secret.
+    secret_file: str | None = None
+    num_items: int | None = None  # of a built-in set (default: all)
+    seed: int = 0  # for a built-in set's items
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs={self.epochs} and batch_size={self.batch_size} must be at least 1.")
 
 
 def _free_port() -> int:
@@ -97,13 +123,6 @@ def stop_split_server(connection: SplitConnection) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class SplitTrainResult:
-    steps: int  # this client's batches the server has trained (its own count, not the job's)
-    stopped: bool
-    controlnet_file: Path | None  # the released ControlNet (one safetensors file with its record and config)
-
-
 def split_record(*, config: SplitConfig, steps: int, num_examples: int):
     """The record of a split ControlNet: the client's noise settings and what the threat model
     promises (and the adversary tests measure) for them."""
@@ -115,45 +134,61 @@ def split_record(*, config: SplitConfig, steps: int, num_examples: int):
                             attack=split_promise(config))
 
 
-def train_split_controlnet(*, pipeline, dataset, connection: SplitConnection, config: SplitConfig, epochs: int,
-                           batch_size: int, out, progress: Callable[[int, int, int], None] | None = None,
-                           should_stop: Callable[[], bool] | None = None, timeout: float = 60.0,
-                           stop_server: bool = False, secret_file=None) -> SplitTrainResult:
-    """Send `dataset` (images with hints) to the server for `epochs` epochs, then download the trained
-    ControlNet into `out`/split_controlnet.safetensors. `progress(batches sent, batches in all, server
-    steps)`. A stop leaves the server running with what it trained; calling again re-sends the same
-    batches, which the server acknowledges without training them twice. The client's noise secret is
-    `secret_file` (its ledger beside it; default: beside the client key): use one for every job."""
+def train_split_controlnet(*, base, data, out, config: SplitTrainConfig,
+                           progress: Callable[[Progress], None] | None = None,
+                           should_stop: Callable[[], bool] | None = None, resume: bool = False) -> TrainResult:
+    """Send `data` (images with hints) to the server for `config.epochs` epochs, then download the
+    trained ControlNet into `out`/split_controlnet.safetensors (weights, config and privacy record).
+
+    A stop leaves the server running with what it trained; calling again (`resume` or not: the server
+    keeps the job) re-sends the same batches, which the server acknowledges without training them
+    twice. The data, the output folder, the noise secret and the server's answer are all checked
+    before the model loads."""
     from ..privacy.split_secret import SentLedger, ledger_path, open_client_secret, secret_path
+    from ..training.outputs import check_out_folder, prepare_out_folder
     from ..transport.peer import SplitClient
     from .split_client import check_split_dataset, download_controlnet, train_split_client
 
+    dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
     check_split_dataset(dataset)
+    out = check_out_folder(out, results=() if resume else [CONTROLNET_FILE])
+    connection = config.connection
+    # A server that does not answer is found first, before anything is written or loaded.
+    client = SplitClient(connect=connection.endpoint, client_key=connection.client_secret_key,
+                         server_public_key=connection.server_public_key, name=connection.client_name,
+                         timeout=config.timeout)
     # The noise secret and the ledger of sent images stay on this machine (never sent).
-    secret_file = Path(secret_file) if secret_file is not None else secret_path(connection.client_secret_key)
-    ledger = SentLedger(ledger_path(secret_file))
+    secret_file = Path(config.secret_file) if config.secret_file else secret_path(connection.client_secret_key)
+    ledger = None
     try:
+        ledger = SentLedger(ledger_path(secret_file))
         secret = open_client_secret(path=secret_file, ledger=ledger)
-        client = SplitClient(connect=connection.endpoint, client_key=connection.client_secret_key,
-                             server_public_key=connection.server_public_key, name=CLIENT_NAME, timeout=timeout)
-        try:
-            result = train_split_client(client=client, pipeline=pipeline, dataset=dataset, epochs=epochs,
-                                        batch_size=batch_size, config=config, secret=secret, ledger=ledger,
-                                        progress=progress, should_stop=should_stop)
-            if result.stopped:
-                return SplitTrainResult(steps=result.applied, stopped=True, controlnet_file=None)
-            controlnet = download_controlnet(client=client)
-        finally:
-            client.close()
+        pipeline = resolve_base(base)
+        prepare_out_folder(out)
+        result = train_split_client(client=client, pipeline=pipeline, dataset=dataset, epochs=config.epochs,
+                                    batch_size=config.batch_size, config=config.privacy, secret=secret, ledger=ledger,
+                                    progress=_batch_reporter(progress), should_stop=should_stop)
+        if result.stopped:
+            return TrainResult(out=out, stopped=True, figures={"steps": result.applied})
+        controlnet = download_controlnet(client=client)
     finally:
-        ledger.close()
-    if stop_server:
+        client.close()
+        if ledger is not None:
+            ledger.close()
+    if config.stop_server:
         stop_split_server(connection)
-    path = save_split_controlnet_file(controlnet=controlnet, path=Path(out) / "split_controlnet.safetensors",
-                                      record=split_record(config=config, steps=result.applied,
-                                                          num_examples=len(dataset)),
+    record = split_record(config=config.privacy, steps=result.applied, num_examples=len(dataset))
+    path = save_split_controlnet_file(controlnet=controlnet, path=out / CONTROLNET_FILE, record=record,
                                       latent_scale=pipeline.vae.config.scaling_factor)
-    return SplitTrainResult(steps=result.applied, stopped=False, controlnet_file=path)
+    return TrainResult(out=out, files={"controlnet": path}, record=record, figures={"steps": result.applied})
+
+
+def _batch_reporter(progress):
+    """The split client's (sent, total, trained by the server) callback, as `Progress`."""
+    if progress is None:
+        return None
+    return lambda sent, total, applied: progress(Progress(step=sent, total=total, unit="batch",
+                                                          detail=f"{applied} trained by the server"))
 
 
 def save_split_controlnet_file(*, controlnet, path, record, latent_scale: float) -> Path:

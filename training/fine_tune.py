@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .diffusion import (attach_conditioning_rows, denoising_target, encode_latents, trained_parameters,
                         training_modules, training_scheduler)
+from .result import Progress
 
 
 def check_proximal_mu(value) -> None:
@@ -72,6 +73,10 @@ class DPLDMConfig:
     # global model in federated training). It does not depend on the data, so under DP its gradient
     # is added after the noise: post-processing, ε unchanged.
     proximal_mu: float = 0.0
+    # Where and on what it runs (not part of what a checkpoint must match): the device the pipeline
+    # moves to (default: where it is), and how many items of a procedural set (default: all).
+    device: str | None = None
+    num_items: int | None = None
 
     def __post_init__(self) -> None:
         from .trainable import TRAINABLE_SETS
@@ -128,18 +133,11 @@ class DPLDMConfig:
         return self.accountant or default_accountant(self.adjacency)
 
 
-@dataclass(frozen=True)
-class TrainProgress:
-    step: int
-    total_steps: int
-    loss: float | None  # computed on private data: not covered by ε, for the progress display only
-    epsilon: float | None
-
-
 class FineTuneRun:
     """State of one training run, savable as safetensors + JSON (no pickle) for exact resumption."""
 
-    def __init__(self, *, pipeline, dataset, config: DPLDMConfig, num_examples: int):
+    def __init__(self, *, pipeline, dataset, config: DPLDMConfig, num_examples: int,
+                 progress: Callable[[Progress], None] | None = None):
         import torch
 
         from ..privacy.engine import DPConfig, DPSGDEngine
@@ -176,8 +174,10 @@ class FineTuneRun:
                            else torch.Generator(self.device).manual_seed(config.seed))
         self.step = 0
         self.losses: list[float] = []
-        self._prepare(dataset)
+        self._prepare(dataset, progress=progress)
         subjects = dataset.subjects() if config.privacy_unit == "subject" else None
+        if progress is not None and config.epsilon is not None and config.noise_multiplier is None:
+            progress(Progress(step=0, total=1, phase="calibrating", unit="σ"))
         if config.epsilon is None:
             self.engine = None
             self.sampler = PoissonSampler(num_examples=num_examples, sample_rate=self.sample_rate,
@@ -205,7 +205,7 @@ class FineTuneRun:
             )
             self.sampler = self.engine.sampler
 
-    def _prepare(self, dataset) -> None:
+    def _prepare(self, dataset, *, progress=None) -> None:
         """Encode every image and caption once with the frozen VAE and text encoder (kept in memory)."""
         import torch
 
@@ -217,6 +217,8 @@ class FineTuneRun:
                 pixels = torch.stack([item["pixel_values"] for item in items]).to(self.device, pipe.vae.dtype)
                 latents.append(encode_latents(vae=pipe.vae, pixels=pixels))
                 captions.extend(item["caption"] for item in items)
+                if progress is not None:
+                    progress(Progress(step=len(captions), total=self.num_examples, phase="encoding", unit="image"))
             unique = sorted(set(captions))
             ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
@@ -261,7 +263,7 @@ class FineTuneRun:
                 term = (p - start).mul_(self.config.proximal_mu)
                 p.grad = term if p.grad is None else p.grad.add_(term)
 
-    def train_step(self) -> TrainProgress:
+    def train_step(self) -> Progress:
         if self.engine is not None:
             info = self.engine.step(self.per_sample_loss, after_noise=self._add_proximal_gradient)
             loss, eps = info["loss"], info["epsilon"]
@@ -279,13 +281,13 @@ class FineTuneRun:
         self.step += 1
         if loss is not None:
             self.losses.append(loss)
-        return TrainProgress(step=self.step, total_steps=self.total_steps, loss=loss, epsilon=eps)
+        return Progress(step=self.step, total=self.total_steps, loss=loss, epsilon=eps)
 
     # ---- checkpoints (by-products: never released) --------------------------------------------
 
     def _fingerprint(self) -> dict:
         # Settings that only change what is kept or how often it is saved may differ on resume.
-        settings = {k: v for k, v in asdict(self.config).items() if k not in ("keep_byproducts", "checkpoint_every")}
+        settings = {k: v for k, v in asdict(self.config).items() if k not in ("keep_byproducts", "checkpoint_every", "device", "num_items")}
         if settings["noise_draws"] == 1:
             del settings["noise_draws"]  # checkpoints from before the setting existed still resume
         return {**settings, "num_examples": self.num_examples}
@@ -359,7 +361,7 @@ class LocalTrainingResult:
 
 
 def train_in_memory(*, pipeline, dataset, config: DPLDMConfig, initial: dict | None = None,
-                    progress: Callable[[TrainProgress], None] | None = None) -> LocalTrainingResult:
+                    progress: Callable[[Progress], None] | None = None) -> LocalTrainingResult:
     """Fine-tune `pipeline`'s trainable set on `dataset` in memory (no files): the same trainer as
     `train_dp_ldm` (DP-SGD when `config.epsilon` is set, plain AdamW when None). `initial` (name ->
     tensor, as `trained_parameters` returns) is loaded into the set first, e.g. the global model of a

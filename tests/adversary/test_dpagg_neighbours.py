@@ -64,8 +64,8 @@ def test_one_added_image_moves_the_released_sum_by_at_most_c(tmp_path):
     full = load_dataset(data="style", num_items=n + 1, seed=0)
     config = DPAggConfig(token=TOKEN, epsilon=None, clip=clip, steps=8, batch_size=8, learning_rate=5e-2,
                          secure_noise=False)
-    d = train_dpagg_ti(pipeline=_pipe(), dataset=_First(full, n), out=tmp_path / "d", config=config)
-    d_plus = train_dpagg_ti(pipeline=_pipe(), dataset=full, out=tmp_path / "d-plus", config=config)
+    d = train_dpagg_ti(base=_pipe(), data=_First(full, n), out=tmp_path / "d", config=config)
+    d_plus = train_dpagg_ti(base=_pipe(), data=full, out=tmp_path / "d-plus", config=config)
     s_d = _released_sum(d.files, n=n, clip=clip)
     s_plus = _released_sum(d_plus.files, n=n + 1, clip=clip)
     moved = float((s_plus - s_d).norm())
@@ -138,7 +138,7 @@ def test_subsets_change_one_unit_and_are_recorded_as_replace_one(tmp_path):
     assert set(on_d) == set(on_plus) and len(on_d) == 3
     changed = [name for name in on_d if not torch.equal(on_d[name], on_plus[name])]
     assert len(changed) == 1, "adding one image changes exactly one subset's embedding"
-    result = train_dpagg_ti(pipeline=_pipe(), dataset=full, out=tmp_path / "subsets", config=DPAggConfig(
+    result = train_dpagg_ti(base=_pipe(), data=full, out=tmp_path / "subsets", config=DPAggConfig(
         token=TOKEN, epsilon=1.0, delta=1e-3, num_subsets=3, steps=1, batch_size=3, secure_noise=False))
     record = read_record(result.files["diffusers"])
     assert (record.adjacency, record.accounted_adjacency, record.num_examples) == ("add-remove", "replace-one", n + 1)
@@ -151,7 +151,7 @@ def test_subject_runs_record_the_subject_unit(tmp_path):
     from privdiff.data import load_dataset
 
     data = load_dataset(data="style", num_items=6, seed=0, num_subjects=3)
-    result = train_dpagg_ti(pipeline=_pipe(), dataset=data, out=tmp_path / "subjects", config=DPAggConfig(
+    result = train_dpagg_ti(base=_pipe(), data=data, out=tmp_path / "subjects", config=DPAggConfig(
         token=TOKEN, epsilon=1.0, delta=1e-2, steps=1, batch_size=3, privacy_unit="subject", secure_noise=False))
     record = read_record(result.files["diffusers"])
     assert (record.privacy_unit, record.num_examples, record.adjacency) == ("subject", 3, "add-remove")

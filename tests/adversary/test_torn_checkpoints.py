@@ -9,6 +9,7 @@ record) or refuse with a clear message.
 """
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def _base():
 
 
 def _train(out, **kwargs):
-    return train_dp_ldm(base=_base(), data="shapes", num_items=16, out=out, config=CONFIG, **kwargs)
+    return train_dp_ldm(base=_base(), data="shapes", out=out, config=replace(CONFIG, num_items=16), **kwargs)
 
 
 def _killed_at_rename(monkeypatch, crash_at: int, run, *, only=lambda destination: True):
@@ -66,8 +67,8 @@ def test_a_crash_inside_any_checkpoint_write_never_under_records_epsilon(tmp_pat
     monkeypatch.setattr(os, "replace", counting)
     straight = _train(tmp_path / "straight")
     monkeypatch.setattr(os, "replace", real)
-    reference = load_file(str(straight.weights["diffusers"]))
-    reference_record = read_record(straight.weights["diffusers"])
+    reference = load_file(str(straight.files["diffusers"]))
+    reference_record = read_record(straight.files["diffusers"])
     assert len(renames) >= 2
     for crash_at in range(1, len(renames) + 1):
         out = tmp_path / f"crash-{crash_at}"
@@ -77,8 +78,8 @@ def test_a_crash_inside_any_checkpoint_write_never_under_records_epsilon(tmp_pat
         except (ValueError, FileNotFoundError) as refusal:  # a clear refusal is allowed, a wrong record is not
             assert "checkpoint" in str(refusal)
             continue
-        weights = load_file(str(resumed.weights["diffusers"]))
-        record = read_record(resumed.weights["diffusers"])
+        weights = load_file(str(resumed.files["diffusers"]))
+        record = read_record(resumed.files["diffusers"])
         assert record.steps == reference_record.steps and record.epsilon == pytest.approx(reference_record.epsilon), \
             f"crash at rename {crash_at}: the release records {record.steps} steps, ε = {record.epsilon}"
         assert all(torch.equal(weights[k], reference[k]) for k in reference), \

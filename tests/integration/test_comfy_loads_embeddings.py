@@ -1,5 +1,7 @@
 """ComfyUI's own embedding loader reads privdiff's DP-TI files (ComfyUI format, and A1111 .pt)."""
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,8 +19,8 @@ def test_comfy_load_embed_reads_the_released_vectors(comfyui_root, tmp_path):
     pipe = tiny_pipeline(spec=TinySpec(), seed=0)
     config = DPAggConfig(token="<stripes>", init_word="circle", num_vectors=2, steps=1, batch_size=3, secure_noise=False)
     with torch.inference_mode(False):
-        result = train_dpagg_ti(pipeline=pipe, dataset=load_dataset(data="style", num_items=6), out=tmp_path / "emb",
-                                config=config, a1111=True)
+        result = train_dpagg_ti(base=pipe, data=load_dataset(data="style", num_items=6), out=tmp_path / "emb",
+                                config=dataclasses.replace(config, a1111=True))
     expected = load_file(str(result.files["diffusers"]))["<stripes>"]
     for kind in ("comfyui", "a1111"):
         path = result.files[kind]
@@ -37,7 +39,7 @@ def test_comfy_load_embed_reads_an_sdxl_token_for_each_encoder(comfyui_root, tmp
     pipe = tiny_pipeline(spec=TinySpec(family="sdxl"), seed=0)
     config = DPAggConfig(token="<stripes>", init_word="circle", steps=1, batch_size=3, secure_noise=False)
     with torch.inference_mode(False):
-        result = train_dpagg_ti(pipeline=pipe, dataset=load_dataset(data="style", num_items=6), out=tmp_path / "emb",
+        result = train_dpagg_ti(base=pipe, data=load_dataset(data="style", num_items=6), out=tmp_path / "emb",
                                 config=config)
     path = result.files["comfyui"]
     expected = load_file(str(path))

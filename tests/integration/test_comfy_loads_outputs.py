@@ -29,11 +29,11 @@ def test_comfy_lora_loader_applies_the_output(comfy_tiny_model, tmp_path, traina
     trained = load_privdiff_tiny()
     trained.set_progress_bar_config(disable=True)
     with torch.inference_mode(False):  # what a ComfyUI node must do before training
-        result = train_dp_ldm(base=trained, data="shapes", num_items=8, out=tmp_path / "run",
-                              config=DPLDMConfig(trainable=trainable, **QUICK))
+        result = train_dp_ldm(base=trained, data="shapes", out=tmp_path / "run",
+                              config=DPLDMConfig(trainable=trainable, **QUICK, num_items=8))
 
     patcher = _patcher(comfy_tiny_model(spec))
-    lora = comfy.utils.load_torch_file(str(result.weights[file_key]), safe_load=True)
+    lora = comfy.utils.load_torch_file(str(result.files[file_key]), safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     patches = comfy.lora.load_lora(lora, key_map)
     expected_patches = len(lora) // 3 if trainable == "lora" else len(lora)  # down, up, alpha per layer

@@ -34,15 +34,15 @@ def runs(tmp_path_factory):
     def run(draws: int, epochs: float = 1.0):
         if (draws, epochs) not in done:
             out = tmp_path_factory.mktemp(f"k{draws}") / "run"
-            done[draws, epochs] = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=out,
-                                               config=DPLDMConfig(noise_draws=draws, **{**QUICK, "epochs": epochs}))
+            done[draws, epochs] = train_dp_ldm(base=_base(), data="shapes", out=out,
+                                               config=DPLDMConfig(noise_draws=draws, **{**QUICK, "epochs": epochs}, num_items=16))
         return done[draws, epochs]
 
     return run
 
 
 def test_privacy_record_is_the_same_for_one_and_four_draws(runs):
-    one, four = (read_record(runs(k, 0.5).weights["diffusers"]) for k in (1, 4))
+    one, four = (read_record(runs(k, 0.5).files["diffusers"]) for k in (1, 4))
     assert one.mechanism == "dp-sgd" and one.epsilon <= 8.0
     # ε, δ, σ, C, q, steps, N, unit, accountant, adjacency; and of extra all but the setting itself
     assert _without(dataclasses.asdict(one), "extra") == _without(dataclasses.asdict(four), "extra")
@@ -50,16 +50,16 @@ def test_privacy_record_is_the_same_for_one_and_four_draws(runs):
     assert _without(one.extra["dp_ldm"], "noise_draws") == _without(four.extra["dp_ldm"], "noise_draws")
     assert one.extra["dp_ldm"]["noise_draws"] == 1 and four.extra["dp_ldm"]["noise_draws"] == 4
     assert one.steps == 2 and one.sample_rate == 0.25
-    a, b = load_file(str(runs(1, 0.5).weights["diffusers"])), load_file(str(runs(4, 0.5).weights["diffusers"]))
+    a, b = load_file(str(runs(1, 0.5).files["diffusers"])), load_file(str(runs(4, 0.5).files["diffusers"]))
     assert any(not torch.equal(a[k], b[k]) for k in a), "four draws per example trained the same weights as one"
 
 
 def test_a_two_draw_run_completes_and_its_record_says_so(runs):
     result = runs(2)
-    assert result.steps_done == result.total_steps == 4 and not result.stopped
-    for path in result.weights.values():
+    assert result.figures["steps_done"] == result.figures["total_steps"] == 4 and not result.stopped
+    for path in result.files.values():
         assert read_record(path).extra["dp_ldm"]["noise_draws"] == 2
-    assert any(v.abs().sum() > 0 for v in load_file(str(result.weights["diffusers"])).values())
+    assert any(v.abs().sum() > 0 for v in load_file(str(result.files["diffusers"])).values())
     assert not (result.out / BYPRODUCTS).exists()
 
 
@@ -71,15 +71,15 @@ def test_a_stopped_two_draw_run_resumes_to_the_uninterrupted_weights(runs, tmp_p
         return calls["n"] == 2
 
     config = DPLDMConfig(noise_draws=2, **QUICK)
-    stopped = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "run", config=config,
+    stopped = train_dp_ldm(base=_base(), data="shapes", out=tmp_path / "run", config=dataclasses.replace(config, num_items=16),
                            should_stop=stop_after_two)
-    assert stopped.stopped and stopped.steps_done == 2
+    assert stopped.stopped and stopped.figures["steps_done"] == 2
     with pytest.raises(ValueError, match="noise_draws"):  # the draws are part of the run's settings
-        train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "run", resume=True,
-                     config=DPLDMConfig(noise_draws=4, **QUICK))
-    resumed = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "run", config=config,
+        train_dp_ldm(base=_base(), data="shapes", out=tmp_path / "run", resume=True,
+                     config=DPLDMConfig(noise_draws=4, **QUICK, num_items=16))
+    resumed = train_dp_ldm(base=_base(), data="shapes", out=tmp_path / "run", config=dataclasses.replace(config, num_items=16),
                            resume=True)
-    a, b = load_file(str(runs(2).weights["diffusers"])), load_file(str(resumed.weights["diffusers"]))
+    a, b = load_file(str(runs(2).files["diffusers"])), load_file(str(resumed.files["diffusers"]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -1,5 +1,7 @@
 """DPAgg-TI: the aggregation's exact mean and noise law, its ε, files that load, clear errors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -82,7 +84,7 @@ def test_dpagg_run_writes_files_that_load(pipe, tmp_path):
                          secure_noise=False)
     before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     vocab = len(pipe.tokenizer)
-    result = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "ti", config=config, a1111=True)
+    result = train_dpagg_ti(base=pipe, data=_data(6), out=tmp_path / "ti", config=dataclasses.replace(config, a1111=True))
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, before) and len(pipe.tokenizer) == vocab
     record = read_record(result.files["diffusers"])
     assert record.mechanism == "gaussian-aggregate" and record.epsilon <= 1.0 and record.num_examples == 6
@@ -110,7 +112,7 @@ def test_dpagg_run_writes_files_that_load(pipe, tmp_path):
 def test_bad_input_writes_nothing(pipe, tmp_path, kwargs, n, message):
     config = DPAggConfig(**{**dict(steps=1, batch_size=2, secure_noise=False), **kwargs})
     with pytest.raises(ValueError, match=message):
-        train_dpagg_ti(pipeline=pipe, dataset=_data(n), out=tmp_path / "ti", config=config)
+        train_dpagg_ti(base=pipe, data=_data(n), out=tmp_path / "ti", config=config)
     assert not (tmp_path / "ti").exists()
 
 
@@ -122,7 +124,7 @@ def test_dpsgd_ti_trains_only_the_new_rows(pipe, tmp_path):
     unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     config = DPSGDTIConfig(token="<stripes>", init_word="circle", epochs=1.0, batch_size=3, epsilon=4.0,
                            secure_noise=False)
-    result = train_dpsgd_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "ti", config=config)
+    result = train_dpsgd_ti(base=pipe, data=_data(6), out=tmp_path / "ti", config=config)
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, before)
     assert all(torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
     record = read_record(result.files["diffusers"])
@@ -160,10 +162,10 @@ def test_sdxl_token_trains_rows_in_both_encoders_and_loads_into_both(sdxl_pipe, 
     tables = [te.get_input_embeddings().weight.detach().clone() for te in (sdxl_pipe.text_encoder,
                                                                            sdxl_pipe.text_encoder_2)]
     if method == "dpagg":
-        result = train_dpagg_ti(pipeline=sdxl_pipe, dataset=_data(6), out=tmp_path / "ti", config=DPAggConfig(
+        result = train_dpagg_ti(base=sdxl_pipe, data=_data(6), out=tmp_path / "ti", config=DPAggConfig(
             token="<stripes>", init_word="circle", steps=2, batch_size=4, epsilon=1.0, secure_noise=False))
     else:
-        result = train_dpsgd_ti(pipeline=sdxl_pipe, dataset=_data(6), out=tmp_path / "ti", config=DPSGDTIConfig(
+        result = train_dpsgd_ti(base=sdxl_pipe, data=_data(6), out=tmp_path / "ti", config=DPSGDTIConfig(
             token="<stripes>", init_word="circle", epochs=1.0, batch_size=3, epsilon=4.0, secure_noise=False))
     for te, table in zip((sdxl_pipe.text_encoder, sdxl_pipe.text_encoder_2), tables):
         assert torch.equal(te.get_input_embeddings().weight, table)  # the pipeline's own tables are untouched
@@ -188,8 +190,8 @@ def test_sdxl_token_trains_rows_in_both_encoders_and_loads_into_both(sdxl_pipe, 
 
 def test_sdxl_refuses_a1111(sdxl_pipe, tmp_path):
     with pytest.raises(ValueError, match="A1111"):
-        train_dpagg_ti(pipeline=sdxl_pipe, dataset=_data(4), out=tmp_path / "ti",
-                       config=DPAggConfig(steps=1, batch_size=2, secure_noise=False), a1111=True)
+        train_dpagg_ti(base=sdxl_pipe, data=_data(4), out=tmp_path / "ti",
+                       config=DPAggConfig(steps=1, batch_size=2, secure_noise=False, a1111=True))
     assert not (tmp_path / "ti").exists()
 
 
@@ -201,18 +203,18 @@ def test_subject_units_make_one_embedding_per_person(pipe, tmp_path):
     data = load_dataset(data="style", num_items=9, seed=0, num_subjects=3)
     groups = sorted(unit.members for unit in make_units(dataset=data, secret=b"k" * 32, privacy_unit="subject"))
     assert groups == [(0, 3, 6), (1, 4, 7), (2, 5, 8)]
-    result = train_dpagg_ti(pipeline=pipe, dataset=data, out=tmp_path / "agg", config=DPAggConfig(
+    result = train_dpagg_ti(base=pipe, data=data, out=tmp_path / "agg", config=DPAggConfig(
         token="<stripes>", init_word="circle", steps=1, batch_size=3, epsilon=1.0, delta=1e-2,
         privacy_unit="subject", secure_noise=False))
     record = read_record(result.files["diffusers"])
-    assert result.num_units == 3 and record.num_examples == 3
-    result = train_dpsgd_ti(pipeline=pipe, dataset=data, out=tmp_path / "sgd", config=DPSGDTIConfig(
+    assert result.figures["num_units"] == 3 and record.num_examples == 3
+    result = train_dpsgd_ti(base=pipe, data=data, out=tmp_path / "sgd", config=DPSGDTIConfig(
         token="<stripes>", init_word="circle", epochs=1.0, batch_size=2, epsilon=8.0, delta=1e-2,
         privacy_unit="subject", secure_noise=False))
     record = read_record(result.files["diffusers"])
     assert record.privacy_unit == "subject" and record.num_examples == 3
     with pytest.raises(ValueError, match="subject id for every image"):
-        train_dpagg_ti(pipeline=pipe, dataset=_data(4), out=tmp_path / "none",
+        train_dpagg_ti(base=pipe, data=_data(4), out=tmp_path / "none",
                        config=DPAggConfig(steps=1, batch_size=2, privacy_unit="subject", secure_noise=False))
     assert not (tmp_path / "none").exists()
 
@@ -221,22 +223,22 @@ def test_dpagg_stopped_then_resumed_releases_what_an_unbroken_run_releases(pipe,
     from privdiff.pipelines.dp_ti import BYPRODUCTS
 
     config = DPAggConfig(token="<s>", init_word="circle", steps=4, batch_size=3, secure_noise=False, epsilon=2.0)
-    straight = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "straight", config=config)
+    straight = train_dpagg_ti(base=pipe, data=_data(6), out=tmp_path / "straight", config=config)
     polls = iter([False, True])  # stop after the second step
-    stopped = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config,
+    stopped = train_dpagg_ti(base=pipe, data=_data(6), out=tmp_path / "broken", config=config,
                              should_stop=lambda: next(polls))
-    assert stopped.stopped and stopped.steps_done == 2 and not stopped.files
+    assert stopped.stopped and stopped.figures["steps_done"] == 2 and not stopped.files
     assert (tmp_path / "broken" / BYPRODUCTS / "checkpoint.safetensors").is_file()
     assert not list((tmp_path / "broken").glob("*.safetensors")), "a stopped run releases nothing"
-    resumed = train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config, resume=True)
-    assert resumed.steps_done == straight.steps_done == 4
+    resumed = train_dpagg_ti(base=pipe, data=_data(6), out=tmp_path / "broken", config=config, resume=True)
+    assert resumed.figures["steps_done"] == straight.figures["steps_done"] == 4
     a, b = load_file(str(straight.files["diffusers"]))["<s>"], load_file(str(resumed.files["diffusers"]))["<s>"]
     assert torch.allclose(a, b, atol=1e-6)
     assert not (tmp_path / "broken" / BYPRODUCTS).exists(), "the per-image embeddings are deleted at release"
     with pytest.raises(ValueError, match="other settings"):
-        train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "again", config=config,
+        train_dpagg_ti(base=pipe, data=_data(6), out=tmp_path / "again", config=config,
                        should_stop=lambda: True)
-        train_dpagg_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "again",
+        train_dpagg_ti(base=pipe, data=_data(6), out=tmp_path / "again",
                        config=DPAggConfig(**{**config.__dict__, "steps": 5}), resume=True)
 
 
@@ -244,13 +246,13 @@ def test_dpsgd_ti_stopped_then_resumed_releases_what_an_unbroken_run_releases(pi
     from privdiff.pipelines.dp_ti import BYPRODUCTS, DPSGDTIConfig, train_dpsgd_ti
 
     config = DPSGDTIConfig(token="<s>", init_word="circle", epochs=2.0, batch_size=3, epsilon=4.0, secure_noise=False)
-    straight = train_dpsgd_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "straight", config=config)
+    straight = train_dpsgd_ti(base=pipe, data=_data(6), out=tmp_path / "straight", config=config)
     polls = iter([False, True])
-    stopped = train_dpsgd_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config,
+    stopped = train_dpsgd_ti(base=pipe, data=_data(6), out=tmp_path / "broken", config=config,
                              should_stop=lambda: next(polls))
-    assert stopped.stopped and stopped.steps_done == 2 and not stopped.files
-    resumed = train_dpsgd_ti(pipeline=pipe, dataset=_data(6), out=tmp_path / "broken", config=config, resume=True)
-    assert resumed.steps_done == straight.steps_done == 4
+    assert stopped.stopped and stopped.figures["steps_done"] == 2 and not stopped.files
+    resumed = train_dpsgd_ti(base=pipe, data=_data(6), out=tmp_path / "broken", config=config, resume=True)
+    assert resumed.figures["steps_done"] == straight.figures["steps_done"] == 4
     assert resumed.epsilon == pytest.approx(straight.epsilon, rel=1e-9), "the accountant carried over"
     a, b = load_file(str(straight.files["diffusers"]))["<s>"], load_file(str(resumed.files["diffusers"]))["<s>"]
     assert torch.allclose(a, b, atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 
 from privdiff.federated.fedavg import FederatedConfig
 from privdiff.pipelines.background import ChildCommand
-from privdiff.pipelines.federated_run import run_federated_simulation
+from privdiff.pipelines.federated_run import train_federated
 
 CONFIG = FederatedConfig(data="digits", num_items=32, heldout_items=16, num_clients=2, rounds=2, batch_size=16,
                          learning_rate=1e-3, client_dp_noise_multiplier=1.0, client_dp_clipping_norm=0.1)
@@ -22,7 +22,7 @@ def tiny():
 
 def test_resume_needs_a_run_and_the_same_settings(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="no federated run to continue"):
-        run_federated_simulation(base_pipeline=tiny, config=CONFIG, out=tmp_path / "none", resume=True)
+        train_federated(base=tiny, data="digits", config=CONFIG, out=tmp_path / "none", resume=True)
     from dataclasses import replace
 
     import torch
@@ -34,8 +34,8 @@ def test_resume_needs_a_run_and_the_same_settings(tiny, tmp_path):
     save_round(out=tmp_path / "run" / "federation", round_number=1, parameters={"x": torch.zeros(1)},
                record=round_record(config=config, rounds=1, partition_sizes=[16, 16]))
     with pytest.raises(ValueError, match="other settings.*learning_rate"):
-        run_federated_simulation(base_pipeline=tiny, config=replace(CONFIG, learning_rate=1e-2), out=tmp_path / "run",
-                                 resume=True)
+        train_federated(base=tiny, data="digits", config=replace(CONFIG, learning_rate=1e-2), out=tmp_path / "run",
+                        resume=True)
 
 
 def test_a_failing_child_raises_with_the_end_of_its_log(tmp_path):
@@ -68,26 +68,26 @@ def test_stopped_run_resumes_and_releases_the_global_model_with_its_client_level
     from privdiff.privacy.record import read_record
 
     seen = []
-    stopped = run_federated_simulation(base_pipeline=tiny, config=CONFIG, out=tmp_path, progress=seen.append,
-                                       should_stop=lambda: bool(seen) and seen[-1].round >= 1)
-    assert stopped.stopped and stopped.rounds_done == 1 and stopped.weights == {}
-    assert seen[-1].client_level_epsilon == pytest.approx(CONFIG.client_level_epsilon(rounds=1))
-    done = run_federated_simulation(base_pipeline=tiny, config=CONFIG, out=tmp_path, resume=True)
-    assert not done.stopped and done.rounds_done == 2
+    stopped = train_federated(base=tiny, data="digits", config=CONFIG, out=tmp_path, progress=seen.append,
+                                       should_stop=lambda: bool(seen) and seen[-1].step >= 1)
+    assert stopped.stopped and stopped.figures["rounds_done"] == 1 and not stopped.files
+    assert seen[-1].unit == "round" and seen[-1].epsilon == pytest.approx(CONFIG.client_level_epsilon(rounds=1))
+    done = train_federated(base=tiny, data="digits", config=CONFIG, out=tmp_path, resume=True)
+    assert not done.stopped and done.figures["rounds_done"] == 2
 
     independent = pld.PLDAccountant()
     independent.compose(dp_accounting.GaussianDpEvent(1.0), 2)
-    for path in done.weights.values():
+    for path in done.files.values():
         record = read_record(path)
         assert record.mechanism == "dp-fedavg" and record.privacy_unit == "client"
         assert record.epsilon == pytest.approx(independent.get_epsilon(record.delta), rel=0.05)
     # base + released difference == the global model of the last round, value for value
-    diffs = load_file(str(done.weights["diffusers"]))
+    diffs = load_file(str(done.files["diffusers"]))
     start = initial_parameters(CONFIG, load_pipeline(base="tiny"))
     final = load_file(str(tmp_path / "federation" / "global-round-2.safetensors"))
     assert diffs and all(torch.allclose(start[f"unet.{k}"] + v, final[f"unet.{k}"], atol=1e-6) for k, v in diffs.items())
     assert any(v.abs().max() > 0 for v in diffs.values())
-    assert done.loss_chart is not None  # shown in the node, never written with the release
+    assert done.figures["loss_chart"] is not None  # shown in the node, never written with the release
     assert not (tmp_path / "federation" / "byproducts-not-covered-by-dp").exists()
     # The release loads the way a DP-LDM output does, global model and record included.
     from privdiff.pipelines import DPLDMPipeline

@@ -35,8 +35,8 @@ def _train(base_folder, out, trainable):
 
     trained = StableDiffusionPipeline.from_pretrained(base_folder, safety_checker=None)
     trained.set_progress_bar_config(disable=True)
-    result = train_dp_ldm(base=trained, data="shapes", num_items=8, out=out,
-                          config=DPLDMConfig(trainable=trainable, **QUICK))
+    result = train_dp_ldm(base=trained, data="shapes", out=out,
+                          config=DPLDMConfig(trainable=trainable, **QUICK, num_items=8))
     return trained, result
 
 
@@ -56,7 +56,7 @@ def test_lora_file_is_standard(base_folder, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     trained, result = _train(base_folder, tmp_path / "run", "lora")
-    path = result.weights["lora"]
+    path = result.files["lora"]
     assert path.name == WEIGHTS_LORA and not (tmp_path / "run" / WEIGHTS_COMFYUI).exists()
     lora = load_file(str(path))
     assert all(k.startswith(LORA_PREFIX) for k in lora)
@@ -91,14 +91,14 @@ def test_conditioning_rows_are_released_and_reloaded(base_folder, tmp_path):
     trained = StableDiffusionPipeline.from_pretrained(base_folder, safety_checker=None)
     trained.set_progress_bar_config(disable=True)
     words = ("circle", "red")
-    result = train_dp_ldm(base=trained, data="shapes", num_items=8, out=tmp_path / "run",
-                          config=DPLDMConfig(trainable="attention", conditioning_words=words, **QUICK))
-    diffs = load_file(str(result.weights["diffusers"]))
+    result = train_dp_ldm(base=trained, data="shapes", out=tmp_path / "run",
+                          config=DPLDMConfig(trainable="attention", conditioning_words=words, **QUICK, num_items=8))
+    diffs = load_file(str(result.files["diffusers"]))
     table = diffs[TEXT_TABLE_DIFF_KEY]
     ids = [trained.tokenizer(w, add_special_tokens=False).input_ids[0] for w in words]
     changed = (table.abs().sum(dim=1) > 0).nonzero().flatten().tolist()
     assert sorted(changed) == sorted(ids), "only the chosen words' rows change"
-    comfy = load_file(str(result.weights["comfyui"]))
+    comfy = load_file(str(result.files["comfyui"]))
     key = "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.diff"
     assert comfy[key].shape[0] == 49408 and torch.equal(comfy[key][: table.shape[0]], table)
 

@@ -34,7 +34,7 @@ def _base():
 
 
 def _train(out, config=CONFIG, **kwargs):
-    return train_dp_ldm(base=_base(), data="shapes", num_items=16, out=out, config=config, **kwargs)
+    return train_dp_ldm(base=_base(), data="shapes", out=out, config=dataclasses.replace(config, num_items=16), **kwargs)
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_a_full_disk_stops_cleanly_and_resume_ends_like_an_unbroken_run(tmp_path
 
     ballast.unlink()  # space is freed
     resumed = _train(out, resume=True)
-    a, b = load_file(str(straight.weights["diffusers"])), load_file(str(resumed.weights["diffusers"]))
+    a, b = load_file(str(straight.files["diffusers"])), load_file(str(resumed.files["diffusers"]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra, rb = read_record(straight.weights["diffusers"]), read_record(resumed.weights["diffusers"])
+    ra, rb = read_record(straight.files["diffusers"]), read_record(resumed.files["diffusers"])
     assert (ra.epsilon, ra.steps) == (rb.epsilon, rb.steps)

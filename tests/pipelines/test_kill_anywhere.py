@@ -41,9 +41,9 @@ if method == "dp-ldm":
     from privdiff.models.tiny import TinySpec, tiny_pipeline
     from privdiff.pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
     config = DPLDMConfig(batch_size=4, physical_batch_size=4, epochs=3.0, secure_noise=False, num_samples=1,
-                         max_grad_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=1)
-    train_dp_ldm(base=tiny_pipeline(spec=TinySpec(), seed=0), data="shapes", num_items=16, out=out,
-                 config=config, resume=resume, progress=lambda info: progress())
+                         max_grad_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=1, num_items=16)
+    train_dp_ldm(base=tiny_pipeline(spec=TinySpec(), seed=0), data="shapes", out=out,
+                 config=config, resume=resume, progress=lambda info: info.phase == "training" and progress())
 else:
     from privdiff.data import load_dataset
     from privdiff.models.tiny import TinySpec, tiny_pipeline
@@ -52,14 +52,12 @@ else:
     pipe = tiny_pipeline(spec=TinySpec(), seed=0)
     if method == "dpagg":
         config = dp_ti.DPAggConfig(token="<stripes>", init_word="circle", steps=6, batch_size=4, epsilon=1.0,
-                                   secure_noise=False)
-        dp_ti.train_dpagg_ti(pipeline=pipe, dataset=data, out=out, config=config, resume=resume, progress=progress,
-                             checkpoint_every=1)
+                                   secure_noise=False, checkpoint_every=1)
+        dp_ti.train_dpagg_ti(base=pipe, data=data, out=out, config=config, resume=resume, progress=progress)
     else:
         config = dp_ti.DPSGDTIConfig(token="<stripes>", init_word="circle", epochs=3.0, batch_size=3, epsilon=4.0,
-                                     secure_noise=False)
-        dp_ti.train_dpsgd_ti(pipeline=pipe, dataset=data, out=out, config=config, resume=resume, progress=progress,
-                             checkpoint_every=1)
+                                     secure_noise=False, checkpoint_every=1)
+        dp_ti.train_dpsgd_ti(base=pipe, data=data, out=out, config=config, resume=resume, progress=progress)
 print("done", flush=True)
 """
 

@@ -24,11 +24,13 @@ CHILD = """
 import sys, time
 from privdiff.models.tiny import TinySpec, tiny_pipeline
 from privdiff.pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
-config = DPLDMConfig(**{config!r})
+config = DPLDMConfig(**{config!r}, num_items=16)
 def progress(info):
+    if info.phase != "training":
+        return
     print("step", info.step, flush=True)
     time.sleep(1.5)  # leaves time to kill the run between checkpoints
-train_dp_ldm(base=tiny_pipeline(spec=TinySpec(), seed=0), data="shapes", num_items=16, out=sys.argv[1],
+train_dp_ldm(base=tiny_pipeline(spec=TinySpec(), seed=0), data="shapes", out=sys.argv[1],
              config=config, progress=progress)
 """
 
@@ -63,10 +65,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     step_at_kill = saved_step()
     assert 2 <= step_at_kill < 8 and not list(killed.glob("*.safetensors")), "nothing released before the end"
 
-    config = DPLDMConfig(**CONFIG)
-    resumed = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=killed, config=config, resume=True)
-    straight = train_dp_ldm(base=_base(), data="shapes", num_items=16, out=tmp_path / "straight", config=config)
-    a, b = load_file(str(straight.weights["diffusers"])), load_file(str(resumed.weights["diffusers"]))
+    resumed = train_dp_ldm(base=_base(), data="shapes", out=killed, config=DPLDMConfig(**CONFIG, num_items=16), resume=True)
+    straight = train_dp_ldm(base=_base(), data="shapes", out=tmp_path / "straight", config=DPLDMConfig(**CONFIG, num_items=16))
+    a, b = load_file(str(straight.files["diffusers"])), load_file(str(resumed.files["diffusers"]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert read_record(resumed.weights["diffusers"]).epsilon == pytest.approx(read_record(straight.weights["diffusers"]).epsilon)
+    assert read_record(resumed.files["diffusers"]).epsilon == pytest.approx(read_record(straight.files["diffusers"]).epsilon)
     assert not (killed / BYPRODUCTS).exists()

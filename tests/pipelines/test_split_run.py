@@ -3,6 +3,8 @@ the released one-file ControlNet (weights, config, record), the attack audit, an
 sees before sending anything (exactly the messages training would send, and the server's best
 reconstruction from them, with the audit's figures for the same secret)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,8 @@ import torch
 from privdiff.pipelines.split_attacks import server_view
 from privdiff.pipelines.split_client import split_tensors
 from privdiff.pipelines.split_controlnet import SplitConfig
-from privdiff.pipelines.split_run import (audit_split_training, load_split_controlnet_file, start_split_server,
-                                          stop_split_server, train_split_controlnet)
+from privdiff.pipelines.split_run import (SplitTrainConfig, audit_split_training, load_split_controlnet_file,
+                                          start_split_server, stop_split_server, train_split_controlnet)
 from privdiff.privacy.split_secret import ClientSecret
 
 
@@ -37,28 +39,34 @@ def test_client_stops_resumes_and_releases_a_split_controlnet_that_loads_with_it
     try:
         assert start_split_server(base_pipeline=tiny, out=tmp_path / "server") == connection  # reused, not restarted
         sent = []
-        stopped = train_split_controlnet(pipeline=tiny, dataset=circles, connection=connection, config=SplitConfig(),
-                                         epochs=2, batch_size=2, out=tmp_path / "client",
-                                         progress=lambda done, total, steps: sent.append((done, total, steps)),
-                                         should_stop=lambda: len(sent) >= 2)
+        config = SplitTrainConfig(connection=connection, privacy=SplitConfig(), epochs=2, batch_size=2)
+        stopped = train_split_controlnet(base=tiny, data=circles, out=tmp_path / "client", config=config,
+                                         progress=sent.append, should_stop=lambda: len(sent) >= 2)
         # A stop makes no new batch; the ones already on their way (a window of 4) are still trained.
-        assert stopped.stopped and stopped.controlnet_file is None and 2 <= stopped.steps < 8
-        assert stopped.steps == len(sent) and sent[-1][1] == 8
-        done = train_split_controlnet(pipeline=tiny, dataset=circles, connection=connection, config=SplitConfig(),
-                                      epochs=2, batch_size=2, out=tmp_path / "client", stop_server=True)
+        assert stopped.stopped and not stopped.files and 2 <= stopped.figures["steps"] < 8
+        assert stopped.figures["steps"] == len(sent) and sent[-1].total == 8 and sent[-1].unit == "batch"
+        done = train_split_controlnet(base=tiny, data=circles, out=tmp_path / "client",
+                                      config=dataclasses.replace(config, stop_server=True))
     finally:
         stop_split_server(connection)
     # The batches sent before the stop were acknowledged, not trained again: 8 steps in all.
-    assert not done.stopped and done.steps == 8
+    assert not done.stopped and done.figures["steps"] == 8 and done.record == read_record(done.files["controlnet"])
     assert ChildCommand.find(connection.process_name) is None  # stop_server ended the child
-    record = read_record(done.controlnet_file)
+    record = read_record(done.files["controlnet"])
     assert record.mechanism == "split-hardened" and record.steps == 8 and record.num_examples == 8
     assert record.extra["settings"]["snr_bound"] == SplitConfig().snr_bound
-    loaded = load_split_controlnet_file(done.controlnet_file)
+    loaded = load_split_controlnet_file(done.files["controlnet"])
     assert loaded.latent_scale == tiny.vae.config.scaling_factor
     controlnet = loaded.controlnet
     assert controlnet.config.conditioning_channels == tiny.unet.config.in_channels
     assert any(p.abs().max() > 0 for n, p in controlnet.named_parameters() if "zero_conv" in n or "controlnet_down" in n)
+    # the released file is a diffusers pipeline away, its record with it
+    from privdiff.pipelines import SplitControlNetPipeline
+
+    pipeline = SplitControlNetPipeline.from_split_file(base=tiny, controlnet_file=done.files["controlnet"])
+    assert pipeline.privacy_record == record
+    assert all(torch.equal(a, b) for a, b in zip(pipeline.controlnet.state_dict().values(),
+                                                 controlnet.state_dict().values()))
 
 
 def test_a_file_without_the_split_config_is_refused(tmp_path):
