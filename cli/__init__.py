@@ -26,6 +26,9 @@ OPTIONAL = {"flwr": "pip install 'privdiff[federated]'", "ray": "pip install 'pr
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = f"privdiff {args.command_name}"
+    from ..console import configure
+
+    configure(verbose=args.verbose, quiet=args.quiet)
     module, function = args.handler.split(":")
     try:
         return getattr(importlib.import_module(f".{module}", __name__), function)(args)

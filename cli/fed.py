@@ -56,7 +56,7 @@ def simulate(args) -> int:
 
     base_resolution(base=config.base)
     check_out_folder(args.out)
-    state = simulate(config=config, out=args.out, keep_byproducts=args.keep_byproducts)
+    state = simulate(config=config, out=args.out, keep_byproducts=args.keep_byproducts, verbose=args.verbose)
     losses = state.get("heldout_loss", {})
     print("held-out loss per round (not covered by ε): "
           + ", ".join(f"{r}: {losses[r]:.4f}" for r in sorted(losses, key=int)))

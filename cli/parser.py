@@ -18,7 +18,10 @@ class Parser(argparse.ArgumentParser):
 def _leaf(sub, name: str, *, help: str, handler: str) -> Parser:
     """A runnable subcommand: its handler is 'module:function' in privdiff.cli (imported when run)."""
     parser = sub.add_parser(name, help=help)
-    parser.add_argument("-v", "--verbose", action="store_true", help="on an error, show the traceback too")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="more detail: libraries' own messages (Flower's per-round lines), and on an error the "
+                             "traceback")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the results")
     parser.set_defaults(handler=handler, command_name=parser.prog.removeprefix("privdiff "))
     return parser
 
@@ -150,7 +153,8 @@ def _add_dp_ldm(ldm) -> None:
                      help="per-sample clipping: privdiff's fast clipping (default) or opacus' hooks (reference)")
     ldm.add_argument("--privacy-unit", default="example", choices=["example", "subject"])
     ldm.add_argument("--max-examples-per-subject", type=int, default=1)
-    ldm.add_argument("--num-items", type=int, default=None, help="items of a procedural set (default: its own)")
+    ldm.add_argument("--num-items", type=int, default=None,
+                     help="items of a built-in set (default: its own size, at most 1,000 so a first run takes minutes)")
     ldm.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     ldm.add_argument("--device", default=None, help="where to train: cuda, cpu, ... (default: cpu)")
     ldm.add_argument("--sample-prompt", action="append", default=None,
@@ -182,7 +186,8 @@ def _add_dp_ti(ti) -> None:
     ti.add_argument("--privacy-unit", default="example", choices=["example", "subject"],
                     help="subject: the guarantee covers each person's images together (needs subject ids)")
     ti.add_argument("--max-examples-per-subject", type=int, default=1, help="dpsgd with --privacy-unit subject")
-    ti.add_argument("--num-items", type=int, default=None, help="items of a procedural set")
+    ti.add_argument("--num-items", type=int, default=None,
+                     help="items of a built-in set (default: its own size, at most 1,000)")
     ti.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     ti.add_argument("--checkpoint-every", type=int, default=25,
                     help="steps between checkpoints (a hard kill loses no more; default 25)")
@@ -255,7 +260,8 @@ def _add_split(actions) -> None:
                              "and hint attack margins stay within this many dB (see `privdiff split plan`)")
     client.add_argument("--epochs", type=int, default=1)
     client.add_argument("--batch-size", type=int, default=16)
-    client.add_argument("--num-items", type=int, default=None, help="items of a procedural set")
+    client.add_argument("--num-items", type=int, default=None,
+                        help="items of a built-in set (default: its own size, at most 1,000)")
     client.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
     plan = _leaf(actions, "plan", help="predict, from the measured frontier, the settings that learn most within a "
                                        "target attack margin, and what to expect", handler="split:plan")

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from ..console import get_logger
+
+# Items of a built-in set a command uses when --num-items is not given.
+FIRST_RUN_ITEMS = 1000
+
 
 def demo(args) -> int:
     from ..models.loading import base_resolution
@@ -54,8 +59,14 @@ def _dataset(args, *, captions: bool = True):
     if args.data is None:
         raise ValueError("--data is required: a folder of images, or a procedural set's name (e.g. shapes).")
     options = {} if captions or args.data in PROCEDURAL_DATASETS else {"caption_required": False}
-    return load_dataset(data=args.data, resolution=base_resolution(base=args.base, config=args.config),
-                        seed=args.seed, num_items=args.num_items, **options)
+    resolution = base_resolution(base=args.base, config=args.config)
+    dataset = load_dataset(data=args.data, resolution=resolution, seed=args.seed, num_items=args.num_items, **options)
+    if args.num_items is None and args.data in PROCEDURAL_DATASETS and len(dataset) > FIRST_RUN_ITEMS:
+        # A first run with the defaults should finish in minutes on a laptop's CPU, not hours.
+        get_logger().info(f"using {FIRST_RUN_ITEMS:,} of {args.data}'s {len(dataset):,} items (--num-items N for more)")
+        dataset = load_dataset(data=args.data, resolution=resolution, seed=args.seed, num_items=FIRST_RUN_ITEMS,
+                               **options)
+    return dataset
 
 
 class _Bar:

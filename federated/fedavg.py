@@ -13,11 +13,13 @@ server computes on private items (held-out losses, client reports, the loss plot
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..console import get_logger
 from ..training.outputs import BYPRODUCTS
 
 #: Flower, Ray and Hugging Face phone home unless told not to; privdiff runs offline by default.
@@ -317,6 +319,22 @@ def load_parameters(pipeline, parameters: dict) -> None:
 # ---- the Flower apps ------------------------------------------------------------------------
 
 
+_LOADED_BASE: dict = {}
+
+
+def _round_pipeline(base):
+    """The base model for a round: loaded once per process (a client's process serves every round),
+    then a fresh copy per round, since a round changes its trainable set in place."""
+    import copy
+
+    from ..models.loading import load_pipeline
+
+    if base not in _LOADED_BASE:
+        _LOADED_BASE.clear()  # one base per process
+        _LOADED_BASE[base] = load_pipeline(base=base)
+    return copy.deepcopy(_LOADED_BASE[base])
+
+
 def train_round(*, config: FederatedConfig, client: int, round_number: int, initial: dict,
                 proximal_mu: float | None = None) -> tuple[dict, dict]:
     """One client's local training in one round, from the global set `initial`: its trained set and
@@ -324,11 +342,10 @@ def train_round(*, config: FederatedConfig, client: int, round_number: int, init
     FedProx's mu from the server's message (default: `config.proximal_mu`)."""
     import torch
 
-    from ..models.loading import load_pipeline
     from ..training.fine_tune import train_in_memory
 
     torch.set_num_threads(1)  # one core per client: the simulation runs clients side by side
-    pipeline = load_pipeline(base=config.base)
+    pipeline = _round_pipeline(config.base)
     dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
     subset = _Subset(dataset, client_partition(config, dataset).indices[client])
     started = time.perf_counter()
@@ -337,10 +354,12 @@ def train_round(*, config: FederatedConfig, client: int, round_number: int, init
     result = train_in_memory(pipeline=pipeline, dataset=subset, config=local, initial=initial)
     # Under local DP, the ε reported is this client's total so far: its rounds compose.
     spent = config.local_plan(num_examples=len(subset)).epsilon(rounds=round_number, config=config)
+    # partition-id orders the replies (never averaged: see `round_metrics`); dp-weight weighs every
+    # client equally under client-level DP. local-epsilon only when there is local DP.
     metrics = {"num-examples": result.num_examples, "local-steps": result.steps, "partition-id": client,
-               "local-seconds": time.perf_counter() - started,
-               "local-epsilon": spent if spent is not None else -1.0,
-               "dp-weight": 1.0}  # client-level DP averages clients with equal weights
+               "local-seconds": time.perf_counter() - started, "dp-weight": 1.0}
+    if spent is not None:
+        metrics["local-epsilon"] = spent
     if config.local_epsilon is None and not config.client_dp and result.mean_loss is not None:
         # A loss on private data is outside any DP guarantee: it is reported only by non-private runs.
         metrics["train-loss"] = result.mean_loss
@@ -540,8 +559,9 @@ class ServerRun:
         state.pop("last_round", None)  # the files say it
         _write_state(self.out, state)
         eps = config.client_level_epsilon(rounds=round_number) if round_number else None
-        print(f"[{self.label}] round {round_number}/{config.rounds}: held-out loss {loss:.4f}"
-              + (f", client-level ε {eps:.3g}" if eps is not None else ""), flush=True)
+        # round 0 is the base model's loss: detail, so that a run prints one line per round
+        get_logger("federated").log(logging.INFO if round_number else logging.DEBUG, f"[{self.label}] round {round_number}/{config.rounds}: held-out loss {loss:.4f}"
+                                     + (f", client-level ε {eps:.3g}" if eps is not None else ""))
         return loss
 
 
@@ -570,7 +590,7 @@ def server_app(*, config: FederatedConfig | None = None, out: str | Path | None 
         inner = _strategy_class(proximal=bool(config.proximal_mu))(
             round_offset=done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.num_clients,
             min_available_nodes=config.num_clients, weighted_by_key="dp-weight" if config.client_dp else "num-examples",
-            **extra)
+            train_metrics_aggr_fn=round_metrics, **extra)
         strategy = inner
         if config.client_dp:
             from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
@@ -592,8 +612,26 @@ def server_app(*, config: FederatedConfig | None = None, out: str | Path | None 
     return app
 
 
+def round_metrics(records, weighting_key: str):
+    """What a round's client reports mean together (for Flower's round summary): examples in all,
+    the slowest client's seconds, the most local ε any client has spent, the mean training loss of a
+    non-private run. Identifiers and weights (partition-id, dp-weight) are not averaged."""
+    from flwr.app import MetricRecord
+
+    reports = [next(iter(record.metric_records.values())) for record in records]
+    summary = {"num-examples": sum(r["num-examples"] for r in reports),
+               "local-seconds-max": max(r["local-seconds"] for r in reports)}
+    spent = [r["local-epsilon"] for r in reports if "local-epsilon" in r]
+    if spent:
+        summary["local-epsilon-max"] = max(spent)
+    losses = [(r["train-loss"], r["num-examples"]) for r in reports if "train-loss" in r]
+    if losses:
+        summary["train-loss"] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    return MetricRecord(summary)
+
+
 def simulate(*, config: FederatedConfig, out: str | Path, verbose: bool = False, keep_byproducts: bool = False,
-             log=print) -> dict:
+             log=None) -> dict:
     """Run (or resume) a federated run in Flower's simulation engine: one SuperNode per client, one
     CPU each. Returns the run state (held-out loss per round, clients' reports); those by-products
     (and their plot) stay in `out`/byproducts-not-covered-by-dp only with `keep_byproducts`."""
@@ -602,6 +640,10 @@ def simulate(*, config: FederatedConfig, out: str | Path, verbose: bool = False,
     quiet_telemetry()
     from flwr.simulation import run_simulation
 
+    from ..console import get_logger, quiet_flower
+
+    quiet_flower(verbose=verbose)
+    log = log or get_logger("federated").warning
     out = Path(out)
     check_request(config)
     if last_round(out):

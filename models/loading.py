@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..console import quiet_loading
+
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -241,6 +243,16 @@ def resolve_tokenizer(
     )
 
 
+def dtype_argument(dtype) -> dict:
+    """The dtype keyword of diffusers' loaders: `dtype` where diffusers has it (where `torch_dtype` is
+    deprecated and warns), `torch_dtype` in the older versions privdiff supports. Nothing for None."""
+    if dtype is None:
+        return {}
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def load_single_file(
     path: str | Path,
     *,
@@ -264,9 +276,10 @@ def load_single_file(
             family=family, slot="tokenizer_2", given=tokenizer_2, config_dir=config_dir, allow_download=allow_download
         )
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    pipeline = cls.from_single_file(
-        str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype, **kwargs
-    )
+    with quiet_loading():
+        pipeline = cls.from_single_file(
+            str(path), config=str(config_dir), local_files_only=True, **dtype_argument(torch_dtype), **kwargs
+        )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -363,9 +376,10 @@ def load_pipeline(
         import torch
 
         # Weights saved in fp16 (as privdiff-tiny is) would otherwise stay fp16, which CPUs run poorly.
-        pipeline = DiffusionPipeline.from_pretrained(
-            str(path), local_files_only=True, torch_dtype=torch_dtype or torch.float32
-        )
+        with quiet_loading():
+            pipeline = DiffusionPipeline.from_pretrained(
+                str(path), local_files_only=True, **dtype_argument(torch_dtype or torch.float32)
+            )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
     if path.is_file():

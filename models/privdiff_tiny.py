@@ -93,9 +93,13 @@ def load_privdiff_tiny(*, torch_dtype=None):
             f"privdiff-tiny's weights are missing from {SHIPPED_DIR}; reinstall privdiff, or recreate them "
             "with `privdiff pretrain --out DIR` and pass --base DIR."
         )
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        str(SHIPPED_DIR), local_files_only=True, torch_dtype=torch_dtype or torch.float32,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    from ..console import quiet_loading
+    from .loading import dtype_argument
+
+    with quiet_loading():
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            str(SHIPPED_DIR), local_files_only=True, **dtype_argument(torch_dtype or torch.float32),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -366,8 +366,10 @@ def pretrain(*, out: str | Path, config: PretrainConfig = PretrainConfig(), resu
 
     # Samples from the saved (fp16-rounded) weights: what users will get, on held-out public prompts.
     from ..data.public_corpus import PublicConfig, PublicDataset
+    from ..models.loading import dtype_argument
 
-    reloaded = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True, torch_dtype=torch.float32)
+    reloaded = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True,
+                                                        **dtype_argument(torch.float32))
     reloaded.set_progress_bar_config(disable=True)
     held_out = PublicDataset(PublicConfig(num_items=20, seed=config.seed + 10_000))
     prompts = [held_out.caption(i) for i in range(16)]

@@ -89,6 +89,23 @@ class Segment(NamedTuple):
 # --------------------------------------------------------------------------------------------- checks
 
 
+
+def opacus_without_root_handler() -> None:
+    """Import opacus once, taking back the handler it puts on the root logger: opacus.utils.module_utils
+    calls logging.basicConfig on import, so every later log line of every library in the process
+    (Flower's, diffusers') would print twice, once with a timestamp."""
+    import logging
+    import sys
+
+    if "opacus" in sys.modules:
+        return
+    before = list(logging.root.handlers)
+    import opacus  # noqa: F401
+
+    for handler in logging.root.handlers[:]:
+        if handler not in before:
+            logging.root.removeHandler(handler)
+
 def _check_accountant(accountant: str) -> str:
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant={accountant!r} is not known; use one of {', '.join(map(repr, ACCOUNTANTS))}")
@@ -267,6 +284,7 @@ def analytic_gaussian_sigma(*, epsilon: float, delta: float) -> float:
 
 def _prv_epsilon(history: list[Segment], delta: float) -> float:
     import numpy as np
+    opacus_without_root_handler()
     from opacus.accountants import PRVAccountant
 
     def run(eps_error: float) -> float:
@@ -286,6 +304,7 @@ def _prv_epsilon(history: list[Segment], delta: float) -> float:
 
 
 def _rdp_epsilon(history: list[Segment], delta: float) -> float:
+    opacus_without_root_handler()
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()

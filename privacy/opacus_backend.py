@@ -16,6 +16,9 @@ from torch import nn
 def _register_custom_layers(module: nn.Module) -> None:
     """Teach opacus the per-sample gradients of layers that provide `per_sample_gradients(inputs,
     grad_outputs)` themselves (privdiff's trainable token rows), once per layer class."""
+    from .accounting import opacus_without_root_handler
+
+    opacus_without_root_handler()
     from opacus import GradSampleModule
     from opacus.grad_sample import register_grad_sampler
 
@@ -30,6 +33,9 @@ class OpacusClipper:
     """Per-sample clipping through opacus' hooks (`GradSampleModule`, hooks mode)."""
 
     def __init__(self, *, module: nn.Module, max_grad_norm: float):
+        from .accounting import opacus_without_root_handler
+
+        opacus_without_root_handler()
         from opacus import GradSampleModule
 
         _register_custom_layers(module)
