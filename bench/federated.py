@@ -56,7 +56,8 @@ def bytes_per_round(*, model: str, num_clients: int, lora_rank: int = 4) -> dict
 def digits(args) -> dict:
     import warnings
 
-    from privdiff.federated.fedavg import load_parameters, simulate
+    from privdiff.federated.apps import simulate
+    from privdiff.federated.fedavg import load_parameters
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
     from privdiff.pipelines.evaluation import SamplingConfig, evaluate_quality
 
@@ -99,7 +100,7 @@ def _digits_config(args, *, beta, seed=None, proximal_mu=0.0):
 def _direct_round(*, config, round_number: int, global_set: dict) -> dict:
     """One FedAvg round without Flower: every client's `train_round` (as the ClientApp calls it) from
     `global_set`, then their sample-weighted mean, the next global set."""
-    from privdiff.federated.fedavg import train_round
+    from privdiff.federated.apps import train_round
 
     replies = [train_round(config=config, client=c, round_number=round_number, initial=global_set)
                for c in range(config.num_clients)]
@@ -168,7 +169,8 @@ def non_iid(args) -> dict:
     import warnings
     from pathlib import Path
 
-    from privdiff.federated.fedavg import client_partition, load_data, simulate
+    from privdiff.federated.apps import simulate
+    from privdiff.federated.fedavg import client_partition, load_data
     from privdiff.federated.partition import dataset_labels, label_skew
 
     results = {}

@@ -33,7 +33,8 @@ def _settings(path) -> "FederatedConfig":  # noqa: F821 (imported below)
 
 
 def simulate(args) -> int:
-    from ..federated.fedavg import FederatedConfig, last_round, simulate
+    from ..federated.apps import simulate
+    from ..federated.fedavg import FederatedConfig, last_round
     from ..models.loading import base_resolution
     from ..privacy.record import read_record
     from ..training.outputs import check_out_folder

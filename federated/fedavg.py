@@ -1,5 +1,8 @@
 """Federated diffusion on Flower (arXiv 2311.16538): FedAvg of a diffusion model's trainable set.
 
+This module holds what the apps (`apps`: ClientApp, ServerApp, `simulate`) share: the settings,
+the data and its partition, the trainable set's values, the round records and the run's state.
+
 Flower does the federated parts: the ServerApp and ClientApp (Message API), `FedAvg` weighted by each
 client's example count, the simulation engine and the deployment runtime. privdiff supplies the model,
 the data and the local trainer ([3/7]'s `train_in_memory`: plain AdamW, or DP-SGD per client when
@@ -13,13 +16,10 @@ server computes on private items (held-out losses, client reports, the loss plot
 from __future__ import annotations
 
 import json
-import logging
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..console import get_logger
 from ..training.outputs import BYPRODUCTS
 
 #: Flower, Ray and Hugging Face phone home unless told not to; privdiff runs offline by default.
@@ -316,120 +316,6 @@ def load_parameters(pipeline, parameters: dict) -> None:
             current[name].copy_(value)
 
 
-# ---- the Flower apps ------------------------------------------------------------------------
-
-
-_LOADED_BASE: dict = {}
-
-
-def _round_pipeline(base):
-    """The base model for a round: loaded once per process (a client's process serves every round),
-    then a fresh copy per round, since a round changes its trainable set in place."""
-    import copy
-
-    from ..models.loading import load_pipeline
-
-    if base not in _LOADED_BASE:
-        _LOADED_BASE.clear()  # one base per process
-        _LOADED_BASE[base] = load_pipeline(base=base)
-    return copy.deepcopy(_LOADED_BASE[base])
-
-
-def train_round(*, config: FederatedConfig, client: int, round_number: int, initial: dict,
-                proximal_mu: float | None = None) -> tuple[dict, dict]:
-    """One client's local training in one round, from the global set `initial`: its trained set and
-    what it reports (example count, steps, time; its loss only when no DP is on). `proximal_mu`:
-    FedProx's mu from the server's message (default: `config.proximal_mu`)."""
-    import torch
-
-    from ..training.fine_tune import train_in_memory
-
-    torch.set_num_threads(1)  # one core per client: the simulation runs clients side by side
-    pipeline = _round_pipeline(config.base)
-    dataset = load_data(config, resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
-    subset = _Subset(dataset, client_partition(config, dataset).indices[client])
-    started = time.perf_counter()
-    local = config.local_config(client=client, round_number=round_number, num_examples=len(subset),
-                                proximal_mu=proximal_mu)
-    result = train_in_memory(pipeline=pipeline, dataset=subset, config=local, initial=initial)
-    # Under local DP, the ε reported is this client's total so far: its rounds compose.
-    spent = config.local_plan(num_examples=len(subset)).epsilon(rounds=round_number, config=config)
-    # partition-id orders the replies (never averaged: see `round_metrics`); dp-weight weighs every
-    # client equally under client-level DP. local-epsilon only when there is local DP.
-    metrics = {"num-examples": result.num_examples, "local-steps": result.steps, "partition-id": client,
-               "local-seconds": time.perf_counter() - started, "dp-weight": 1.0}
-    if spent is not None:
-        metrics["local-epsilon"] = spent
-    if config.local_epsilon is None and not config.client_dp and result.mean_loss is not None:
-        # A loss on private data is outside any DP guarantee: it is reported only by non-private runs.
-        metrics["train-loss"] = result.mean_loss
-    return result.parameters, metrics
-
-
-def client_app():
-    """A Flower ClientApp: trains its partition from the round's global set, replies with its set
-    and its example count (FedAvg's weight)."""
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-
-    app = ClientApp()
-
-    @app.train(mods=[_clip_when_asked])
-    def train(message: Message, context: Context) -> Message:
-        import torch  # noqa: F401  (Flower's to_torch_state_dict needs torch imported first)
-
-        config = FederatedConfig.from_run_config(context.run_config or message.content["config"])
-        sent = message.content["config"]
-        parameters, metrics = train_round(config=config, client=int(context.node_config["partition-id"]),
-                                          round_number=int(sent["server-round"]),
-                                          initial=message.content["arrays"].to_torch_state_dict(),
-                                          proximal_mu=float(sent["proximal-mu"]) if "proximal-mu" in sent else 0.0)
-        return Message(RecordDict({"arrays": ArrayRecord(parameters), "metrics": MetricRecord(metrics)}),
-                       reply_to=message)
-
-    return app
-
-
-def _clip_when_asked(message, context, call_next):
-    """Flower's `fixedclipping_mod` when the server asked for clipping (client-level DP on), else nothing."""
-    from flwr.clientapp.mod import fixedclipping_mod
-
-    if "clipping_norm" in message.content["config"]:
-        return fixedclipping_mod(message, context, call_next)
-    return call_next(message, context)
-
-
-def _strategy_class(*, proximal: bool = False):
-    """FedAvg, or Flower's FedProx (which sends "proximal-mu" to the clients) when `proximal`."""
-    from flwr.serverapp.strategy import FedAvg, FedProx
-
-    class CheckpointingFedAvg(FedProx if proximal else FedAvg):
-        """FedAvg that counts rounds from where a resumed run left off and keeps each round's client
-        reports and wall time for the checkpoint, which is written after the round's final model
-        exists (after Flower's DP noise, when that is on)."""
-
-        def __init__(self, *, round_offset: int, **kwargs):
-            super().__init__(**kwargs)
-            self.round_offset = round_offset
-            self.reports: dict[int, dict] = {}
-
-        def configure_train(self, server_round, arrays, config, grid):
-            self.round_started = time.perf_counter()
-            return super().configure_train(server_round + self.round_offset, arrays, config, grid)
-
-        def aggregate_train(self, server_round, replies):
-            # In partition order, not arrival order: float sums then do not depend on which client
-            # finished first, so a resumed run ends exactly where a straight one does.
-            replies = sorted(replies, key=lambda r: r.content["metrics"]["partition-id"] if r.has_content() else -1)
-            arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
-            self.reports[server_round + self.round_offset] = {
-                "clients": [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies if r.has_content()],
-                "wall_seconds": time.perf_counter() - self.round_started}
-            return arrays, metrics
-
-    return CheckpointingFedAvg
-
-
 def round_record(*, config: FederatedConfig, rounds: int, partition_sizes):
     """The privacy record of the global model after `rounds` rounds, composed over them: client-level
     DP (Flower's clipping and noise) when on, with the clients' local DP-SGD beside it; else local
@@ -483,7 +369,7 @@ def last_round(out: Path) -> int:
     return max(rounds, default=0)
 
 
-def _write_state(out: Path, state: dict) -> None:
+def write_state(out: Path, state: dict) -> None:
     from ..privacy.record import atomic_target
 
     path = Path(out) / BYPRODUCTS / "state.json"
@@ -516,159 +402,6 @@ def check_resumable(*, out: Path, config: FederatedConfig) -> None:
                          "use them again" + ("" if config.local_epsilon is None else " (under local DP the number of "
                                              "rounds too: each client's σ is calibrated for all of them)")
                          + ", or start afresh in another folder.")
-
-
-class ServerRun:
-    """What every privdiff ServerApp does around Flower's strategy: load the base model and the held-out
-    data, find where a resumed run starts, and after each round checkpoint the global set, measure
-    its held-out loss and report progress."""
-
-    def __init__(self, *, config: FederatedConfig, out: Path, label: str = "privdiff fed"):
-        from safetensors.torch import load_file
-
-        from ..models.loading import load_pipeline
-
-        self.config, self.out, self.label = config, Path(out), label
-        self.pipeline = load_pipeline(base=config.base)
-        self.parameters = initial_parameters(config, self.pipeline)  # names, order and dtypes of the set
-        self.dataset = load_data(config, resolution=self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor)
-        self.partition_sizes = client_partition(config, self.dataset).sizes
-        self.done = last_round(self.out)  # rounds a previous run completed
-        if self.done:
-            check_resumable(out=self.out, config=config)
-            saved = load_file(str(self.out / f"global-round-{self.done}.safetensors"))
-            # In the set's own order (safetensors sorts names): Flower's clipping mod pairs arrays by position.
-            self.start = {name: saved[name] for name in self.parameters}
-        else:
-            self.start = self.parameters
-
-    def finish_round(self, *, round_number: int, parameters: dict, clients: list[dict] | None = None,
-                     wall_seconds: float | None = None, extra: dict | None = None) -> float:
-        """Round 0 is the starting model (measured, not saved); later rounds are saved first, with
-        their record; the held-out loss and the clients' reports go to the by-products."""
-        config = self.config
-        state = load_state(self.out)
-        if round_number > 0:
-            save_round(out=self.out, round_number=round_number, parameters=parameters,
-                       record=round_record(config=config, rounds=round_number, partition_sizes=self.partition_sizes))
-            state.setdefault("rounds", {})[str(round_number)] = {"clients": clients or [], "wall_seconds": wall_seconds}
-        load_parameters(self.pipeline, parameters)
-        loss = heldout_loss(pipeline=self.pipeline, dataset=self.dataset, config=config)
-        state.setdefault("heldout_loss", {})[str(round_number)] = loss
-        state.update(extra or {})
-        state.pop("last_round", None)  # the files say it
-        _write_state(self.out, state)
-        eps = config.client_level_epsilon(rounds=round_number) if round_number else None
-        # round 0 is the base model's loss: detail, so that a run prints one line per round
-        get_logger("federated").log(logging.INFO if round_number else logging.DEBUG, f"[{self.label}] round {round_number}/{config.rounds}: held-out loss {loss:.4f}"
-                                     + (f", client-level ε {eps:.3g}" if eps is not None else ""))
-        return loss
-
-
-def server_app(*, config: FederatedConfig | None = None, out: str | Path | None = None):
-    """A Flower ServerApp running `config.rounds` rounds of FedAvg (resuming from `out` if a
-    previous run left rounds there), with the held-out loss measured after every round. Without
-    `config` / `out` (a deployed app), both come from the run config (`flwr run --run-config`)."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-    from flwr.serverapp import Grid, ServerApp
-
-    app = ServerApp()
-    fixed_config, fixed_out = config, out
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        config = fixed_config or FederatedConfig.from_run_config(context.run_config)
-        out = Path(fixed_out or context.run_config["out"])
-        if config.secure_aggregation:
-            raise ValueError("secure-aggregation=1: this app runs plain FedAvg; SecAgg+ runs in "
-                             "`privdiff fed simulate --secure-aggregation` (Flower's legacy workflow) for now.")
-        run = ServerRun(config=config, out=out)
-        done = run.done
-        if done >= config.rounds:
-            return
-        extra = {"proximal_mu": config.proximal_mu} if config.proximal_mu else {}
-        inner = _strategy_class(proximal=bool(config.proximal_mu))(
-            round_offset=done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.num_clients,
-            min_available_nodes=config.num_clients, weighted_by_key="dp-weight" if config.client_dp else "num-examples",
-            train_metrics_aggr_fn=round_metrics, **extra)
-        strategy = inner
-        if config.client_dp:
-            from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
-            strategy = DifferentialPrivacyClientSideFixedClipping(
-                inner, noise_multiplier=config.client_dp_noise_multiplier,
-                clipping_norm=config.client_dp_clipping_norm, num_sampled_clients=config.num_clients)
-
-        def evaluate(server_round: int, arrays: ArrayRecord):
-            # Called after each round with its final global model (noised, under client-level DP).
-            report = inner.reports.pop(server_round + done, {"clients": [], "wall_seconds": None})
-            loss = run.finish_round(round_number=server_round + done, parameters=arrays.to_torch_state_dict(),
-                                    clients=report["clients"], wall_seconds=report["wall_seconds"])
-            return MetricRecord({"heldout-loss": loss})
-
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(run.start), num_rounds=config.rounds - done,
-                       timeout=3600, train_config=ConfigRecord(config.to_run_config()), evaluate_fn=evaluate)
-
-    return app
-
-
-def round_metrics(records, weighting_key: str):
-    """What a round's client reports mean together (for Flower's round summary): examples in all,
-    the slowest client's seconds, the most local ε any client has spent, the mean training loss of a
-    non-private run. Identifiers and weights (partition-id, dp-weight) are not averaged."""
-    from flwr.app import MetricRecord
-
-    reports = [next(iter(record.metric_records.values())) for record in records]
-    summary = {"num-examples": sum(r["num-examples"] for r in reports),
-               "local-seconds-max": max(r["local-seconds"] for r in reports)}
-    spent = [r["local-epsilon"] for r in reports if "local-epsilon" in r]
-    if spent:
-        summary["local-epsilon-max"] = max(spent)
-    losses = [(r["train-loss"], r["num-examples"]) for r in reports if "train-loss" in r]
-    if losses:
-        summary["train-loss"] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
-    return MetricRecord(summary)
-
-
-def simulate(*, config: FederatedConfig, out: str | Path, verbose: bool = False, keep_byproducts: bool = False,
-             log=None) -> dict:
-    """Run (or resume) a federated run in Flower's simulation engine: one SuperNode per client, one
-    CPU each. Returns the run state (held-out loss per round, clients' reports); those by-products
-    (and their plot) stay in `out`/byproducts-not-covered-by-dp only with `keep_byproducts`."""
-    import shutil
-
-    quiet_telemetry()
-    from flwr.simulation import run_simulation
-
-    from ..console import get_logger, quiet_flower
-
-    quiet_flower(verbose=verbose)
-    log = log or get_logger("federated").warning
-    out = Path(out)
-    check_request(config)
-    if last_round(out):
-        check_resumable(out=out, config=config)
-    warning = config.few_clients_warning()
-    if warning:
-        log(f"warning: {warning}")
-    out.mkdir(parents=True, exist_ok=True)
-    if config.secure_aggregation:
-        from .secure import secagg_client_app, secagg_server_app
-
-        apps = {"server_app": secagg_server_app(config=config, out=out), "client_app": secagg_client_app()}
-    else:
-        apps = {"server_app": server_app(config=config, out=out), "client_app": client_app()}
-    run_simulation(**apps,
-                   num_supernodes=config.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
-                   verbose_logging=verbose)
-    state = load_state(out)
-    if keep_byproducts:
-        plot_rounds(out=out, state=state)
-    else:
-        shutil.rmtree(out / BYPRODUCTS, ignore_errors=True)
-    return state
 
 
 def loss_chart(state: dict):

@@ -15,7 +15,8 @@ import functools
 import time
 from pathlib import Path
 
-from .fedavg import FederatedConfig, ServerRun, initial_parameters, train_round
+from .apps import ServerRun, train_round
+from .fedavg import FederatedConfig, initial_parameters
 
 SECAGG_CLIPPING_RANGE = 8.0  # Flower's default: |weight / max_weight · value| must stay below it
 SECAGG_LEVELS = 2 ** 22  # Flower's default quantisation

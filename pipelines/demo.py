@@ -184,7 +184,8 @@ def _demo_fed(ctx: DemoContext) -> list[str]:
     import shutil
     import warnings
 
-    from ..federated.fedavg import FederatedConfig, simulate
+    from ..federated.apps import simulate
+    from ..federated.fedavg import FederatedConfig
 
     # Two simulated sites with their own digits, one FedAvg round on Flower's simulation engine.
     folder = ctx.out / "federated"

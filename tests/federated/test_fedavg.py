@@ -7,8 +7,9 @@ import torch
 
 pytest.importorskip("flwr", reason="federated diffusion needs Flower: pip install 'privdiff[federated]'")
 
+from privdiff.federated.apps import simulate  # noqa: E402
 from privdiff.federated.fedavg import (FederatedConfig, _Subset, client_partition, initial_parameters,  # noqa: E402
-                                       load_data, simulate)
+                                       load_data)
 
 CONFIG = FederatedConfig(num_items=48, heldout_items=16, num_clients=3, rounds=2, beta=1.0, batch_size=8,
                          local_epochs=1.0, learning_rate=1e-3)
