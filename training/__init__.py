@@ -6,6 +6,8 @@
 - `checkpoint`: the one checkpoint unit (parameters, optimizer, generators, accountant).
 - `release`: releases whose files appear together, and the released weight files' names.
 - `outputs`: output folders checked before work starts; where by-products live.
+- `inputs`: what every trainer's `base` and `data` may be, resolved the same way.
+- `result`: the one `Progress` report and the one `TrainResult` every trainer gives.
 
 Imports flow nodes -> pipelines -> (federated, transport) -> training -> (privacy, models, data);
 pyproject's import-linter contract checks it.
