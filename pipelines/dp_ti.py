@@ -368,6 +368,85 @@ def plan_dpsgd_ti(*, dataset, config: DPSGDTIConfig) -> tuple[int, list | None, 
     return n, subjects, units, delta
 
 
+class _DPSGDTIRun:
+    """One DP-SGD TI run: the placeholder rows AdamW trains, the engine that clips and noises their
+    per-example gradients, the generators; saved and restored through the one checkpoint unit."""
+
+    def __init__(self, *, pipeline, placeholders, dataset, config: DPSGDTIConfig, n: int, subjects, units: int,
+                 delta: float):
+        from ..privacy.accounting import default_accountant
+        from ..privacy.dp_sgd import secure_generator
+        from ..privacy.engine import DPConfig, DPSGDEngine
+        from ..training.diffusion import training_scheduler
+        from .dpagg_units import encode_images
+        from .textual_inversion import placeholder_names
+
+        self.pipeline, self.placeholders = pipeline, placeholders
+        encoded = encode_images(pipeline=pipeline, dataset=dataset, indices=range(n))
+        self.latents = torch.stack([encoded[i] for i in range(n)])
+        names = placeholder_names(token=config.token, num_vectors=config.num_vectors)
+        self.prompt_ids = placeholders.prompt_ids([config.template.format(token=" ".join(names))])
+        self.image_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        self.scheduler = training_scheduler(pipeline)
+        pipeline.unet.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW([rows.rows for rows in placeholders.rows],
+                                           lr=config.learning_rate * config.batch_size / 16, weight_decay=0.0)
+        self.steps = max(1, math.ceil(config.epochs * units / config.batch_size))
+        self.train_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.engine = DPSGDEngine(
+            model=torch.nn.ModuleList(placeholders.text_encoders), optimizer=self.optimizer, num_examples=n,
+            config=DPConfig(delta=delta, max_grad_norm=config.max_grad_norm, sample_rate=config.batch_size / units,
+                            steps=self.steps, target_epsilon=config.epsilon, physical_batch_size=64,
+                            privacy_unit=config.privacy_unit, adjacency=config.adjacency,
+                            accountant=default_accountant(config.adjacency),
+                            max_examples_per_subject=config.max_examples_per_subject),
+            subjects=subjects,
+            generator=secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed),
+        )
+        self.generators = {"train": self.train_generator, "noise": self.engine.generator}
+        if self.engine.sampler.generator is not self.engine.generator:
+            self.generators["sampling"] = self.engine.sampler.generator
+
+    def per_sample_loss(self, indices):
+        from ..training.diffusion import denoising_target
+        from .textual_inversion import encode_prompts
+
+        z0, scheduler = self.latents[indices], self.scheduler
+        noise = torch.randn(z0.shape, generator=self.train_generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(indices),), generator=self.train_generator)
+        context, added = encode_prompts(pipeline=self.pipeline, image_size=self.image_size,
+                                        ids=[ids.expand(len(indices), -1) for ids in self.prompt_ids])
+        prediction = self.pipeline.unet(scheduler.add_noise(z0, noise, t), t, context, added_cond_kwargs=added).sample
+        target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=t)
+        return (prediction - target).pow(2).mean(dim=(1, 2, 3))
+
+    def save(self, *, folder: Path, fingerprint: dict, step: int) -> None:
+        from ..training import checkpoint as ckpt
+
+        tensors, param_groups = ckpt.optimizer_tensors(self.optimizer)
+        tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(self.placeholders.rows)})
+        tensors.update(ckpt.generator_tensors(self.generators))
+        ckpt.save_checkpoint(folder=folder, kind="dpsgd-ti", tensors=tensors, fingerprint=fingerprint, state={
+            "step": step, "accountant": self.engine.accountant.to_json(), "param_groups": param_groups})
+
+    def load(self, *, folder: Path, fingerprint: dict) -> int:
+        """Restore a checkpoint; returns the step it was taken after."""
+        from ..privacy.accounting import Accountant
+        from ..training import checkpoint as ckpt
+
+        saved = ckpt.load_checkpoint(folder=folder, kind="dpsgd-ti", fingerprint=fingerprint)
+        with torch.no_grad():
+            for i, rows in enumerate(self.placeholders.rows):
+                rows.rows.copy_(saved.tensors[f"rows.{i}"])
+        ckpt.restore_optimizer(self.optimizer, tensors=saved.tensors, param_groups=saved.state["param_groups"])
+        ckpt.restore_generators(self.generators, tensors=saved.tensors)
+        first, self.engine.accountant = saved.state["step"], Accountant.from_json(saved.state["accountant"])
+        if self.engine.accountant.total_steps != first:
+            raise ckpt.CheckpointError(f"the checkpoint in {folder} is inconsistent (step {first}, "
+                                       f"{self.engine.accountant.total_steps} noisy steps accounted); start a new run.")
+        return first
+
+
 def train_dpsgd_ti(*, base, data, out: str | Path, config: DPSGDTIConfig = DPSGDTIConfig(),
                    progress: Callable[[Progress], None] | None = None, should_stop: Callable[[], bool] | None = None,
                    resume: bool = False) -> TrainResult:
@@ -375,17 +454,11 @@ def train_dpsgd_ti(*, base, data, out: str | Path, config: DPSGDTIConfig = DPSGD
     (in both encoders for SDXL, clipped together). `should_stop` is polled after each step: a stopped
     run releases nothing and leaves a checkpoint in out/BYPRODUCTS that `resume=True` continues exactly;
     so does a release that fails, and a kill loses at most `config.checkpoint_every` steps."""
-    from diffusers import DDPMScheduler
-
     from ..privacy.accounting import default_accountant
-    from ..privacy.dp_sgd import secure_generator
-    from ..privacy.engine import DPConfig, DPSGDEngine
     from ..privacy.record import record_for_dp_sgd
     from ..training.outputs import prepare_out_folder
-    from ..training.diffusion import denoising_target
-    from .dpagg_units import encode_images
-    from .textual_inversion import (Placeholders, check_a1111, check_token_and_init_word, encode_prompts,
-                                    encoder_slots, placeholder_names)
+    from .textual_inversion import (Placeholders, check_a1111, check_token_and_init_word, encoder_slots,
+                                    placeholder_names)
 
     dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
     n, subjects, units, delta = plan_dpsgd_ti(dataset=dataset, config=config)
@@ -396,88 +469,40 @@ def train_dpsgd_ti(*, base, data, out: str | Path, config: DPSGDTIConfig = DPSGD
     check_a1111(a1111=config.a1111, num_encoders=len(encoder_slots(pipeline)))
     check_token_and_init_word(pipeline=pipeline, token=config.token, num_vectors=config.num_vectors,
                               init_word=config.init_word)
-    names = placeholder_names(token=config.token, num_vectors=config.num_vectors)
-    placeholders = Placeholders(pipeline=pipeline, names=names, init_word=config.init_word)
-    image_size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    placeholders = Placeholders(pipeline=pipeline, names=placeholder_names(token=config.token,
+                                                                           num_vectors=config.num_vectors),
+                                init_word=config.init_word)
     try:
-        encoded = encode_images(pipeline=pipeline, dataset=dataset, indices=range(n))
-        latents = torch.stack([encoded[i] for i in range(n)])
-        prompt_ids = placeholders.prompt_ids([config.template.format(token=" ".join(names))])
-        scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-        pipeline.unet.requires_grad_(False)
-        optimizer = torch.optim.AdamW([rows.rows for rows in placeholders.rows],
-                                      lr=config.learning_rate * config.batch_size / 16, weight_decay=0.0)
-        steps = max(1, math.ceil(config.epochs * units / config.batch_size))
-        train_generator = torch.Generator().manual_seed(config.seed + 1)
-        engine = DPSGDEngine(
-            model=torch.nn.ModuleList(placeholders.text_encoders), optimizer=optimizer, num_examples=n,
-            config=DPConfig(delta=delta, max_grad_norm=config.max_grad_norm, sample_rate=config.batch_size / units,
-                            steps=steps, target_epsilon=config.epsilon, physical_batch_size=64,
-                            privacy_unit=config.privacy_unit, adjacency=config.adjacency,
-                            accountant=default_accountant(config.adjacency),
-                            max_examples_per_subject=config.max_examples_per_subject),
-            subjects=subjects,
-            generator=secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed),
-        )
-
-        def per_sample_loss(indices):
-            z0 = latents[indices]
-            noise = torch.randn(z0.shape, generator=train_generator)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(indices),), generator=train_generator)
-            context, added = encode_prompts(pipeline=pipeline, ids=[ids.expand(len(indices), -1) for ids in prompt_ids],
-                                            image_size=image_size)
-            prediction = pipeline.unet(scheduler.add_noise(z0, noise, t), t, context, added_cond_kwargs=added).sample
-            target = denoising_target(scheduler=scheduler, z0=z0, noise=noise, t=t)
-            return (prediction - target).pow(2).mean(dim=(1, 2, 3))
-
-        from ..privacy.accounting import Accountant
-        from ..training import checkpoint as ckpt
-
-        generators = {"train": train_generator, "noise": engine.generator}
-        if engine.sampler.generator is not engine.generator:
-            generators["sampling"] = engine.sampler.generator
+        run = _DPSGDTIRun(pipeline=pipeline, placeholders=placeholders, dataset=dataset, config=config, n=n,
+                          subjects=subjects, units=units, delta=delta)
         folder, fingerprint = out / BYPRODUCTS, {"config": repr(config), "num_images": n}
-        first = 0
-        if resume:
-            saved = ckpt.load_checkpoint(folder=folder, kind="dpsgd-ti", fingerprint=fingerprint)
-            with torch.no_grad():
-                for i, rows in enumerate(placeholders.rows):
-                    rows.rows.copy_(saved.tensors[f"rows.{i}"])
-            ckpt.restore_optimizer(optimizer, tensors=saved.tensors, param_groups=saved.state["param_groups"])
-            ckpt.restore_generators(generators, tensors=saved.tensors)
-            first, engine.accountant = saved.state["step"], Accountant.from_json(saved.state["accountant"])
-            if engine.accountant.total_steps != first:
-                raise ckpt.CheckpointError(f"the checkpoint in {folder} is inconsistent (step {first}, "
-                                           f"{engine.accountant.total_steps} noisy steps accounted); start a new run.")
+        first = run.load(folder=folder, fingerprint=fingerprint) if resume else 0
         prepare_out_folder(out)
-        for step in range(first, steps):
-            spent = engine.step(per_sample_loss)["epsilon"]
+        for step in range(first, run.steps):
+            spent = run.engine.step(run.per_sample_loss)["epsilon"]
             if progress is not None:
-                progress(Progress(step=step + 1, total=steps, epsilon=spent))
-            stop = should_stop is not None and step + 1 < steps and should_stop()
+                progress(Progress(step=step + 1, total=run.steps, epsilon=spent))
+            stop = should_stop is not None and step + 1 < run.steps and should_stop()
             # On a stop, every `checkpoint_every` steps (a kill loses no more) and at the end (a
             # release that fails resumes from it).
-            if stop or step + 1 == steps or (step + 1) % config.checkpoint_every == 0:
-                tensors, param_groups = ckpt.optimizer_tensors(optimizer)
-                tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(placeholders.rows)})
-                tensors.update(ckpt.generator_tensors(generators))
-                ckpt.save_checkpoint(folder=folder, kind="dpsgd-ti", tensors=tensors, fingerprint=fingerprint, state={
-                    "step": step + 1, "accountant": engine.accountant.to_json(), "param_groups": param_groups})
+            if stop or step + 1 == run.steps or (step + 1) % config.checkpoint_every == 0:
+                run.save(folder=folder, fingerprint=fingerprint, step=step + 1)
             if stop:
-                engine.clipper.remove()
+                run.engine.clipper.remove()
                 return TrainResult(out=out, stopped=True, figures={
                     "num_units": units, "steps_done": step + 1, "epsilon": spent})
         vectors = [rows.rows.detach().clone() for rows in placeholders.rows]
-        engine.clipper.remove()
+        run.engine.clipper.remove()
     finally:
         placeholders.restore()
-    record = record_for_dp_sgd(history=engine.accountant, clip=config.max_grad_norm, num_examples=units, delta=delta,
-                               privacy_unit=config.privacy_unit, accountant=default_accountant(config.adjacency),
+    record = record_for_dp_sgd(history=run.engine.accountant, clip=config.max_grad_norm, num_examples=units,
+                               delta=delta, privacy_unit=config.privacy_unit,
+                               accountant=default_accountant(config.adjacency),
                                extra={"dp_ti": {"method": "dpsgd", "token": config.token, "init_word": config.init_word,
                                                 "num_vectors": config.num_vectors, "template": config.template}})
     files = _release_embedding(out=out, vectors=vectors, token=config.token, text_encoders=placeholders.text_encoders,
                                record=record, a1111=config.a1111)
-    return TrainResult(out=out, files=files, record=record, figures={"num_units": units, "steps_done": steps})
+    return TrainResult(out=out, files=files, record=record, figures={"num_units": units, "steps_done": run.steps})
 
 
 def _step_reporter(progress):
