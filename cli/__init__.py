@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(verbose=args.verbose, quiet=args.quiet)
     module, function = args.handler.split(":")
     try:
+        _check_base_options(args)
         return getattr(importlib.import_module(f".{module}", __name__), function)(args)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
@@ -45,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{name}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _check_base_options(args) -> None:
+    """--config and the tokenizers describe a single-file --base; with anything else they would be
+    silently unused, so they are refused."""
+    given = [f"--{name.replace('_', '-')}" for name in ("config", "tokenizer", "tokenizer_2") if getattr(args, name, None)]
+    base = str(getattr(args, "base", None) or "")
+    if given and not base.endswith((".safetensors", ".ckpt")):
+        raise ValueError(f"{' and '.join(given)} go with a single-file --base (.safetensors or .ckpt); "
+                         f"--base {base or 'tiny'} loads without them: leave them out.")
 
 
 def user_message(error: BaseException) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -39,9 +40,8 @@ def simulate(args) -> int:
     from ..privacy.record import read_record
     from ..training.outputs import check_out_folder
 
-    if args.config or args.tokenizer:
-        raise ValueError("fed simulate loads --base on every client; give a model folder that loads on its own "
-                         "(no --config or --tokenizer).")
+    from .train import loadable_base
+
     if args.settings:
         config = _settings(args.settings)
     else:
@@ -55,8 +55,11 @@ def simulate(args) -> int:
                                  adjacency=args.adjacency)
     import flwr  # noqa: F401  (refused here, with the install command, before anything loads)
 
-    base_resolution(base=config.base)
+    base_resolution(base=config.base, config=args.config)
     check_out_folder(args.out)
+    # Every client process loads the base by name: a file that needs --config or tokenizers is saved
+    # once, with them, as a diffusers folder beside the run.
+    config = replace(config, base=loadable_base(args, folder=Path(args.out) / "base-model"))
     state = simulate(config=config, out=args.out, keep_byproducts=args.keep_byproducts, verbose=args.verbose)
     losses = state.get("heldout_loss", {})
     print("held-out loss per round (not covered by ε): "

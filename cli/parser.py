@@ -187,7 +187,7 @@ def _add_dp_ti(ti) -> None:
                     help="subject: the guarantee covers each person's images together (needs subject ids)")
     ti.add_argument("--max-examples-per-subject", type=int, default=1, help="dpsgd with --privacy-unit subject")
     ti.add_argument("--num-items", type=int, default=None,
-                     help="items of a built-in set (default: its own size, at most 1,000)")
+                    help="items of a built-in set (default: its own size, at most 1,000)")
     ti.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     ti.add_argument("--checkpoint-every", type=int, default=25,
                     help="steps between checkpoints (a hard kill loses no more; default 25)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..console import get_logger
 
@@ -21,7 +22,8 @@ def demo(args) -> int:
         raise ValueError(f"--only {args.only!r} is not a demo feature; choose one of: {', '.join(DEMO_FEATURES)}.")
     base_resolution(base=args.base, config=args.config)  # a bad --base is refused before anything is written
     check_out_folder(args.out)
-    result = run_demo(out=args.out, only=args.only, base=args.base, seed=args.seed)
+    result = run_demo(out=args.out, only=args.only, base=loadable_base(args, folder=Path(args.out) / "base"),
+                      seed=args.seed)
     total = sum(result.seconds.values())
     print(f"\nprivdiff demo finished in {total:.1f} s; outputs in {result.out}")
     for name, seconds in result.seconds.items():
@@ -174,6 +176,16 @@ def base_spec(args):
     from ..training.inputs import BaseSpec
 
     return BaseSpec(base=args.base, config=args.config, tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2)
+
+
+def loadable_base(args, *, folder: Path) -> str:
+    """--base as something any process loads by name: a single file that needs --config or tokenizers
+    is loaded once with them and saved as a diffusers folder in `folder` (reused when already there)."""
+    if not (args.config or args.tokenizer or args.tokenizer_2):
+        return args.base
+    if not (folder / "model_index.json").is_file():
+        _pipeline(args).save_pretrained(folder)
+    return str(folder)
 
 
 def _pipeline(args):

@@ -2,9 +2,7 @@
 
 import subprocess
 import sys
-import time
 
-import pytest
 from PIL import Image
 
 from privdiff.cli import main
@@ -75,12 +73,27 @@ def test_demo_split_trains_two_clients_on_loopback_and_attacks_the_recorded_traf
     assert sorted(p.name for p in (tmp_path / "split").rglob("*")) == ["split_controlnet.safetensors"]
 
 
-def test_demo_fed_runs_two_simulated_clients_and_saves_each_round(tmp_path, capsys):
-    pytest.importorskip("flwr", reason="the federated demo needs Flower")
-    assert main(["demo", "--out", str(tmp_path), "--only", "fed"]) == 0
-    assert "2 clients, 2 FedAvg rounds" in capsys.readouterr().out
-    from privdiff.privacy.record import read_record
+def test_an_sdxl_single_file_with_its_tokenizers_trains_dp_ti_from_the_cli(tmp_path, capsys):
+    """--config, --tokenizer and --tokenizer-2 reach the model the command trains (and are needed)."""
+    import shutil
 
-    assert read_record(tmp_path / "federated" / "global-round-2.safetensors").extra["federated"]["rounds"] == 2
-    assert sorted(p.name for p in (tmp_path / "federated").iterdir()) == [
-        "global-round-1.safetensors", "global-round-2.safetensors"]  # the by-products are gone
+    from safetensors.torch import load_file
+
+    from privdiff.models.original_layout import save_single_file
+    from privdiff.models.tiny import TinySpec, tiny_pipeline
+
+    sdxl = tiny_pipeline(spec=TinySpec(family="sdxl"), seed=0)
+    path = save_single_file(pipeline=sdxl, path=tmp_path / "sdxl.safetensors")
+    sdxl.save_pretrained(tmp_path / "architecture")  # a non-standard size: its config folder, without tokenizers
+    for slot in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(tmp_path / "architecture" / slot)
+        getattr(sdxl, slot).save_pretrained(tmp_path / slot)
+    argv = ["train", "dp-ti", "--method", "dpagg", "--base", str(path), "--config", str(tmp_path / "architecture"),
+            "--data", "style", "--num-items", "4", "--steps", "1", "--batch-size", "2", "--token", "<sx>",
+            "--init-word", "circle"]
+    assert main([*argv, "--out", str(tmp_path / "without")]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+    assert main([*argv, "--tokenizer", str(tmp_path / "tokenizer"), "--tokenizer-2", str(tmp_path / "tokenizer_2"),
+                 "--out", str(tmp_path / "ti")]) == 0
+    embedding = load_file(str(tmp_path / "ti" / "learned_embeds.safetensors"))
+    assert sorted(embedding) == ["clip_g", "clip_l"]

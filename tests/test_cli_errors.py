@@ -156,7 +156,7 @@ CASES = [
     ([*FED, "--trainable", "everything"], "not a parameter set"),
     ([*FED, "--local-epsilon", "0"], "local_epsilon"),
     ([*FED, "--client-dp-noise", "1", "--client-dp-delta", "0.9"], "client_dp_delta"),
-    ([*FED, "--config", f"{F}/folder"], "no --config"),
+    ([*FED, "--config", f"{F}/folder"], "go with a single-file --base"),
     (["fed", "simulate", "--settings", f"{F}/missing.json", "--out", "run"], "no such file"),
     (["fed", "simulate", "--settings", f"{F}/bad.json", "--out", "run"], "bad.json is not valid JSON"),
     (["fed", "simulate", "--settings", f"{F}/unknown.json", "--out", "run"], "surprise"),
