@@ -35,8 +35,10 @@ class Progress:
 class TrainResult:
     """`files`: each released file by kind ("diffusers", "comfyui", "lora", "a1111", "controlnet",
     "samples", ...), empty when stopped; `record`: the release's privacy record (None when stopped,
-    or for a run without one); `figures`: numbers about the run (steps done and planned, units,
-    rounds), never computed on private data outside the guarantee."""
+    or for a run without one); `figures`: what the run reports beside its release: public counts
+    (steps done and planned, units, rounds, the ε spent by a stopped run) and, for a federated run,
+    `loss_chart`, the held-out loss per round as a picture in memory: a by-product computed on private
+    items, labelled as outside the guarantee and never written with the release."""
 
     out: Path
     files: Mapping[str, Path] = field(default_factory=dict)
