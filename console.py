@@ -46,10 +46,9 @@ def configure(*, verbose: bool = False, quiet: bool = False) -> None:
     when stderr is not a terminal."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     LOGGER.setLevel(level)
-    if not any(getattr(handler, "_privdiff", False) for handler in LOGGER.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(handler, _CurrentStderr) for handler in LOGGER.handlers):
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._privdiff = True
         LOGGER.addHandler(handler)
         LOGGER.propagate = False
     if not verbose:
@@ -59,6 +58,18 @@ def configure(*, verbose: bool = False, quiet: bool = False) -> None:
     if not sys.stderr.isatty():  # a log file: no carriage-return bars, no colour codes
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("NO_COLOR", "1")
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a message is emitted (test runners and GUIs swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.stderr
 
 
 def quiet_flower(*, verbose: bool = False) -> None:
