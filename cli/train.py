@@ -189,9 +189,9 @@ def loadable_base(args, *, folder: Path) -> str:
 
 
 def _pipeline(args):
-    from ..models.loading import load_pipeline
+    from ..training.inputs import resolve_base
 
-    return load_pipeline(base=args.base, config=args.config, tokenizer=args.tokenizer, tokenizer_2=args.tokenizer_2)
+    return resolve_base(base_spec(args))  # the one way a trainer loads its base, too
 
 
 def dp_ti(args) -> int:

@@ -221,8 +221,9 @@ def _finished(out: Path, *, units: int) -> TrainResult:
     files = {kind: out / name for kind, name in names.items() if (out / name).is_file()}
     shutil.rmtree(out / BYPRODUCTS, ignore_errors=True)  # what a crash after the release left behind
     record = read_record(files["diffusers"])
-    return TrainResult(out=out, files=files, record=record,
-                       figures={"num_units": units, "steps_done": record.extra.get("dp_ti", {}).get("steps")})
+    # DPAgg-TI records each embedding's steps in its settings; DP-SGD TI's are the record's own.
+    steps = record.extra.get("dp_ti", {}).get("steps", record.steps)
+    return TrainResult(out=out, files=files, record=record, figures={"num_units": units, "steps_done": steps})
 
 
 def _release_embedding(*, out: Path, vectors, token: str, text_encoders, record, a1111: bool) -> dict:

@@ -257,3 +257,6 @@ def test_dpsgd_ti_stopped_then_resumed_releases_what_an_unbroken_run_releases(pi
     a, b = load_file(str(straight.files["diffusers"]))["<s>"], load_file(str(resumed.files["diffusers"]))["<s>"]
     assert torch.allclose(a, b, atol=1e-6)
     assert not (tmp_path / "broken" / BYPRODUCTS).exists()
+    # resuming a finished run returns its release, with the same figures
+    again = train_dpsgd_ti(base=pipe, data=_data(6), out=tmp_path / "broken", config=config, resume=True)
+    assert again.files == resumed.files and again.figures == resumed.figures
