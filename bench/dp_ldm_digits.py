@@ -129,15 +129,15 @@ def study(*, epsilons, num_items: int, config_overrides: dict, num_eval: int = 2
 # The class names are public (the prompt template is): training their token rows is the conditioning
 # embedder, which privdiff-tiny needs because its text encoder never saw digit words.
 DIGIT_WORDS = tuple(str(d) for d in range(10))
-DEFAULTS = dict(num_items=500, num_eval=200, trainable="attention", epochs=60.0, batch_size=50, lr=3e-3,
-                max_grad_norm=0.01, conditioning_words=DIGIT_WORDS, conditioning_clip_share=0.0)
+DEFAULTS = dict(num_items=500, num_eval=200, trainable="attention", epochs=60.0, batch_size=50, learning_rate=3e-3,
+                clip_norm=0.01, conditioning_words=DIGIT_WORDS, conditioning_clip_share=0.0)
 
 
-def _overrides(*, trainable, epochs, batch_size, lr, max_grad_norm, conditioning_words,
+def _overrides(*, trainable, epochs, batch_size, learning_rate, clip_norm, conditioning_words,
                conditioning_clip_share, noise_draws: int = 1, physical_batch_size: int = 64) -> dict:
     return dict(trainable=trainable, epochs=epochs, batch_size=batch_size,
                 physical_batch_size=max(min(batch_size * noise_draws, physical_batch_size), noise_draws),
-                learning_rate=lr, max_grad_norm=max_grad_norm, conditioning_words=tuple(conditioning_words),
+                learning_rate=learning_rate, clip_norm=clip_norm, conditioning_words=tuple(conditioning_words),
                 conditioning_clip_share=conditioning_clip_share if conditioning_words else 0.0,
                 noise_draws=noise_draws)
 
@@ -147,8 +147,8 @@ def _overrides(*, trainable, epochs, batch_size, lr, max_grad_norm, conditioning
 # of the 3,000 (q = 1/12), 10 epochs (120 steps), AdamW at 1.5e-3 (1.92e-4 x 250/32), C = 0.01, K = 1,
 # starting from privdiff-tiny after 300 non-private steps of 100 on the public `letters` set (MNIST's
 # drawing without digits, as DP-LDM starts from EMNIST letters): on validation 0.28 -> 0.45 at ε = 10.
-MNIST_DEFAULTS = dict(num_items=3000, num_eval=200, trainable="full", epochs=10.0, batch_size=250, lr=1.92e-4,
-                      max_grad_norm=0.01, conditioning_words=DIGIT_WORDS, conditioning_clip_share=0.5,
+MNIST_DEFAULTS = dict(num_items=3000, num_eval=200, trainable="full", epochs=10.0, batch_size=250, learning_rate=1.92e-4,
+                      clip_norm=0.01, conditioning_words=DIGIT_WORDS, conditioning_clip_share=0.5,
                       physical_batch_size=100, public_warmup=300)
 
 
@@ -172,8 +172,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trainable", default=DEFAULTS["trainable"])
     parser.add_argument("--epochs", type=float, default=DEFAULTS["epochs"])
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    parser.add_argument("--max-grad-norm", type=float, default=DEFAULTS["max_grad_norm"])
+    parser.add_argument("--learning-rate", "--lr", type=float, default=DEFAULTS["learning_rate"])
+    parser.add_argument("--clip-norm", "--max-grad-norm", type=float, default=DEFAULTS["clip_norm"])
     parser.add_argument("--conditioning-words", nargs="*", default=list(DEFAULTS["conditioning_words"]),
                         help="public words whose token rows train too (default: the ten digits; none: no words)")
     parser.add_argument("--conditioning-clip-share", type=float, default=DEFAULTS["conditioning_clip_share"])
@@ -190,8 +190,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
-    overrides = _overrides(trainable=args.trainable, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                           max_grad_norm=args.max_grad_norm, conditioning_words=args.conditioning_words,
+    overrides = _overrides(trainable=args.trainable, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                           clip_norm=args.clip_norm, conditioning_words=args.conditioning_words,
                            conditioning_clip_share=args.conditioning_clip_share, noise_draws=args.noise_draws,
                            physical_batch_size=args.physical_batch_size)
     figures = study(epsilons=epsilons, num_items=args.num_items, config_overrides=overrides,

@@ -107,7 +107,7 @@ def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: st
     dataset = load_dataset(data="style", num_items=num_images)
     heldout = load_dataset(data="style", num_items=100, seed=1)  # another seed: other images, never trained on
     common = dict(token=TOKEN, init_word=init_word, template=TEMPLATE)
-    dpagg = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, clip=clip, **common)
+    dpagg = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, clip_norm=clip, **common)
     runs = {
         "non-private TI": lambda out: train_dpagg_ti(
             base=load_privdiff_tiny(), data=dataset, out=out,
@@ -124,7 +124,7 @@ def study(*, epsilon: float = 1.0, num_images: int, num_eval: int, init_word: st
         runs[f"DP-SGD TI ε={epsilon:g}{suffix(seed)}"] = lambda out, seed=seed: train_dpsgd_ti(
             base=load_privdiff_tiny(), data=dataset, out=out,
             config=DPSGDTIConfig(epsilon=epsilon, epochs=dpsgd_epochs, batch_size=batch_size, seed=seed,
-                                 max_grad_norm=dpsgd_max_grad_norm, learning_rate=dpsgd_learning_rate, **common))
+                                 clip_norm=dpsgd_max_grad_norm, learning_rate=dpsgd_learning_rate, **common))
     rows = {"base (initialiser word)": _score(files=None, init_word=init_word, num_eval=num_eval, sampling=sampling,
                                               heldout=heldout)}
     log(f"base: {rows['base (initialiser word)']}")

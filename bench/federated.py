@@ -3,7 +3,7 @@
     python bench/federated.py bytes                         # privdiff-tiny and SD1.5 shapes, 3 clients
     python bench/federated.py digits --out /tmp/fed-digits  # a simulation, then digit accuracy vs the base
     python bench/federated.py non-iid --betas 0.1 5 --rounds 3 --num-items 300 --digit-words --out /tmp/fed-beta
-    python bench/federated.py non-iid-direct --clients 10 --rounds 3 --local-epochs 30 --batch-size 10 --lr 3e-3 --num-items 300 --digit-words
+    python bench/federated.py non-iid-direct --num-clients 10 --rounds 3 --local-epochs 30 --batch-size 10 --learning-rate 3e-3 --num-items 300 --digit-words
     python bench/federated.py labels --data mnist --settings iid 0.1 0.1:0.01 --seeds 0 1 2 --trainable full ...
 
 `bytes`: the serialised arrays of the Flower messages each client receives and sends per round (the
@@ -90,9 +90,9 @@ def _digits_config(args, *, beta, seed=None, proximal_mu=0.0):
     from privdiff.federated.fedavg import FederatedConfig
 
     return FederatedConfig(data=getattr(args, "data", "digits"), num_items=args.num_items, heldout_items=100,
-                           num_clients=args.clients, rounds=args.rounds, beta=beta,
+                           num_clients=args.num_clients, rounds=args.rounds, beta=beta,
                            seed=args.seed if seed is None else seed, trainable=args.trainable,
-                           local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                           local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                            conditioning_words=tuple("0123456789") if args.digit_words else (),
                            proximal_mu=proximal_mu)
 
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="labels: one run per seed")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 5.0], help="non-iid: the β to compare")
     parser.add_argument("--model", default="tiny", help="bytes: tiny or sd15")
-    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--num-clients", "--clients", type=int, default=3)
     parser.add_argument("--out", default="/tmp/privdiff-fed-digits")
     parser.add_argument("--num-items", type=int, default=600)
     parser.add_argument("--rounds", type=int, default=6)
@@ -239,13 +239,13 @@ def main(argv=None) -> int:
     parser.add_argument("--trainable", default="attention")
     parser.add_argument("--local-epochs", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--learning-rate", "--lr", type=float, default=3e-3)
     parser.add_argument("--digit-words", action="store_true", help="train the token rows of '0'..'9' too")
     parser.add_argument("--eval-num", type=int, default=200)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.what == "bytes":
-        result = bytes_per_round(model=args.model, num_clients=args.clients)
+        result = bytes_per_round(model=args.model, num_clients=args.num_clients)
     else:
         result = {"digits": digits, "non-iid": non_iid, "non-iid-direct": non_iid_direct,
                   "labels": per_label}[args.what](args)

@@ -74,7 +74,7 @@ def utility(args) -> dict:
     tiny.set_progress_bar_config(disable=True)
     config = _config(args)
     image_latents, hint_latents = _latents(tiny, load_dataset(data="circles", num_items=args.num_items))
-    trainer = SplitTrainer(unet=copy.deepcopy(tiny.unet), learning_rate=args.lr, seed=args.seed)
+    trainer = SplitTrainer(unet=copy.deepcopy(tiny.unet), learning_rate=args.learning_rate, seed=args.seed)
     sampling = SamplingConfig(num_inference_steps=30, guidance_scale=5.0)
     hints = [it["hint"].permute(1, 2, 0).numpy() for it in evaluation_items(set_name="circles", num=args.eval_num)]
     # The control: the same targets with the hints permuted (a fixed derangement-like shuffle).
@@ -122,7 +122,7 @@ def utility(args) -> dict:
     gain_se = float(paired.std(ddof=1) / np.sqrt(len(paired)))
     if args.grid:
         save_grid(base=tiny, controlnet=trainer.controlnet.eval(), path=args.grid, label=args.mode)
-    return {"config": repr(config), "lr": args.lr, "batch": args.batch, "base": base, "evaluations": evaluations,
+    return {"config": repr(config), "lr": args.learning_rate, "batch": args.batch, "base": base, "evaluations": evaluations,
             "iou_gain_se": gain_se,
             "loss_first_100": sum(losses[:100]) / min(100, len(losses)),
             "loss_last_100": sum(losses[-100:]) / min(100, len(losses))}
@@ -198,7 +198,7 @@ def frontier(args) -> dict:
     def save():
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"rows": rows, "eval_num": args.eval_num, "batch": args.batch, "lr": args.lr,
+                json.dump({"rows": rows, "eval_num": args.eval_num, "batch": args.batch, "lr": args.learning_rate,
                            "secrets": args.secrets, "run_epochs": args.run_epochs}, f, indent=1)
 
     for sigma_hint in args.sigma_hints:
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-items", type=int, default=None, help="default: 1000 (utility) or 32 (attack)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", "--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-num", type=int, default=50, help="generations scored per evaluation")
     parser.add_argument("--epochs", type=int, default=1)

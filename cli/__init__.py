@@ -8,6 +8,7 @@ model loads and before anything is written, so a refused run costs seconds and l
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..console import configure
 
     configure(verbose=args.verbose, quiet=args.quiet)
+    for notice in args.former_flags:
+        logging.getLogger("privdiff").warning("%s: %s", name, notice)
     module, function = args.handler.split(":")
     try:
         _check_base_options(args)

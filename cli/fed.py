@@ -46,11 +46,11 @@ def simulate(args) -> int:
         config = _settings(args.settings)
     else:
         config = FederatedConfig(base=args.base or "tiny", data=args.data, num_items=args.num_items,
-                                 heldout_items=args.heldout_items, num_clients=args.clients, rounds=args.rounds,
+                                 heldout_items=args.heldout_items, num_clients=args.num_clients, rounds=args.rounds,
                                  beta=args.beta, seed=args.seed, trainable=args.trainable, local_epochs=args.local_epochs,
-                                 batch_size=args.batch_size, learning_rate=args.lr, local_epsilon=args.local_epsilon,
-                                 client_dp_noise_multiplier=args.client_dp_noise, client_dp_clipping_norm=args.client_dp_clip,
-                                 client_dp_delta=args.client_dp_delta, secure_aggregation=args.secure_aggregation,
+                                 batch_size=args.batch_size, learning_rate=args.learning_rate, local_epsilon=args.local_epsilon,
+                                 client_noise_multiplier=args.client_noise_multiplier, client_clip_norm=args.client_clip_norm,
+                                 client_delta=args.client_delta, secure_aggregation=args.secure_aggregation,
                                  proximal_mu=args.proximal_mu,
                                  adjacency=args.adjacency)
     import flwr  # noqa: F401  (refused here, with the install command, before anything loads)

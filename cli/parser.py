@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..vocabulary import FORMER_FLAGS, former_notice
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line (`privdiff <command>: error: …`), exit 2, like every
@@ -15,6 +17,22 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class _FormerFlag(argparse.Action):
+    """A flag's former name: it sets the current option and leaves a notice for the console."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.former_flags = (*namespace.former_flags, former_notice(option_string, FORMER_FLAGS[option_string]))
+
+
+def _option(parser, name: str, **kwargs) -> None:
+    """`name`, plus its former names (vocabulary.FORMER_FLAGS), hidden from --help, for one release."""
+    action = parser.add_argument(name, **kwargs)
+    for old in (old for old, new in FORMER_FLAGS.items() if new == name):
+        parser.add_argument(old, dest=action.dest, type=kwargs.get("type"), default=argparse.SUPPRESS,
+                            action=_FormerFlag, help=argparse.SUPPRESS)
+
+
 def _leaf(sub, name: str, *, help: str, handler: str) -> Parser:
     """A runnable subcommand: its handler is 'module:function' in privdiff.cli (imported when run)."""
     parser = sub.add_parser(name, help=help)
@@ -22,7 +40,7 @@ def _leaf(sub, name: str, *, help: str, handler: str) -> Parser:
                         help="more detail: libraries' own messages (Flower's per-round lines), and on an error the "
                              "traceback")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the results")
-    parser.set_defaults(handler=handler, command_name=parser.prog.removeprefix("privdiff "))
+    parser.set_defaults(handler=handler, command_name=parser.prog.removeprefix("privdiff "), former_flags=())
     return parser
 
 
@@ -136,8 +154,8 @@ def _add_dp_ldm(ldm) -> None:
                      help="noise multiplicity K (DPDM): each example's loss is the mean over K (timestep, noise) "
                           "draws, clipped once; K times the compute, the same ε; at most --physical-batch-size "
                           "(default 1)")
-    ldm.add_argument("--max-grad-norm", type=float, default=0.01, help="per-example clipping bound C")
-    ldm.add_argument("--lr", type=float, default=1e-4, help="learning rate at batch 32 (scaled with the batch)")
+    _option(ldm, "--clip-norm", type=float, default=0.01, help="per-example L2 clipping bound C (default 0.01)")
+    _option(ldm, "--learning-rate", type=float, default=1e-4, help="learning rate at batch 32 (scaled with the batch)")
     ldm.add_argument("--trainable", default="attention",
                      choices=["cross_attention", "attention", "transformer", "lora", "full"],
                      help="what is trained (default attention; lora writes one standard LoRA file)")
@@ -175,14 +193,15 @@ def _add_dp_ti(ti) -> None:
     ti.add_argument("--epsilon", type=float, default=1.0)
     ti.add_argument("--no-dp", action="store_true", help="dpagg without noise or clipping bound: comparison only")
     ti.add_argument("--delta", type=float, default=None, help="δ (default 1/(10 n))")
-    ti.add_argument("--clip", type=float, default=0.5, help="dpagg: bound C on each embedding's centred norm")
+    _option(ti, "--clip-norm", type=float, default=None,
+            help="the L2 bound C: dpagg, on each embedding's centred norm (default 0.5); dpsgd, on each example's "
+                 "gradient (default 0.01)")
     ti.add_argument("--sample-rate", type=float, default=1.0, help="dpagg: Poisson subsampling rate q")
     ti.add_argument("--num-subsets", type=int, default=None, help="dpagg: disjoint subsets (default: one per image)")
     ti.add_argument("--steps", type=int, default=100, help="dpagg: optimisation steps of every embedding")
     ti.add_argument("--epochs", type=float, default=20.0, help="dpsgd: passes over the data")
-    ti.add_argument("--max-grad-norm", type=float, default=0.01, help="dpsgd: per-example clipping bound")
     ti.add_argument("--batch-size", type=int, default=16)
-    ti.add_argument("--lr", type=float, default=5e-3)
+    _option(ti, "--learning-rate", type=float, default=5e-3)
     ti.add_argument("--privacy-unit", default="example", choices=["example", "subject"],
                     help="subject: the guarantee covers each person's images together (needs subject ids)")
     ti.add_argument("--max-examples-per-subject", type=int, default=1, help="dpsgd with --privacy-unit subject")
@@ -200,21 +219,22 @@ def _add_fed_simulate(simulate) -> None:
     _add_common(simulate, data_default="digits", out_required=True)
     simulate.add_argument("--num-items", type=int, default=600, help="examples shared among the clients")
     simulate.add_argument("--heldout-items", type=int, default=100, help="held-out examples for the per-round loss")
-    simulate.add_argument("--clients", type=int, default=3)
+    _option(simulate, "--num-clients", type=int, default=3)
     simulate.add_argument("--rounds", type=int, default=3)
     simulate.add_argument("--beta", type=float, default=None, help="Dirichlet non-IID split by label (default: IID)")
     simulate.add_argument("--trainable", default="attention", help="what travels and trains: attention, lora, full, ...")
     simulate.add_argument("--local-epochs", type=float, default=1.0)
     simulate.add_argument("--batch-size", type=int, default=32)
-    simulate.add_argument("--lr", type=float, default=1e-4)
+    _option(simulate, "--learning-rate", type=float, default=1e-4)
     simulate.add_argument("--local-epsilon", type=float, default=None,
                           help="local DP-SGD on each client: its TOTAL ε over all rounds (σ is calibrated over "
                                "rounds × local steps; default off)")
-    simulate.add_argument("--client-dp-noise", type=float, default=None,
-                          help="client-level DP (Flower, clipping on clients): noise multiplier z (default off)")
-    simulate.add_argument("--client-dp-clip", type=float, default=0.1, help="client-level DP: update clipping norm C")
-    simulate.add_argument("--client-dp-delta", type=float, default=None,
-                          help="client-level DP: δ (default min(1e-5, 0.1/clients), well below 1/clients)")
+    _option(simulate, "--client-noise-multiplier", type=float, default=None,
+            help="client-level DP (Flower, clipping on clients): noise multiplier z (default off)")
+    _option(simulate, "--client-clip-norm", type=float, default=0.1,
+            help="client-level DP: L2 bound C on each client's update (default 0.1)")
+    _option(simulate, "--client-delta", type=float, default=None,
+            help="client-level DP: δ (default min(1e-5, 0.1/clients), well below 1/clients)")
     _add_adjacency(simulate)
     simulate.add_argument("--keep-byproducts", action="store_true",
                           help="keep the held-out losses, client reports and their plot (computed on private items, "
@@ -240,7 +260,7 @@ def _add_split(actions) -> None:
     serve.add_argument("--server-key", required=True, help="the server's .key_secret file")
     serve.add_argument("--allowed-clients", required=True, help="folder of the admitted clients' public .key files")
     serve.add_argument("--out", required=True, help="job folder: checkpoints (resumed from when present)")
-    serve.add_argument("--lr", type=float, default=1e-5)
+    _option(serve, "--learning-rate", type=float, default=1e-5)
     serve.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     serve.add_argument("--seed", type=int, default=0)
     client = _leaf(actions, "train", help="send a private dataset's batches to a server, then download the trained "

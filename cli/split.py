@@ -92,7 +92,7 @@ def serve(args) -> int:
                          handler=lambda client, message: handlers["job"](client, message),
                          limits=batch_limits(SimpleNamespace(**configs["unet"])))
     try:
-        job = SplitJob(trainer=SplitTrainer(unet=_pipeline(args).unet, learning_rate=args.lr, seed=args.seed),
+        job = SplitJob(trainer=SplitTrainer(unet=_pipeline(args).unet, learning_rate=args.learning_rate, seed=args.seed),
                        num_train_timesteps=configs["scheduler"].get("num_train_timesteps", 1000))
         if resumed:
             job.load_checkpoint(out)

@@ -135,8 +135,8 @@ def dp_ldm(args) -> int:
         trainable=args.trainable, ablation_blocks=args.ablation_blocks, lora_rank=args.lora_rank,
         conditioning_words=tuple(args.conditioning_word or ()), conditioning_clip_share=args.conditioning_clip_share,
         backend=args.backend, epsilon=None if args.no_dp else args.epsilon,
-        delta=args.delta, max_grad_norm=args.max_grad_norm, epochs=args.epochs, batch_size=args.batch_size,
-        physical_batch_size=args.physical_batch_size, learning_rate=args.lr, privacy_unit=args.privacy_unit,
+        delta=args.delta, clip_norm=args.clip_norm, epochs=args.epochs, batch_size=args.batch_size,
+        physical_batch_size=args.physical_batch_size, learning_rate=args.learning_rate, privacy_unit=args.privacy_unit,
         max_examples_per_subject=args.max_examples_per_subject, seed=args.seed, keep_byproducts=args.keep_byproducts,
         adjacency=args.adjacency, noise_draws=args.noise_draws, device=args.device,
         sample_prompts=tuple(args.sample_prompt or default_sample_prompts(data=args.data)),
@@ -203,15 +203,16 @@ def dp_ti(args) -> int:
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every {args.checkpoint_every}: give a number of steps, at least 1.")
     common = dict(token=args.token, init_word=args.init_word, num_vectors=args.num_vectors, template=args.template,
-                  delta=args.delta, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                  delta=args.delta, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
                   privacy_unit=args.privacy_unit, adjacency=args.adjacency, a1111=args.a1111,
-                  checkpoint_every=args.checkpoint_every)
+                  checkpoint_every=args.checkpoint_every,
+                  **({} if args.clip_norm is None else {"clip_norm": args.clip_norm}))  # each method's own default
     if args.ti_method == "dpagg":
-        config = DPAggConfig(epsilon=None if args.no_dp else args.epsilon, clip=args.clip, sample_rate=args.sample_rate,
+        config = DPAggConfig(epsilon=None if args.no_dp else args.epsilon, sample_rate=args.sample_rate,
                              num_subsets=args.num_subsets, steps=args.steps, **common)
         plan, train = plan_dpagg, train_dpagg_ti
     else:
-        config = DPSGDTIConfig(epsilon=args.epsilon, max_grad_norm=args.max_grad_norm, epochs=args.epochs,
+        config = DPSGDTIConfig(epsilon=args.epsilon, epochs=args.epochs,
                                max_examples_per_subject=args.max_examples_per_subject, **common)
         plan, train = plan_dpsgd_ti, train_dpsgd_ti
     dataset = _dataset(args, captions=False)  # TI trains on its own template

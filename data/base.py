@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
+from ..errors import public_name
 
 __all__ = ["CaptionedImageDataset", "DatasetError", "collate"]
 
@@ -27,6 +28,7 @@ __all__ = ["CaptionedImageDataset", "DatasetError", "collate"]
 ITEM_KEYS = ("pixel_values", "caption", "hint", "subject", "index", "path")
 
 
+@public_name
 class DatasetError(ValueError):
     """A dataset could not be built. ``problems`` holds every (path, problem) pair found.
 

@@ -205,8 +205,8 @@ def server_app(*, config: FederatedConfig | None = None, out: str | Path | None 
             from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
             strategy = DifferentialPrivacyClientSideFixedClipping(
-                inner, noise_multiplier=config.client_dp_noise_multiplier,
-                clipping_norm=config.client_dp_clipping_norm, num_sampled_clients=config.num_clients)
+                inner, noise_multiplier=config.client_noise_multiplier,
+                clipping_norm=config.client_clip_norm, num_sampled_clients=config.num_clients)
 
         def evaluate(server_round: int, arrays: ArrayRecord):
             # Called after each round with its final global model (noised, under client-level DP).

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..training.outputs import BYPRODUCTS
+from ..vocabulary import current_names
 
 #: Flower, Ray and Hugging Face phone home unless told not to; privdiff runs offline by default.
 QUIET_ENVIRONMENT = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -54,16 +55,16 @@ class FederatedConfig:
     # Local DP-SGD on every client: each client's TOTAL ε over the whole run (its σ is calibrated over
     # rounds × its local steps; the rounds compose). None: off.
     local_epsilon: float | None = None
-    local_max_grad_norm: float = 0.01
+    local_clip_norm: float = 0.01
     # Token rows of these public words train and travel too (DP-LDM's conditioning embedder), e.g.
     # "0".."9" for digits, which privdiff-tiny's text encoder never learnt to tell apart.
     conditioning_words: tuple[str, ...] = ()
     # Client-level DP from Flower (DifferentialPrivacyClientSideFixedClipping): each client's update is
     # clipped to this L2 norm on the client, the server adds N(0, (z·C/m)²) to the equal-weight mean of
     # the m updates. None: off.
-    client_dp_noise_multiplier: float | None = None
-    client_dp_clipping_norm: float = 0.1
-    client_dp_delta: float | None = None  # default min(1e-5, 0.1 / clients): well below 1 / clients
+    client_noise_multiplier: float | None = None
+    client_clip_norm: float = 0.1
+    client_delta: float | None = None  # default min(1e-5, 0.1 / clients): well below 1 / clients
     secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the clients' sum
     # FedProx (Flower's strategy): the server sends mu as "proximal-mu"; each client adds
     # (mu/2)·||w - w_global||² to its local objective, which keeps non-IID clients near the global model.
@@ -89,12 +90,12 @@ class FederatedConfig:
                              f"{', '.join(TRAINABLE_SETS)}.")
         if self.heldout_items < 1:
             raise ValueError(f"heldout_items={self.heldout_items} must be at least 1.")
-        if self.client_dp_noise_multiplier is not None and not self.client_dp_noise_multiplier > 0:
-            raise ValueError(f"client_dp_noise_multiplier={self.client_dp_noise_multiplier} must be positive.")
-        if not self.client_dp_clipping_norm > 0:
-            raise ValueError(f"client_dp_clipping_norm={self.client_dp_clipping_norm} must be positive.")
-        if self.client_dp_delta is not None and not 0 < self.client_dp_delta < 1 / self.num_clients:
-            raise ValueError(f"client_dp_delta={self.client_dp_delta} must lie in (0, 1/clients) = (0, "
+        if self.client_noise_multiplier is not None and not self.client_noise_multiplier > 0:
+            raise ValueError(f"client_noise_multiplier={self.client_noise_multiplier} must be positive.")
+        if not self.client_clip_norm > 0:
+            raise ValueError(f"client_clip_norm={self.client_clip_norm} must be positive.")
+        if self.client_delta is not None and not 0 < self.client_delta < 1 / self.num_clients:
+            raise ValueError(f"client_delta={self.client_delta} must lie in (0, 1/clients) = (0, "
                              f"{1 / self.num_clients:.3g}), and well below it: e.g. 1e-5.")
         if self.local_epsilon is not None and not self.local_epsilon > 0:
             raise ValueError(f"local_epsilon={self.local_epsilon} must be positive: each client's total ε over "
@@ -105,11 +106,11 @@ class FederatedConfig:
 
     @property
     def client_dp(self) -> bool:
-        return self.client_dp_noise_multiplier is not None
+        return self.client_noise_multiplier is not None
 
     @property
     def client_level_delta(self) -> float:
-        return self.client_dp_delta if self.client_dp_delta is not None else min(1e-5, 0.1 / self.num_clients)
+        return self.client_delta if self.client_delta is not None else min(1e-5, 0.1 / self.num_clients)
 
     @property
     def accountant(self) -> str:
@@ -125,7 +126,7 @@ class FederatedConfig:
 
         if not self.client_dp:
             return None
-        return epsilon(noise_multiplier=self.client_dp_noise_multiplier, sample_rate=1.0,
+        return epsilon(noise_multiplier=self.client_noise_multiplier, sample_rate=1.0,
                        steps=self.rounds if rounds is None else rounds, delta=self.client_level_delta,
                        accountant=self.accountant, adjacency=self.adjacency)
 
@@ -170,7 +171,7 @@ class FederatedConfig:
         return DPLDMConfig(trainable=self.trainable, lora_rank=self.lora_rank, epsilon=self.local_epsilon,
                            noise_multiplier=plan.noise_multiplier, delta=self.local_delta(num_examples),
                            conditioning_words=tuple(self.conditioning_words), adjacency=self.adjacency,
-                           max_grad_norm=self.local_max_grad_norm, epochs=self.local_epochs,
+                           clip_norm=self.local_clip_norm, epochs=self.local_epochs,
                            batch_size=plan.batch_size, learning_rate=self.learning_rate,
                            proximal_mu=self.proximal_mu if proximal_mu is None else float(proximal_mu),
                            seed=self.seed + 1000 * round_number + client)
@@ -181,9 +182,9 @@ class FederatedConfig:
         values["beta"] = -1.0 if self.beta is None else float(self.beta)
         values["local_epsilon"] = -1.0 if self.local_epsilon is None else float(self.local_epsilon)
         values["conditioning_words"] = " ".join(self.conditioning_words)
-        values["client_dp_noise_multiplier"] = (-1.0 if self.client_dp_noise_multiplier is None
-                                                else float(self.client_dp_noise_multiplier))
-        values["client_dp_delta"] = -1.0 if self.client_dp_delta is None else float(self.client_dp_delta)
+        values["client_noise_multiplier"] = (-1.0 if self.client_noise_multiplier is None
+                                                else float(self.client_noise_multiplier))
+        values["client_delta"] = -1.0 if self.client_delta is None else float(self.client_delta)
         values["secure_aggregation"] = int(self.secure_aggregation)
         return {key.replace("_", "-"): value for key, value in values.items()}
 
@@ -194,7 +195,7 @@ class FederatedConfig:
     @classmethod
     def from_file(cls, path) -> "FederatedConfig":
         """The settings a run wrote to its config.json (or any JSON of the same fields)."""
-        values = json.loads(Path(path).read_text())
+        values = current_names(json.loads(Path(path).read_text()), known=cls.__dataclass_fields__, where=str(path))
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"{path}: unknown federated settings {unknown}; known: {sorted(cls.__dataclass_fields__)}.")
@@ -204,9 +205,10 @@ class FederatedConfig:
 
     @classmethod
     def from_run_config(cls, run_config) -> "FederatedConfig":
-        values = {key.replace("-", "_"): value for key, value in dict(run_config).items()
+        values = current_names(dict(run_config), known=cls.__dataclass_fields__, where="Flower run config")
+        values = {key.replace("-", "_"): value for key, value in values.items()
                   if key.replace("-", "_") in cls.__dataclass_fields__}
-        for key in ("beta", "local_epsilon", "client_dp_noise_multiplier", "client_dp_delta"):
+        for key in ("beta", "local_epsilon", "client_noise_multiplier", "client_delta"):
             if key in values and float(values[key]) < 0:
                 values[key] = None
         if "secure_aggregation" in values:
@@ -328,7 +330,7 @@ def round_record(*, config: FederatedConfig, rounds: int, partition_sizes):
         plans = [config.local_plan(num_examples=n) for n in partition_sizes]
         worst = max(plans, key=lambda plan: plan.epsilon(rounds=rounds, config=config))
         local = record_for_dp_sgd(history=[(worst.noise_multiplier, worst.sample_rate, worst.steps_per_round * rounds)],
-                                  clip=config.local_max_grad_norm, num_examples=worst.num_examples,
+                                  clip=config.local_clip_norm, num_examples=worst.num_examples,
                                   delta=config.local_delta(worst.num_examples), accountant=config.accountant,
                                   adjacency=config.adjacency, extra={
                                       **extra, "clients": [{"examples": p.num_examples, "sigma": p.noise_multiplier,
@@ -342,8 +344,8 @@ def round_record(*, config: FederatedConfig, rounds: int, partition_sizes):
         warning = config.few_clients_warning()
         if warning:
             extra["warning"] = warning
-        return record_for_dp_fedavg(history=[(config.client_dp_noise_multiplier, 1.0, rounds)],
-                                    clip=config.client_dp_clipping_norm, num_clients=config.num_clients,
+        return record_for_dp_fedavg(history=[(config.client_noise_multiplier, 1.0, rounds)],
+                                    clip=config.client_clip_norm, num_clients=config.num_clients,
                                     delta=config.client_level_delta, accountant=config.accountant,
                                     adjacency=config.adjacency, extra=extra)
     if local is not None:
@@ -394,6 +396,8 @@ def check_resumable(*, out: Path, config: FederatedConfig) -> None:
 
     done = last_round(out)
     saved = read_record(Path(out) / f"global-round-{done}.safetensors").extra.get("federated", {}).get("config")
+    if saved is not None:  # releases made before the names changed
+        saved = current_names(saved, known=FederatedConfig.__dataclass_fields__, where="", notice=False)
     wanted = config.to_json()
     keep = {"rounds"} if config.local_epsilon is None else set()
     changed = sorted(k for k in wanted if k not in keep and (saved or {}).get(k) != wanted[k])

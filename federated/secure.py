@@ -115,8 +115,8 @@ def secagg_server_app(*, config: FederatedConfig, out: str | Path):
                           initial_parameters=ndarrays_to_parameters([run.start[n].numpy() for n in names]))
         if config.client_dp:
             strategy = DifferentialPrivacyClientSideFixedClipping(
-                strategy, noise_multiplier=config.client_dp_noise_multiplier,
-                clipping_norm=config.client_dp_clipping_norm, num_sampled_clients=config.num_clients)
+                strategy, noise_multiplier=config.client_noise_multiplier,
+                clipping_norm=config.client_clip_norm, num_sampled_clients=config.num_clients)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.rounds - done), strategy=strategy)
         workflow = SecAggPlusWorkflow(num_shares=config.num_clients,
                                       reconstruction_threshold=max(2, config.num_clients - 1),

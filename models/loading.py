@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..console import quiet_loading
+from ..errors import public_name
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -60,10 +61,12 @@ TOKENIZER_SOURCES = {
 }
 
 
+@public_name
 class CheckpointLayoutError(ValueError):
     """A checkpoint whose layout privdiff cannot load (names what was found and what is supported)."""
 
 
+@public_name
 class MissingTokenizerError(FileNotFoundError):
     """A single-file checkpoint whose tokenizer could not be found locally."""
 

@@ -145,6 +145,23 @@ def run_folder(name: str) -> Path:
     return Path(folder_paths.get_output_directory()) / "privdiff" / name
 
 
+def claim_run(name: str, *, kind: str, resume: bool, part: str = "") -> Path:
+    """The run folder for a training node's `name` (output/privdiff/<name>[/part]), after the one rule
+    for names, checked before any training: without resume, a name whose run folder or released file
+    (<kind>/<name>.safetensors) exists is refused, so that no finished or stopped run is overwritten
+    or thrown away; with resume, the run continues (a finished one is given back as it is)."""
+    from ..pipelines.release import check_release_name
+
+    folder = run_folder(name) / part if part else run_folder(name)
+    released = models_folder(kind) / f"{check_release_name(name)}.safetensors"
+    earlier = [str(p) for p in (released, folder) if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    if earlier and not resume:
+        hint = "turn resume on to continue it (a finished run is given back as it is), or " if part == "" else ""
+        raise ValueError(f"the name '{name}' belongs to an earlier run ({' and '.join(earlier)}): {hint}give this "
+                         "run another name, or delete those files. Nothing was trained.")
+    return folder
+
+
 def input_path(text: str) -> Path:
     """A user-typed path: absolute, or relative to ComfyUI's input folder."""
     import folder_paths
@@ -183,15 +200,25 @@ def find_artifact(name: str) -> Path:
 # ---- progress, stop button, previews -----------------------------------------------------------
 
 
-class NodeProgress:
-    """ComfyUI's progress bar (steps) and progress text (ε spent) for one node; the stop button."""
+LIVE_CHART_SECONDS = 3.0
 
-    def __init__(self, *, node_id: str | None, total: int = 1):
+
+class NodeProgress:
+    """ComfyUI's progress bar (steps) and progress text (ε spent) for one node; the stop button.
+
+    ComfyUI's progress hook raises its interrupt from inside a bar update and clears the flag as it
+    does. Raised from a trainer's progress call, that would end the run before the trainer saw the
+    stop and saved its checkpoint. So a report never raises: it remembers the stop, `stop_requested`
+    tells the trainer (which saves and returns), and `raise_if_stopped` ends the node afterwards."""
+
+    def __init__(self, *, node_id: str | None, total: int = 1, note: str = ""):
         import comfy.utils
 
-        self.node_id = node_id
+        self.node_id, self.note = node_id, note  # note: shown after each training step's text
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.losses: list[float] = []
+        self.stopped = False
+        self._chart_at = 0.0  # when the live loss chart was last sent
 
     def text(self, message: str) -> None:
         from server import PromptServer
@@ -199,13 +226,38 @@ class NodeProgress:
         if self.node_id is not None and PromptServer.instance is not None:
             PromptServer.instance.send_progress_text(message, self.node_id)
 
+    def _bar(self, step: int, total: int, preview=None) -> None:
+        import comfy.model_management as mm
+
+        if self.stop_requested():
+            return
+        try:
+            self.bar.update_absolute(step, total, preview)
+        except mm.InterruptProcessingException:
+            self.stopped = True  # the hook cleared ComfyUI's flag: keep the stop here
+
     def step(self, *, step: int, total: int, epsilon: float | None = None, loss: float | None = None,
              note: str = "", unit: str = "step") -> None:
-        self.bar.update_absolute(step, total)
         if loss is not None:
             self.losses.append(float(loss))
+        self._bar(step, total, self._live_chart(final=step >= total))
         spent = f" · ε spent {epsilon:.3g}" if epsilon is not None else ""
-        self.text(f"{unit} {step}/{total}{spent}" + (f" · {note}" if note else ""))
+        notes = "".join(f" · {n}" for n in (note, self.note) if n)
+        self.text(f"{unit} {step}/{total}{spent}{notes}")
+
+    def _live_chart(self, *, final: bool):
+        """The loss so far as the node's live preview (as KSampler shows its latents), at most every
+        few seconds; labelled as computed on private data outside the guarantee, and never saved."""
+        import time
+
+        from ..data.images import line_chart
+
+        if len(self.losses) < 2 or (time.monotonic() - self._chart_at < LIVE_CHART_SECONDS and not final):
+            return None
+        self._chart_at = time.monotonic()
+        chart = line_chart({"training loss": self.losses}, title="training loss (live)",
+                           note="computed on private data: NOT covered by the DP guarantee")
+        return ("PNG", chart, 512)
 
     def report(self, info) -> None:
         """One trainer's `Progress`: the bar, and a line naming the phase (ε spent while training)."""
@@ -213,20 +265,21 @@ class NodeProgress:
             self.step(step=info.step, total=info.total, epsilon=info.epsilon, loss=info.loss, unit=info.unit,
                       note=info.detail)
         else:
-            self.bar.update_absolute(info.step, info.total)
+            self._bar(info.step, info.total)
             self.text(f"{info.phase}: {info.step}/{info.total} {info.unit}")
 
-    @staticmethod
-    def stop_requested() -> bool:
+    def stop_requested(self) -> bool:
         import comfy.model_management as mm
 
-        return mm.processing_interrupted()
+        self.stopped = self.stopped or mm.processing_interrupted()
+        return self.stopped
 
-    @staticmethod
-    def raise_if_stopped() -> None:
+    def raise_if_stopped(self) -> None:
         import comfy.model_management as mm
 
-        mm.throw_exception_if_processing_interrupted()
+        if self.stop_requested():
+            mm.interrupt_current_processing(False)
+            raise mm.InterruptProcessingException()
 
 
 def image_batch(pictures) -> torch.Tensor:

@@ -31,7 +31,7 @@ class PrivDiffFederatedSimulate(io.ComfyNode):
                 io.Int.Input("num_items", default=64, min=2, max=1000000, tooltip="examples shared among the sites"),
                 io.Int.Input("heldout_items", default=32, min=1, max=100000,
                              tooltip="the set's next examples: the server's held-out loss after every round"),
-                io.Int.Input("clients", default=2, min=1, max=64, tooltip="simulated sites (one CPU each)"),
+                io.Int.Input("num_clients", default=2, min=1, max=64, tooltip="simulated sites (one CPU each)"),
                 io.Int.Input("rounds", default=2, min=1, max=10000, tooltip="FedAvg rounds"),
                 io.Float.Input("beta", default=0.0, min=0.0, max=1000.0, step=0.1,
                                tooltip="non-IID split: Dirichlet(β) over labels (small: each site sees few labels); 0: IID"),
@@ -41,9 +41,9 @@ class PrivDiffFederatedSimulate(io.ComfyNode):
                                tooltip="passes over its own data each site makes per round"),
                 io.Int.Input("batch_size", default=16, min=1, max=65536, tooltip="each site's batch size"),
                 io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-4, tooltip="each site's AdamW step size"),
-                io.Float.Input("client_dp_noise", default=0.0, min=0.0, max=100.0, step=0.1,
+                io.Float.Input("client_noise_multiplier", default=0.0, min=0.0, max=100.0, step=0.1,
                                tooltip="client-level DP: noise multiplier z on the average (0: off, no guarantee)"),
-                io.Float.Input("client_dp_clip", default=0.1, min=1e-6, max=100.0, step=0.01,
+                io.Float.Input("client_clip_norm", default=0.1, min=1e-6, max=100.0, step=0.01,
                                tooltip="client-level DP: each site's update is clipped to this L2 norm"),
                 io.Boolean.Input("secure_aggregation", default=False,
                                  tooltip="Flower's SecAgg+: the server sees only the sum of the sites' models"),
@@ -63,22 +63,22 @@ class PrivDiffFederatedSimulate(io.ComfyNode):
         return check_name_and_trainable(name=name, trainable=trainable)
 
     @classmethod
-    def execute(cls, model, clip, vae, name, data, num_items, heldout_items, clients, rounds, beta, trainable,
-                local_epochs, batch_size, learning_rate, client_dp_noise, client_dp_clip, secure_aggregation, seed,
+    def execute(cls, model, clip, vae, name, data, num_items, heldout_items, num_clients, rounds, beta, trainable,
+                local_epochs, batch_size, learning_rate, client_noise_multiplier, client_clip_norm, secure_aggregation, seed,
                 resume):
         from ..federated.fedavg import FederatedConfig
         from ..pipelines.federated_run import train_federated
         from .comfy_objects import NodeProgress, data_source, model_with_weight_file, pipeline_from_comfy, preview, \
-            publish_to_comfy, run_folder
+            publish_to_comfy, claim_run
 
         config = FederatedConfig(num_items=num_items, heldout_items=heldout_items,
-                                 num_clients=clients, rounds=rounds, beta=beta or None, trainable=trainable,
+                                 num_clients=num_clients, rounds=rounds, beta=beta or None, trainable=trainable,
                                  local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
-                                 client_dp_noise_multiplier=client_dp_noise or None, client_dp_clipping_norm=client_dp_clip,
+                                 client_noise_multiplier=client_noise_multiplier or None, client_clip_norm=client_clip_norm,
                                  secure_aggregation=secure_aggregation, seed=seed)
         progress = NodeProgress(node_id=cls.hidden.unique_id, total=rounds)
         result = train_federated(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=data_source(data),
-                                 out=run_folder(name), config=config, resume=resume, progress=progress.report,
+                                 out=claim_run(name, kind="loras", resume=resume), config=config, resume=resume, progress=progress.report,
                                  should_stop=progress.stop_requested)
         progress.raise_if_stopped()
         lora = publish_to_comfy(source=result.files.get("lora") or result.files["comfyui"], kind="loras", name=name)

@@ -151,14 +151,14 @@ class PrivDiffSplitClientTrain(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, server, name, mode, snr_bound, sigma_label, sigma_hint,
                 draws_per_image, epochs, batch_size, seed, stop_server, privacy=None):
         from ..pipelines.split_run import SplitTrainConfig, train_split_controlnet
-        from .comfy_objects import NodeProgress, pipeline_from_comfy, publish_to_comfy, run_folder, split_secret_file
+        from .comfy_objects import NodeProgress, claim_run, pipeline_from_comfy, publish_to_comfy, split_secret_file
 
         progress = NodeProgress(node_id=cls.hidden.unique_id)
         config = SplitTrainConfig(connection=server, epochs=epochs, batch_size=batch_size, stop_server=stop_server,
                                   secret_file=split_secret_file(), privacy=_split_config(
                                       mode, snr_bound, sigma_label, sigma_hint, draws_per_image, privacy))
         result = train_split_controlnet(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=dataset,
-                                        out=run_folder(name) / "client", config=config, progress=progress.report,
+                                        out=claim_run(name, kind="controlnet", resume=False, part="client"), config=config, progress=progress.report,
                                         should_stop=progress.stop_requested)
         progress.raise_if_stopped()
         path = publish_to_comfy(source=result.files["controlnet"], kind="controlnet", name=name)

@@ -49,10 +49,10 @@ def _check_adjacency(adjacency):
     return True if adjacency in ADJACENCIES else f"adjacency={adjacency!r} is not one of {', '.join(ADJACENCIES)}."
 
 
-def _progress(cls, total: int = 1):
+def _progress(cls, total: int = 1, note: str = ""):
     from .comfy_objects import NodeProgress
 
-    return NodeProgress(node_id=cls.hidden.unique_id, total=total)
+    return NodeProgress(node_id=cls.hidden.unique_id, total=total, note=note)
 
 
 class PrivDiffDPLDMTrain(io.ComfyNode):
@@ -82,7 +82,7 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
                              tooltip="expected examples per step (Poisson sampling: the sample rate is batch_size / N)"),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="at batch size 32, scaled linearly with the batch size"),
-                io.Float.Input("max_grad_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
+                io.Float.Input("clip_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
                                tooltip="C: each example's gradient is clipped to this L2 norm before the noise is added"),
                 io.Int.Input("lora_rank", default=4, min=1, max=256, tooltip="adapter rank, for trainable = lora"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
@@ -112,22 +112,23 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, epsilon, trainable, epochs, batch_size, learning_rate,
-                max_grad_norm, lora_rank, seed, resume, num_samples, adjacency="add-remove", noise_draws=1):
+                clip_norm, lora_rank, seed, resume, num_samples, adjacency="add-remove", noise_draws=1):
         import torch
 
         from ..pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
         from .comfy_objects import (make_room_for_training, model_with_weight_file, pipeline_from_comfy,
-                                    publish_to_comfy, training_device, training_previews, run_folder)
+                                    publish_to_comfy, training_device, training_previews, claim_run)
 
         config = DPLDMConfig(trainable=trainable, epsilon=epsilon, epochs=epochs, batch_size=batch_size,
-                             learning_rate=learning_rate, max_grad_norm=max_grad_norm, lora_rank=lora_rank, seed=seed,
+                             learning_rate=learning_rate, clip_norm=clip_norm, lora_rank=lora_rank, seed=seed,
                              num_samples=num_samples, adjacency=adjacency, noise_draws=noise_draws,
                              device=training_device())
         progress = _progress(cls)
         make_room_for_training()
         with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; training needs autograd
             result = train_dp_ldm(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=dataset,
-                                  out=run_folder(name), config=config, resume=resume, progress=progress.report,
+                                  out=claim_run(name, kind="loras", resume=resume), config=config, resume=resume,
+                                  progress=progress.report,
                                   should_stop=progress.stop_requested)
         progress.raise_if_stopped()
         lora = publish_to_comfy(source=result.files.get("lora") or result.files["comfyui"], kind="loras", name=name)
@@ -184,19 +185,17 @@ class _TextualInversionNode(io.ComfyNode):
         """A stop leaves a checkpoint in output/privdiff/<name>; resume=True continues it."""
         import torch
 
-        from .comfy_objects import (make_room_for_training, pipeline_from_comfy, publish_to_comfy, run_folder,
-                                    training_device)
+        from .comfy_objects import claim_run, make_room_for_training, pipeline_from_comfy, publish_to_comfy, \
+            training_device
 
-        progress = _progress(cls)
+        out = claim_run(name, kind="embeddings", resume=resume)
+        # DPAgg-TI spends all of ε at its one release; DP-SGD TI plans it in advance.
+        progress = _progress(cls, note=f"ε = {config.epsilon:g} when released")
         make_room_for_training()
-
-        def report(info):  # DPAgg-TI spends all of ε at its one release; DP-SGD TI plans it in advance
-            progress.step(step=info.step, total=info.total, note=f"ε = {config.epsilon:g} when released")
-
         # ComfyUI runs nodes under inference mode; weights made there cannot take part in autograd.
         with torch.inference_mode(False):
             pipeline = pipeline_from_comfy(model=model, clip=clip, vae=vae).to(training_device())
-            result = trainer(base=pipeline, data=dataset, out=run_folder(name), config=config, progress=report,
+            result = trainer(base=pipeline, data=dataset, out=out, config=config, progress=progress.report,
                              should_stop=progress.stop_requested, resume=resume)
         progress.raise_if_stopped()
         path = publish_to_comfy(source=result.files["comfyui"], kind="embeddings", name=name)
@@ -226,7 +225,7 @@ class PrivDiffDPAggTITrain(_TextualInversionNode):
         from ..pipelines.dp_ti import DPAggConfig, train_dpagg_ti
 
         config = DPAggConfig(token=f"<{name}>", init_word=init_word, num_vectors=num_vectors, template=template,
-                             epsilon=epsilon, steps=steps, clip=clip_norm,
+                             epsilon=epsilon, steps=steps, clip_norm=clip_norm,
                              learning_rate=learning_rate, seed=seed, adjacency=adjacency)
         return cls._train(trainer=train_dpagg_ti, config=config, model=model, clip=clip, vae=vae, dataset=dataset,
                           name=name, resume=resume)
@@ -244,18 +243,18 @@ class PrivDiffDPSGDTITrain(_TextualInversionNode):
             method_inputs=[
                 io.Float.Input("epochs", default=20.0, min=0.01, max=10000.0, step=0.5, tooltip="passes over the data"),
                 io.Int.Input("batch_size", default=16, min=1, max=65536, tooltip="expected examples per step (Poisson)"),
-                io.Float.Input("max_grad_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
+                io.Float.Input("clip_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
                                tooltip="C: each example's gradient is clipped to this L2 norm"),
             ],
         )
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, init_word, num_vectors, template, epsilon, epochs, batch_size,
-                max_grad_norm, learning_rate, seed, resume, adjacency="add-remove"):
+                clip_norm, learning_rate, seed, resume, adjacency="add-remove"):
         from ..pipelines.dp_ti import DPSGDTIConfig, train_dpsgd_ti
 
         config = DPSGDTIConfig(token=f"<{name}>", init_word=init_word, num_vectors=num_vectors, template=template,
-                               epsilon=epsilon, epochs=epochs, batch_size=batch_size, max_grad_norm=max_grad_norm,
+                               epsilon=epsilon, epochs=epochs, batch_size=batch_size, clip_norm=clip_norm,
                                learning_rate=learning_rate, seed=seed, adjacency=adjacency)
         return cls._train(trainer=train_dpsgd_ti, config=config, model=model, clip=clip, vae=vae, dataset=dataset,
                           name=name, resume=resume)

@@ -135,7 +135,7 @@ def _release(*, run: FineTuneRun, out: Path, progress=None) -> TrainResult:
         settings["conditioning_words"] = list(config.conditioning_words)
         settings["conditioning_clip_share"] = config.conditioning_clip_share
     if run.engine is not None:
-        record = record_for_dp_sgd(history=run.engine.accountant, clip=config.max_grad_norm,
+        record = record_for_dp_sgd(history=run.engine.accountant, clip=config.clip_norm,
                                    num_examples=run.num_examples, delta=run.delta, accountant=config.accountant_name,
                                    privacy_unit=config.privacy_unit, extra={"dp_ldm": settings})
     else:

@@ -26,6 +26,7 @@ import torch
 from ..training.inputs import resolve_base, resolve_data
 from ..training.outputs import BYPRODUCTS
 from ..training.result import Progress, TrainResult
+from ..vocabulary import legacy_repr
 
 
 def _check_token(token: str, template: str) -> None:
@@ -43,7 +44,7 @@ class DPAggConfig:
     template: str = "a picture in the style of {token}"  # public prompt; {token} is the placeholder
     epsilon: float | None = 1.0  # None: the plain average, WITHOUT privacy (comparison runs only)
     delta: float | None = None  # default: 1 / (10 n)
-    clip: float = 0.5  # C: the bound on each embedding's (centred) norm
+    clip_norm: float = 0.5  # C: the bound on each embedding's (centred) L2 norm
     center: bool = True  # clip e_i - init rather than e_i
     sample_rate: float = 1.0  # q: Poisson subsampling of the per-image embeddings
     num_subsets: int | None = None  # None: one embedding per image; k: k disjoint subsets
@@ -76,8 +77,8 @@ class DPAggConfig:
                              "comparison run use --no-dp (epsilon=None from Python).")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"delta={self.delta} must lie in (0, 1), below 1/n.")
-        if not self.clip > 0:
-            raise ValueError(f"clip={self.clip} must be positive.")
+        if not self.clip_norm > 0:
+            raise ValueError(f"clip_norm={self.clip_norm} must be positive.")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate={self.sample_rate} must lie in (0, 1].")
         if self.num_subsets is not None and self.num_subsets < 1:
@@ -277,7 +278,7 @@ def train_dpagg_ti(*, base, data, out: str | Path, config: DPAggConfig = DPAggCo
     secret = config.secret if config.secret is not None else _run_secret(config=config, folder=folder, resume=resume)
     units = make_units(dataset=dataset, secret=secret, privacy_unit=config.privacy_unit,
                        num_subsets=config.num_subsets)
-    fingerprint = {"config": repr(config), "num_images": plan.num_images}
+    fingerprint = {"config": legacy_repr(config, renamed={"clip_norm": "clip"}), "num_images": plan.num_images}
     trained = train_unit_embeddings(
         pipeline=pipeline, dataset=dataset, units=units, secret=secret, template=config.template,
         init_word=config.init_word, num_vectors=config.num_vectors, steps=config.steps, batch_size=config.batch_size,
@@ -287,7 +288,7 @@ def train_dpagg_ti(*, base, data, out: str | Path, config: DPAggConfig = DPAggCo
     if trained.stopped:
         return TrainResult(out=out, stopped=True, figures={"num_units": plan.units, "steps_done": trained.steps_done})
     noise_generator = secure_generator() if config.secure_noise else torch.Generator().manual_seed(config.seed + 1)
-    result = aggregate(embeddings=trained.embeddings, init=trained.init, clip=config.clip,
+    result = aggregate(embeddings=trained.embeddings, init=trained.init, clip=config.clip_norm,
                        noise_multiplier=plan.noise_multiplier, sample_rate=config.sample_rate,
                        generator=noise_generator, center=config.center)
     widths, text_encoders = trained.widths, trained.text_encoders
@@ -297,7 +298,7 @@ def train_dpagg_ti(*, base, data, out: str | Path, config: DPAggConfig = DPAggCo
                 "center": config.center, "num_images": plan.num_images, "privacy_unit": config.privacy_unit,
                 "num_subsets": config.num_subsets, "units": plan.units}
     if config.epsilon is not None:
-        record = record_for_gaussian_aggregate(noise_multiplier=plan.noise_multiplier, clip=config.clip,
+        record = record_for_gaussian_aggregate(noise_multiplier=plan.noise_multiplier, clip=config.clip_norm,
                                                sample_rate=config.sample_rate, num_examples=plan.protected,
                                                delta=plan.delta, privacy_unit=config.privacy_unit,
                                                adjacency=config.adjacency, accounted_adjacency=plan.accounted,
@@ -321,7 +322,7 @@ class DPSGDTIConfig:
     template: str = "a picture in the style of {token}"
     epsilon: float = 1.0
     delta: float | None = None
-    max_grad_norm: float = 0.01
+    clip_norm: float = 0.01  # C: the per-example (per-subject) L2 bound on the gradient
     epochs: float = 20.0
     batch_size: int = 16
     learning_rate: float = 5e-3
@@ -396,7 +397,7 @@ class _DPSGDTIRun:
         self.train_generator = torch.Generator().manual_seed(config.seed + 1)
         self.engine = DPSGDEngine(
             model=torch.nn.ModuleList(placeholders.text_encoders), optimizer=self.optimizer, num_examples=n,
-            config=DPConfig(delta=delta, max_grad_norm=config.max_grad_norm, sample_rate=config.batch_size / units,
+            config=DPConfig(delta=delta, max_grad_norm=config.clip_norm, sample_rate=config.batch_size / units,
                             steps=self.steps, target_epsilon=config.epsilon, physical_batch_size=64,
                             privacy_unit=config.privacy_unit, adjacency=config.adjacency,
                             accountant=default_accountant(config.adjacency),
@@ -476,7 +477,8 @@ def train_dpsgd_ti(*, base, data, out: str | Path, config: DPSGDTIConfig = DPSGD
     try:
         run = _DPSGDTIRun(pipeline=pipeline, placeholders=placeholders, dataset=dataset, config=config, n=n,
                           subjects=subjects, units=units, delta=delta)
-        folder, fingerprint = out / BYPRODUCTS, {"config": repr(config), "num_images": n}
+        folder, fingerprint = out / BYPRODUCTS, {"config": legacy_repr(config, renamed={"clip_norm": "max_grad_norm"}),
+                                                   "num_images": n}
         first = run.load(folder=folder, fingerprint=fingerprint) if resume else 0
         prepare_out_folder(out)
         for step in range(first, run.steps):
@@ -496,7 +498,7 @@ def train_dpsgd_ti(*, base, data, out: str | Path, config: DPSGDTIConfig = DPSGD
         run.engine.clipper.remove()
     finally:
         placeholders.restore()
-    record = record_for_dp_sgd(history=run.engine.accountant, clip=config.max_grad_norm, num_examples=units,
+    record = record_for_dp_sgd(history=run.engine.accountant, clip=config.clip_norm, num_examples=units,
                                delta=delta, privacy_unit=config.privacy_unit,
                                accountant=default_accountant(config.adjacency),
                                extra={"dp_ti": {"method": "dpsgd", "token": config.token, "init_word": config.init_word,

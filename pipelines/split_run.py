@@ -94,7 +94,7 @@ def start_split_server(*, base_pipeline, out, port: int = 0, learning_rate: floa
     log.unlink(missing_ok=True)
     child = ChildCommand.start(name=name, log=log, argv=[
         "split", "serve", "--base", str(out / "base"), "--bind", endpoint, "--server-key", str(keys / "server.key_secret"),
-        "--allowed-clients", str(allowed), "--out", str(out / "job"), "--lr", str(learning_rate),
+        "--allowed-clients", str(allowed), "--out", str(out / "job"), "--learning-rate", str(learning_rate),
         "--checkpoint-every", str(checkpoint_every), "--seed", str(seed)])
     deadline = time.monotonic() + startup_timeout
     while "serving the split ControlNet job" not in child.log_tail(50):

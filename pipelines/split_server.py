@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import torch
+from ..errors import public_name
 
 
 class SplitTrainer:
@@ -77,6 +78,7 @@ MAX_BATCH = 1024  # samples one batch message may hold
 LATENT_DTYPE = np.float16  # what clients send for z_t, h, the label and conv_in(z_t)
 
 
+@public_name
 class BatchRefused(ValueError):
     """A batch the job will not train: its sender is told why, the job and other clients carry on."""
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, public_name
 from .accounting import Accountant, calibrate_noise_multiplier, check_adjacency, check_delta
 from .clipping import GradSampleClipper
 from .dp_sgd import PoissonSampler, noisy_average, secure_generator
@@ -29,6 +29,7 @@ from .dp_sgd import PoissonSampler, noisy_average, secure_generator
 BACKENDS = ("privdiff", "opacus")
 
 
+@public_name
 class PrivacyBudgetExceeded(RuntimeError, UserError):
     """A step would spend more ε than the run's target."""
 

@@ -39,6 +39,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from ..errors import public_name
 
 __all__ = [
     "ADJACENCIES",
@@ -79,6 +80,7 @@ _SPLIT_NOT_COVERED = (
 )
 
 
+@public_name
 class PrivacyRecordError(ValueError):
     """A privacy record is invalid, malformed, or missing from a file."""
 

@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from ..errors import public_name
 
 SECRET_SUFFIX = ".split-secret"
 LEDGER_SUFFIX = ".split-ledger.sqlite"
 _FORMAT = "privdiff-split-secret"
 
 
+@public_name
 class SplitPrivacyError(ValueError):
     """Sending would give the server a second, different noising of an image (or the secret is lost)."""
 

@@ -80,7 +80,7 @@ BUSY = _busy_port()  # held for the module's life: "port in use"
 F = "{files}"  # placeholder for the inputs folder
 LDM = ["train", "dp-ldm", "--data", "digits", "--num-items", "40", "--out", "run"]
 TI = ["train", "dp-ti", "--data", "style", "--num-items", "6", "--token", "<x>", "--out", "run"]
-FED = ["fed", "simulate", "--num-items", "12", "--heldout-items", "4", "--clients", "2", "--out", "run"]
+FED = ["fed", "simulate", "--num-items", "12", "--heldout-items", "4", "--num-clients", "2", "--out", "run"]
 SERVE = ["split", "serve", "--server-key", f"{F}/keys/server.key_secret", "--allowed-clients", f"{F}/allowed",
          "--out", "job"]
 CLIENT = ["split", "train", "--data", "circles", "--num-items", "4", "--client-key", f"{F}/keys/client.key_secret",
@@ -105,8 +105,8 @@ CASES = [
     ([*LDM, "--batch-size", "0"], "batch_size"),
     ([*LDM, "--batch-size", "1000"], "larger than the dataset"),
     ([*LDM, "--epochs", "0"], "epochs"),
-    ([*LDM, "--max-grad-norm", "0"], "max_grad_norm"),
-    ([*LDM, "--lr", "-1"], "learning_rate"),
+    ([*LDM, "--clip-norm", "0"], "clip_norm"),
+    ([*LDM, "--learning-rate", "-1"], "learning_rate"),
     ([*LDM, "--physical-batch-size", "0"], "physical_batch_size"),
     ([*LDM, "--trainable", "everything"], "invalid choice"),
     ([*LDM, "--conditioning-clip-share", "1.5"], "conditioning_clip_share"),
@@ -137,7 +137,7 @@ CASES = [
     ([*TI, "--num-vectors", "0"], "num_vectors"),
     ([*TI, "--checkpoint-every", "0"], "--checkpoint-every 0"),
     ([*TI, "--method", "dpsgd", "--no-dp"], "always private"),
-    ([*TI, "--clip", "0"], "clip"),
+    ([*TI, "--clip-norm", "0"], "clip_norm"),
     ([*TI, "--sample-rate", "1.5"], "sample_rate"),
     ([*TI, "--num-subsets", "0"], "num_subsets"),
     ([*TI, "--num-subsets", "9"], "more than the 6 images"),
@@ -150,12 +150,12 @@ CASES = [
      "nothing there"),
     (["audit", "mia", "--data", f"{F}/images", "--num-members", "2", "--out", "a"], "--nonmember-data"),
     (["audit", "mia", "--num-members", "2", "--out", "a"], "--data is required"),
-    ([*FED, "--clients", "20"], "at least one example"),
+    ([*FED, "--num-clients", "20"], "at least one example"),
     ([*FED, "--beta", "0"], "must be positive"),
     ([*FED, "--rounds", "0"], "rounds"),
     ([*FED, "--trainable", "everything"], "not a parameter set"),
     ([*FED, "--local-epsilon", "0"], "local_epsilon"),
-    ([*FED, "--client-dp-noise", "1", "--client-dp-delta", "0.9"], "client_dp_delta"),
+    ([*FED, "--client-noise-multiplier", "1", "--client-delta", "0.9"], "client_delta"),
     ([*FED, "--config", f"{F}/folder"], "go with a single-file --base"),
     (["fed", "simulate", "--settings", f"{F}/missing.json", "--out", "run"], "no such file"),
     (["fed", "simulate", "--settings", f"{F}/bad.json", "--out", "run"], "bad.json is not valid JSON"),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from ..errors import public_name
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METADATA_KEY = "privdiff_checkpoint"
@@ -31,6 +32,7 @@ _VERSION = 1
 LEGACY_FILES = ("checkpoint.json", "job.json")
 
 
+@public_name
 class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, of another kind, or made with other settings."""
 

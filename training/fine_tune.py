@@ -44,7 +44,7 @@ class DPLDMConfig:
     # A fixed σ instead of one calibrated to `epsilon` over this run's steps: for a caller that accounts
     # over several runs (a federated client's rounds compose; its σ is calibrated over all of them).
     noise_multiplier: float | None = None
-    max_grad_norm: float = 0.01
+    clip_norm: float = 0.01  # C: the per-example (per-subject) L2 bound
     epochs: float = 10.0
     batch_size: int = 32  # expected logical batch: the sample rate is batch_size / N
     # What fits in one forward pass: the logical (Poisson) batch runs in micro-batches of
@@ -103,8 +103,8 @@ class DPLDMConfig:
         check_proximal_mu(self.proximal_mu)
         if not self.epochs > 0:
             raise ValueError(f"epochs={self.epochs} must be positive.")
-        if not self.max_grad_norm > 0 or not self.learning_rate > 0:
-            raise ValueError("max_grad_norm and learning_rate must be positive.")
+        if not self.clip_norm > 0 or not self.learning_rate > 0:
+            raise ValueError("clip_norm and learning_rate must be positive.")
         if self.privacy_unit not in ("example", "subject"):
             raise ValueError(f"privacy_unit={self.privacy_unit!r} must be 'example' or 'subject'.")
         from ..privacy.accounting import check_adjacency
@@ -187,7 +187,7 @@ class FineTuneRun:
                 model=self.model,
                 optimizer=self.optimizer,
                 config=DPConfig(
-                    delta=self.delta, max_grad_norm=config.max_grad_norm, sample_rate=self.sample_rate,
+                    delta=self.delta, max_grad_norm=config.clip_norm, sample_rate=self.sample_rate,
                     steps=self.total_steps, privacy_unit=config.privacy_unit,
                     target_epsilon=config.epsilon if config.noise_multiplier is None else None,
                     noise_multiplier=config.noise_multiplier,
@@ -288,6 +288,7 @@ class FineTuneRun:
     def _fingerprint(self) -> dict:
         # Settings that only change what is kept or how often it is saved may differ on resume.
         settings = {k: v for k, v in asdict(self.config).items() if k not in ("keep_byproducts", "checkpoint_every", "device", "num_items")}
+        settings["max_grad_norm"] = settings.pop("clip_norm")  # its name when checkpoints began
         if settings["noise_draws"] == 1:
             del settings["noise_draws"]  # checkpoints from before the setting existed still resume
         return {**settings, "num_examples": self.num_examples}

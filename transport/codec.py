@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from ..errors import public_name
 
 PROTOCOL_VERSION = 1
 MAC_BYTES = 32
@@ -33,6 +34,7 @@ MAC_BYTES = 32
 ALLOWED_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 
 
+@public_name
 class ProtocolError(ValueError):
     """A message that is malformed, too large, out of sequence or not authentic."""
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, public_name
 from .codec import Limits, Message, ProtocolError, decode, encode, peek_header
 
 CLIENT_KINDS = ("hello", "batch", "heartbeat", "download", "bye")
@@ -46,6 +46,7 @@ REPLY_KINDS = {"hello": "welcome", "batch": "ack", "heartbeat": "heartbeat", "do
 MAX_WINDOW = 16
 
 
+@public_name
 class TransportError(RuntimeError, UserError):
     """The peer did not answer in time, refused the session, or sent something invalid."""
 

@@ -62,7 +62,7 @@ def test_one_added_image_moves_the_released_sum_by_at_most_c(tmp_path):
 
     n, clip = 12, 0.5
     full = load_dataset(data="style", num_items=n + 1, seed=0)
-    config = DPAggConfig(token=TOKEN, epsilon=None, clip=clip, steps=8, batch_size=8, learning_rate=5e-2,
+    config = DPAggConfig(token=TOKEN, epsilon=None, clip_norm=clip, steps=8, batch_size=8, learning_rate=5e-2,
                          secure_noise=False)
     d = train_dpagg_ti(base=_pipe(), data=_First(full, n), out=tmp_path / "d", config=config)
     d_plus = train_dpagg_ti(base=_pipe(), data=full, out=tmp_path / "d-plus", config=config)

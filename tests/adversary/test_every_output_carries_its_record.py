@@ -106,8 +106,8 @@ def test_dp_ti_outputs(tmp_path, method):
 
 def test_federated_outputs_compose_over_rounds(tmp_path):
     pytest.importorskip("flwr")
-    _run("fed", "simulate", "--num-items", "32", "--heldout-items", "8", "--clients", "2", "--rounds", "2",
-         "--batch-size", "8", "--client-dp-noise", "1.0", "--local-epsilon", "8", "--out", tmp_path)
+    _run("fed", "simulate", "--num-items", "32", "--heldout-items", "8", "--num-clients", "2", "--rounds", "2",
+         "--batch-size", "8", "--client-noise-multiplier", "1.0", "--local-epsilon", "8", "--out", tmp_path)
     releases = walk(tmp_path)
     assert set(releases) == {"global-round-1.safetensors", "global-round-2.safetensors"}
     first, second = releases["global-round-1.safetensors"], releases["global-round-2.safetensors"]

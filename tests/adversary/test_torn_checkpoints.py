@@ -19,7 +19,7 @@ from privdiff.pipelines.dp_ldm import BYPRODUCTS, DPLDMConfig, train_dp_ldm
 from privdiff.privacy.record import read_record
 
 CONFIG = DPLDMConfig(epsilon=3.0, batch_size=4, physical_batch_size=4, epochs=1.0, secure_noise=False, num_samples=0,
-                     max_grad_norm=0.1, learning_rate=1e-3, checkpoint_every=1)
+                     clip_norm=0.1, learning_rate=1e-3, checkpoint_every=1)
 
 
 class Killed(BaseException):

@@ -107,7 +107,7 @@ def test_bad_requests_fail_before_any_process_starts(overrides, message):
 def test_cli_refuses_bad_input_with_a_clear_message(tmp_path, capsys):
     from privdiff.cli import main
 
-    assert main(["fed", "simulate", "--out", str(tmp_path), "--clients", "5", "--num-items", "4"]) == 2
+    assert main(["fed", "simulate", "--out", str(tmp_path), "--num-clients", "5", "--num-items", "4"]) == 2
     assert "at least one example" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written, nothing started
 
@@ -148,7 +148,7 @@ def test_client_level_dp_clips_on_clients_noises_the_saved_model_and_reports_the
 
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
 
-    config = replace(CONFIG, rounds=1, client_dp_noise_multiplier=1.0, client_dp_clipping_norm=0.05)
+    config = replace(CONFIG, rounds=1, client_noise_multiplier=1.0, client_clip_norm=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         state = simulate(config=config, out=tmp_path)

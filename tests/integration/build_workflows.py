@@ -52,7 +52,7 @@ GRAPHS = {
         "2": {"class_type": "PrivDiffProceduralDataset", "inputs": {"name": "shapes", "num_items": 32, "resolution": 64, "seed": 0}},
         "3": {"class_type": "PrivDiffDPLDMTrain", "inputs": {
             **_models("privdiff-dp-ldm-example"), "epsilon": 8.0, "trainable": "attention", "epochs": 2.0,
-            "batch_size": 8, "learning_rate": 0.003, "max_grad_norm": 0.1, "lora_rank": 4, "seed": 0,
+            "batch_size": 8, "learning_rate": 0.003, "clip_norm": 0.1, "lora_rank": 4, "seed": 0,
             "resume": False, "num_samples": 4}},
         "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 1]}},
         **_sampler(["3", 0], "a red circle on a blue background"),
@@ -73,7 +73,7 @@ GRAPHS = {
         "3": {"class_type": "PrivDiffDPSGDTITrain", "inputs": {
             **_models("privdiff-dpsgd-example"), "init_word": "painting", "num_vectors": 1,
             "template": "a picture in the style of {token}", "epsilon": 4.0, "epochs": 2.0, "batch_size": 4,
-            "max_grad_norm": 0.01, "learning_rate": 0.005, "seed": 0, "resume": False}},
+            "clip_norm": 0.01, "learning_rate": 0.005, "seed": 0, "resume": False}},
         "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 0]}},
         **_sampler(["1", 0], ["3", 0]),
     },
@@ -81,9 +81,9 @@ GRAPHS = {
         **TINY,
         "2": {"class_type": "PrivDiffFederatedSimulate", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "name": "privdiff-federated-example",
-            "data": "digits", "num_items": 64, "heldout_items": 32, "clients": 2, "rounds": 2, "beta": 0.0,
+            "data": "digits", "num_items": 64, "heldout_items": 32, "num_clients": 2, "rounds": 2, "beta": 0.0,
             "trainable": "attention", "local_epochs": 1.0, "batch_size": 16, "learning_rate": 0.001,
-            "client_dp_noise": 1.0, "client_dp_clip": 0.1, "secure_aggregation": False, "seed": 0, "resume": False}},
+            "client_noise_multiplier": 1.0, "client_clip_norm": 0.1, "secure_aggregation": False, "seed": 0, "resume": False}},
         "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["2", 1]}},
         **_sampler(["2", 0], "a handwritten digit 7"),
     },

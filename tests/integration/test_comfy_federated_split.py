@@ -13,9 +13,9 @@ BASE = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2]}
 
 
 def _federated(name, **overrides):
-    inputs = {**BASE, "name": name, "data": "digits", "num_items": 32, "heldout_items": 16, "clients": 2,
+    inputs = {**BASE, "name": name, "data": "digits", "num_items": 32, "heldout_items": 16, "num_clients": 2,
               "rounds": 2, "beta": 0.0, "trainable": "attention", "local_epochs": 1.0, "batch_size": 16,
-              "learning_rate": 1e-3, "client_dp_noise": 1.0, "client_dp_clip": 0.1, "secure_aggregation": False,
+              "learning_rate": 1e-3, "client_noise_multiplier": 1.0, "client_clip_norm": 0.1, "secure_aggregation": False,
               "seed": 0, "resume": False}
     return {"class_type": "PrivDiffFederatedSimulate", "inputs": {**inputs, **overrides}}
 

@@ -7,7 +7,7 @@ import torch
 pytestmark = pytest.mark.comfyui
 
 QUICK = dict(batch_size=4, physical_batch_size=4, epochs=1.0, secure_noise=False, num_samples=1,
-             max_grad_norm=0.1, learning_rate=3e-3, epsilon=8.0, sample_prompts=("a red circle",))
+             clip_norm=0.1, learning_rate=3e-3, epsilon=8.0, sample_prompts=("a red circle",))
 
 
 def _patcher(model):

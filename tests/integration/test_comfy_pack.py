@@ -67,7 +67,7 @@ def test_training_nodes_are_not_idempotent_and_thin(comfyui_root):
 def _dp_ldm_graph(**overrides):
     inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "name": "bad-input-run",
               "epsilon": 8.0, "trainable": "attention", "epochs": 1.0, "batch_size": 4, "learning_rate": 0.003,
-              "max_grad_norm": 0.1, "lora_rank": 4, "seed": 0, "resume": False, "num_samples": 0}
+              "clip_norm": 0.1, "lora_rank": 4, "seed": 0, "resume": False, "num_samples": 0}
     inputs.update(overrides)
     return {"1": {"class_type": "PrivDiffTinyLoader", "inputs": {}},
             "2": {"class_type": "PrivDiffProceduralDataset",

@@ -20,7 +20,7 @@ def _dataset(name="shapes", num_items=8, resolution=64):
 def _dp_ldm(name, **overrides):
     inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "name": name,
               "epsilon": 8.0, "trainable": "attention", "epochs": 1.0, "batch_size": 4, "learning_rate": 0.003,
-              "max_grad_norm": 0.1, "lora_rank": 4, "seed": 0, "resume": False, "num_samples": 0}
+              "clip_norm": 0.1, "lora_rank": 4, "seed": 0, "resume": False, "num_samples": 0}
     return {"class_type": "PrivDiffDPLDMTrain", "inputs": {**inputs, **overrides}}
 
 
@@ -143,7 +143,7 @@ def test_sd15_checkpoint_drives_dp_ldm_and_dp_ti(comfy_server, sd15_in_comfy):
     ti = {"class_type": "PrivDiffDPSGDTITrain",
           "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "name": "sd15-style",
                      "init_word": "painting", "num_vectors": 1, "template": "a picture in the style of {token}",
-                     "epsilon": 4.0, "epochs": 1.0, "batch_size": 2, "max_grad_norm": 0.01, "learning_rate": 0.005,
+                     "epsilon": 4.0, "epochs": 1.0, "batch_size": 2, "clip_norm": 0.01, "learning_rate": 0.005,
                      "seed": 0, "resume": False}}
     comfy_server.run({**sd15_in_comfy, "2": data, "3": ti}, timeout=1800)
     embedding = comfy_server.base / "models" / "embeddings" / "sd15-style.safetensors"

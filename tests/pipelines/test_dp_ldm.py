@@ -12,7 +12,7 @@ from privdiff.privacy.accounting import epsilon as epsilon_of
 from privdiff.privacy.record import read_record
 
 QUICK = dict(batch_size=4, physical_batch_size=2, epochs=1.0, secure_noise=False, num_samples=2,
-             max_grad_norm=0.1, learning_rate=1e-3)
+             clip_norm=0.1, learning_rate=1e-3)
 
 
 def _base():
@@ -114,7 +114,7 @@ def test_group_wise_clipping_of_the_conditioning_rows_keeps_the_record(tmp_path)
     config = DPLDMConfig(epsilon=8.0, conditioning_words=("circle", "red"), conditioning_clip_share=0.5, **QUICK)
     result = train_dp_ldm(base=_base(), data="shapes", out=tmp_path / "run", config=dataclasses.replace(config, num_items=16))
     record = read_record(result.files["diffusers"])
-    assert record.clip == QUICK["max_grad_norm"] and record.epsilon <= 8.0  # the whole unit is still bounded by C
+    assert record.clip == QUICK["clip_norm"] and record.epsilon <= 8.0  # the whole unit is still bounded by C
     assert record.extra["dp_ldm"]["conditioning_clip_share"] == 0.5
     with pytest.raises(ValueError, match="conditioning_words"):
         DPLDMConfig(conditioning_clip_share=0.5)

@@ -13,7 +13,7 @@ from privdiff.training.fine_tune import FineTuneRun
 from privdiff.privacy.record import read_record
 
 QUICK = {"batch_size": 4, "physical_batch_size": 4, "epochs": 1.0, "secure_noise": False, "num_samples": 0,
-         "max_grad_norm": 0.1, "learning_rate": 1e-3, "epsilon": 8.0}
+         "clip_norm": 0.1, "learning_rate": 1e-3, "epsilon": 8.0}
 
 
 def _base(dtype=torch.float32):
@@ -92,7 +92,7 @@ def _clipper_view(*, physical: int, bound: float, draws: int, examples: torch.Te
     dataset = load_dataset(data="shapes", resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor, seed=0,
                            num_items=8)
     run = FineTuneRun(pipeline=pipe, dataset=dataset, num_examples=8, config=DPLDMConfig(
-        **{**QUICK, "physical_batch_size": physical, "batch_size": 2, "max_grad_norm": bound}, noise_draws=draws,
+        **{**QUICK, "physical_batch_size": physical, "batch_size": 2, "clip_norm": bound}, noise_draws=draws,
         accountant="rdp"))  # σ plays no part here; RDP calibrates in a fraction of PRV's time
     run.engine.sampler.sample = lambda: (examples, torch.arange(len(examples)))  # a fixed Poisson batch
     params = run.parameters

@@ -10,7 +10,7 @@ from privdiff.pipelines.background import ChildCommand
 from privdiff.pipelines.federated_run import train_federated
 
 CONFIG = FederatedConfig(data="digits", num_items=32, heldout_items=16, num_clients=2, rounds=2, batch_size=16,
-                         learning_rate=1e-3, client_dp_noise_multiplier=1.0, client_dp_clipping_norm=0.1)
+                         learning_rate=1e-3, client_noise_multiplier=1.0, client_clip_norm=0.1)
 
 
 @pytest.fixture(scope="module")

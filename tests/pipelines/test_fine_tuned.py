@@ -12,7 +12,7 @@ from privdiff.pipelines.fine_tuned import DPLDMPipeline
 from privdiff.privacy.record import read_record
 
 QUICK = dict(batch_size=4, physical_batch_size=4, epochs=1.0, secure_noise=False, num_samples=1,
-             max_grad_norm=0.1, learning_rate=3e-3, epsilon=8.0)
+             clip_norm=0.1, learning_rate=3e-3, epsilon=8.0)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from privdiff.privacy.record import read_record
 from privdiff.training.checkpoint import CHECKPOINT_FILE, has_checkpoint
 
 CONFIG = DPLDMConfig(batch_size=4, physical_batch_size=4, epochs=2.0, secure_noise=False, num_samples=1,
-                     max_grad_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=2)
+                     clip_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=2)
 
 
 def _base():

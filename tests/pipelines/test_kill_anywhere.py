@@ -41,7 +41,7 @@ if method == "dp-ldm":
     from privdiff.models.tiny import TinySpec, tiny_pipeline
     from privdiff.pipelines.dp_ldm import DPLDMConfig, train_dp_ldm
     config = DPLDMConfig(batch_size=4, physical_batch_size=4, epochs=3.0, secure_noise=False, num_samples=1,
-                         max_grad_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=1, num_items=16)
+                         clip_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=1, num_items=16)
     train_dp_ldm(base=tiny_pipeline(spec=TinySpec(), seed=0), data="shapes", out=out,
                  config=config, resume=resume, progress=lambda info: info.phase == "training" and progress())
 else:

@@ -19,7 +19,7 @@ from privdiff.privacy.record import read_record
 from privdiff.training.checkpoint import load_checkpoint
 
 CONFIG = dict(batch_size=4, physical_batch_size=4, epochs=2.0, secure_noise=False, num_samples=1,
-              max_grad_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=2)
+              clip_norm=0.1, learning_rate=1e-3, epsilon=8.0, checkpoint_every=2)
 CHILD = """
 import sys, time
 from privdiff.models.tiny import TinySpec, tiny_pipeline

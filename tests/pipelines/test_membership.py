@@ -27,7 +27,7 @@ def test_overfit_model_exposes_its_members_and_the_base_does_not(tmp_path):
     # memorise them (attention alone at this rate does not, on a base this broad).
     run = tmp_path / "run"
     assert main(["train", "dp-ldm", "--base", "tiny", "--data", "digits", "--num-items", "8", "--no-dp",
-                 "--epochs", "40", "--batch-size", "8", "--physical-batch-size", "8", "--lr", "1e-3", "--trainable", "full",
+                 "--epochs", "40", "--batch-size", "8", "--physical-batch-size", "8", "--learning-rate", "1e-3", "--trainable", "full",
                  "--sample-prompt", "a handwritten digit 3", "--out", str(run)]) == 0
     audits = {}
     for name, weights in (("tuned", ["--weights", str(run)]), ("base", [])):

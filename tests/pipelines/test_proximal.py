@@ -9,7 +9,7 @@ from privdiff.models.tiny import TinySpec, tiny_pipeline
 from privdiff.training.fine_tune import DPLDMConfig, FineTuneRun, train_in_memory
 
 QUICK = {"batch_size": 4, "physical_batch_size": 4, "epochs": 2.0, "secure_noise": False, "num_samples": 0,
-         "max_grad_norm": 0.1, "learning_rate": 3e-3}
+         "clip_norm": 0.1, "learning_rate": 3e-3}
 
 
 def _base():

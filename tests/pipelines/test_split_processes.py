@@ -79,7 +79,7 @@ def _start_server(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     serve = [sys.executable, "-m", "privdiff", "split", "serve", "--bind", endpoint,
              "--server-key", str(tmp_path / "keys" / "server.key_secret"), "--allowed-clients", str(allowed),
-             "--out", str(job), "--checkpoint-every", "1", "--lr", "1e-4"]
+             "--out", str(job), "--checkpoint-every", "1", "--learning-rate", "1e-4"]
     server = subprocess.Popen(serve, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # The client checks the server first (before it writes anything): start it once the server listens.
     _wait_for_line(server, "serving the split ControlNet job", timeout=180)
