@@ -9,16 +9,18 @@ arXiv 2305.08846) proves, for a mechanism that is (ε, δ)-DP in each canary's i
     P[v correct or more] <= f(v) + 2 m δ · max_{i = 1..v} (f(v - i) - f(v)) / i,
     f(x) = P[Binomial(r, e^ε / (1 + e^ε)) >= x]
 
-(the approximate-DP form of its main theorem; δ = 0 leaves f(v), the pure-DP statement). Any score
-computed from the whole release is allowed, so per-step scores of DP-SGD may be combined freely. The
-bound is the largest ε this p-value rejects at level β = 1 - confidence. Every candidate (r+, r-)
-is fixed before the scores are seen and gets β / (number of candidates) (Bonferroni), so taking the
-best candidate keeps the overall confidence.
+(the approximate-DP form of its main theorem; δ = 0 leaves f(v), the pure-DP statement; computed as
+the paper's p-value routine does, e.g. jax_privacy's `auditing._one_run_p_value`). Any score computed
+from the whole release is allowed, so per-step scores of DP-SGD may be combined freely. The bound is
+the largest ε this p-value rejects at level β = 1 - confidence. Every candidate (r+, r-) is fixed
+before the scores are seen and gets β / (number of candidates) (Bonferroni), so taking the best
+candidate keeps the overall confidence.
 
 The result is an audit, not a guarantee: a correct mechanism gives a bound at or below its recorded
 ε (with probability >= confidence); a bound above it means the implementation or its accounting is
-wrong. With a few thousand canaries the bound is well below ε even for a correct, tightly
-accounted Gaussian mechanism (bench/canary_tightness.py): it catches gross breaks, not small ones.
+wrong. It is loose: on an exactly (ε, 1e-5)-DP Gaussian mechanism with 1,000 canaries it shows about
+a third of ε, and the δ term caps it near 4.8 however good the attack (bench/canary_tightness.py).
+It catches gross breaks (noise cut 4x, clipping off), not small ones.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .engine import DPConfig
 
 AUDIT_LABEL = "empirical lower bound on epsilon from a one-run canary audit; an audit, not a privacy guarantee"
 SCORES = ("likelihood-ratio", "sum")
@@ -79,8 +85,8 @@ def _check_counts(num_canaries: int, num_guesses: int, correct: int, delta: floa
     if 2 * num_canaries * delta > 1.0:
         # Then the δ term can fall as ε grows, and the largest rejected ε is no longer one bisection away;
         # the paper needs δ well below 1/m anyway.
-        raise ValueError(f"2·m·δ = {2 * num_canaries * delta:.3g} > 1 with {num_canaries} canaries and delta={delta}: "
-                         f"the audit needs at most 1/(2δ) = {int(0.5 / delta) if delta else 0} canaries; use fewer.")
+        raise ValueError(f"2·m·δ = {2 * num_canaries * delta:.3g} > 1 with {num_canaries} canaries and "
+                         f"delta={delta}: the audit needs at most 1/(2δ) = {int(0.5 / delta)} canaries; use fewer.")
 
 
 def one_run_p_value(*, num_canaries: int, num_guesses: int, correct: int, epsilon: float, delta: float) -> float:
@@ -104,9 +110,9 @@ def one_run_epsilon_bound(*, num_canaries: int, num_guesses: int, correct: int, 
                           confidence: float = 0.99) -> float:
     """The largest ε whose p-value is at most 1 - confidence (0 if even ε = 0 is plausible).
 
-    With 2mδ <= 1 the p-value is a mixture of binomial tails with non-negative weights, so it grows
-    with ε and bisection finds the boundary; the lower end of the final bracket is returned, so the
-    ε reported is itself rejected.
+    With c = 2mδ <= 1 the p-value is the largest over i of (1 - c/i) f(v) + (c/i) f(v - i), mixtures
+    of binomial tails with non-negative weights, so it grows with ε and bisection finds the boundary;
+    the lower end of the final bracket is returned, so the ε reported is itself rejected.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence={confidence} must lie in (0, 1), e.g. 0.99.")
@@ -130,9 +136,9 @@ def one_run_epsilon_bound(*, num_canaries: int, num_guesses: int, correct: int, 
 def default_guesses(num_canaries: int) -> tuple[tuple[int, int], ...]:
     """The candidate (r+, r-) pairs: (k, k) for k = m/2, m/4, ... down to 16.
 
-    Fixed by m alone, before any score is seen, as the union bound requires. Two-sided guesses beat
-    one-sided ones (k, 0) on every mechanism tried here (Gaussian, subsampled DP-SGD), and a finer
-    grid loses more to the union bound than it gains.
+    Fixed by m alone, before any score is seen, as the union bound requires. On the Gaussian
+    mechanism two-sided guesses beat one-sided ones (k, 0), and a finer grid loses more to the union
+    bound than it gains; audits where an included canary may go unseen (subsampling) add (k, 0).
     """
     ks, k = [], num_canaries // 2
     while k >= 16:
@@ -182,12 +188,13 @@ def audit_scores(*, scores, included, delta: float, confidence: float = 0.99,
 # ---------------------------------------------------------------------------------- shared draws
 
 
-def audit_streams(seed: int, count: int) -> list[np.random.SeedSequence]:
+def audit_streams(*, seed: int, count: int) -> list[np.random.SeedSequence]:
     """Independent seed streams (inclusion, directions, data, noise, ...) derived from one seed."""
     return np.random.SeedSequence(seed).spawn(count)
 
 
-def torch_generator(stream: np.random.SeedSequence) -> torch.Generator:
+def torch_generator(*, stream: np.random.SeedSequence) -> torch.Generator:
+    """A CPU torch.Generator seeded from one stream."""
     return torch.Generator().manual_seed(int(stream.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
@@ -223,7 +230,7 @@ def gaussian_reference_audit(*, epsilon: float, delta: float, num_canaries: int 
     if not noise_scale > 0:
         raise ValueError(f"noise_scale={noise_scale} must be positive (1: the mechanism as accounted).")
     sigma = analytic_gaussian_sigma(epsilon=epsilon, delta=delta)
-    inclusion_stream, noise_stream = audit_streams(seed, 2)
+    inclusion_stream, noise_stream = audit_streams(seed=seed, count=2)
     included = canary_inclusion(num_canaries=num_canaries, stream=inclusion_stream)
     noise = np.random.default_rng(noise_stream).standard_normal(num_canaries)
     release = included + sigma * noise_scale * noise
@@ -231,7 +238,8 @@ def gaussian_reference_audit(*, epsilon: float, delta: float, num_canaries: int 
                         recorded_epsilon=float(epsilon), mechanism="gaussian")
 
 
-def step_score(projection: torch.Tensor, *, noise_multiplier: float, sample_rate: float, score: str) -> torch.Tensor:
+def step_score(*, projection: torch.Tensor, noise_multiplier: float, sample_rate: float,
+               score: str = "likelihood-ratio") -> torch.Tensor:
     """One step's score per canary from the noisy sum's projection on its direction, in units of C.
 
     An included canary adds 1 with probability q, on top of N(0, σ²) noise: `likelihood-ratio` is the
@@ -251,22 +259,22 @@ def step_score(projection: torch.Tensor, *, noise_multiplier: float, sample_rate
 _REAL_DIM = 16  # inputs of the audited run's own regression task
 
 
-def audit_dp_sgd(*, config, num_canaries: int = 1000, num_examples: int = 256, canary_dim: int | None = None,
+def audit_dp_sgd(*, config: DPConfig, num_canaries: int = 1000, num_examples: int = 256, canary_dim: int | None = None,
                  canary_norm: float = 10.0, learning_rate: float = 1e-2, score: str = "likelihood-ratio",
                  confidence: float = 0.99, seed: int = 0) -> CanaryAudit:
     """Run privdiff's DP-SGD engine (`config`: a DPConfig) with gradient canaries and audit it.
 
     The model is one linear layer trained with Adam on `num_examples` regression examples plus m
-    canary units. Canary i's loss is linear in the weights, so its gradient is always
-    `canary_norm`·C along its own direction u_i (orthonormal when `canary_dim` >= m, default m):
-    clipping must cut it to C. The regression inputs live in 16 further weights, orthogonal to every
-    u_i, so the run's own gradients share the clipping, noise and optimizer with the canaries
-    without blurring their scores (or swamping them when clipping is off). An excluded canary stays a unit with zero
-    gradient, which adds nothing to any sum, so the noisy average's denominator q·N is the same
-    public number in both worlds. Each step the engine's noisy clipped average is read between the
-    noise and the optimizer (Adam's update is not the gradient), turned back into the noisy sum,
-    projected on every u_i and scored (`step_score`); the scores add up over the run. The bound is
-    compared with the engine accountant's ε for the run's own σ, q, steps and δ.
+    canary units, all Poisson-sampled alike. Canary i's loss is linear in the weights, so its
+    gradient is always `canary_norm`·C along its own direction u_i (orthonormal when `canary_dim` >= m,
+    default m): clipping must cut it to C. The regression inputs live in 16 further weights, orthogonal
+    to every u_i, so the run's own gradients share the clipping, noise and optimizer with the canaries
+    without blurring their scores (or swamping them when clipping is off). An excluded canary stays a
+    unit with zero gradient, which adds nothing to any sum, so the noisy average's denominator q·N is
+    the same public number in both worlds. Each step the engine's noisy clipped average is read
+    between the noise and the optimizer (`after_noise`; Adam's update is not the gradient), turned
+    back into the noisy sum, projected on every u_i and scored (`step_score`); the scores add up over
+    the run. The bound is compared with the engine accountant's ε for the run's σ, q, steps and δ.
     """
     from torch import nn
 
@@ -276,42 +284,58 @@ def audit_dp_sgd(*, config, num_canaries: int = 1000, num_examples: int = 256, c
         raise ValueError(f"privacy_unit={config.privacy_unit!r}: each canary is one example; audit with "
                          "privacy_unit='example' (the clipping and noise are the same).")
     if not canary_norm > 1:
-        raise ValueError(f"canary_norm={canary_norm} must exceed 1 (a multiple of C) so that clipping matters; e.g. 10.")
+        raise ValueError(f"canary_norm={canary_norm} must exceed 1 (a multiple of C) so that clipping matters; "
+                         "e.g. 10.")
     if score not in SCORES:
         raise ValueError(f"score={score!r} must be one of {', '.join(SCORES)}.")
     if num_examples < 1:
         raise ValueError(f"num_examples={num_examples} must be at least 1 (the run's own training examples).")
-    m, n, dim = num_canaries, num_examples, canary_dim or num_canaries
-    inclusion_stream, direction_stream, data_stream, noise_stream = audit_streams(seed, 4)
+    m, dim = num_canaries, canary_dim or num_canaries
+    inclusion_stream, direction_stream, data_stream, noise_stream = audit_streams(seed=seed, count=4)
     included = canary_inclusion(num_canaries=m, stream=inclusion_stream)
-    directions = canary_directions(num_canaries=m, dim=dim, generator=torch_generator(direction_stream))
-    data = torch_generator(data_stream)
-    # Rows 0..n-1: the run's own task, noisy linear regression on the last 16 inputs; rows n..n+m-1:
-    # canary i's input is u_i on the first `dim` inputs.
-    real = torch.randn(n, _REAL_DIM, generator=data)
-    targets = real @ torch.randn(_REAL_DIM, generator=data) + 0.1 * torch.randn(n, generator=data)
-    inputs = torch.block_diag(directions.float(), real)[torch.cat([torch.arange(m, m + n), torch.arange(m)])]
-    targets = torch.cat([targets, torch.zeros(m)])
-    canary_weight = torch.cat([torch.zeros(n), canary_norm * config.max_grad_norm * torch.from_numpy(included).float()])
-    is_real = torch.arange(n + m) < n
+    directions = canary_directions(num_canaries=m, dim=dim, generator=torch_generator(stream=direction_stream))
     model = nn.Linear(dim + _REAL_DIM, 1, bias=False)
     nn.init.zeros_(model.weight)
-
-    def per_sample_loss(indices: torch.Tensor) -> torch.Tensor:
-        y = model(inputs[indices]).squeeze(1)
-        return torch.where(is_real[indices], 0.5 * (y - targets[indices]).pow(2), canary_weight[indices] * y)
-
+    per_sample_loss = _canary_task(model=model, directions=directions, included=included, num_examples=num_examples,
+                                   canary_grad_norm=canary_norm * config.max_grad_norm,
+                                   generator=torch_generator(stream=data_stream))
     engine = DPSGDEngine(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=learning_rate), config=config,
-                         num_examples=n + m, generator=torch_generator(noise_stream))
+                         num_examples=num_examples + m, generator=torch_generator(stream=noise_stream))
     scores = torch.zeros(m, dtype=torch.float64)
     to_sum_in_c = engine.sampler.expected_batch_units / config.max_grad_norm
 
     def read_release() -> None:
         grad = model.weight.grad.reshape(-1)[:dim].double()
-        scores.add_(step_score(directions @ grad * to_sum_in_c, noise_multiplier=engine.noise_multiplier,
+        scores.add_(step_score(projection=directions @ grad * to_sum_in_c, noise_multiplier=engine.noise_multiplier,
                                sample_rate=config.sample_rate, score=score))
 
     for _ in range(config.steps):
         engine.step(per_sample_loss, after_noise=read_release)
+    guesses = default_guesses(m)
+    if config.sample_rate < 1:
+        # An included canary the sampler skipped looks excluded, so "included" guesses alone can be far
+        # more precise: one-sided candidates too (fixed by q alone, before any score is seen).
+        guesses += tuple((plus, 0) for plus, _ in guesses)
     return audit_scores(scores=scores.numpy(), included=included, delta=config.delta, confidence=confidence,
-                        recorded_epsilon=engine.accountant.epsilon(delta=config.delta), mechanism="dp-sgd")
+                        guesses=guesses, recorded_epsilon=engine.accountant.epsilon(delta=config.delta),
+                        mechanism="dp-sgd")
+
+
+def _canary_task(*, model, directions: torch.Tensor, included: np.ndarray, num_examples: int,
+                 canary_grad_norm: float, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-sample losses over units 0..n-1 (the run's own noisy linear regression, on the last 16
+    inputs) and n..n+m-1 (canary i: input u_i on the first inputs, loss linear in the output, so its
+    gradient is canary_grad_norm · u_i when included and zero when not)."""
+    m, n = len(directions), num_examples
+    real = torch.randn(n, _REAL_DIM, generator=generator)
+    targets = real @ torch.randn(_REAL_DIM, generator=generator) + 0.1 * torch.randn(n, generator=generator)
+    inputs = torch.block_diag(directions.float(), real)[torch.cat([torch.arange(m, m + n), torch.arange(m)])]
+    targets = torch.cat([targets, torch.zeros(m)])
+    canary_weight = torch.cat([torch.zeros(n), canary_grad_norm * torch.from_numpy(included).float()])
+    is_real = torch.arange(n + m) < n
+
+    def per_sample_loss(indices: torch.Tensor) -> torch.Tensor:
+        y = model(inputs[indices]).squeeze(1)
+        return torch.where(is_real[indices], 0.5 * (y - targets[indices]).pow(2), canary_weight[indices] * y)
+
+    return per_sample_loss
