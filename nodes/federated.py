@@ -3,7 +3,7 @@
 from comfy_api.latest import io
 
 from ..training.trainable import TRAINABLE_SETS
-from .training import check_name_and_trainable
+from .training import check_release_name_input
 
 
 class PrivDiffFederatedSimulate(io.ComfyNode):
@@ -59,8 +59,10 @@ class PrivDiffFederatedSimulate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name, trainable):
-        return check_name_and_trainable(name=name, trainable=trainable)
+    def validate_inputs(cls, name):
+        # One input per check: ComfyUI lists a validate_inputs error under each of its arguments.
+        # Combos (trainable) are checked by the config as the node starts, before any training.
+        return check_release_name_input(name)
 
     @classmethod
     def execute(cls, model, clip, vae, name, data, num_items, heldout_items, num_clients, rounds, beta, trainable,

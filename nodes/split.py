@@ -142,10 +142,11 @@ class PrivDiffSplitClientTrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name, mode):
+    def validate_inputs(cls, name):
+        # One input per check (ComfyUI lists an error under each argument); the config checks mode.
         from .training import check_release_name_input
 
-        return check_release_name_input(name) if mode in _MODES else _check_mode(mode)
+        return check_release_name_input(name)
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, server, name, mode, snr_bound, sigma_label, sigma_hint,

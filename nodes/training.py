@@ -17,14 +17,6 @@ def check_release_name_input(name: str):
     return True
 
 
-def check_name_and_trainable(*, name: str, trainable: str):
-    """validate_inputs of the nodes that release a LoRA: ComfyUI checks V3 combo values only in the
-    frontend, so a posted graph is checked here."""
-    if trainable not in TRAINABLE_SETS:
-        return f"trainable={trainable!r} is not one of {', '.join(TRAINABLE_SETS)}."
-    return check_release_name_input(name)
-
-
 def _common_inputs():
     return [
         io.Model.Input("model", tooltip="the base model, e.g. from Load Checkpoint (SD1.5) or Load privdiff-tiny"),
@@ -43,10 +35,6 @@ def _adjacency_input():
                           tooltip="which datasets the guarantee calls neighbours: one image added or removed "
                                   "(add-remove), or one replaced by another (replace-one: the noise is calibrated "
                                   "for it, and the record says so)")
-
-
-def _check_adjacency(adjacency):
-    return True if adjacency in ADJACENCIES else f"adjacency={adjacency!r} is not one of {', '.join(ADJACENCIES)}."
 
 
 def _progress(cls, total: int = 1, note: str = ""):
@@ -106,9 +94,10 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name, trainable, adjacency="add-remove"):
-        checked = _check_adjacency(adjacency)
-        return check_name_and_trainable(name=name, trainable=trainable) if checked is True else checked
+    def validate_inputs(cls, name):
+        # One input per check: ComfyUI lists a validate_inputs error under each of its arguments.
+        # Combos (trainable, adjacency) are checked by the config as the node starts, before training.
+        return check_release_name_input(name)
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, name, epsilon, trainable, epochs, batch_size, learning_rate,
@@ -173,11 +162,9 @@ class _TextualInversionNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name, template, adjacency="add-remove"):
-        if _check_adjacency(adjacency) is not True:
-            return _check_adjacency(adjacency)
-        if "{token}" not in template:
-            return f"template={template!r} must contain {{token}}, where the embedding goes."
+    def validate_inputs(cls, name):
+        # One input per check (ComfyUI lists an error under each argument); the config checks the
+        # template and adjacency as the node starts, before any training.
         return check_release_name_input(name)
 
     @classmethod

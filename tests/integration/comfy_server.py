@@ -71,8 +71,9 @@ class ComfyServer:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"{}")
 
-    def queue(self, prompt: dict) -> str:
-        status, reply = self.post("/prompt", {"prompt": prompt})
+    def queue(self, prompt: dict, *, client_id: str | None = None) -> str:
+        body = {"prompt": prompt, **({"client_id": client_id} if client_id else {})}
+        status, reply = self.post("/prompt", body)
         if status != 200:
             raise AssertionError(f"/prompt refused the graph ({status}): {json.dumps(reply)[:3000]}")
         return reply["prompt_id"]
@@ -94,6 +95,70 @@ class ComfyServer:
         if entry["status"]["status_str"] != "success":
             raise AssertionError(f"the graph failed: {execution_error(entry)}")
         return entry
+
+
+class Listener:
+    """ComfyUI's websocket as the frontend hears it, in a background thread: every message with its
+    arrival time. JSON messages are (time, type, data); binary ones (progress text, previews) are
+    (time, "text", (node, text)) or (time, "preview", node or None)."""
+
+    def __init__(self, server: ComfyServer):
+        import asyncio
+        import threading
+        import uuid
+
+        self.client_id = uuid.uuid4().hex
+        self.messages: list[tuple[float, str, object]] = []
+        self._url = server.url.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._listen(),), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise TimeoutError("the websocket did not open")
+
+    async def _listen(self) -> None:
+        import struct
+
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.ws_connect(self._url) as ws:
+            self._ws = ws
+            self._ready.set()
+            async for message in ws:
+                now = time.monotonic()
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(message.data)
+                    self.messages.append((now, data["type"], data.get("data")))
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    kind = struct.unpack(">I", message.data[:4])[0]
+                    if kind == 3:  # progress text: node id length, node id, text
+                        size = struct.unpack(">I", message.data[4:8])[0]
+                        node, text = message.data[8:8 + size].decode(), message.data[8 + size:].decode()
+                        self.messages.append((now, "text", (node, text)))
+                    else:
+                        self.messages.append((now, "preview", None))
+
+    def wait_for(self, predicate, *, timeout: float = 300.0):
+        """The first message (time, type, data) for which predicate holds, waiting for it."""
+        deadline, seen = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            for message in self.messages[seen:]:
+                seen += 1
+                if predicate(message):
+                    return message
+            time.sleep(0.1)
+        raise TimeoutError("the awaited websocket message did not come")
+
+    def texts(self, node: str) -> list[str]:
+        return [data[1] for _, kind, data in self.messages if kind == "text" and data[0] == node]
+
+    def close(self) -> None:
+        import asyncio
+
+        if getattr(self, "_ws", None) is not None:
+            asyncio.run_coroutine_threadsafe(self._ws.close(), self._loop).result(10)
+        self._thread.join(10)
 
 
 def execution_error(entry: dict) -> str:

@@ -77,13 +77,37 @@ def _dp_ldm_graph(**overrides):
 
 @pytest.mark.parametrize("overrides,fragment", [
     ({"epsilon": -1.0}, "epsilon"),
-    ({"trainable": "everything"}, "trainable"),
     ({"name": "../outside"}, "name"),
 ])
-def test_bad_input_comes_back_as_node_errors(comfy_server, overrides, fragment):
+def test_bad_input_comes_back_as_one_node_error_under_its_input(comfy_server, overrides, fragment):
     status, reply = comfy_server.post("/prompt", {"prompt": _dp_ldm_graph(**overrides)})
     assert status == 400, reply
     errors = reply["node_errors"]["3"]["errors"]
-    assert any(fragment in (e.get("details", "") + e.get("message", "") + str(e.get("extra_info", "")))
-               for e in errors), errors
+    assert len(errors) == 1, errors  # once, under the input that is wrong
+    assert errors[0]["extra_info"]["input_name"] == fragment, errors
     assert comfy_server.get("/system_stats")  # still serving
+
+
+def test_a_bad_combo_in_a_posted_graph_fails_as_the_node_starts_with_one_clear_error(comfy_server):
+    """ComfyUI checks V3 combo values only in its frontend; a posted graph's bad combo is refused by the
+    config as the node starts, before any training, once, with privdiff's own error type."""
+    from comfy_server import execution_error
+
+    entry = comfy_server.wait(comfy_server.queue(_dp_ldm_graph(trainable="everything", name="bad-combo")))
+    assert entry["status"]["status_str"] == "error"
+    error = execution_error(entry)
+    assert "trainable='everything'" in error and '"exception_type": "ValueError"' in error, error
+    errors = [kind for kind, _ in entry["status"]["messages"] if kind == "execution_error"]
+    assert len(errors) == 1
+
+
+def test_error_types_read_as_privdiff_names(comfy_server):
+    """ComfyUI imports the pack under its folder's path; an error's type must still read privdiff.<module>."""
+    from comfy_server import execution_error
+
+    graph = _dp_ldm_graph(name="no-folder")
+    graph["2"] = {"class_type": "PrivDiffImageFolderDataset",  # a folder that is not there: a DatasetError
+                  "inputs": {"folder": "no-such-folder", "resolution": 64, "hints_required": False}}
+    entry = comfy_server.wait(comfy_server.queue(graph))
+    error = execution_error(entry)
+    assert '"exception_type": "privdiff.' in error and "custom_nodes" not in error, error
