@@ -182,9 +182,13 @@ def find_artifact(name: str) -> Path:
     """A file named as ComfyUI's loaders name it (`loras`, `embeddings`, `controlnet`), or a path."""
     import folder_paths
 
+    import re
+
     text = name.strip()
-    if text.startswith("embedding:"):
-        text = text[len("embedding:"):]
+    # A TI node's prompt ("a picture in the style of embedding:<name>") names its embedding.
+    embedding = re.search(r"embedding:(\S+)", text)
+    if embedding:
+        text = embedding.group(1)
     for kind in ("loras", "embeddings", "controlnet"):
         for candidate in (text, f"{text}.safetensors"):
             found = folder_paths.get_full_path(kind, candidate)
@@ -201,6 +205,9 @@ def find_artifact(name: str) -> Path:
 
 
 LIVE_CHART_SECONDS = 3.0
+# A phase without steps of its own (converting the model, calibrating σ, writing files) still says it
+# is alive: its line is repeated with the time it has taken, at least this often.
+HEARTBEAT_SECONDS = 2.0
 
 
 class NodeProgress:
@@ -211,7 +218,7 @@ class NodeProgress:
     stop and saved its checkpoint. So a report never raises: it remembers the stop, `stop_requested`
     tells the trainer (which saves and returns), and `raise_if_stopped` ends the node afterwards."""
 
-    def __init__(self, *, node_id: str | None, total: int = 1, note: str = ""):
+    def __init__(self, *, node_id: str | None, total: int = 1, note: str = "", doing: str = "preparing"):
         import comfy.utils
 
         self.node_id, self.note = node_id, note  # note: shown after each training step's text
@@ -219,12 +226,42 @@ class NodeProgress:
         self.losses: list[float] = []
         self.stopped = False
         self._chart_at = 0.0  # when the live loss chart was last sent
+        self._said, self._said_at, self._sent_at = "", 0.0, 0.0  # the last line, and when
+        self.text(doing)  # the first line, until the work reports its own
+        if node_id is not None:
+            import threading
+
+            threading.Thread(target=self._heartbeat, daemon=True).start()
 
     def text(self, message: str) -> None:
+        import time
+
+        self._said, self._said_at = message, time.monotonic()
+        self._send(message)
+
+    def _send(self, message: str) -> None:
+        import time
+
         from server import PromptServer
 
         if self.node_id is not None and PromptServer.instance is not None:
+            self._sent_at = time.monotonic()
             PromptServer.instance.send_progress_text(message, self.node_id)
+
+    def _heartbeat(self) -> None:
+        """Repeat the last line with its elapsed time while this node runs and says nothing new; ends
+        when ComfyUI moves on to another node or the prompt ends (a thread: a phase blocks the node's)."""
+        import time
+
+        from server import PromptServer
+
+        while True:
+            time.sleep(0.5)
+            server = PromptServer.instance
+            if self.stopped or server is None or str(server.last_node_id) != str(self.node_id):
+                return
+            if time.monotonic() - self._sent_at >= HEARTBEAT_SECONDS:
+                self._send(f"{self._said} · {time.monotonic() - self._said_at:.0f} s")
 
     def _bar(self, step: int, total: int, preview=None) -> None:
         import comfy.model_management as mm

@@ -24,6 +24,8 @@ class PrivDiffPrivacyReport(io.ComfyNode):
         # The same name can hold a new file (a retrained model): report again when the file changes.
         from .comfy_objects import find_artifact
 
+        if not isinstance(artifact, str):
+            return float("nan")  # linked and not yet computed: run (a report is cheap)
         try:
             stat = find_artifact(artifact).stat()
         except FileNotFoundError:

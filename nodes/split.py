@@ -101,14 +101,16 @@ class PrivDiffSplitServer(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="the ControlNet's initialisation"),
             ],
             outputs=[SplitServer.Output(display_name="server", tooltip="the server's address and keys, for the client node")],
+            hidden=[io.Hidden.unique_id],
             not_idempotent=True,
         )
 
     @classmethod
     def execute(cls, model, clip, vae, name, learning_rate, checkpoint_every, seed):
         from ..pipelines.split_run import start_split_server
-        from .comfy_objects import pipeline_from_comfy, run_folder
+        from .comfy_objects import NodeProgress, pipeline_from_comfy, run_folder
 
+        NodeProgress(node_id=cls.hidden.unique_id, doing="starting the server")  # its heartbeat
         connection = start_split_server(base_pipeline=lambda: pipeline_from_comfy(model=model, clip=clip, vae=vae),
                                         out=run_folder(name) / "server", learning_rate=learning_rate,
                                         checkpoint_every=checkpoint_every, seed=seed)
@@ -248,7 +250,8 @@ class PrivDiffSplitAttack(io.ComfyNode):
                 pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), dataset=dataset,
                 config=config, epochs=epochs, batch_size=batch_size, folder=scratch,
                 optimisation_steps=optimisation_steps, secret=split_client_secret(),
-                progress=lambda sent, total: progress.step(step=sent, total=total, unit="batch"))
+                progress=lambda sent, total: progress.step(step=sent, total=total, unit="batch", note=(
+                    "then the server's attacks on the recorded traffic" if sent == total else "")))
         text = "\n".join([f"{config.mode} mode, {len(dataset)} images, {steps} server steps:", *report.lines()])
         return io.NodeOutput(text, ui={"text": [text]})
 
@@ -340,6 +343,7 @@ class PrivDiffSplitServerView(io.ComfyNode):
             outputs=[io.Image.Output(display_name="images", tooltip="the server's best reconstruction of the images"),
                      io.Image.Output(display_name="hints", tooltip="the server's reconstruction of the hints"),
                      io.String.Output(display_name="report", tooltip="the attacks' PSNR / SSIM, one per line")],
+            hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
@@ -349,10 +353,11 @@ class PrivDiffSplitServerView(io.ComfyNode):
 
         from ..pipelines.split_attacks import server_view
         from ..pipelines.split_client import SplitConfig, split_tensors
-        from .comfy_objects import pipeline_from_comfy, split_client_secret
+        from .comfy_objects import NodeProgress, pipeline_from_comfy, split_client_secret
 
         config = privacy or SplitConfig()
         pixels, hints = split_tensors(dataset, count=count)
+        NodeProgress(node_id=cls.hidden.unique_id, doing="rebuilding what the server would see")  # its heartbeat
         with torch.inference_mode(False):
             view = server_view(pipeline=pipeline_from_comfy(model=model, clip=clip, vae=vae), pixels=pixels,
                                hint_pixels=hints, config=config, secret=split_client_secret(), epochs=epochs,

@@ -155,7 +155,10 @@ class _TextualInversionNode(io.ComfyNode):
                     io.Boolean.Input("resume", default=False,
                                      tooltip="continue the stopped run of the same name from its checkpoint"),
                     _adjacency_input()],
-            outputs=[io.String.Output(display_name="prompt_text", tooltip="embedding:<name>, to put in a prompt")],
+            outputs=[io.String.Output(display_name="prompt_text",
+                                      tooltip="the training template with the embedding in it, e.g. 'a picture in the "
+                                              "style of embedding:<name>': a prompt that uses it as it was trained"),
+                     io.String.Output(display_name="embedding", tooltip="embedding:<name>, to put in your own prompts")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
             not_idempotent=True,
@@ -186,7 +189,9 @@ class _TextualInversionNode(io.ComfyNode):
                              should_stop=progress.stop_requested, resume=resume)
         progress.raise_if_stopped()
         path = publish_to_comfy(source=result.files["comfyui"], kind="embeddings", name=name)
-        return io.NodeOutput(f"embedding:{path.stem}", ui={"text": [f"embedding:{path.stem} · ε = {result.epsilon:.4g}"]})
+        token = f"embedding:{path.stem}"
+        return io.NodeOutput(config.template.format(token=token), token,
+                             ui={"text": [f"{token} · ε = {result.epsilon:.4g}, δ = {result.record.delta:.3g}"]})
 
 
 class PrivDiffDPAggTITrain(_TextualInversionNode):

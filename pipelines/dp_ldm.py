@@ -91,8 +91,15 @@ def train_dp_ldm(
         return TrainResult(out=out, stopped=stopped, figures={
             "steps_done": run.step, "total_steps": run.total_steps,
             "epsilon": run.engine.accountant.epsilon(delta=run.delta) if run.engine else None})
+    _releasing(progress, 0)
     _save(run, byproducts)  # the trained state, kept until its release is complete: a failed release resumes
     return _release(run=run, out=out, progress=progress)
+
+
+def _releasing(progress, step: int) -> None:
+    # Saving the state, accounting ε and writing the files take seconds: say so between them.
+    if progress is not None:
+        progress(Progress(step=step, total=3, phase="releasing", unit="part"))
 
 
 def _save(run: "FineTuneRun", folder: Path) -> None:
@@ -129,6 +136,7 @@ def _release(*, run: FineTuneRun, out: Path, progress=None) -> TrainResult:
     settings = {"trainable": config.trainable, "ablation_blocks": config.ablation_blocks,
                 "learning_rate": config.learning_rate, "batch_size": config.batch_size, "epochs": config.epochs,
                 "noise_draws": config.noise_draws}
+    _releasing(progress, 1)
     if config.trainable == "lora":
         settings["lora_rank"] = config.lora_rank
     if config.conditioning_words:
@@ -145,6 +153,7 @@ def _release(*, run: FineTuneRun, out: Path, progress=None) -> TrainResult:
     with release as staging:
         weights = write_fine_tune_weights(pipeline=run.pipeline, chosen=run.chosen, base_state=run.base_state,
                                           text_rows=run.text_rows, record=record, out=staging)
+        _releasing(progress, 2)
         # Samples from the private model are post-processing of the DP release: covered by ε.
         pipe = run.pipeline
         pipe.set_progress_bar_config(disable=True)

@@ -1,26 +1,47 @@
-"""Canary audits: an empirical lower bound on ε from one training run (Steinke, Nasr, Jagielski 2023).
+"""Canary audits: an empirical lower bound on ε from one training run.
 
 m canaries are each put into the private data independently with probability 1/2 (the seeded vector
 S). After one run the auditor scores every canary from what the run released, guesses "included"
 for the r+ highest scores and "excluded" for the r- lowest, abstains on the rest, and counts the
-correct guesses v out of r = r+ + r-. The paper ("Privacy Auditing with One (1) Training Run",
-arXiv 2305.08846) proves, for a mechanism that is (ε, δ)-DP in each canary's inclusion:
+correct guesses v out of r = r+ + r-. Any score computed from the whole release is allowed, so
+per-step scores of DP-SGD may be combined freely. Every candidate (r+, r-) is fixed before the scores
+are seen and gets β / (number of candidates) (Bonferroni, β = 1 - confidence), so taking the best
+candidate keeps the overall confidence. Three tests turn (r, v) into a bound (`audit_scores(bound=...)`):
 
-    P[v correct or more] <= f(v) + 2 m δ · max_{i = 1..v} (f(v - i) - f(v)) / i,
-    f(x) = P[Binomial(r, e^ε / (1 + e^ε)) >= x]
+- "eps-delta" (Steinke, Nasr, Jagielski, "Privacy Auditing with One (1) Training Run", arXiv
+  2305.08846): for a mechanism that is (ε, δ)-DP in each canary's inclusion,
 
-(the approximate-DP form of its main theorem; δ = 0 leaves f(v), the pure-DP statement; computed as
-the paper's p-value routine does, e.g. jax_privacy's `auditing._one_run_p_value`). Any score computed
-from the whole release is allowed, so per-step scores of DP-SGD may be combined freely. The bound is
-the largest ε this p-value rejects at level β = 1 - confidence. Every candidate (r+, r-) is fixed
-before the scores are seen and gets β / (number of candidates) (Bonferroni), so taking the best
-candidate keeps the overall confidence.
+      P[v correct or more] <= f(v) + 2 m δ · max_{i = 1..v} (f(v - i) - f(v)) / i,
+      f(x) = P[Binomial(r, e^ε / (1 + e^ε)) >= x]
+
+  (the approximate-DP form of its main theorem; computed as the paper's p-value routine does, e.g.
+  jax_privacy's `auditing._one_run_p_value`). The bound is the largest ε this rejects at level β.
+  Sound for every (ε, δ)-DP mechanism, but loose: the 2mδ term caps it near 4.8 at m = 1,000.
+- "fdp" (Mahloujifar, Melis, Chaudhuri, "Auditing f-Differential Privacy in One Run", arXiv
+  2410.22235): the claim tested is "the run is μ-GDP" (trade-off function at least G_μ, the Gaussian
+  mechanism with σ = 1/μ) by a recursion over the number of correct guesses (`one_run_fdp_rejects`);
+  the largest μ rejected is reported as the ε at δ of the μ-GDP curve (`gdp_epsilon`). Comparing that
+  ε with a recorded (ε, δ) is legitimate only when the mechanism is μ_rec-GDP for the μ_rec whose
+  curve passes through the recorded (ε, δ): true for Gaussian mechanisms and their compositions
+  (full-batch DP-SGD), NOT guaranteed for Poisson-subsampled ones, whose δ(ε) falls below that
+  Gaussian curve for ε < ε_rec but above it for ε > ε_rec (heavier tails), so a correct subsampled
+  run could in principle be "refuted". About 1.3 to 1.8 times the "eps-delta" bound on the Gaussian.
+- "fdp-eps-delta": the same recursion with the trade-off function of (ε, δ)-DP itself,
+  max(0, 1 - δ - e^ε α, e^-ε (1 - δ - α)). It tests the recorded claim "(ε, δ)-DP" directly, so it is
+  sound for every mechanism, like "eps-delta", and at least as tight as it in every case measured
+  (1.0 to 1.1 times at m = 1,000, about 1.5 times at m = 10,000 on the Gaussian).
+
+`audit_scores` computes all three and reports them (`CanaryAudit.epsilon_lower_bound_*`); the one
+named by `bound`, chosen before the scores are seen, is `epsilon_lower_bound` and decides
+`exceeds_recorded`. Its default stays "eps-delta"; `gaussian_reference_audit` uses "fdp" (an exact
+Gaussian), `audit_dp_sgd` "fdp" with full batches (Gaussian composition) and "fdp-eps-delta" with
+Poisson sampling.
 
 The result is an audit, not a guarantee: a correct mechanism gives a bound at or below its recorded
-ε (with probability >= confidence); a bound above it means the implementation or its accounting is
-wrong. It is loose: on an exactly (ε, 1e-5)-DP Gaussian mechanism with 1,000 canaries it shows about
-a third of ε, and the δ term caps it near 4.8 however good the attack (bench/canary_tightness.py).
-It catches gross breaks (noise cut 4x, clipping off), not small ones.
+ε (with probability >= confidence, under the bound's claim above); a bound above it means the
+implementation or its accounting is wrong. Even the "fdp" bound shows only about 0.3 to 0.5 of ε on
+an exactly (ε, 1e-5)-DP Gaussian mechanism with 1,000 canaries (bench/canary_tightness.py): it
+catches gross breaks (noise cut 4x, clipping off), not small ones.
 """
 
 from __future__ import annotations
@@ -38,11 +59,20 @@ if TYPE_CHECKING:
 
 AUDIT_LABEL = "empirical lower bound on epsilon from a one-run canary audit; an audit, not a privacy guarantee"
 SCORES = ("likelihood-ratio", "sum")
+BOUNDS = ("eps-delta", "fdp", "fdp-eps-delta")
 
 
 @dataclass(frozen=True)
 class CanaryAudit:
-    """One audit: the ε lower bound, the guesses behind it, and the ε the run recorded."""
+    """One audit: the ε lower bound, the guesses behind it, and the ε the run recorded.
+
+    `epsilon_lower_bound` is the bound named by `bound` (chosen before the scores were seen), and the
+    guess fields are its best candidate's. The `epsilon_lower_bound_*` fields are the three tests of
+    the same guesses, each valid at `confidence` on its own (taking the largest of them after the fact
+    is not): "eps-delta" and "fdp-eps-delta" test the recorded (ε, δ); "fdp" tests μ-GDP
+    (`gdp_mu_lower_bound` is the μ it rejects) and compares with the recorded ε only for mechanisms
+    that are as private as the Gaussian with that (ε, δ) (see the module docstring).
+    """
 
     epsilon_lower_bound: float
     confidence: float
@@ -54,10 +84,17 @@ class CanaryAudit:
     recorded_epsilon: float | None = None  # the accountant's ε for the audited run, if any
     mechanism: str = ""
     label: str = AUDIT_LABEL
+    bound: str = "eps-delta"  # which test gave epsilon_lower_bound: one of BOUNDS
+    epsilon_lower_bound_eps_delta: float | None = None  # Steinke, Nasr, Jagielski
+    epsilon_lower_bound_fdp: float | None = None  # f-DP recursion against μ-GDP, as ε at delta
+    epsilon_lower_bound_fdp_eps_delta: float | None = None  # f-DP recursion against (ε, δ)-DP
+    gdp_mu_lower_bound: float | None = None  # the largest μ the "fdp" test rejects
 
     def __post_init__(self) -> None:
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"confidence={self.confidence} must lie in (0, 1), e.g. 0.99.")
+        if self.bound not in BOUNDS:
+            raise ValueError(f"bound={self.bound!r} must be one of {', '.join(BOUNDS)}.")
         if not 0 <= self.correct <= self.num_guesses <= self.num_canaries:
             raise ValueError(f"need 0 <= correct ({self.correct}) <= num_guesses ({self.num_guesses}) <= "
                              f"num_canaries ({self.num_canaries}).")
@@ -133,6 +170,160 @@ def one_run_epsilon_bound(*, num_canaries: int, num_guesses: int, correct: int, 
     return lo
 
 
+# ------------------------------------------------------------------------------- the f-DP bound
+
+_FDP_SLACK = 1e-9  # relative margin against round-off before the recursion rejects
+_MAX_MU = 50.0  # μ-GDP with μ = 50 is (ε, 1e-5)-DP only for ε above 1,000: no audit reaches it
+_MAX_EPSILON = 200.0
+
+
+def _check_fdp_counts(num_canaries: int, num_guesses: int, correct: int) -> None:
+    if not 0 <= correct <= num_guesses <= num_canaries or num_canaries < 1:
+        raise ValueError(f"need 0 <= correct ({correct}) <= num_guesses ({num_guesses}) <= num_canaries "
+                         f"({num_canaries}) and at least one canary.")
+
+
+def _check_confidence(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence} must lie in (0, 1), e.g. 0.99.")
+    return 1.0 - confidence
+
+
+def gdp_delta(*, mu: float, epsilon: float) -> float:
+    """δ(ε) of μ-GDP (Dong, Roth, Su 2019, Corollary 2.13): Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2).
+
+    μ-GDP is the Gaussian mechanism with σ = 1/μ (sensitivity 1), so this is also its exact δ(ε).
+    """
+    from scipy.special import log_ndtr, ndtr
+
+    if not (math.isfinite(mu) and mu >= 0):
+        raise ValueError(f"mu={mu} must be a finite number >= 0.")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon={epsilon} must be >= 0.")
+    if mu == 0.0 or math.isinf(epsilon):
+        return 0.0
+    # e^ε Φ(b) in log space: e^ε overflows long before the product underflows.
+    first = float(ndtr(-epsilon / mu + mu / 2))
+    second = math.exp(epsilon + float(log_ndtr(-epsilon / mu - mu / 2)))
+    return max(first - second, 0.0)
+
+
+def gdp_epsilon(*, mu: float, delta: float) -> float:
+    """The ε at which μ-GDP is (ε, δ)-DP, rounded down (bisection on `gdp_delta`, lower end).
+
+    Rounded down so that an ε reported from a rejected μ never overstates what the rejection shows.
+    """
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta={delta} must lie in (0, 1) for an ε at δ.")
+    if gdp_delta(mu=mu, epsilon=0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while gdp_delta(mu=mu, epsilon=hi) > delta:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > 1e-10 * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if gdp_delta(mu=mu, epsilon=mid) > delta else (lo, mid)
+    return lo
+
+
+def one_run_fdp_rejects(*, num_canaries: int, num_guesses: int, correct: int, confidence: float,
+                        blow_up_inverse: Callable[[float], float]) -> bool:
+    """True when `correct` right guesses refute f-DP at level 1 - confidence (Mahloujifar et al. 2024).
+
+    `blow_up_inverse` is B^-1 for the blow-up B(x) = 1 - f(x) of a symmetric trade-off function f:
+    an event of probability y in one world has probability at least B^-1(y) in the neighbouring one
+    (Φ(Φ^-1(y) - μ) for μ-GDP). It must be non-decreasing.
+
+    The statement relied on (the paper's recursion, `audit_rh_with_cap`; proved here as follows).
+    Let T be the number of correct guesses among k = num_guesses, p_t = P[T = t], and J a canary drawn
+    uniformly. Given J and the other canaries, "J guessed included and the others have >= j - 1 right"
+    is an event on the release, so f-DP in J's inclusion and concavity of 1 - f give, for j = 1..k,
+
+        b_j >= B^-1(a_j),   a_j = P[J right, T >= j]         = sum_{t >= j} t p_t / m,
+                            b_j = P[J wrong, T_-J >= j - 1]  = sum_{t >= j-1} (k - t) p_t / m.
+
+    If P[T >= c] >= τ, moving mass down to c (and any excess at c to c - 1) keeps every constraint
+    j <= c, so the least total mass they allow is built greedily from c down: r = τc/m, h = τ(k-c)/m;
+    for i = c-1, ..., 0: h' = max(h, B^-1(r)), r += i/(k-i) (h' - h), h = h' (an induction with Abel
+    summation, the weights i/(k-i) growing with i, shows every feasible p has at least r and h at each
+    step). The total is r + h <= k/m for every feasible p, so r + h > k/m shows P[T >= c] < τ.
+    Rejecting the observed v at τ = 1 - confidence is then a level-τ test.
+    """
+    _check_fdp_counts(num_canaries, num_guesses, correct)
+    tau = _check_confidence(confidence)
+    m, k, c = num_canaries, num_guesses, correct
+    total = (k / m) * (1.0 + _FDP_SLACK)
+    r, h = tau * c / m, tau * (k - c) / m
+    for i in range(c - 1, -1, -1):
+        need = blow_up_inverse(min(r, 1.0))
+        if need <= h:
+            break  # r and h stay put from here down
+        r, h = r + i / (k - i) * (need - h), need
+        if r + h > total:
+            return True
+    return r + h > total
+
+
+def _gdp_blow_up_inverse(mu: float) -> Callable[[float], float]:
+    from scipy.special import ndtr, ndtri
+
+    return lambda y: float(ndtr(ndtri(y) - mu))
+
+
+def _eps_delta_blow_up_inverse(epsilon: float, delta: float) -> Callable[[float], float]:
+    # Inverse of B(x) = min(1, δ + e^ε x, 1 - e^-ε (1 - δ - x)), the blow-up of (ε, δ)-DP.
+    grow = math.exp(epsilon)
+    return lambda y: max(0.0, (y - delta) / grow, 1.0 - delta - grow * (1.0 - y))
+
+
+def _largest_rejected(rejects: Callable[[float], bool], *, limit: float) -> float:
+    """The largest parameter rejected, by bisection (rejection is monotone: a larger μ or ε is a
+    weaker claim); the lower end of the last bracket, itself rejected, is returned."""
+    if not rejects(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while rejects(hi):
+        if hi >= limit:
+            return hi
+        lo, hi = hi, min(2.0 * hi, limit)
+    while hi - lo > 1e-6 * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if rejects(mid) else (lo, mid)
+    return lo
+
+
+def one_run_gdp_mu_bound(*, num_canaries: int, num_guesses: int, correct: int, confidence: float = 0.99) -> float:
+    """The largest μ for which `correct` right out of `num_guesses` refutes μ-GDP (0 if none)."""
+    return _largest_rejected(
+        lambda mu: one_run_fdp_rejects(num_canaries=num_canaries, num_guesses=num_guesses, correct=correct,
+                                       confidence=confidence, blow_up_inverse=_gdp_blow_up_inverse(mu)),
+        limit=_MAX_MU)
+
+
+def one_run_gdp_bound(*, num_canaries: int, num_guesses: int, correct: int, delta: float,
+                      confidence: float = 0.99) -> float:
+    """The f-DP audit's ε lower bound at δ: the ε at δ of the largest μ-GDP claim it refutes.
+
+    What is refuted is "the run is μ-GDP". Reading the result as "the run is not (ε, δ)-DP" needs
+    the mechanism to be at least as private as the Gaussian mechanism that is exactly (ε, δ)-DP
+    (true for Gaussian mechanisms and compositions of them; not guaranteed for subsampled ones).
+    """
+    mu = one_run_gdp_mu_bound(num_canaries=num_canaries, num_guesses=num_guesses, correct=correct,
+                              confidence=confidence)
+    return gdp_epsilon(mu=mu, delta=delta) if mu > 0 else 0.0
+
+
+def one_run_fdp_epsilon_bound(*, num_canaries: int, num_guesses: int, correct: int, delta: float,
+                              confidence: float = 0.99) -> float:
+    """The largest ε for which the f-DP recursion refutes (ε, δ)-DP itself (no Gaussian assumption)."""
+    if not 0.0 <= delta < 1.0:
+        raise ValueError(f"delta={delta} must lie in [0, 1).")
+    return _largest_rejected(
+        lambda eps: one_run_fdp_rejects(num_canaries=num_canaries, num_guesses=num_guesses, correct=correct,
+                                        confidence=confidence, blow_up_inverse=_eps_delta_blow_up_inverse(eps, delta)),
+        limit=_MAX_EPSILON)
+
+
 def default_guesses(num_canaries: int) -> tuple[tuple[int, int], ...]:
     """The candidate (r+, r-) pairs: (k, k) for k = m/2, m/4, ... down to 16.
 
@@ -152,12 +343,21 @@ def default_guesses(num_canaries: int) -> tuple[tuple[int, int], ...]:
 
 def audit_scores(*, scores, included, delta: float, confidence: float = 0.99,
                  guesses: Sequence[tuple[int, int]] | None = None, recorded_epsilon: float | None = None,
-                 mechanism: str = "") -> CanaryAudit:
+                 mechanism: str = "", bound: str = "eps-delta") -> CanaryAudit:
     """Audit from one score per canary (higher: more likely included) and the true inclusion vector.
 
     `guesses`: candidate (r+, r-) pairs fixed in advance (default `default_guesses`); each is tested
-    at level (1 - confidence) / len(guesses) and the best bound is reported.
+    at level (1 - confidence) / len(guesses) and the best bound is reported. All three tests of
+    `BOUNDS` are run on the same guesses and reported; `bound` names the one that becomes
+    `epsilon_lower_bound` (and so `exceeds_recorded`). The default "eps-delta" is sound for any
+    (ε, δ)-DP mechanism; so is "fdp-eps-delta", usually tighter; "fdp" is the tightest but compares
+    with the recorded ε only for mechanisms at least as private as the Gaussian with that (ε, δ).
     """
+    if bound not in BOUNDS:
+        raise ValueError(f"bound={bound!r} must be one of {', '.join(BOUNDS)} (see privdiff.privacy.canary).")
+    if bound == "fdp" and delta == 0:
+        raise ValueError("bound='fdp' needs delta > 0: μ-GDP gives an ε only at some δ > 0 (no Gaussian "
+                         "mechanism is pure DP); use bound='fdp-eps-delta' for δ = 0.")
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     included = np.asarray(included, dtype=bool).reshape(-1)
     m = len(scores)
@@ -172,17 +372,29 @@ def audit_scores(*, scores, included, delta: float, confidence: float = 0.99,
     # Per-candidate confidence under the union bound over all candidates.
     each = 1.0 - (1.0 - confidence) / len(candidates)
     order = np.argsort(-scores, kind="stable")  # ties broken by canary index: a function of the release
-    best = None
+    tests = {
+        "eps-delta": one_run_epsilon_bound,
+        "fdp": lambda **kw: one_run_gdp_mu_bound(**{k: v for k, v in kw.items() if k != "delta"}),  # μ; ε below
+        "fdp-eps-delta": one_run_fdp_epsilon_bound,
+    }
+    best: dict[str, tuple[float, int, int, int]] = {}
     for plus, minus in candidates:
         correct = int(included[order[:plus]].sum()) + int((~included[order[m - minus:]]).sum() if minus else 0)
-        bound = one_run_epsilon_bound(num_canaries=m, num_guesses=plus + minus, correct=correct, delta=delta,
-                                      confidence=each)
-        if best is None or bound > best[0]:
-            best = (bound, plus, minus, correct)
-    bound, plus, minus, correct = best
-    return CanaryAudit(epsilon_lower_bound=bound, confidence=confidence, delta=delta, num_canaries=m,
+        for name, test in tests.items():
+            value = test(num_canaries=m, num_guesses=plus + minus, correct=correct, delta=delta, confidence=each)
+            if name not in best or value > best[name][0]:
+                best[name] = (value, plus, minus, correct)
+    mu = best["fdp"][0]
+    # The ε at δ grows with μ, so the best μ gives the best "fdp" ε. At δ = 0 there is none: no μ-GDP
+    # mechanism with μ > 0 is (ε, 0)-DP.
+    fdp_epsilon = None if delta == 0 else gdp_epsilon(mu=mu, delta=delta) if mu > 0 else 0.0
+    epsilons = {"eps-delta": best["eps-delta"][0], "fdp": fdp_epsilon, "fdp-eps-delta": best["fdp-eps-delta"][0]}
+    _, plus, minus, correct = best[bound]
+    return CanaryAudit(epsilon_lower_bound=epsilons[bound], confidence=confidence, delta=delta, num_canaries=m,
                        num_guesses=plus + minus, guesses_included=plus, correct=correct,
-                       recorded_epsilon=recorded_epsilon, mechanism=mechanism)
+                       recorded_epsilon=recorded_epsilon, mechanism=mechanism, bound=bound,
+                       epsilon_lower_bound_eps_delta=epsilons["eps-delta"], epsilon_lower_bound_fdp=epsilons["fdp"],
+                       epsilon_lower_bound_fdp_eps_delta=epsilons["fdp-eps-delta"], gdp_mu_lower_bound=mu)
 
 
 # ---------------------------------------------------------------------------------- shared draws
@@ -219,11 +431,12 @@ def canary_directions(*, num_canaries: int, dim: int, generator: torch.Generator
 
 
 def gaussian_reference_audit(*, epsilon: float, delta: float, num_canaries: int = 1000, noise_scale: float = 1.0,
-                             confidence: float = 0.99, seed: int = 0) -> CanaryAudit:
+                             confidence: float = 0.99, seed: int = 0, bound: str = "fdp") -> CanaryAudit:
     """Audit m independent Gaussian mechanisms, each (ε, δ)-DP exactly (Balle & Wang σ), one per canary.
 
     Canary i releases S_i + σ · noise_scale · N(0, 1) and is scored by that value, the optimal test.
-    `noise_scale` < 1 simulates a broken mechanism whose noise falls short of the recorded ε.
+    `noise_scale` < 1 simulates a broken mechanism whose noise falls short of the recorded ε. Each
+    mechanism is (1/σ)-GDP, σ rounded up, so the "fdp" bound (the default) compares with ε soundly.
     """
     from .accounting import analytic_gaussian_sigma
 
@@ -235,7 +448,7 @@ def gaussian_reference_audit(*, epsilon: float, delta: float, num_canaries: int 
     noise = np.random.default_rng(noise_stream).standard_normal(num_canaries)
     release = included + sigma * noise_scale * noise
     return audit_scores(scores=release, included=included, delta=delta, confidence=confidence,
-                        recorded_epsilon=float(epsilon), mechanism="gaussian")
+                        recorded_epsilon=float(epsilon), mechanism="gaussian", bound=bound)
 
 
 def step_score(*, projection: torch.Tensor, noise_multiplier: float, sample_rate: float,
@@ -261,7 +474,7 @@ _REAL_DIM = 16  # inputs of the audited run's own regression task
 
 def audit_dp_sgd(*, config: DPConfig, num_canaries: int = 1000, num_examples: int = 256, canary_dim: int | None = None,
                  canary_norm: float = 10.0, learning_rate: float = 1e-2, score: str = "likelihood-ratio",
-                 confidence: float = 0.99, seed: int = 0) -> CanaryAudit:
+                 confidence: float = 0.99, seed: int = 0, bound: str | None = None) -> CanaryAudit:
     """Run privdiff's DP-SGD engine (`config`: a DPConfig) with gradient canaries and audit it.
 
     The model is one linear layer trained with Adam on `num_examples` regression examples plus m
@@ -275,6 +488,10 @@ def audit_dp_sgd(*, config: DPConfig, num_canaries: int = 1000, num_examples: in
     between the noise and the optimizer (`after_noise`; Adam's update is not the gradient), turned
     back into the noisy sum, projected on every u_i and scored (`step_score`); the scores add up over
     the run. The bound is compared with the engine accountant's ε for the run's σ, q, steps and δ.
+
+    `bound` (see `audit_scores`) defaults to the tightest sound one: "fdp" with full batches
+    (sample_rate 1: T Gaussian steps compose to exactly (√T/σ)-GDP, and the accountant's ε is at
+    least that Gaussian's), "fdp-eps-delta" with Poisson sampling (not GDP).
     """
     from torch import nn
 
@@ -288,6 +505,10 @@ def audit_dp_sgd(*, config: DPConfig, num_canaries: int = 1000, num_examples: in
                          "e.g. 10.")
     if score not in SCORES:
         raise ValueError(f"score={score!r} must be one of {', '.join(SCORES)}.")
+    if bound is None:
+        bound = "fdp" if config.sample_rate == 1.0 else "fdp-eps-delta"
+    if bound not in BOUNDS:
+        raise ValueError(f"bound={bound!r} must be one of {', '.join(BOUNDS)}, or None for the tightest sound one.")
     if num_examples < 1:
         raise ValueError(f"num_examples={num_examples} must be at least 1 (the run's own training examples).")
     m, dim = num_canaries, canary_dim or num_canaries
@@ -318,7 +539,7 @@ def audit_dp_sgd(*, config: DPConfig, num_canaries: int = 1000, num_examples: in
         guesses += tuple((plus, 0) for plus, _ in guesses)
     return audit_scores(scores=scores.numpy(), included=included, delta=config.delta, confidence=confidence,
                         guesses=guesses, recorded_epsilon=engine.accountant.epsilon(delta=config.delta),
-                        mechanism="dp-sgd")
+                        mechanism="dp-sgd", bound=bound)
 
 
 def _canary_task(*, model, directions: torch.Tensor, included: np.ndarray, num_examples: int,

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from .diffusion import (attach_conditioning_rows, denoising_target, encode_latents, trained_parameters,
                         training_modules, training_scheduler)
@@ -133,11 +134,31 @@ class DPLDMConfig:
         return self.accountant or default_accountant(self.adjacency)
 
 
+class ExtraUnits(Protocol):
+    """Privacy units a run holds besides its N data units, e.g. an audit's canaries
+    (`pipelines.canary_audit`). They are units N..N+count-1 of the engine's Poisson sampling; what
+    they compute or read is a by-product of the run, never part of its release."""
+
+    count: int
+
+    def attach(self, *, run: FineTuneRun) -> None:
+        """Called once the run's engine exists (e.g. to hook the trainable layers)."""
+
+    def per_sample_loss(self, indices, *, data_loss: Callable) -> Any:
+        """One loss per row of `indices` (data rows and extra rows mixed, in one forward pass):
+        `data_loss` computes the data units' losses."""
+
+    def read_noisy_average(self) -> None:
+        """Called each step between the engine's noisy average and the optimizer."""
+
+
 class FineTuneRun:
     """State of one training run, savable as safetensors + JSON (no pickle) for exact resumption."""
 
     def __init__(self, *, pipeline, dataset, config: DPLDMConfig, num_examples: int,
-                 progress: Callable[[Progress], None] | None = None):
+                 progress: Callable[[Progress], None] | None = None, extra_units=None):
+        """`extra_units` (an audit's canaries; see `ExtraUnits`) join the privacy units after the N data
+        units: sampled, clipped and noised with them at the data's sample rate and plan of steps."""
         import torch
 
         from ..privacy.engine import DPConfig, DPSGDEngine
@@ -174,6 +195,9 @@ class FineTuneRun:
                            else torch.Generator(self.device).manual_seed(config.seed))
         self.step = 0
         self.losses: list[float] = []
+        self.extra_units = extra_units
+        if extra_units is not None and (config.epsilon is None or config.privacy_unit != "example"):
+            raise ValueError("extra units (canaries) join a private run with privacy_unit='example': set epsilon.")
         self._prepare(dataset, progress=progress)
         subjects = dataset.subjects() if config.privacy_unit == "subject" else None
         if progress is not None and config.epsilon is not None and config.noise_multiplier is None:
@@ -199,11 +223,13 @@ class FineTuneRun:
                                         if config.conditioning_clip_share else ()),
                     draws_per_example=config.noise_draws,
                 ),
-                num_examples=num_examples,
+                num_examples=num_examples + (extra_units.count if extra_units is not None else 0),
                 subjects=subjects,
                 generator=noise_generator,
             )
             self.sampler = self.engine.sampler
+            if extra_units is not None:
+                extra_units.attach(run=self)  # after the engine: its clipper's hooks come first
 
     def _prepare(self, dataset, *, progress=None) -> None:
         """Encode every image and caption once with the frozen VAE and text encoder (kept in memory)."""
@@ -263,9 +289,20 @@ class FineTuneRun:
                 term = (p - start).mul_(self.config.proximal_mu)
                 p.grad = term if p.grad is None else p.grad.add_(term)
 
+    def _units_loss(self, indices):
+        # Indices from N on are the extra units': they compute their own losses (with the data's, in one pass).
+        if self.extra_units is None:
+            return self.per_sample_loss(indices)
+        return self.extra_units.per_sample_loss(indices, data_loss=self.per_sample_loss)
+
+    def _after_noise(self) -> None:
+        if self.extra_units is not None:
+            self.extra_units.read_noisy_average()  # the engine's release alone, before the public proximal term
+        self._add_proximal_gradient()
+
     def train_step(self) -> Progress:
         if self.engine is not None:
-            info = self.engine.step(self.per_sample_loss, after_noise=self._add_proximal_gradient)
+            info = self.engine.step(self._units_loss, after_noise=self._after_noise)
             loss, eps = info["loss"], info["epsilon"]
         else:
             indices, _ = self.sampler.sample()

@@ -2,6 +2,8 @@
 //   node frontend.cjs <server url> to-api     <ui workflow.json>  <out api.json>
 //   node frontend.cjs <server url> from-api   <api prompt.json>   <out ui.json>   [note text file]
 //   node frontend.cjs <server url> screenshot <ui workflow.json>  <out .png>
+//   node frontend.cjs <server url> run        <ui workflow.json>  <out .png>  (queues it as a user would,
+//        waits for the run, prints {node id: {type, text}} of every node's result box, then screenshots)
 const fs = require('fs');
 const { chromium } = require('playwright-core');
 
@@ -14,7 +16,7 @@ const flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', 
   const browser = await chromium.launch({ executablePath, args: flags });
   try {
     // Screenshots get a large canvas so that node titles and widgets stay legible in the README.
-    const viewport = mode === 'screenshot' ? { width: 2400, height: 1350 } : { width: 1600, height: 900 };
+    const viewport = (mode === 'screenshot' || mode === 'run') ? { width: 2400, height: 1350 } : { width: 1600, height: 900 };
     const page = await browser.newPage({ viewport });
     const errors = [];
     page.on('pageerror', (e) => errors.push(String(e)));
@@ -46,9 +48,20 @@ const flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', 
         return graph.serialize();
       }, [data, note]);
       fs.writeFileSync(output, JSON.stringify(workflow, null, 1) + '\n');
-    } else if (mode === 'screenshot') {
-      await page.evaluate(async ([wf, width, height]) => {
+    } else if (mode === 'screenshot' || mode === 'run') {
+      await page.evaluate(async ([wf, width, height, run]) => {
         await window.app.loadGraphData(wf);
+        if (run) {
+          const before = Object.keys(await (await fetch('/history')).json()).length;
+          await window.app.queuePrompt(0, 1);
+          for (let i = 0; i < 3600; i++) {  // at most an hour
+            await new Promise((r) => setTimeout(r, 1000));
+            const queue = await (await fetch('/queue')).json();
+            const done = Object.keys(await (await fetch('/history')).json()).length > before;
+            if (done && !queue.queue_running.length && !queue.queue_pending.length) break;
+          }
+          await new Promise((r) => setTimeout(r, 1500));  // the last 'executed' messages reach the nodes
+        }
         const canvas = window.app.canvas;
         canvas.min_font_size_for_lod = 0;  // draw titles and widgets at any zoom (no low-detail boxes)
         if (canvas.ds && window.app.graph._nodes.length) {
@@ -62,9 +75,21 @@ const flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', 
           canvas.ds.offset = [-x0 + 50 / scale, -y0 + 80 / scale];
           canvas.setDirty(true, true);
         }
-      }, [data, viewport.width, viewport.height]);
+      }, [data, viewport.width, viewport.height, mode === 'run']);
+      await page.keyboard.press('Escape');  // a fresh ComfyUI opens its template dialog over the graph
       await page.waitForTimeout(1500);
       await page.screenshot({ path: output });
+      if (mode === 'run') {
+        const results = await page.evaluate(() => {
+          const out = {};
+          for (const n of window.app.graph._nodes) {
+            const w = (n.widgets || []).find((w) => w.name === 'privdiff_result');
+            if (w) out[n.id] = { type: n.type, text: w.value };
+          }
+          return out;
+        });
+        console.log(JSON.stringify(results));
+      }
     } else {
       throw new Error(`unknown mode ${mode}`);
     }

@@ -1,0 +1,277 @@
+"""Canary audit of DP-LDM: an empirical lower bound on ε from one run of the real fine-tune.
+
+m canary units join the run's N data units (`FineTuneRun(extra_units=...)`), each included with
+probability 1/2 (Steinke, Nasr, Jagielski 2023; the bound is `privacy.canary`'s). Canary i's loss is
+linear in the trainable Linear layers' weights: in each layer its row's input is a fixed vector x_il
+(on the first token) and its loss the dot product of that token's output with a fixed g_il, so its
+gradient is g_il x_il^T (and g_il for a trainable bias) whatever the weights are: `canary_norm`·C
+along the unit direction u_i they make, far outside the clip ball, so a correct engine cuts it to
+C·u_i. An excluded canary's loss is 0: it stays a unit with zero gradient, so the public unit count
+N + m, and the noisy average's denominator q·(N + m), are the same in both worlds. Canary rows share
+the data rows' forward pass (fast clipping needs each layer called once per pass); their outputs are
+cut from the graph after every trainable layer, so no canary gradient depends on the weights.
+
+Each step the engine's noisy clipped average is read between the noise and the optimizer (AdamW's
+update is not the gradient), turned back into the noisy sum in units of C, projected on every u_i and
+scored (`privacy.canary.step_score`); the scores add up over the run. The bound is compared with the
+run's accountant ε for its σ, q, steps and δ. Canaries and scores are by-products of an audit run:
+nothing of it is released; `write_canary_audit` writes a JSON record labelled as an audit, and a chart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..privacy.canary import (
+    SCORES,
+    CanaryAudit,
+    audit_scores,
+    audit_streams,
+    canary_inclusion,
+    default_guesses,
+    gaussian_reference_audit,
+    step_score,
+    torch_generator,
+)
+from ..training.fine_tune import DPLDMConfig, FineTuneRun, validate_dataset
+from ..training.result import Progress
+
+AUDIT_FILE = "canary-audit.json"
+AUDIT_CHART = "canary-audit.png"
+AUDIT_DELTA = 1e-5  # δ when the config leaves it to N: the audit needs 2·m·δ <= 1
+METHODS = ("dp-ldm", "gaussian")
+
+
+@dataclass(frozen=True)
+class CanaryAuditResult:
+    """One canary audit: the bound (with the ε it is compared to), the audited run's settings, and the
+    canaries' scores and inclusion (None for the Gaussian reference), for the chart only."""
+
+    audit: CanaryAudit
+    settings: dict
+    scores: np.ndarray | None = None
+    included: np.ndarray | None = None
+
+    def summary_lines(self) -> list[str]:
+        a = self.audit
+        return [f"audited lower bound: ε >= {a.epsilon_lower_bound:.3g} at {a.confidence:.0%} confidence "
+                f"({a.num_canaries} canaries, {a.correct}/{a.num_guesses} guesses right, δ = {a.delta:.3g})",
+                f"recorded ε: {a.recorded_epsilon:.3g} (the accountant's, for the audited run's σ, q, steps and δ)"
+                + ("  <- EXCEEDED: the mechanism leaks more than it records" if a.exceeds_recorded else "")]
+
+
+class LinearCanaries:
+    """m gradient canaries for a `FineTuneRun` (its `extra_units`), scored each step.
+
+    `included`: each canary's inclusion (the audit's secret S); `generator` draws their directions.
+    """
+
+    def __init__(self, *, included: np.ndarray, canary_norm: float, generator: torch.Generator,
+                 score: str = "likelihood-ratio"):
+        if not canary_norm > 1:
+            raise ValueError(f"canary_norm={canary_norm} must exceed 1 (a multiple of C) so that clipping matters; "
+                             "e.g. 10.")
+        if score not in SCORES:
+            raise ValueError(f"score={score!r} must be one of {', '.join(SCORES)}.")
+        self.included = np.asarray(included, dtype=bool)
+        self.count = len(self.included)
+        self.canary_norm, self.score, self._generator = float(canary_norm), score, generator
+        self.scores = torch.zeros(self.count, dtype=torch.float64)
+        self._batch = None  # (canary row mask, canary ids) while a forward pass is under way
+        self._terms: list[torch.Tensor] = []
+
+    def attach(self, *, run: FineTuneRun) -> None:
+        if run.config.backend != "privdiff" or run.config.conditioning_words:
+            raise ValueError("the canary audit runs on the privdiff backend without conditioning_words: a canary "
+                             "lives in the UNet's trainable Linear layers, clipped as one group.")
+        self.run, self.num_data = run, run.num_examples
+        trained = [(name, module) for name, module in run.model.named_modules()
+                   if any(p.requires_grad for p in module.parameters(recurse=False))]
+        self.layers = [module for _, module in trained
+                       if isinstance(module, torch.nn.Linear) and module.weight.requires_grad]
+        if not self.layers:
+            raise ValueError("the trainable set has no Linear layer to carry the canaries.")
+        m = self.count
+        xs = [torch.randn(m, layer.in_features, generator=self._generator, dtype=torch.float64) for layer in self.layers]
+        gs = [torch.randn(m, layer.out_features, generator=self._generator, dtype=torch.float64) for layer in self.layers]
+        # |g x^T|² = |g|²|x|², and a trainable bias adds |g|²: the norm of each canary's whole direction.
+        sq = sum(g.pow(2).sum(1) * (x.pow(2).sum(1) + _bias_trains(layer))
+                 for layer, x, g in zip(self.layers, xs, gs))
+        self.unit_g = [g / sq.sqrt()[:, None] for g in gs]  # u_i's blocks: unit_g x^T (and unit_g for the bias)
+        self.xs = xs
+        planted = run.config.clip_norm * self.canary_norm * torch.from_numpy(self.included).double()
+        device = run.device
+        self._planted_g = [(g * planted[:, None]).to(device, torch.float32) for g in self.unit_g]
+        self._planted_x = [x.to(device, torch.float32) for x in xs]
+        for i, layer in enumerate(self.layers):
+            layer.register_forward_pre_hook(self._plant_input(i))
+        for _, module in trained:
+            layer_index = next((i for i, layer in enumerate(self.layers) if layer is module), None)
+            module.register_forward_hook(self._cut_output(layer_index))
+
+    def per_sample_loss(self, indices: torch.Tensor, *, data_loss: Callable) -> torch.Tensor:
+        is_canary = indices >= self.num_data
+        ids = (indices - self.num_data).clamp(min=0)
+        # A data row's inputs stand in for a canary's: every trainable layer then sees the canary's own
+        # input, and its output is cut from the rest of the UNet.
+        stand_in = torch.where(is_canary, torch.zeros_like(indices), indices)
+        self._batch, self._terms = (is_canary.to(self.run.device), ids.to(self.run.device)), []
+        try:
+            data = data_loss(stand_in)
+        finally:
+            self._batch = None
+        canary = torch.stack(self._terms).sum(0)
+        self._terms = []
+        return torch.where(is_canary.to(data.device), canary.to(data.dtype), data)
+
+    def _plant_input(self, i: int):
+        def hook(layer, args):
+            if self._batch is None or not torch.is_grad_enabled():
+                return None
+            mask, ids = self._batch
+            x = args[0]
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            planted = torch.zeros_like(flat)
+            planted[:, 0, :] = self._planted_x[i][ids].to(x.dtype)
+            return (torch.where(mask[:, None, None], planted, flat).reshape(x.shape), *args[1:])
+
+        return hook
+
+    def _cut_output(self, i: int | None):
+        def hook(layer, args, output):
+            if self._batch is None or not torch.is_grad_enabled():
+                return None
+            mask, ids = self._batch
+            if i is not None:  # the canary's loss term: linear in this layer's weight (and bias)
+                first = output.reshape(output.shape[0], -1, output.shape[-1])[:, 0, :]
+                weight = self._planted_g[i][ids] * mask[:, None]
+                self._terms.append((first.float() * weight).sum(-1))
+            return torch.where(mask.view(-1, *[1] * (output.dim() - 1)), output.detach(), output)
+
+        return hook
+
+    def read_noisy_average(self) -> None:
+        """Project the engine's noisy average on every u_i, as a sum in units of C, and score it."""
+        engine = self.run.engine
+        projection = torch.zeros(self.count, dtype=torch.float64)
+        with torch.no_grad():
+            for layer, x, g in zip(self.layers, self.xs, self.unit_g):
+                projection += ((g @ layer.weight.grad.double().cpu()) * x).sum(1)
+                if _bias_trains(layer):
+                    projection += g @ layer.bias.grad.double().cpu()
+        projection *= engine.sampler.expected_batch_units / engine.config.max_grad_norm
+        self.scores += step_score(projection=projection, noise_multiplier=engine.noise_multiplier,
+                                  sample_rate=engine.config.sample_rate, score=self.score)
+
+
+def _bias_trains(layer) -> float:
+    return float(layer.bias is not None and layer.bias.requires_grad)
+
+
+# ------------------------------------------------------------------------------------- the audits
+
+
+def audit_dp_ldm(*, base, data, config: DPLDMConfig, num_canaries: int = 1000, canary_norm: float = 10.0,
+                 confidence: float = 0.99, score: str = "likelihood-ratio",
+                 progress: Callable[[Progress], None] | None = None) -> CanaryAuditResult:
+    """Run DP-LDM's fine-tune (`config`, as a training run would use it) with m canaries and audit it.
+
+    `base`: a pipeline (trained in place: pass a copy you can discard) or anything `load_pipeline`
+    takes; `data`: a dataset, a folder or a procedural set's name. δ is `config.delta`, or 1e-5 when
+    the config leaves it to N. The canaries, their inclusion and the run's directions come from
+    `config.seed`; the DP noise from the config's generator (seeded when `secure_noise` is off).
+    """
+    from ..training.inputs import resolve_base, resolve_data
+
+    config = _audit_config(config=config, num_canaries=num_canaries)
+    dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
+    n = validate_dataset(dataset=dataset, config=config)
+    pipeline = resolve_base(base, device=config.device)
+    inclusion_stream, direction_stream = audit_streams(seed=config.seed, count=2)
+    included = canary_inclusion(num_canaries=num_canaries, stream=inclusion_stream)
+    canaries = LinearCanaries(included=included, canary_norm=canary_norm, score=score,
+                              generator=torch_generator(stream=direction_stream))
+    run = FineTuneRun(pipeline=pipeline, dataset=dataset, config=config, num_examples=n, progress=progress,
+                      extra_units=canaries)
+    while run.step < run.total_steps:
+        info = run.train_step()
+        if progress is not None:
+            progress(info)
+    guesses = default_guesses(num_canaries)
+    if run.sample_rate < 1:  # a canary the sampler skipped looks excluded: one-sided guesses too
+        guesses += tuple((plus, 0) for plus, _ in guesses)
+    audit = audit_scores(scores=canaries.scores.numpy(), included=included, delta=run.delta, confidence=confidence,
+                         guesses=guesses, recorded_epsilon=run.engine.accountant.epsilon(delta=run.delta),
+                         mechanism="dp-ldm")
+    settings = {"method": "dp-ldm", "target_epsilon": config.epsilon, "delta": run.delta, "num_items": n,
+                "num_canaries": num_canaries, "canary_norm": canary_norm, "score": score,
+                "sample_rate": run.sample_rate, "steps": run.total_steps, "noise_multiplier": run.engine.noise_multiplier,
+                "clip_norm": config.clip_norm, "epochs": config.epochs, "batch_size": config.batch_size,
+                "learning_rate": config.learning_rate, "trainable": config.trainable, "seed": config.seed,
+                "canary_layers": len(canaries.layers)}
+    return CanaryAuditResult(audit=audit, settings=settings, scores=canaries.scores.numpy(), included=included)
+
+
+def _audit_config(*, config: DPLDMConfig, num_canaries: int) -> DPLDMConfig:
+    """The config the audit runs: δ at most 1/(2m), no samples or checkpoints (nothing is released)."""
+    if config.epsilon is None:
+        raise ValueError("the canary audit measures a private run: give epsilon (a non-private run has ε = ∞).")
+    if num_canaries < 32:
+        raise ValueError(f"num_canaries={num_canaries} is too few for an audit; use at least 32 (1,000 or more for "
+                         "a useful bound).")
+    delta = config.delta if config.delta is not None else AUDIT_DELTA
+    if 2 * num_canaries * delta > 1:
+        raise ValueError(f"delta={delta} with {num_canaries} canaries: the audit needs 2·m·δ <= 1; use at most "
+                         f"{int(0.5 / delta)} canaries or a smaller delta.")
+    return dataclasses.replace(config, delta=delta, num_samples=0, keep_byproducts=False)
+
+
+def audit_gaussian(*, epsilon: float, delta: float = AUDIT_DELTA, num_canaries: int = 1000, confidence: float = 0.99,
+                   seed: int = 0) -> CanaryAuditResult:
+    """The reference: m exactly (ε, δ)-DP Gaussian mechanisms, one per canary (`gaussian_reference_audit`)."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon={epsilon} must be positive.")
+    audit = gaussian_reference_audit(epsilon=epsilon, delta=delta, num_canaries=num_canaries, confidence=confidence,
+                                     seed=seed)
+    return CanaryAuditResult(audit=audit, settings={"method": "gaussian", "target_epsilon": epsilon, "delta": delta,
+                                                    "num_canaries": num_canaries, "seed": seed})
+
+
+def write_canary_audit(*, result: CanaryAuditResult, out: str | Path) -> Path:
+    """`out/canary-audit.json` (the audit's fields and the run's settings, labelled as an audit), and
+    `out/canary-audit.png`, the score distributions of included and excluded canaries, when there are scores."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / AUDIT_FILE
+    text = json.dumps({"audit": result.audit.label, **result.audit.to_dict(), "settings": result.settings},
+                      indent=1, default=str) + "\n"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)  # a reader never sees half a record
+    if result.scores is not None:
+        _score_chart(result).save(out / AUDIT_CHART)
+    return path
+
+
+def _score_chart(result: CanaryAuditResult):
+    """Histograms of the canaries' scores, included vs excluded: the further apart, the more the run leaks."""
+    from ..data.images import line_chart
+
+    scores, included = result.scores, result.included
+    lo, hi = np.percentile(scores, [0.5, 99.5])
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
+    series = {name: np.histogram(np.clip(scores[mask], edges[0], edges[-1]), bins=edges)[0].tolist()
+              for name, mask in (("included", included), ("excluded", ~included))}
+    a = result.audit
+    return line_chart(series, title=f"canary scores ({result.settings['method']}), count per bin",
+                      x_label=f"score bin, {edges[0]:.3g} to {edges[-1]:.3g}",
+                      note=f"audited ε >= {a.epsilon_lower_bound:.3g} vs recorded ε = {a.recorded_epsilon:.3g}")
