@@ -64,7 +64,7 @@ GRAPHS = {
             **_models("privdiff-dpagg-example"), "init_word": "painting", "num_vectors": 1,
             "template": "a picture in the style of {token}", "epsilon": 1.0, "steps": 10, "clip_norm": 0.5,
             "learning_rate": 0.005, "seed": 0, "resume": False}},
-        "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 0]}},
+        "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 1]}},
         **_sampler(["1", 0], ["3", 0]),
     },
     "privdiff-dpsgd-ti": {
@@ -74,7 +74,7 @@ GRAPHS = {
             **_models("privdiff-dpsgd-example"), "init_word": "painting", "num_vectors": 1,
             "template": "a picture in the style of {token}", "epsilon": 4.0, "epochs": 2.0, "batch_size": 4,
             "clip_norm": 0.01, "learning_rate": 0.005, "seed": 0, "resume": False}},
-        "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 0]}},
+        "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": ["3", 1]}},
         **_sampler(["1", 0], ["3", 0]),
     },
     "privdiff-federated": {
