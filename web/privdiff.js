@@ -16,14 +16,17 @@ app.registerExtension({
       const text = message?.text;
       if (!Array.isArray(text) || text.length === 0) return;
       let widget = this.widgets?.find((w) => w.name === RESULT);
-      if (!widget) {
+      const created = !widget;
+      if (created) {
         widget = ComfyWidgets["STRING"](this, RESULT, ["STRING", { multiline: true }], app).widget;
         widget.serialize = false;  // a result, not a setting: workflows keep their widget values as they were
         if (widget.element) widget.element.readOnly = true;
       }
       widget.value = text.join("\n");
       const [width, height] = this.computeSize();
-      this.setSize([Math.max(width, this.size[0]), Math.max(height, this.size[1])]);
+      // Room for a few lines of the result the first time; later the user's own size is kept.
+      const extra = created ? 60 + 14 * Math.min(text.join("\n").split("\n").length, 8) : 0;
+      this.setSize([Math.max(width, this.size[0], 360), Math.max(height, this.size[1] + extra)]);
       this.setDirtyCanvas?.(true, true);
     };
   },

@@ -27,7 +27,10 @@ class ComfyServer:
         self.process = None
 
     def start(self, *, timeout: float = 180.0) -> "ComfyServer":
-        command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        # PRIVDIFF_COMFYUI_PYTHON: a ComfyUI environment of its own (e.g. a fresh one with only the pack's
+        # requirements.txt, without privdiff installed), while the tests run in theirs.
+        python = os.environ.get("PRIVDIFF_COMFYUI_PYTHON") or sys.executable
+        command = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
                    "--base-directory", str(self.base)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -41,7 +41,7 @@ const flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', 
           node.widgets[0].value = note;
           let left = Infinity, bottom = -Infinity;
           for (const n of graph._nodes) { left = Math.min(left, n.pos[0]); bottom = Math.max(bottom, n.pos[1] + n.size[1]); }
-          node.pos = [left, bottom + 60];
+          node.pos = [left, bottom + 300];  // below the nodes, with room for their results after a run
           node.size = [520, 160];
           graph.add(node);
         }
