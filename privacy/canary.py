@@ -23,13 +23,16 @@ candidate keeps the overall confidence. Three tests turn (r, v) into a bound (`a
   the largest μ rejected is reported as the ε at δ of the μ-GDP curve (`gdp_epsilon`). Comparing that
   ε with a recorded (ε, δ) is legitimate only when the mechanism is μ_rec-GDP for the μ_rec whose
   curve passes through the recorded (ε, δ): true for Gaussian mechanisms and their compositions
-  (full-batch DP-SGD), NOT guaranteed for Poisson-subsampled ones, whose δ(ε) falls below that
+  (full-batch DP-SGD), NOT guaranteed for Poisson-subsampled ones, whose δ(ε) (PLD) falls below that
   Gaussian curve for ε < ε_rec but above it for ε > ε_rec (heavier tails), so a correct subsampled
-  run could in principle be "refuted". About 1.3 to 1.8 times the "eps-delta" bound on the Gaussian.
+  run could in principle be "refuted": the recursion looks at events down to probability about
+  τ·v/m (τ the level, v the correct guesses), which with few guesses reaches the tail where the
+  subsampled run is the less private. No margin is claimed there; use "fdp-eps-delta" for such runs.
+  About 1.3 to 1.8 times the "eps-delta" bound on the Gaussian; all guesses right give 8.2 at m = 1,000.
 - "fdp-eps-delta": the same recursion with the trade-off function of (ε, δ)-DP itself,
   max(0, 1 - δ - e^ε α, e^-ε (1 - δ - α)). It tests the recorded claim "(ε, δ)-DP" directly, so it is
-  sound for every mechanism, like "eps-delta", and at least as tight as it in every case measured
-  (1.0 to 1.1 times at m = 1,000, about 1.5 times at m = 10,000 on the Gaussian).
+  sound for every mechanism, like "eps-delta", and was at least as tight as it in every case measured
+  (1.0 to 1.2 times at m = 1,000, 1.4 to 1.6 times at m = 10,000 on the Gaussian); not proved to be.
 
 `audit_scores` computes all three and reports them (`CanaryAudit.epsilon_lower_bound_*`); the one
 named by `bound`, chosen before the scores are seen, is `epsilon_lower_bound` and decides
@@ -39,9 +42,10 @@ Poisson sampling.
 
 The result is an audit, not a guarantee: a correct mechanism gives a bound at or below its recorded
 ε (with probability >= confidence, under the bound's claim above); a bound above it means the
-implementation or its accounting is wrong. Even the "fdp" bound shows only about 0.3 to 0.5 of ε on
-an exactly (ε, 1e-5)-DP Gaussian mechanism with 1,000 canaries (bench/canary_tightness.py): it
-catches gross breaks (noise cut 4x, clipping off), not small ones.
+implementation or its accounting is wrong. Even the "fdp" bound shows only about 0.3 to 0.5 of ε at
+ε = 2 to 8 (0.16 at ε = 1) on an exactly (ε, 1e-5)-DP Gaussian mechanism with 1,000 canaries, and
+about half of ε with 10,000 (bench/canary_tightness.py): it catches gross breaks (noise cut 4x,
+clipping off), not small ones.
 """
 
 from __future__ import annotations
@@ -236,8 +240,9 @@ def one_run_fdp_rejects(*, num_canaries: int, num_guesses: int, correct: int, co
 
     The statement relied on (the paper's recursion, `audit_rh_with_cap`; proved here as follows).
     Let T be the number of correct guesses among k = num_guesses, p_t = P[T = t], and J a canary drawn
-    uniformly. Given J and the other canaries, "J guessed included and the others have >= j - 1 right"
-    is an event on the release, so f-DP in J's inclusion and concavity of 1 - f give, for j = 1..k,
+    uniformly. Given J and the other canaries' inclusion, "J guessed included (or: excluded) and at
+    least j - 1 of the other guesses right" is an event on the release, so f-DP in J's inclusion, J's
+    inclusion being a fair coin, and concavity of B = 1 - f give, for j = 1..k,
 
         b_j >= B^-1(a_j),   a_j = P[J right, T >= j]         = sum_{t >= j} t p_t / m,
                             b_j = P[J wrong, T_-J >= j - 1]  = sum_{t >= j-1} (k - t) p_t / m.
@@ -247,7 +252,8 @@ def one_run_fdp_rejects(*, num_canaries: int, num_guesses: int, correct: int, co
     for i = c-1, ..., 0: h' = max(h, B^-1(r)), r += i/(k-i) (h' - h), h = h' (an induction with Abel
     summation, the weights i/(k-i) growing with i, shows every feasible p has at least r and h at each
     step). The total is r + h <= k/m for every feasible p, so r + h > k/m shows P[T >= c] < τ.
-    Rejecting the observed v at τ = 1 - confidence is then a level-τ test.
+    Rejecting the observed count v when this holds for c = v, τ = 1 - confidence, is then a level-τ
+    test: if c0 is the least count it rejects, P[rejection] <= P[T >= c0] < τ.
     """
     _check_fdp_counts(num_canaries, num_guesses, correct)
     tau = _check_confidence(confidence)
@@ -350,8 +356,9 @@ def audit_scores(*, scores, included, delta: float, confidence: float = 0.99,
     at level (1 - confidence) / len(guesses) and the best bound is reported. All three tests of
     `BOUNDS` are run on the same guesses and reported; `bound` names the one that becomes
     `epsilon_lower_bound` (and so `exceeds_recorded`). The default "eps-delta" is sound for any
-    (ε, δ)-DP mechanism; so is "fdp-eps-delta", usually tighter; "fdp" is the tightest but compares
-    with the recorded ε only for mechanisms at least as private as the Gaussian with that (ε, δ).
+    (ε, δ)-DP mechanism; so is "fdp-eps-delta", usually tighter; "fdp" is the tightest on Gaussian-like
+    runs but compares with the recorded ε only for mechanisms at least as private as the Gaussian
+    with that (ε, δ).
     """
     if bound not in BOUNDS:
         raise ValueError(f"bound={bound!r} must be one of {', '.join(BOUNDS)} (see privdiff.privacy.canary).")
@@ -372,11 +379,11 @@ def audit_scores(*, scores, included, delta: float, confidence: float = 0.99,
     # Per-candidate confidence under the union bound over all candidates.
     each = 1.0 - (1.0 - confidence) / len(candidates)
     order = np.argsort(-scores, kind="stable")  # ties broken by canary index: a function of the release
-    tests = {
-        "eps-delta": one_run_epsilon_bound,
-        "fdp": lambda **kw: one_run_gdp_mu_bound(**{k: v for k, v in kw.items() if k != "delta"}),  # μ; ε below
-        "fdp-eps-delta": one_run_fdp_epsilon_bound,
-    }
+
+    def gdp_mu(*, delta: float, **counts) -> float:  # the μ; its ε at δ comes after the best μ is known
+        return one_run_gdp_mu_bound(**counts)
+
+    tests = {"eps-delta": one_run_epsilon_bound, "fdp": gdp_mu, "fdp-eps-delta": one_run_fdp_epsilon_bound}
     best: dict[str, tuple[float, int, int, int]] = {}
     for plus, minus in candidates:
         correct = int(included[order[:plus]].sum()) + int((~included[order[m - minus:]]).sum() if minus else 0)

@@ -245,7 +245,7 @@ def test_exact_gaussian_mechanism_stays_below_its_epsilon_on_ten_seeds(m, epsilo
 
 @pytest.mark.parametrize("m, epsilon", [(1000, 1.0), (1000, 2.0), (1000, 4.0), (10000, 8.0)])
 def test_gaussian_mechanism_with_a_quarter_of_the_noise_exceeds_epsilon(m, epsilon):
-    # At ε = 8 a thousand canaries cannot show it: all guesses right gives about 6.7 (10,000: 9.3).
+    # At ε = 8 a thousand canaries do not show it (the bound is about 6.7); 10,000 give about 9.3.
     audit = gaussian_reference_audit(epsilon=epsilon, delta=1e-5, num_canaries=m, noise_scale=0.25, seed=0)
     assert audit.exceeds_recorded and audit.epsilon_lower_bound_fdp > epsilon * 1.15
     assert audit == gaussian_reference_audit(epsilon=epsilon, delta=1e-5, num_canaries=m, noise_scale=0.25, seed=0)
