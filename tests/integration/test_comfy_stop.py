@@ -119,3 +119,32 @@ def test_a_finished_name_is_refused_before_training_and_its_file_kept(comfy_serv
     assert not [t for t in listener.texts("3") if t.startswith("step ")], "it trained before refusing"
     assert took < 60, f"refused after {took:.0f} s"
     assert released.read_bytes() == before
+
+
+def _split(name, *, epochs=2):
+    settings = {"mode": "hardened", "snr_bound": 0.01, "sigma_label": 1.0, "sigma_hint": 0.0, "draws_per_image": 1,
+                "epochs": epochs, "batch_size": 2, "seed": 0}
+    return {"2": _dataset("circles", 8),
+            "3": {"class_type": "PrivDiffSplitServer",
+                  "inputs": {**BASE, "name": name, "learning_rate": 1e-4, "checkpoint_every": 1000, "seed": 0}},
+            "4": {"class_type": "PrivDiffSplitClientTrain",
+                  "inputs": {**BASE, "dataset": ["2", 0], "server": ["3", 0], "name": name, **settings,
+                             "stop_server": True}}}
+
+
+def test_split_client_stop_then_queue_again_trains_each_batch_once(comfy_server):
+    """The split job lives on the server: a stopped client leaves it running with what it trained, and
+    the same graph queued again sends the rest; the server trains no batch twice."""
+    listener = Listener(comfy_server)
+    try:
+        prompt_id = comfy_server.queue({**TINY, **_split("stop-split")}, client_id=listener.client_id)
+        listener.wait_for(lambda m: m[1] == "text" and m[2][0] == "4" and m[2][1].startswith("batch 1/"))
+        assert comfy_server.post("/interrupt")[0] == 200
+        entry = comfy_server.wait(prompt_id, timeout=300)
+    finally:
+        listener.close()
+    assert "execution_interrupted" in status_messages(entry), execution_error(entry)
+    released = comfy_server.base / "models" / "controlnet" / "stop-split.safetensors"
+    assert not released.exists()
+    comfy_server.run({**TINY, **_split("stop-split")}, timeout=900)  # the stopped client node runs again
+    assert _record(released).steps == 8  # 2 epochs x 8 images / batch 2: every batch trained exactly once
