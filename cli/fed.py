@@ -57,9 +57,10 @@ def simulate(args) -> int:
 
     base_resolution(base=config.base, config=args.config)
     check_out_folder(args.out)
-    # Every client process loads the base by name: a file that needs --config or tokenizers is saved
-    # once, with them, as a diffusers folder beside the run.
-    config = replace(config, base=loadable_base(args, folder=Path(args.out) / "base-model"))
+    if not args.settings:  # a settings file names its own base, which every client loads as it is
+        # Every client process loads the base by name: a file that needs --config or tokenizers is
+        # saved once, with them, as a diffusers folder beside the run.
+        config = replace(config, base=loadable_base(args, folder=Path(args.out) / "base-model"))
     state = simulate(config=config, out=args.out, keep_byproducts=args.keep_byproducts, verbose=args.verbose)
     losses = state.get("heldout_loss", {})
     print("held-out loss per round (not covered by ε): "

@@ -189,7 +189,15 @@ def find_artifact(name: str) -> Path:
     embedding = re.search(r"embedding:(\S+)", text)
     if embedding:
         text = embedding.group(1)
-    for kind in ("loras", "embeddings", "controlnet"):
+    if not text:
+        raise ValueError("no file given: link a training node's output, or choose a file.")
+    kinds = ("loras", "embeddings", "controlnet")
+    folder, _, rest = text.partition("/")
+    if folder in kinds and rest:  # <folder>/<name>, as the report's file list names them
+        found = folder_paths.get_full_path(folder, rest)
+        if found:
+            return Path(found)
+    for kind in kinds:
         for candidate in (text, f"{text}.safetensors"):
             found = folder_paths.get_full_path(kind, candidate)
             if found:

@@ -3,6 +3,14 @@
 from comfy_api.latest import io
 
 
+def _released_files() -> list[str]:
+    """Every safetensors file in the folders privdiff releases into, as <folder>/<name>."""
+    import folder_paths
+
+    return [f"{kind}/{name}" for kind in ("loras", "embeddings", "controlnet")
+            for name in folder_paths.get_filename_list(kind) if name.endswith(".safetensors")]
+
+
 class PrivDiffPrivacyReport(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -12,32 +20,34 @@ class PrivDiffPrivacyReport(io.ComfyNode):
             category="privdiff/privacy",
             description="Shows the privacy record every privdiff artifact carries: ε, δ, the mechanism and the "
                         "settings it rests on (or, for split learning, the measured attack figures).",
-            inputs=[io.String.Input("artifact", default="privdiff-dp-ldm",
-                                    tooltip="a file in models/loras, models/embeddings or models/controlnet "
-                                            "(as their loaders name it, or embedding:<name>), or a full path")],
+            inputs=[io.String.Input("artifact", default="",
+                                    tooltip="linked from a training node (its file name or embedding), or typed: a "
+                                            "file in models/loras, models/embeddings or models/controlnet, or a path"),
+                    io.Combo.Input("file", options=["", *_released_files()], default="", optional=True,
+                                   tooltip="or pick a file here (used when artifact is empty)")],
             outputs=[io.String.Output(display_name="report", tooltip="the record, one fact per line")],
             is_output_node=True,
         )
 
     @classmethod
-    def fingerprint_inputs(cls, artifact):
+    def fingerprint_inputs(cls, artifact, file=""):
         # The same name can hold a new file (a retrained model): report again when the file changes.
         from .comfy_objects import find_artifact
 
         if not isinstance(artifact, str):
             return float("nan")  # linked and not yet computed: run (a report is cheap)
         try:
-            stat = find_artifact(artifact).stat()
+            stat = find_artifact(artifact or file or "").stat()
         except FileNotFoundError:
             return None
         return (stat.st_mtime_ns, stat.st_size)
 
     @classmethod
-    def execute(cls, artifact):
+    def execute(cls, artifact, file=""):
         from ..privacy.record import read_record
         from .comfy_objects import find_artifact
 
-        path = find_artifact(artifact)
+        path = find_artifact(artifact or file or "")
         report = "\n".join([path.name, *read_record(path).summary_lines()])
         return io.NodeOutput(report, ui={"text": [report]})
 

@@ -172,6 +172,8 @@ class PrivDiffSplitClientTrain(io.ComfyNode):
 class PrivDiffSplitControlNetApply(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        import folder_paths
+
         return io.Schema(
             node_id="PrivDiffSplitControlNetApply",
             display_name="Apply split ControlNet",
@@ -182,23 +184,28 @@ class PrivDiffSplitControlNetApply(io.ComfyNode):
             inputs=[
                 io.Conditioning.Input("positive", tooltip="the prompt's conditioning (CLIP Text Encode)"),
                 io.Conditioning.Input("negative", tooltip="the negative prompt's conditioning"),
-                io.String.Input("controlnet", default="privdiff-split.safetensors",
-                                tooltip="a split ControlNet in models/controlnet (from the split train node), or a full path"),
+                io.Combo.Input("controlnet", options=folder_paths.get_filename_list("controlnet"),
+                               tooltip="a split ControlNet in models/controlnet (made by the split train node)"),
                 io.Image.Input("image", tooltip="the hint (control image)"),
                 io.Vae.Input("vae", tooltip="the base model's autoencoder: it encodes the hint"),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="how strongly the hint steers"),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip="where in sampling it starts"),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip="where it stops"),
+                io.String.Input("controlnet_name", optional=True, force_input=True,
+                                tooltip="linked from a split train node in the same graph: its file (the list above "
+                                        "shows files that existed when the page loaded)"),
             ],
             outputs=[io.Conditioning.Output(display_name="positive", tooltip="with the ControlNet attached"),
                      io.Conditioning.Output(display_name="negative", tooltip="with the ControlNet attached")],
         )
 
     @classmethod
-    def execute(cls, positive, negative, controlnet, image, vae, strength, start_percent, end_percent):
+    def execute(cls, positive, negative, controlnet, image, vae, strength, start_percent, end_percent,
+                controlnet_name=None):
         from .comfy_objects import apply_split_controlnet, find_artifact
 
-        return io.NodeOutput(*apply_split_controlnet(positive=positive, negative=negative, path=find_artifact(controlnet),
+        path = find_artifact(controlnet_name or controlnet or "")
+        return io.NodeOutput(*apply_split_controlnet(positive=positive, negative=negative, path=path,
                                                      image=image, vae=vae, strength=strength,
                                                      start_percent=start_percent, end_percent=end_percent))
 

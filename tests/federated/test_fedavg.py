@@ -268,3 +268,26 @@ def test_fedprox_settings_are_checked():
         FederatedConfig(**{**asdict(CONFIG), "proximal_mu": -1.0})
     with pytest.raises(ValueError, match="secure_aggregation"):
         FederatedConfig(**{**asdict(CONFIG), "proximal_mu": 0.1, "secure_aggregation": True})
+
+
+def test_a_settings_file_keeps_its_own_base(tmp_path, monkeypatch):
+    """`fed simulate --settings` (what the ComfyUI node runs, with the user's model saved as a folder)
+    trains from the settings' base, not from --base's default."""
+    import json
+
+    import privdiff.federated.apps as apps
+    import privdiff.models.loading as loading
+    from privdiff.cli import main
+
+    seen = {}
+
+    def fake_simulate(*, config, out, **_):
+        seen["base"] = config.base
+        raise KeyboardInterrupt  # stop before anything trains
+
+    monkeypatch.setattr(apps, "simulate", fake_simulate)
+    monkeypatch.setattr(loading, "base_resolution", lambda **_: 64)  # no model folder needed to get there
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"base": str(tmp_path / "my-model"), "num_items": 8, "num_clients": 2}))
+    assert main(["fed", "simulate", "--settings", str(settings), "--out", str(tmp_path / "run")]) == 130
+    assert seen["base"] == str(tmp_path / "my-model")

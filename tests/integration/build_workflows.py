@@ -116,7 +116,7 @@ GRAPHS = {
         "7": {"class_type": "PrivDiffProceduralDataset", "inputs": {"name": "circles", "num_items": 4, "resolution": 64, "seed": 1}},
         "8": {"class_type": "PrivDiffDatasetImages", "inputs": {"dataset": ["7", 0], "count": 4}},
         "9": {"class_type": "PrivDiffSplitControlNetApply", "inputs": {
-            "positive": ["20", 0], "negative": ["21", 0], "controlnet": ["4", 0], "image": ["8", 1], "vae": ["1", 2],
+            "positive": ["20", 0], "negative": ["21", 0], "controlnet": "", "controlnet_name": ["4", 0], "image": ["8", 1], "vae": ["1", 2],
             "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
         **_sampler(["1", 0], "a circle"),
         "23": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["9", 0], "negative": ["9", 1],

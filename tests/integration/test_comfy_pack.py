@@ -13,11 +13,11 @@ SHIPPED_NODES = {
     "PrivDiffDPLDMTrain", "PrivDiffDPAggTITrain", "PrivDiffDPSGDTITrain", "PrivDiffPrivacyReport",
     "PrivDiffMembershipAudit", "PrivDiffFederatedSimulate", "PrivDiffSplitServer", "PrivDiffSplitClientTrain",
     "PrivDiffSplitControlNetApply", "PrivDiffSplitAttack", "PrivDiffDatasetImages", "PrivDiffSplitPrivacy",
-    "PrivDiffSplitActivation", "PrivDiffSplitServerView",
+    "PrivDiffSplitActivation", "PrivDiffSplitServerView", "PrivDiffCanaryAudit",
 }
 # Nodes that train or talk to the network: ComfyUI must run them again on every queue.
 TRAINING_NODES = {"PrivDiffDPLDMTrain", "PrivDiffDPAggTITrain", "PrivDiffDPSGDTITrain", "PrivDiffFederatedSimulate",
-                  "PrivDiffSplitServer", "PrivDiffSplitClientTrain", "PrivDiffSplitAttack"}
+                  "PrivDiffSplitServer", "PrivDiffSplitClientTrain", "PrivDiffSplitAttack", "PrivDiffCanaryAudit"}
 
 
 def test_pack_loads_without_errors_in_under_a_second(comfy_server):
@@ -111,3 +111,18 @@ def test_error_types_read_as_privdiff_names(comfy_server):
     entry = comfy_server.wait(comfy_server.queue(graph))
     error = execution_error(entry)
     assert '"exception_type": "privdiff.' in error and "custom_nodes" not in error, error
+
+
+def test_file_inputs_are_lists_of_the_folders_files(comfy_server):
+    """As ComfyUI's own loaders: the split ControlNet and the report's file are picked from a list of the
+    folder's files (a training node in the same graph links its file instead)."""
+    folder = comfy_server.base / "models" / "controlnet"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "listed.safetensors").write_bytes(b"")
+    info = comfy_server.get("/object_info")
+    apply = info["PrivDiffSplitControlNetApply"]["input"]
+    assert apply["required"]["controlnet"][0] == "COMBO"
+    assert "listed.safetensors" in apply["required"]["controlnet"][1]["options"]
+    assert apply["optional"]["controlnet_name"][1].get("forceInput")
+    report = info["PrivDiffPrivacyReport"]["input"]["optional"]["file"]
+    assert report[0] == "COMBO" and "controlnet/listed.safetensors" in report[1]["options"]
