@@ -54,6 +54,20 @@ def _with_report(graph):
     return {**TINY, **graph, "4": {"class_type": "PrivDiffPrivacyReport", "inputs": {"artifact": artifact}}}
 
 
+def _stop_at(comfy_server, prompt: dict, *, node: str, line: str) -> None:
+    """Queue `prompt`, press stop when `node` shows a progress line starting with `line`, and check
+    that ComfyUI reports the run as interrupted."""
+    listener = Listener(comfy_server)
+    try:
+        prompt_id = comfy_server.queue(prompt, client_id=listener.client_id)
+        listener.wait_for(lambda m: m[1] == "text" and m[2][0] == node and m[2][1].startswith(line))
+        assert comfy_server.post("/interrupt")[0] == 200
+        entry = comfy_server.wait(prompt_id, timeout=300)
+    finally:
+        listener.close()
+    assert "execution_interrupted" in status_messages(entry), execution_error(entry)
+
+
 def _record(path):
     from privdiff.privacy.record import read_record
 
@@ -66,21 +80,12 @@ def test_stop_keeps_a_checkpoint_and_resume_ends_where_an_unbroken_run_ends(comf
 
     graph, kind = GRAPHS[method]
     name = f"stop-{method}"
-    listener = Listener(comfy_server)
-    try:
-        prompt_id = comfy_server.queue({**TINY, **graph(name, False)}, client_id=listener.client_id)
-        # The first training step's line on the node: stop there, before any periodic checkpoint.
-        listener.wait_for(lambda m: m[1] == "text" and m[2][0] == "3" and m[2][1].startswith("step 1/"))
-        assert comfy_server.post("/interrupt")[0] == 200
-        entry = comfy_server.wait(prompt_id, timeout=300)
-    finally:
-        listener.close()
-    assert "execution_interrupted" in status_messages(entry), execution_error(entry)
+    # The first training step's line on the node: stop there, before any periodic checkpoint.
+    _stop_at(comfy_server, {**TINY, **graph(name, False)}, node="3", line="step 1/")
     run = comfy_server.base / "output" / "privdiff" / name
     checkpoints = list(run.rglob("checkpoint*.safetensors"))
     assert len(checkpoints) == 1, f"the stop left no checkpoint in {run}"
-    kind_name = {"dp-ldm": "dp-ldm", "dpagg-ti": "dpagg-ti", "dpsgd-ti": "dpsgd-ti"}[method]
-    stopped_at = load_checkpoint(folder=checkpoints[0].parent, kind=kind_name, fingerprint=None).state["step"]
+    stopped_at = load_checkpoint(folder=checkpoints[0].parent, kind=method, fingerprint=None).state["step"]
     assert stopped_at >= 1
     released = comfy_server.base / "models" / kind / f"{name}.safetensors"
     assert not released.exists()
@@ -135,15 +140,7 @@ def _split(name, *, epochs=2):
 def test_split_client_stop_then_queue_again_trains_each_batch_once(comfy_server):
     """The split job lives on the server: a stopped client leaves it running with what it trained, and
     the same graph queued again sends the rest; the server trains no batch twice."""
-    listener = Listener(comfy_server)
-    try:
-        prompt_id = comfy_server.queue({**TINY, **_split("stop-split")}, client_id=listener.client_id)
-        listener.wait_for(lambda m: m[1] == "text" and m[2][0] == "4" and m[2][1].startswith("batch 1/"))
-        assert comfy_server.post("/interrupt")[0] == 200
-        entry = comfy_server.wait(prompt_id, timeout=300)
-    finally:
-        listener.close()
-    assert "execution_interrupted" in status_messages(entry), execution_error(entry)
+    _stop_at(comfy_server, {**TINY, **_split("stop-split")}, node="4", line="batch 1/")
     released = comfy_server.base / "models" / "controlnet" / "stop-split.safetensors"
     assert not released.exists()
     comfy_server.run({**TINY, **_split("stop-split")}, timeout=900)  # the stopped client node runs again
