@@ -1,4 +1,4 @@
-"""`privdiff audit mia` and `privdiff inspect`."""
+"""`privdiff audit mia`, `privdiff audit canary` and `privdiff inspect`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,43 @@ def mia(args) -> int:
           f"TPR at 1% FPR {result.tpr_at_1pct_fpr:.3f}; {result.num_members} members vs "
           f"{result.num_nonmembers} non-members -> {path}")
     print("these figures were computed on private data and are not covered by ε: keep them in-house.")
+    return 0
+
+
+def canary(args) -> int:
+    from ..pipelines.canary_audit import AUDIT_FILE, audit_dp_ldm, audit_gaussian, write_canary_audit
+    from ..training.fine_tune import DPLDMConfig
+    from ..training.outputs import check_out_folder
+    from .train import _Bar, _dataset, base_spec
+
+    if not 0 < args.confidence < 1:
+        raise ValueError(f"--confidence {args.confidence} must lie between 0 and 1, e.g. 0.99.")
+    if args.canaries < 32:
+        raise ValueError(f"--canaries {args.canaries}: an audit needs at least 32 (1,000 or more for a useful bound).")
+    if not (args.epsilon > 0 and 0 < args.delta < 1):
+        raise ValueError(f"--epsilon {args.epsilon} must be positive and --delta {args.delta} lie in (0, 1).")
+    check_out_folder(args.out, results=[AUDIT_FILE])
+    if args.method == "gaussian":
+        result = audit_gaussian(epsilon=args.epsilon, delta=args.delta, num_canaries=args.canaries,
+                                confidence=args.confidence, seed=args.seed)
+    else:
+        dataset, base = _dataset(args), base_spec(args)
+        # Seeded noise: an audit is reproducible from its --seed (it tests the mechanism, not the OS's randomness).
+        config = DPLDMConfig(epsilon=args.epsilon, delta=args.delta, epochs=args.epochs,
+                             batch_size=len(dataset) if args.batch_size is None else args.batch_size,
+                             physical_batch_size=args.physical_batch_size, clip_norm=args.clip_norm,
+                             learning_rate=args.learning_rate, trainable=args.trainable, seed=args.seed,
+                             secure_noise=False, num_items=args.num_items, num_samples=0)
+        bar = _Bar("canary audit")  # no stop-and-resume: Ctrl-C ends an audit, which leaves nothing to continue
+        try:
+            result = audit_dp_ldm(base=base, data=dataset, config=config, num_canaries=args.canaries,
+                                  confidence=args.confidence, progress=bar.report)
+        finally:
+            bar.close()
+    path = write_canary_audit(result=result, out=args.out)
+    for line in result.summary_lines():
+        print(line)
+    print(f"an audit, not a guarantee: a bound above the recorded ε means the mechanism is broken -> {path}")
     return 0
 
 

@@ -117,6 +117,9 @@ def build_parser() -> Parser:
     mia.add_argument("--nonmember-data", default=None,
                      help="held-out images of the same source (needed for a folder; default: the set's next items)")
     mia.add_argument("--num-nonmembers", type=int, default=None, help="default: as many as members")
+    _add_canary_audit(_leaf(attacks, "canary", help="canary audit: an empirical lower bound on ε from one DP-LDM run "
+                                                    "with gradient canaries, next to the ε it records",
+                            handler="audit:canary"))
 
     fed = sub.add_parser("fed", help="federated diffusion on Flower (FedAvg across clients)")
     fed_actions = fed.add_subparsers(dest="fed_action", required=True, metavar="ACTION")
@@ -180,6 +183,30 @@ def _add_dp_ldm(ldm) -> None:
     _add_adjacency(ldm)
     ldm.add_argument("--keep-byproducts", action="store_true",
                      help="keep loss curve and checkpoint (computed on private data, NOT covered by ε)")
+
+
+def _add_canary_audit(canary) -> None:
+    _add_base(canary)
+    _add_common(canary, data_default="shapes", out_required=True)
+    canary.add_argument("--method", default="dp-ldm", choices=["dp-ldm", "gaussian"],
+                        help="dp-ldm: a real DP-LDM fine-tune with canaries (default); gaussian: the reference "
+                             "mechanism, exactly (ε, δ)-DP, in a second")
+    canary.add_argument("--epsilon", type=float, default=8.0, help="the audited run's target ε (default 8)")
+    canary.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5; at most 1/(2 × canaries))")
+    canary.add_argument("--canaries", type=int, default=1000,
+                        help="canary units, each included with probability 1/2 (default 1000; more: a tighter bound)")
+    canary.add_argument("--confidence", type=float, default=0.99, help="confidence of the bound (default 0.99)")
+    canary.add_argument("--epochs", type=float, default=4.0, help="passes over the data (default 4)")
+    canary.add_argument("--batch-size", type=int, default=None,
+                        help="expected batch (sample rate B/N; default N, full batches: the tightest audit)")
+    canary.add_argument("--physical-batch-size", type=int, default=64, help="rows per forward pass (default 64)")
+    _option(canary, "--clip-norm", type=float, default=0.01, help="per-example L2 clipping bound C (default 0.01)")
+    _option(canary, "--learning-rate", type=float, default=1e-4, help="learning rate at batch 32 (scaled with the "
+                                                                       "batch)")
+    canary.add_argument("--trainable", default="attention", choices=["cross_attention", "attention", "transformer",
+                                                                     "lora", "full"],
+                        help="what is trained, and where the canaries live (default attention)")
+    canary.add_argument("--num-items", type=int, default=64, help="items of the data the run trains on (default 64)")
 
 
 def _add_dp_ti(ti) -> None:

@@ -8,6 +8,7 @@ loading the pack at ComfyUI's start costs almost nothing.
 
 from comfy_api.latest import ComfyExtension
 
+from .audit import AUDIT_NODES
 from .datasets import DATASET_NODES
 from .federated import FEDERATED_NODES
 from .models import MODEL_NODES
@@ -18,4 +19,5 @@ from .training import TRAINING_NODES
 
 class PrivDiffExtension(ComfyExtension):
     async def get_node_list(self):
-        return [*MODEL_NODES, *DATASET_NODES, *TRAINING_NODES, *FEDERATED_NODES, *SPLIT_NODES, *PRIVACY_NODES]
+        return [*MODEL_NODES, *DATASET_NODES, *TRAINING_NODES, *FEDERATED_NODES, *SPLIT_NODES, *PRIVACY_NODES,
+                *AUDIT_NODES]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError, public_name
 from ..privacy.canary import (
+    BOUNDS,
     SCORES,
     CanaryAudit,
     audit_scores,
@@ -48,7 +49,11 @@ from ..training.result import Progress
 AUDIT_FILE = "canary-audit.json"
 AUDIT_CHART = "canary-audit.png"
 AUDIT_DELTA = 1e-5  # δ when the config leaves it to N: the audit needs 2·m·δ <= 1
-METHODS = ("dp-ldm", "gaussian")
+
+
+@public_name
+class AuditStopped(RuntimeError, UserError):
+    """The audit's run was stopped before its last step."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,10 @@ class CanaryAuditResult:
 
     def summary_lines(self) -> list[str]:
         a = self.audit
-        return [f"audited lower bound: ε >= {a.epsilon_lower_bound:.3g} at {a.confidence:.0%} confidence "
-                f"({a.num_canaries} canaries, {a.correct}/{a.num_guesses} guesses right, δ = {a.delta:.3g})",
-                f"recorded ε: {a.recorded_epsilon:.3g} (the accountant's, for the audited run's σ, q, steps and δ)"
+        return [f"audited lower bound: ε >= {a.epsilon_lower_bound:.3g} at {a.confidence:.0%} confidence ({a.bound} "
+                f"test; {a.num_canaries} canaries, {a.correct} of {a.num_guesses} guesses right)",
+                f"recorded ε: {a.recorded_epsilon:.3g} at δ = {a.delta:.3g} (what the audited {a.mechanism} run "
+                "claims)"
                 + ("  <- EXCEEDED: the mechanism leaks more than it records" if a.exceeds_recorded else "")]
 
 
@@ -91,8 +97,8 @@ class LinearCanaries:
 
     def attach(self, *, run: FineTuneRun) -> None:
         if run.config.backend != "privdiff" or run.config.conditioning_words:
-            raise ValueError("the canary audit runs on the privdiff backend without conditioning_words: a canary "
-                             "lives in the UNet's trainable Linear layers, clipped as one group.")
+            raise ValueError("canaries need the privdiff backend and no conditioning_words: a canary lives in the "
+                             "UNet's trainable Linear layers, clipped as one group.")
         self.run, self.num_data = run, run.num_examples
         trained = [(name, module) for name, module in run.model.named_modules()
                    if any(p.requires_grad for p in module.parameters(recurse=False))]
@@ -101,8 +107,9 @@ class LinearCanaries:
         if not self.layers:
             raise ValueError("the trainable set has no Linear layer to carry the canaries.")
         m = self.count
-        xs = [torch.randn(m, layer.in_features, generator=self._generator, dtype=torch.float64) for layer in self.layers]
-        gs = [torch.randn(m, layer.out_features, generator=self._generator, dtype=torch.float64) for layer in self.layers]
+        draw = dict(generator=self._generator, dtype=torch.float64)
+        xs = [torch.randn(m, layer.in_features, **draw) for layer in self.layers]
+        gs = [torch.randn(m, layer.out_features, **draw) for layer in self.layers]
         # |g x^T|² = |g|²|x|², and a trainable bias adds |g|²: the norm of each canary's whole direction.
         sq = sum(g.pow(2).sum(1) * (x.pow(2).sum(1) + _bias_trains(layer))
                  for layer, x, g in zip(self.layers, xs, gs))
@@ -117,6 +124,8 @@ class LinearCanaries:
         for _, module in trained:
             layer_index = next((i for i, layer in enumerate(self.layers) if layer is module), None)
             module.register_forward_hook(self._cut_output(layer_index))
+        shortcut = [(module, _stand_in(module, device=device)) for _, module in trained]
+        self._shortcut = shortcut if all(make is not None for _, make in shortcut) else None
 
     def per_sample_loss(self, indices: torch.Tensor, *, data_loss: Callable) -> torch.Tensor:
         is_canary = indices >= self.num_data
@@ -126,12 +135,18 @@ class LinearCanaries:
         stand_in = torch.where(is_canary, torch.zeros_like(indices), indices)
         self._batch, self._terms = (is_canary.to(self.run.device), ids.to(self.run.device)), []
         try:
-            data = data_loss(stand_in)
+            if bool(is_canary.all()) and self._shortcut is not None:
+                # Canaries alone: each trainable layer runs once on a small stand-in input (a canary's
+                # gradient is the same), not the whole UNet: most of the run's micro-batches are these.
+                for module, make_input in self._shortcut:
+                    module(make_input(len(indices)))
+                data = None
+            else:
+                data = data_loss(stand_in)
         finally:
             self._batch = None
-        canary = torch.stack(self._terms).sum(0)
-        self._terms = []
-        return torch.where(is_canary.to(data.device), canary.to(data.dtype), data)
+        canary, self._terms = torch.stack(self._terms).sum(0), []
+        return canary if data is None else torch.where(is_canary.to(data.device), canary.to(data.dtype), data)
 
     def _plant_input(self, i: int):
         def hook(layer, args):
@@ -173,6 +188,23 @@ class LinearCanaries:
                                   sample_rate=engine.config.sample_rate, score=self.score)
 
 
+def _stand_in(module, *, device) -> Callable[[int], torch.Tensor] | None:
+    """A zero input of the smallest shape `module` takes, for a batch of canary rows (None: unknown layer)."""
+    nn = torch.nn
+    dtype = next(module.parameters(recurse=False)).dtype
+    if isinstance(module, nn.Linear):
+        shape = (1, module.in_features)
+    elif isinstance(module, nn.LayerNorm):
+        shape = (1, *module.normalized_shape)
+    elif isinstance(module, nn.GroupNorm):
+        shape = (module.num_channels, 1, 1)
+    elif isinstance(module, nn.Conv2d):
+        shape = (module.in_channels, *module.kernel_size)
+    else:
+        return None
+    return lambda rows: torch.zeros(rows, *shape, device=device, dtype=dtype)
+
+
 def _bias_trains(layer) -> float:
     return float(layer.bias is not None and layer.bias.requires_grad)
 
@@ -181,50 +213,65 @@ def _bias_trains(layer) -> float:
 
 
 def audit_dp_ldm(*, base, data, config: DPLDMConfig, num_canaries: int = 1000, canary_norm: float = 10.0,
-                 confidence: float = 0.99, score: str = "likelihood-ratio",
-                 progress: Callable[[Progress], None] | None = None) -> CanaryAuditResult:
+                 confidence: float = 0.99, score: str = "likelihood-ratio", bound: str | None = None,
+                 progress: Callable[[Progress], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> CanaryAuditResult:
     """Run DP-LDM's fine-tune (`config`, as a training run would use it) with m canaries and audit it.
 
     `base`: a pipeline (trained in place: pass a copy you can discard) or anything `load_pipeline`
     takes; `data`: a dataset, a folder or a procedural set's name. δ is `config.delta`, or 1e-5 when
     the config leaves it to N. The canaries, their inclusion and the run's directions come from
     `config.seed`; the DP noise from the config's generator (seeded when `secure_noise` is off).
+    `bound` (see `privacy.canary.audit_scores`) defaults to the tightest sound one for the run.
+    `should_stop` is polled after each step: a stop raises `AuditStopped` (a run cut short has no bound).
     """
     from ..training.inputs import resolve_base, resolve_data
 
-    config = _audit_config(config=config, num_canaries=num_canaries)
-    dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
-    n = validate_dataset(dataset=dataset, config=config)
-    pipeline = resolve_base(base, device=config.device)
+    config = _audit_config(config=config, num_canaries=num_canaries, bound=bound)
     inclusion_stream, direction_stream = audit_streams(seed=config.seed, count=2)
     included = canary_inclusion(num_canaries=num_canaries, stream=inclusion_stream)
     canaries = LinearCanaries(included=included, canary_norm=canary_norm, score=score,
-                              generator=torch_generator(stream=direction_stream))
+                              generator=torch_generator(stream=direction_stream))  # checks them before the model loads
+    dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
+    n = validate_dataset(dataset=dataset, config=config)
+    pipeline = resolve_base(base, device=config.device)
     run = FineTuneRun(pipeline=pipeline, dataset=dataset, config=config, num_examples=n, progress=progress,
                       extra_units=canaries)
     while run.step < run.total_steps:
         info = run.train_step()
         if progress is not None:
             progress(info)
+        if should_stop is not None and should_stop() and run.step < run.total_steps:
+            raise AuditStopped(f"the canary audit was stopped after step {run.step} of {run.total_steps}; an audit "
+                               "cut short has no bound (nothing was written): run it again to the end.")
     guesses = default_guesses(num_canaries)
     if run.sample_rate < 1:  # a canary the sampler skipped looks excluded: one-sided guesses too
         guesses += tuple((plus, 0) for plus, _ in guesses)
+    # As audit_dp_sgd: full batches compose Gaussians (GDP, "fdp" is sound); Poisson batches are not GDP.
+    bound = bound or ("fdp" if run.sample_rate == 1 else "fdp-eps-delta")
     audit = audit_scores(scores=canaries.scores.numpy(), included=included, delta=run.delta, confidence=confidence,
                          guesses=guesses, recorded_epsilon=run.engine.accountant.epsilon(delta=run.delta),
-                         mechanism="dp-ldm")
+                         mechanism="dp-ldm", bound=bound)
     settings = {"method": "dp-ldm", "target_epsilon": config.epsilon, "delta": run.delta, "num_items": n,
                 "num_canaries": num_canaries, "canary_norm": canary_norm, "score": score,
-                "sample_rate": run.sample_rate, "steps": run.total_steps, "noise_multiplier": run.engine.noise_multiplier,
+                "sample_rate": run.sample_rate, "steps": run.total_steps,
+                "noise_multiplier": run.engine.noise_multiplier,
                 "clip_norm": config.clip_norm, "epochs": config.epochs, "batch_size": config.batch_size,
                 "learning_rate": config.learning_rate, "trainable": config.trainable, "seed": config.seed,
                 "canary_layers": len(canaries.layers)}
     return CanaryAuditResult(audit=audit, settings=settings, scores=canaries.scores.numpy(), included=included)
 
 
-def _audit_config(*, config: DPLDMConfig, num_canaries: int) -> DPLDMConfig:
+def _audit_config(*, config: DPLDMConfig, num_canaries: int, bound: str | None) -> DPLDMConfig:
     """The config the audit runs: δ at most 1/(2m), no samples or checkpoints (nothing is released)."""
     if config.epsilon is None:
         raise ValueError("the canary audit measures a private run: give epsilon (a non-private run has ε = ∞).")
+    if config.backend != "privdiff" or config.conditioning_words or config.privacy_unit != "example":
+        raise ValueError("the canary audit runs on the privdiff backend, privacy_unit='example', without "
+                         "conditioning_words: each canary is one example in the UNet's Linear layers, clipped as one "
+                         "group; audit with those settings (the clipping and noise are the same).")
+    if bound is not None and bound not in BOUNDS:
+        raise ValueError(f"bound={bound!r} must be one of {', '.join(BOUNDS)}, or None for the tightest sound one.")
     if num_canaries < 32:
         raise ValueError(f"num_canaries={num_canaries} is too few for an audit; use at least 32 (1,000 or more for "
                          "a useful bound).")
@@ -252,13 +299,15 @@ def write_canary_audit(*, result: CanaryAuditResult, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / AUDIT_FILE
-    text = json.dumps({"audit": result.audit.label, **result.audit.to_dict(), "settings": result.settings},
+    text = json.dumps({"kind": "canary audit", **result.audit.to_dict(), "settings": result.settings},
                       indent=1, default=str) + "\n"
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     os.replace(partial, path)  # a reader never sees half a record
     if result.scores is not None:
-        _score_chart(result).save(out / AUDIT_CHART)
+        from ..data.images import save_png
+
+        save_png(_score_chart(result), out / AUDIT_CHART)
     return path
 
 
@@ -272,6 +321,8 @@ def _score_chart(result: CanaryAuditResult):
     series = {name: np.histogram(np.clip(scores[mask], edges[0], edges[-1]), bins=edges)[0].tolist()
               for name, mask in (("included", included), ("excluded", ~included))}
     a = result.audit
-    return line_chart(series, title=f"canary scores ({result.settings['method']}), count per bin",
-                      x_label=f"score bin, {edges[0]:.3g} to {edges[-1]:.3g}",
-                      note=f"audited ε >= {a.epsilon_lower_bound:.3g} vs recorded ε = {a.recorded_epsilon:.3g}")
+    # The chart's bitmap font has no Greek letters: "eps".
+    return line_chart(series, title=f"canary scores ({result.settings['method']} audit), canaries per bin",
+                      x_label=f"score from {edges[0]:.3g} to {edges[-1]:.3g}, bin",
+                      note=f"audited eps >= {a.epsilon_lower_bound:.3g} vs recorded eps = {a.recorded_epsilon:.3g} "
+                           f"({a.confidence:.0%} confidence)")

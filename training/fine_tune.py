@@ -156,7 +156,7 @@ class FineTuneRun:
     """State of one training run, savable as safetensors + JSON (no pickle) for exact resumption."""
 
     def __init__(self, *, pipeline, dataset, config: DPLDMConfig, num_examples: int,
-                 progress: Callable[[Progress], None] | None = None, extra_units=None):
+                 progress: Callable[[Progress], None] | None = None, extra_units: ExtraUnits | None = None):
         """`extra_units` (an audit's canaries; see `ExtraUnits`) join the privacy units after the N data
         units: sampled, clipped and noised with them at the data's sample rate and plan of steps."""
         import torch

@@ -1,0 +1,75 @@
+"""The canary audit node: a DP-LDM run with canaries, and the ε it shows next to the ε it records."""
+
+from comfy_api.latest import io
+
+from ..training.trainable import TRAINABLE_SETS
+from .datasets import Dataset
+
+
+class PrivDiffCanaryAudit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PrivDiffCanaryAudit",
+            display_name="privdiff canary audit (DP-LDM)",
+            category="privdiff/privacy",
+            description="Checks that DP-LDM keeps its promise: runs the fine-tune with your settings plus gradient "
+                        "canaries (each put in with probability 1/2, far above the clip) and shows the lower bound "
+                        "on ε they reveal next to the ε the run records. A correct run stays below it; a bound above "
+                        "it means the mechanism is broken. Nothing of the run is kept: it is an audit.",
+            inputs=[
+                io.Model.Input("model", tooltip="the base model, as the DP-LDM train node would get it"),
+                io.Clip.Input("clip", tooltip="the base model's text encoder"),
+                io.Vae.Input("vae", tooltip="the base model's autoencoder"),
+                Dataset.Input("dataset", tooltip="the training images and captions the audited run uses"),
+                io.Float.Input("epsilon", default=10.0, min=0.01, max=1000.0, step=0.1,
+                               tooltip="the audited run's target ε, as in the training node"),
+                io.Combo.Input("trainable", options=list(TRAINABLE_SETS), default="attention",
+                               tooltip="which weights train (the canaries live in their linear layers)"),
+                io.Float.Input("epochs", default=10.0, min=0.01, max=10000.0, step=0.5,
+                               tooltip="passes over the data, as in the training node"),
+                io.Int.Input("batch_size", default=32, min=1, max=65536,
+                             tooltip="expected examples per step (sample rate batch_size / N); batch_size = N gives "
+                                     "full batches, the tightest audit"),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="at batch size 32, scaled linearly with the batch size"),
+                io.Float.Input("clip_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
+                               tooltip="C: each example's (and canary's) gradient is clipped to this L2 norm"),
+                io.Int.Input("num_canaries", default=1000, min=32, max=50000,
+                             tooltip="canaries added to the run (more: a tighter bound, at most 1/(2δ))"),
+                io.Float.Input("delta", default=1e-5, min=1e-12, max=0.01, step=1e-6,
+                               tooltip="δ of the audited (ε, δ); the audit needs 2 × canaries × δ <= 1"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="the canaries, their inclusion and the noise (seeded: the audit is repeatable)"),
+            ],
+            outputs=[io.String.Output(display_name="report",
+                                      tooltip="the audited lower bound on ε and the recorded ε, one per line")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, epsilon, trainable, epochs, batch_size, learning_rate, clip_norm,
+                num_canaries, delta, seed):
+        import torch
+
+        from ..pipelines.canary_audit import audit_dp_ldm
+        from ..training.fine_tune import DPLDMConfig
+        from .comfy_objects import NodeProgress, make_room_for_training, pipeline_from_comfy, training_device
+
+        config = DPLDMConfig(trainable=trainable, epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size,
+                             learning_rate=learning_rate, clip_norm=clip_norm, seed=seed, secure_noise=False,
+                             num_samples=0, device=training_device())
+        progress = NodeProgress(node_id=cls.hidden.unique_id, note=f"{num_canaries} canaries")
+        make_room_for_training()
+        with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; training needs autograd
+            # A stop ends the audit at once (raise_if_stopped raises ComfyUI's interrupt): it has nothing to save.
+            result = audit_dp_ldm(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=dataset,
+                                  config=config, num_canaries=num_canaries, progress=progress.report,
+                                  should_stop=progress.raise_if_stopped)
+        text = "\n".join(result.summary_lines())
+        return io.NodeOutput(text, ui={"text": [text]})
+
+
+AUDIT_NODES = [PrivDiffCanaryAudit]

@@ -1,0 +1,66 @@
+"""[14] `privdiff audit canary`: the bound next to the recorded ε, one line each, and the audit's JSON in
+--out; a bad option is one error line and leaves nothing behind."""
+
+import json
+
+import pytest
+import torch
+
+from privdiff.cli import main
+
+
+@pytest.fixture()
+def one_thread():
+    # Tiny matrices: on a shared 2-core machine the thread pool's hand-offs set the time, not the arithmetic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_gaussian_reference_prints_the_bound_and_writes_the_record(tmp_path, capsys):
+    out = tmp_path / "audit"
+    assert main(["audit", "canary", "--method", "gaussian", "--epsilon", "4", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("audited lower bound: ε >= ") and "99% confidence" in lines[0]
+    assert lines[1].startswith("recorded ε: 4 at δ = 1e-05")
+    record = json.loads((out / "canary-audit.json").read_text())
+    assert record["kind"] == "canary audit" and record["mechanism"] == "gaussian" and record["num_canaries"] == 1000
+    assert f"{record['epsilon_lower_bound']:.3g}" in lines[0] and 0 < record["epsilon_lower_bound"] < 4
+    assert record["settings"] == {"method": "gaussian", "target_epsilon": 4.0, "delta": 1e-5, "num_canaries": 1000,
+                                  "seed": 0}
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["--canaries", "10"], "--canaries 10: an audit needs at least 32"),
+    (["--confidence", "1.5"], "--confidence 1.5 must lie between 0 and 1"),
+    (["--delta", "0.01"], "2·m·δ <= 1"),
+    (["--epsilon", "0"], "--epsilon 0.0 must be positive"),
+    (["--batch-size", "0", "--num-items", "8"], "batch_size=0 must be at least 1"),
+])
+def test_a_bad_setting_is_one_error_line_and_leaves_nothing(tmp_path, capsys, argv, fragment):
+    out = tmp_path / "audit"
+    assert main(["audit", "canary", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("privdiff audit canary: error: ") and fragment in err, err
+    assert not out.exists()
+
+
+def test_an_unknown_method_is_one_argparse_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["audit", "canary", "--out", str(tmp_path), "--method", "dp-sgd"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "invalid choice: 'dp-sgd'" in err
+
+
+def test_dp_ldm_on_privdiff_tiny_writes_the_record_and_the_chart(tmp_path, capsys, one_thread):
+    out = tmp_path / "audit"
+    assert main(["audit", "canary", "--out", str(out), "--num-items", "16", "--epochs", "2", "--canaries", "256",
+                 "--epsilon", "8", "-q"]) == 0  # full batches of the 16 items by default
+    lines = capsys.readouterr().out.splitlines()
+    record = json.loads((out / "canary-audit.json").read_text())
+    assert record["mechanism"] == "dp-ldm" and record["bound"] == "fdp" and record["settings"]["steps"] == 2
+    assert record["settings"]["sample_rate"] == 1.0 and record["settings"]["num_items"] == 16
+    assert 0 < record["epsilon_lower_bound"] < record["recorded_epsilon"] <= 8.0
+    assert lines[1].startswith(f"recorded ε: {record['recorded_epsilon']:.3g}")
+    assert sorted(p.name for p in out.iterdir()) == ["canary-audit.json", "canary-audit.png"]
