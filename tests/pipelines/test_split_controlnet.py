@@ -322,7 +322,7 @@ def test_circles_bench_trains_scores_and_draws_its_grid(load_bench, tmp_path):
 
     bench = load_bench("split_circles")
     args = argparse.Namespace(mode="hardened", snr_bound=1.0, sigma_hint=0.0, draws_per_image=1, seed=0, num_items=16,
-                              steps=2, batch=4, lr=1e-3, eval_every=2, eval_num=4, out=None,
+                              steps=2, batch=4, learning_rate=1e-3, eval_every=2, eval_num=4, out=None,
                               grid=str(tmp_path / "grid.png"))
     result = bench.utility(args)
     assert result["evaluations"][-1]["step"] == 2 and 0 <= result["evaluations"][-1]["circle_iou"] <= 1
