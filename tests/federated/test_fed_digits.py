@@ -9,8 +9,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_fedavg_on_digits_lowers_held_out_loss_and_beats_the_base_models_accuracy(load_bench, tmp_path):
-    args = argparse.Namespace(out=str(tmp_path), num_items=600, clients=3, rounds=6, beta=None, seed=0,
-                              trainable="attention", local_epochs=5.0, batch_size=50, lr=3e-3, digit_words=True,
+    args = argparse.Namespace(out=str(tmp_path), num_items=600, num_clients=3, rounds=6, beta=None, seed=0,
+                              trainable="attention", local_epochs=5.0, batch_size=50, learning_rate=3e-3, digit_words=True,
                               eval_num=200)
     result = load_bench("federated").digits(args)
     losses = result["heldout_loss"]
