@@ -183,7 +183,7 @@ class FederatedConfig:
         values["local_epsilon"] = -1.0 if self.local_epsilon is None else float(self.local_epsilon)
         values["conditioning_words"] = " ".join(self.conditioning_words)
         values["client_noise_multiplier"] = (-1.0 if self.client_noise_multiplier is None
-                                                else float(self.client_noise_multiplier))
+                                             else float(self.client_noise_multiplier))
         values["client_delta"] = -1.0 if self.client_delta is None else float(self.client_delta)
         values["secure_aggregation"] = int(self.secure_aggregation)
         return {key.replace("_", "-"): value for key, value in values.items()}

@@ -2,8 +2,7 @@
 
 from comfy_api.latest import io
 
-from ..training.trainable import TRAINABLE_SETS
-from .datasets import Dataset
+from .training import base_and_data_inputs, dp_ldm_settings_inputs
 
 
 class PrivDiffCanaryAudit(io.ComfyNode):
@@ -16,25 +15,13 @@ class PrivDiffCanaryAudit(io.ComfyNode):
             description="Checks that DP-LDM keeps its promise: runs the fine-tune with your settings plus gradient "
                         "canaries (each put in with probability 1/2, far above the clip) and shows the lower bound "
                         "on ε they reveal next to the ε the run records. A correct run stays below it; a bound above "
-                        "it means the mechanism is broken. Nothing of the run is kept: it is an audit.",
+                        "it means the mechanism is broken. Nothing of the run is kept: it is an audit. "
+                        "batch_size = N (full batches) gives the tightest audit.",
             inputs=[
-                io.Model.Input("model", tooltip="the base model, as the DP-LDM train node would get it"),
-                io.Clip.Input("clip", tooltip="the base model's text encoder"),
-                io.Vae.Input("vae", tooltip="the base model's autoencoder"),
-                Dataset.Input("dataset", tooltip="the training images and captions the audited run uses"),
+                *base_and_data_inputs(),
                 io.Float.Input("epsilon", default=10.0, min=0.01, max=1000.0, step=0.1,
                                tooltip="the audited run's target ε, as in the training node"),
-                io.Combo.Input("trainable", options=list(TRAINABLE_SETS), default="attention",
-                               tooltip="which weights train (the canaries live in their linear layers)"),
-                io.Float.Input("epochs", default=10.0, min=0.01, max=10000.0, step=0.5,
-                               tooltip="passes over the data, as in the training node"),
-                io.Int.Input("batch_size", default=32, min=1, max=65536,
-                             tooltip="expected examples per step (sample rate batch_size / N); batch_size = N gives "
-                                     "full batches, the tightest audit"),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
-                               tooltip="at batch size 32, scaled linearly with the batch size"),
-                io.Float.Input("clip_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
-                               tooltip="C: each example's (and canary's) gradient is clipped to this L2 norm"),
+                *dp_ldm_settings_inputs(),
                 io.Int.Input("num_canaries", default=1000, min=32, max=50000,
                              tooltip="canaries added to the run (more: a tighter bound, at most 1/(2δ))"),
                 io.Float.Input("delta", default=1e-5, min=1e-12, max=0.01, step=1e-6,

@@ -145,18 +145,19 @@ def run_folder(name: str) -> Path:
     return Path(folder_paths.get_output_directory()) / "privdiff" / name
 
 
-def claim_run(name: str, *, kind: str, resume: bool, part: str = "") -> Path:
+def claim_run(name: str, *, kind: str, resume: bool, part: str = "", resumable: bool = True) -> Path:
     """The run folder for a training node's `name` (output/privdiff/<name>[/part]), after the one rule
     for names, checked before any training: without resume, a name whose run folder or released file
     (<kind>/<name>.safetensors) exists is refused, so that no finished or stopped run is overwritten
-    or thrown away; with resume, the run continues (a finished one is given back as it is)."""
+    or thrown away; with resume, the run continues (a finished one is given back as it is).
+    `resumable`: the node has a resume input, which the refusal then names."""
     from ..pipelines.release import check_release_name
 
     folder = run_folder(name) / part if part else run_folder(name)
     released = models_folder(kind) / f"{check_release_name(name)}.safetensors"
     earlier = [str(p) for p in (released, folder) if p.is_file() or (p.is_dir() and any(p.iterdir()))]
     if earlier and not resume:
-        hint = "turn resume on to continue it (a finished run is given back as it is), or " if part == "" else ""
+        hint = "turn resume on to continue it (a finished run is given back as it is), or " if resumable else ""
         raise ValueError(f"the name '{name}' belongs to an earlier run ({' and '.join(earlier)}): {hint}give this "
                          "run another name, or delete those files. Nothing was trained.")
     return folder
@@ -178,13 +179,13 @@ def data_source(text: str) -> str:
     return text if text in PROCEDURAL_DATASETS else str(input_path(text))
 
 
-def find_artifact(name: str) -> Path:
+def find_artifact(name: str | None) -> Path:
     """A file named as ComfyUI's loaders name it (`loras`, `embeddings`, `controlnet`), or a path."""
     import folder_paths
 
     import re
 
-    text = name.strip()
+    text = (name or "").strip()  # an unset (optional, unlinked) input is no file
     # A TI node's prompt ("a picture in the style of embedding:<name>") names its embedding.
     embedding = re.search(r"embedding:(\S+)", text)
     if embedding:
@@ -295,14 +296,10 @@ class NodeProgress:
         few seconds; labelled as computed on private data outside the guarantee, and never saved."""
         import time
 
-        from ..data.images import line_chart
-
         if len(self.losses) < 2 or (time.monotonic() - self._chart_at < LIVE_CHART_SECONDS and not final):
             return None
         self._chart_at = time.monotonic()
-        chart = line_chart({"training loss": self.losses}, title="training loss (live)",
-                           note="computed on private data: NOT covered by the DP guarantee")
-        return ("PNG", chart, 512)
+        return ("PNG", loss_chart(self.losses, title="training loss (live)"), 512)
 
     def report(self, info) -> None:
         """One trainer's `Progress`: the bar, and a line naming the phase (ε spent while training)."""
@@ -357,15 +354,20 @@ def publish_to_comfy(*, source: Path, kind: str, name: str) -> Path:
     return publish_release(source=source, destination=models_folder(kind) / f"{check_release_name(name)}.safetensors")
 
 
-def training_previews(*, losses: list[float], samples: Path | None, title: str):
-    """The node's previews: samples from the released model (covered by ε) and the loss curve,
-    labelled as computed on private data outside the guarantee; shown, never saved with the outputs."""
+def loss_chart(losses: list[float], *, title: str):
+    """The training loss as a picture, labelled as computed on private data outside the guarantee."""
     from ..data.images import line_chart
 
+    return line_chart({"training loss": losses}, title=title,
+                      note="computed on private data: NOT covered by the DP guarantee")
+
+
+def training_previews(*, losses: list[float], samples: Path | None, title: str):
+    """The node's previews: samples from the released model (covered by ε) and the loss curve;
+    shown, never saved with the outputs."""
     pictures = [samples] if samples is not None else []
     if losses:
-        pictures.append(line_chart({"training loss": losses}, title=f"{title} training loss",
-                                   note="computed on private data: NOT covered by the DP guarantee"))
+        pictures.append(loss_chart(losses, title=f"{title} training loss"))
     return preview(pictures) if pictures else None
 
 

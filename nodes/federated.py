@@ -80,7 +80,8 @@ class PrivDiffFederatedSimulate(io.ComfyNode):
                                  secure_aggregation=secure_aggregation, seed=seed)
         progress = NodeProgress(node_id=cls.hidden.unique_id, total=rounds)
         result = train_federated(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=data_source(data),
-                                 out=claim_run(name, kind="loras", resume=resume), config=config, resume=resume, progress=progress.report,
+                                 out=claim_run(name, kind="loras", resume=resume), config=config, resume=resume,
+                                 progress=progress.report,
                                  should_stop=progress.stop_requested)
         progress.raise_if_stopped()
         lora = publish_to_comfy(source=result.files.get("lora") or result.files["comfyui"], kind="loras", name=name)

@@ -37,7 +37,7 @@ class PrivDiffPrivacyReport(io.ComfyNode):
         if not isinstance(artifact, str):
             return float("nan")  # linked and not yet computed: run (a report is cheap)
         try:
-            stat = find_artifact(artifact or file or "").stat()
+            stat = find_artifact(artifact or file).stat()
         except FileNotFoundError:
             return None
         return (stat.st_mtime_ns, stat.st_size)
@@ -47,7 +47,7 @@ class PrivDiffPrivacyReport(io.ComfyNode):
         from ..privacy.record import read_record
         from .comfy_objects import find_artifact
 
-        path = find_artifact(artifact or file or "")
+        path = find_artifact(artifact or file)
         report = "\n".join([path.name, *read_record(path).summary_lines()])
         return io.NodeOutput(report, ui={"text": [report]})
 

@@ -161,8 +161,9 @@ class PrivDiffSplitClientTrain(io.ComfyNode):
                                   secret_file=split_secret_file(), privacy=_split_config(
                                       mode, snr_bound, sigma_label, sigma_hint, draws_per_image, privacy))
         result = train_split_controlnet(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=dataset,
-                                        out=claim_run(name, kind="controlnet", resume=False, part="client"), config=config, progress=progress.report,
-                                        should_stop=progress.stop_requested)
+                                        out=claim_run(name, kind="controlnet", resume=False, part="client",
+                                                      resumable=False),  # the server keeps the job: queue again
+                                        config=config, progress=progress.report, should_stop=progress.stop_requested)
         progress.raise_if_stopped()
         path = publish_to_comfy(source=result.files["controlnet"], kind="controlnet", name=name)
         return io.NodeOutput(path.name, ui={"text": [f"{path.name}: {result.figures['steps']} batches trained "
@@ -204,7 +205,7 @@ class PrivDiffSplitControlNetApply(io.ComfyNode):
                 controlnet_name=None):
         from .comfy_objects import apply_split_controlnet, find_artifact
 
-        path = find_artifact(controlnet_name or controlnet or "")
+        path = find_artifact(controlnet_name or controlnet)
         return io.NodeOutput(*apply_split_controlnet(positive=positive, negative=negative, path=path,
                                                      image=image, vae=vae, strength=strength,
                                                      start_percent=start_percent, end_percent=end_percent))

@@ -17,12 +17,30 @@ def check_release_name_input(name: str):
     return True
 
 
-def _common_inputs():
+def base_and_data_inputs():
     return [
         io.Model.Input("model", tooltip="the base model, e.g. from Load Checkpoint (SD1.5) or Load privdiff-tiny"),
         io.Clip.Input("clip", tooltip="the base model's text encoder"),
         io.Vae.Input("vae", tooltip="the base model's autoencoder"),
         Dataset.Input("dataset", tooltip="the private training images and captions"),
+    ]
+
+
+def dp_ldm_settings_inputs():
+    """What a DP-LDM run trains and how: the training node's inputs, and the canary audit's (which
+    audits a run with a training node's settings, so both take them from here)."""
+    return [
+        io.Combo.Input("trainable", options=list(TRAINABLE_SETS), default="attention",
+                       tooltip="which weights train: attention (DP-LDM's choice), cross_attention, transformer, "
+                               "lora (a small adapter), full"),
+        io.Float.Input("epochs", default=10.0, min=0.01, max=10000.0, step=0.5,
+                       tooltip="passes over the data; more steps spend more of ε, so the noise grows"),
+        io.Int.Input("batch_size", default=32, min=1, max=65536,
+                     tooltip="expected examples per step (Poisson sampling: the sample rate is batch_size / N)"),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                       tooltip="at batch size 32, scaled linearly with the batch size"),
+        io.Float.Input("clip_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
+                       tooltip="C: each example's gradient is clipped to this L2 norm before the noise is added"),
     ]
 
 
@@ -55,23 +73,13 @@ class PrivDiffDPLDMTrain(io.ComfyNode):
                         "(load it with LoraLoaderModelOnly) carrying its privacy record, and returns the model with "
                         "it applied. Stop keeps a checkpoint: queue again with resume on to continue.",
             inputs=[
-                *_common_inputs(),
+                *base_and_data_inputs(),
                 io.String.Input("name", default="privdiff-dp-ldm",
                                 tooltip="file name in models/loras (no extension) and of the run folder output/privdiff/<name>"),
                 io.Float.Input("epsilon", default=10.0, min=0.01, max=1000.0, step=0.1,
                                tooltip="the privacy budget ε for each training example (smaller: more private, less learnt); "
                                        "δ is 1/(10·N)"),
-                io.Combo.Input("trainable", options=list(TRAINABLE_SETS), default="attention",
-                               tooltip="which weights train: attention (DP-LDM's choice), cross_attention, transformer, "
-                                       "lora (a small adapter), full"),
-                io.Float.Input("epochs", default=10.0, min=0.01, max=10000.0, step=0.5,
-                               tooltip="passes over the data; more steps spend more of ε, so the noise grows"),
-                io.Int.Input("batch_size", default=32, min=1, max=65536,
-                             tooltip="expected examples per step (Poisson sampling: the sample rate is batch_size / N)"),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
-                               tooltip="at batch size 32, scaled linearly with the batch size"),
-                io.Float.Input("clip_norm", default=0.01, min=1e-6, max=100.0, step=0.001,
-                               tooltip="C: each example's gradient is clipped to this L2 norm before the noise is added"),
+                *dp_ldm_settings_inputs(),
                 io.Int.Input("lora_rank", default=4, min=1, max=256, tooltip="adapter rank, for trainable = lora"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="sampling and initialisation (the DP noise always comes from the OS)"),
@@ -132,7 +140,7 @@ class _TextualInversionNode(io.ComfyNode):
     @staticmethod
     def _ti_inputs():
         return [
-            *_common_inputs(),
+            *base_and_data_inputs(),
             io.String.Input("name", default="privdiff-style",
                             tooltip="the embedding's file name in models/embeddings: use it in prompts as embedding:<name>"),
             io.String.Input("init_word", default="painting",

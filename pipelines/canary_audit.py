@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from ..privacy.canary import (
     step_score,
     torch_generator,
 )
+from ..privacy.record import atomic_target
 from ..training.fine_tune import DPLDMConfig, FineTuneRun, validate_dataset
 from ..training.result import Progress
 
@@ -301,9 +301,8 @@ def write_canary_audit(*, result: CanaryAuditResult, out: str | Path) -> Path:
     path = out / AUDIT_FILE
     text = json.dumps({"kind": "canary audit", **result.audit.to_dict(), "settings": result.settings},
                       indent=1, default=str) + "\n"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)  # a reader never sees half a record
+    with atomic_target(path) as partial:  # a reader never sees half a record
+        partial.write_text(text, encoding="utf-8")
     if result.scores is not None:
         from ..data.images import save_png
 

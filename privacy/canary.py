@@ -198,7 +198,7 @@ def gdp_delta(*, mu: float, epsilon: float) -> float:
 
     μ-GDP is the Gaussian mechanism with σ = 1/μ (sensitivity 1), so this is also its exact δ(ε).
     """
-    from scipy.special import log_ndtr, ndtr
+    from .accounting import analytic_gaussian_delta
 
     if not (math.isfinite(mu) and mu >= 0):
         raise ValueError(f"mu={mu} must be a finite number >= 0.")
@@ -206,10 +206,7 @@ def gdp_delta(*, mu: float, epsilon: float) -> float:
         raise ValueError(f"epsilon={epsilon} must be >= 0.")
     if mu == 0.0 or math.isinf(epsilon):
         return 0.0
-    # e^ε Φ(b) in log space: e^ε overflows long before the product underflows.
-    first = float(ndtr(-epsilon / mu + mu / 2))
-    second = math.exp(epsilon + float(log_ndtr(-epsilon / mu - mu / 2)))
-    return max(first - second, 0.0)
+    return analytic_gaussian_delta(noise_multiplier=1.0 / mu, epsilon=epsilon)
 
 
 def gdp_epsilon(*, mu: float, delta: float) -> float:
