@@ -70,28 +70,3 @@ class _CurrentStderr(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass  # always the current sys.stderr
-
-
-def quiet_flower(*, verbose: bool = False) -> None:
-    """Flower's console: WARNING and above (every INFO line with `verbose`), without colour codes when
-    stderr is not a terminal, and without the warnings privdiff's chosen settings make it print."""
-    from flwr.common import logger as flower_logger
-
-    flower_logger.update_console_handler(level=logging.DEBUG if verbose else logging.WARNING, timestamps=False,
-                                         colored=sys.stderr.isatty())
-    logger = logging.getLogger(flower_logger.LOGGER_NAME)
-    if not any(isinstance(f, _ExpectedFlowerWarnings) for f in logger.filters):
-        logger.addFilter(_ExpectedFlowerWarnings())
-
-
-class _ExpectedFlowerWarnings(logging.Filter):
-    EXPECTED = (
-        # privdiff evaluates the global model on the server, so no client evaluation round is wanted.
-        "fraction_evaluate is set to 0.0",
-        # privdiff's simulation still enters through run_simulation; moving it to `flwr run`'s
-        # simulation runtime is open work (issue [12]), and the notice is for privdiff, not its users.
-        "The `run_simulation` function is deprecated",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.EXPECTED)

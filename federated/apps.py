@@ -1,12 +1,13 @@
 """The Flower apps of federated diffusion: the ClientApp (one client's local training per round), the
-ServerApp (FedAvg, or FedProx, with client-level DP when asked, the global model written after every
-round) and `simulate`, which runs both in Flower's simulation engine. The settings, data, partitions,
+ServerApp (FedAvg, or FedProx, with client-level DP or SecAgg+ when asked, the global model written
+after every round; both take their settings from the run config) and `simulate`, which runs them in
+Flower's simulation runtime through `flwr run` (see `simulation`). The settings, data, partitions,
 records and state they share are in `fedavg`.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import time
 from pathlib import Path
 
@@ -65,14 +66,15 @@ def train_round(*, config: FederatedConfig, client: int, round_number: int, init
 
 def client_app():
     """A Flower ClientApp: trains its partition from the round's global set, replies with its set
-    and its example count (FedAvg's weight)."""
+    and its example count (FedAvg's weight). A run whose config asks for secure aggregation is served
+    by the SecAgg+ client of `secure` (Flower ships SecAgg+ in its legacy API only)."""
     from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
+    secure = []  # the SecAgg+ client, built on first use
 
-    @app.train(mods=[_clip_when_asked])
-    def train(message: Message, context: Context) -> Message:
+    def plain(message: Message, context: Context) -> Message:
         import torch  # noqa: F401  (Flower's to_torch_state_dict needs torch imported first)
 
         config = FederatedConfig.from_run_config(context.run_config or message.content["config"])
@@ -83,6 +85,16 @@ def client_app():
                                           proximal_mu=float(sent["proximal-mu"]) if "proximal-mu" in sent else 0.0)
         return Message(RecordDict({"arrays": ArrayRecord(parameters), "metrics": MetricRecord(metrics)}),
                        reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        if context.run_config and FederatedConfig.from_run_config(context.run_config).secure_aggregation:
+            if not secure:
+                from .secure import secagg_client_app
+
+                secure.append(secagg_client_app())
+            return secure[0](message, context)
+        return _clip_when_asked(message, context, plain)
 
     return app
 
@@ -167,30 +179,28 @@ class ServerRun:
         state.update(extra or {})
         state.pop("last_round", None)  # the files say it
         write_state(self.out, state)
-        eps = config.client_level_epsilon(rounds=round_number) if round_number else None
-        # round 0 is the base model's loss: detail, so that a run prints one line per round
-        get_logger("federated").log(logging.INFO if round_number else logging.DEBUG, f"[{self.label}] round {round_number}/{config.rounds}: held-out loss {loss:.4f}"
-                                     + (f", client-level ε {eps:.3g}" if eps is not None else ""))
         return loss
 
 
-def server_app(*, config: FederatedConfig | None = None, out: str | Path | None = None):
-    """A Flower ServerApp running `config.rounds` rounds of FedAvg (resuming from `out` if a
-    previous run left rounds there), with the held-out loss measured after every round. Without
-    `config` / `out` (a deployed app), both come from the run config (`flwr run --run-config`)."""
+def server_app():
+    """A Flower ServerApp running `rounds` rounds of FedAvg (FedProx with `proximal-mu`, client-level DP
+    when asked, SecAgg+ with `secure-aggregation`), its settings and `out` from the run config,
+    resuming from `out` if a previous run left rounds there; the held-out loss is measured after
+    every round."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
     from flwr.serverapp import Grid, ServerApp
 
     app = ServerApp()
-    fixed_config, fixed_out = config, out
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = fixed_config or FederatedConfig.from_run_config(context.run_config)
-        out = Path(fixed_out or context.run_config["out"])
+        config = FederatedConfig.from_run_config(context.run_config)
+        out = Path(context.run_config["out"])
         if config.secure_aggregation:
-            raise ValueError("secure-aggregation=1: this app runs plain FedAvg; SecAgg+ runs in "
-                             "`privdiff fed simulate --secure-aggregation` (Flower's legacy workflow) for now.")
+            from .secure import run_secure_aggregation
+
+            run_secure_aggregation(grid=grid, context=context, config=config, out=out)
+            return
         run = ServerRun(config=config, out=out)
         done = run.done
         if done >= config.rounds:
@@ -241,40 +251,67 @@ def round_metrics(records, weighting_key: str):
 
 def simulate(*, config: FederatedConfig, out: str | Path, verbose: bool = False, keep_byproducts: bool = False,
              log=None) -> dict:
-    """Run (or resume) a federated run in Flower's simulation engine: one SuperNode per client, one
-    CPU each. Returns the run state (held-out loss per round, clients' reports); those by-products
-    (and their plot) stay in `out`/byproducts-not-covered-by-dp only with `keep_byproducts`."""
+    """Run (or resume) a federated run in Flower's simulation runtime (`flwr run` against a simulation
+    SuperLink started for it: one SuperNode per client, one CPU each). One line per finished round;
+    Flower's own streamed log only with `verbose`. Returns the run state (held-out loss per round,
+    clients' reports); those by-products (with their plot and Flower's log) stay in
+    `out`/byproducts-not-covered-by-dp only with `keep_byproducts`."""
     import shutil
 
+    from .simulation import APP, simulation_superlink
+
     quiet_telemetry()
-    from flwr.simulation import run_simulation
-
-    from ..console import get_logger, quiet_flower
-
-    quiet_flower(verbose=verbose)
     log = log or get_logger("federated").warning
-    out = Path(out)
-    check_request(config)
-    if last_round(out):
-        check_resumable(out=out, config=config)
-    warning = config.few_clients_warning()
-    if warning:
-        log(f"warning: {warning}")
-    out.mkdir(parents=True, exist_ok=True)
-    if config.secure_aggregation:
-        from .secure import secagg_client_app, secagg_server_app
+    out = Path(out).resolve()  # the run's processes start elsewhere
+    flower_log = out / BYPRODUCTS / "flower.log"
+    # The SuperLink starts while the request is checked (it holds nothing of the run until `flwr run`).
+    with simulation_superlink(num_clients=config.num_clients, verbose=verbose) as link:
+        check_request(config)
+        if last_round(out):
+            check_resumable(out=out, config=config)
+        warning = config.few_clients_warning()
+        if warning:
+            log(f"warning: {warning}")
+        (out / BYPRODUCTS).mkdir(parents=True, exist_ok=True)
+        reported = [last_round(out)]
 
-        apps = {"server_app": secagg_server_app(config=config, out=out), "client_app": secagg_client_app()}
-    else:
-        apps = {"server_app": server_app(config=config, out=out), "client_app": client_app()}
-    run_simulation(**apps,
-                   num_supernodes=config.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"include_dashboard": False, "log_to_driver": verbose}},
-                   verbose_logging=verbose)
+        def report_rounds() -> bool:
+            """Print each newly finished round (its held-out loss is in the state, written after its
+            model); True once the last round is."""
+            measured = [int(r) for r in load_state(out).get("heldout_loss", {})]
+            done = min(last_round(out), max(measured, default=0))
+            for round_number in range(reported[0] + 1, done + 1):
+                get_logger("federated").info(round_line(config=config, out=out, round_number=round_number))
+            reported[0] = max(reported[0], done)
+            return done >= config.rounds
+
+        code = link.run(app=APP, run_config={**config.to_run_config(), "out": str(out)},
+                        log=flower_log, echo=functools.partial(_echo, verbose=verbose), finished=report_rounds)
+    report_rounds()
+    if code != 0 or last_round(out) < config.rounds:
+        raise RuntimeError(f"the federated simulation stopped after round {last_round(out)} of {config.rounds} "
+                           f"(flwr run exit code {code}); rerun the same command to resume. The end of Flower's "
+                           f"log ({flower_log}, kept):\n{link.log_tail(flower_log)}")
     state = load_state(out)
     if keep_byproducts:
         plot_rounds(out=out, state=state)
     else:
         shutil.rmtree(out / BYPRODUCTS, ignore_errors=True)
     return state
+
+
+def _echo(line: str, *, verbose: bool) -> None:
+    """A line of Flower's streamed log: every one with `verbose`, otherwise only its errors."""
+    if verbose:
+        get_logger("flower").info(line)
+    elif line.lstrip().startswith("ERROR"):
+        get_logger("flower").error(line)
+
+
+def round_line(*, config: FederatedConfig, out: Path, round_number: int) -> str:
+    """The one console line of a finished round: its held-out loss and the client-level ε spent."""
+    loss = load_state(out).get("heldout_loss", {}).get(str(round_number))
+    eps = config.client_level_epsilon(rounds=round_number)
+    return (f"[privdiff fed] round {round_number}/{config.rounds}"
+            + (f": held-out loss {loss:.4f}" if loss is not None else "")
+            + (f", client-level ε {eps:.3g}" if eps is not None else ""))

@@ -4,7 +4,7 @@ This module holds what the apps (`apps`: ClientApp, ServerApp, `simulate`) share
 the data and its partition, the trainable set's values, the round records and the run's state.
 
 Flower does the federated parts: the ServerApp and ClientApp (Message API), `FedAvg` weighted by each
-client's example count, the simulation engine and the deployment runtime. privdiff supplies the model,
+client's example count, the simulation runtime (`simulation`) and the deployment runtime. privdiff supplies the model,
 the data and the local trainer ([3/7]'s `train_in_memory`: plain AdamW, or DP-SGD per client when
 `local_epsilon` is set). Only the trainable set travels (`attention`, `lora`, `full`, ...). The server
 writes the global set after every round as `global-round-<r>.safetensors`, each carrying the privacy

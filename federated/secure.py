@@ -2,7 +2,8 @@
 (weighted) models, never one client's.
 
 In Flower 1.41 SecAgg+ exists only in its legacy API (`SecAggPlusWorkflow` with a legacy strategy and
-`secaggplus_mod` on a NumPyClient), so this module builds the same federation as `fedavg` in that API:
+`secaggplus_mod` on a NumPyClient), so this module builds the same federation as `fedavg` in that API
+(the privdiff-fed app turns to it when its run config has `secure-aggregation = 1`):
 the same local training (`train_round`), checkpoints, resume and held-out loss. SecAgg+ quantises each
 weighted value (stochastically, 2^22 levels over ±`clipping_range`), so its aggregate equals plain
 FedAvg's up to that quantisation. With client-level DP on, clients clip (Flower's legacy clipping mod,
@@ -75,53 +76,46 @@ def secagg_client_app():
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod, clip_when_asked])
 
 
-def secagg_server_app(*, config: FederatedConfig, out: str | Path):
+def run_secure_aggregation(*, grid, context, config: FederatedConfig, out: str | Path) -> None:
+    """The ServerApp's work for a run with `secure-aggregation`: FedAvg through Flower's SecAgg+
+    workflow, with the same checkpoints, resume and held-out loss as the plain app."""
+    import torch
     from flwr.common import ndarrays_to_parameters
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-    from flwr.serverapp import ServerApp
 
-    app = ServerApp()
-    out = Path(out)
+    run = ServerRun(config=config, out=Path(out), label="privdiff fed, SecAgg+")
+    done, names = run.done, list(run.parameters)
+    if done >= config.rounds:
+        return
+    clock = {"started": time.perf_counter()}
 
-    @app.main()
-    def main(grid, context) -> None:
-        import torch
+    def fit_config(server_round: int) -> dict:
+        clock["started"] = time.perf_counter()
+        return {**config.to_run_config(), "server-round": server_round + done}
 
-        run = ServerRun(config=config, out=out, label="privdiff fed, SecAgg+")
-        done, names = run.done, list(run.parameters)
-        if done >= config.rounds:
-            return
-        clock = {"started": time.perf_counter()}
+    def evaluate(server_round: int, arrays, _config):
+        # After the unmasked aggregate (and the DP noise, when on). The server never sees a
+        # client's own model, so there are no per-client reports.
+        parameters = {name: torch.from_numpy(value.copy()).to(run.parameters[name].dtype)
+                      for name, value in zip(names, arrays)}
+        loss = run.finish_round(round_number=server_round + done, parameters=parameters,
+                                wall_seconds=time.perf_counter() - clock["started"],
+                                extra={"secure_aggregation": "SecAgg+ (Flower)"})
+        return loss, {}
 
-        def fit_config(server_round: int) -> dict:
-            clock["started"] = time.perf_counter()
-            return {**config.to_run_config(), "server-round": server_round + done}
-
-        def evaluate(server_round: int, arrays, _config):
-            # After the unmasked aggregate (and the DP noise, when on). The server never sees a
-            # client's own model, so there are no per-client reports.
-            parameters = {name: torch.from_numpy(value.copy()).to(run.parameters[name].dtype)
-                          for name, value in zip(names, arrays)}
-            loss = run.finish_round(round_number=server_round + done, parameters=parameters,
-                                    wall_seconds=time.perf_counter() - clock["started"],
-                                    extra={"secure_aggregation": "SecAgg+ (Flower)"})
-            return loss, {}
-
-        strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=config.num_clients,
-                          min_available_clients=config.num_clients, on_fit_config_fn=fit_config,
-                          evaluate_fn=evaluate,
-                          initial_parameters=ndarrays_to_parameters([run.start[n].numpy() for n in names]))
-        if config.client_dp:
-            strategy = DifferentialPrivacyClientSideFixedClipping(
-                strategy, noise_multiplier=config.client_noise_multiplier,
-                clipping_norm=config.client_clip_norm, num_sampled_clients=config.num_clients)
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.rounds - done), strategy=strategy)
-        workflow = SecAggPlusWorkflow(num_shares=config.num_clients,
-                                      reconstruction_threshold=max(2, config.num_clients - 1),
-                                      clipping_range=SECAGG_CLIPPING_RANGE, quantization_range=SECAGG_LEVELS,
-                                      max_weight=secagg_max_weight(config))
-        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
-
-    return app
+    strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=config.num_clients,
+                      min_available_clients=config.num_clients, on_fit_config_fn=fit_config,
+                      evaluate_fn=evaluate,
+                      initial_parameters=ndarrays_to_parameters([run.start[n].numpy() for n in names]))
+    if config.client_dp:
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            strategy, noise_multiplier=config.client_noise_multiplier,
+            clipping_norm=config.client_clip_norm, num_sampled_clients=config.num_clients)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.rounds - done), strategy=strategy)
+    workflow = SecAggPlusWorkflow(num_shares=config.num_clients,
+                                  reconstruction_threshold=max(2, config.num_clients - 1),
+                                  clipping_range=SECAGG_CLIPPING_RANGE, quantization_range=SECAGG_LEVELS,
+                                  max_weight=secagg_max_weight(config))
+    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)

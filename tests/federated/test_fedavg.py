@@ -18,10 +18,20 @@ CONFIG = FederatedConfig(num_items=48, heldout_items=16, num_clients=3, rounds=2
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fed")
-    with warnings.catch_warnings():
+    user_flower_home = tmp_path_factory.mktemp("flwr-home")  # the user's own, which a run must not touch
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
         warnings.simplefilter("ignore")
+        patch.setenv("FLWR_HOME", str(user_flower_home))
         state = simulate(config=CONFIG, out=out)
-    return out, state
+    return out, state, user_flower_home
+
+
+def test_a_finished_run_leaves_no_flower_process_and_nothing_in_flower_home(straight_run, flower_processes):
+    """Flower's supported entry point (`flwr run` against a simulation SuperLink privdiff starts): when
+    `simulate` returns, the SuperLink, the simulation process and Ray's workers are gone."""
+    *_, user_flower_home = straight_run
+    assert not flower_processes(wait=5), "Flower processes outlived the run"
+    assert not any(user_flower_home.iterdir())
 
 
 def test_the_global_model_is_the_sample_weighted_average_of_the_client_models(straight_run):
@@ -30,7 +40,7 @@ def test_the_global_model_is_the_sample_weighted_average_of_the_client_models(st
     from privdiff.models.privdiff_tiny import load_privdiff_tiny
     from privdiff.training.fine_tune import train_in_memory
 
-    out, state = straight_run
+    out, state, _ = straight_run
     assert state["last_round"] == 2
     # Redo round 1 here: each client's local training is deterministic (seeded, one thread).
     torch.set_num_threads(1)
@@ -60,7 +70,7 @@ def test_held_out_loss_falls_over_rounds_and_only_releases_with_their_record_sta
     from privdiff.federated.fedavg import BYPRODUCTS, config_from_release, plot_rounds
     from privdiff.privacy.record import read_record
 
-    out, state = straight_run
+    out, state, _ = straight_run
     losses = state["heldout_loss"]
     assert set(losses) == {"0", "1", "2"} and losses["2"] < losses["0"], losses
     # [8] defect 4: each global model is a release with its record; the by-products are gone.
@@ -78,7 +88,7 @@ def test_a_run_resumes_from_its_last_round_and_ends_where_a_straight_run_does(st
 
     from safetensors.torch import load_file
 
-    out, _ = straight_run
+    out, *_ = straight_run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first = simulate(config=replace(CONFIG, rounds=1), out=tmp_path)
@@ -188,7 +198,7 @@ def test_secagg_plus_gives_the_same_global_model_as_plain_fedavg_up_to_its_quant
 
     from privdiff.federated.secure import secagg_tolerance
 
-    out, _ = straight_run
+    out, *_ = straight_run
     config = replace(CONFIG, rounds=1, secure_aggregation=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
