@@ -203,3 +203,45 @@ def test_errors_say_what_to_do():
         audit_dp_sgd(config=subject)
     with pytest.raises(ValueError, match="clipping matters"):
         audit_dp_sgd(config=_config(sample_rate=0.5, steps=1), canary_norm=0.5)
+
+
+# ------------------------------------------------ the many-run variant and planned guesses
+
+
+def test_pooled_runs_are_one_audit_of_all_their_canaries():
+    from privdiff.privacy.canary import pool_runs, run_seeds
+
+    scores, included = pool_runs([([0.5, 2.0], [True, False]), ([1.0], [True])])
+    assert scores.tolist() == [0.5, 2.0, 1.0] and included.tolist() == [True, False, True]
+    assert run_seeds(seed=7, runs=1) == [7]  # one run is the one-run audit as it always was
+    seeds = run_seeds(seed=7, runs=10)
+    assert len(set(seeds)) == 10 and seeds == run_seeds(seed=7, runs=10)
+    audit = gaussian_reference_audit(epsilon=2.0, delta=1e-5, num_canaries=1000, runs=3, seed=0)
+    assert audit.runs == 3 and audit.num_canaries == 3000 and audit.to_dict()["runs"] == 3
+
+
+def test_planned_guesses_depend_only_on_public_facts_and_are_one_pair():
+    from privdiff.privacy.canary import planned_guesses
+
+    first = planned_guesses(num_canaries=1000, epsilon=2.0, delta=1e-5)
+    assert len(first) == 1 and first == planned_guesses(num_canaries=1000, epsilon=2.0, delta=1e-5)
+    plus, minus = first[0]
+    assert 16 <= plus <= 500 and minus in (0, plus)
+    rng = np.random.default_rng(0)
+    scores, included = rng.standard_normal(1000), rng.random(1000) < 0.5
+    audit = audit_scores(scores=scores, included=included, delta=1e-5, guesses="planned", recorded_epsilon=2.0,
+                         bound="fdp")
+    assert (audit.guesses_included, audit.num_guesses) == (plus, plus + minus)
+    with pytest.raises(ValueError, match="planned"):
+        audit_scores(scores=scores, included=included, delta=1e-5, guesses="planned")  # no recorded ε to plan from
+
+
+@pytest.mark.parametrize("epsilon", [2.0, 4.0])
+def test_ten_pooled_runs_with_planned_guesses_stay_below_epsilon_and_catch_a_quarter_of_the_noise(epsilon):
+    for seed in (0, 1):
+        correct = gaussian_reference_audit(epsilon=epsilon, delta=1e-5, num_canaries=1000, runs=10, seed=seed,
+                                           guesses="planned")
+        assert 0 < correct.epsilon_lower_bound <= epsilon, (seed, correct)
+    broken = gaussian_reference_audit(epsilon=epsilon, delta=1e-5, num_canaries=1000, runs=10, seed=0,
+                                      guesses="planned", noise_scale=0.25)
+    assert broken.exceeds_recorded, broken
