@@ -222,6 +222,128 @@ def _read_metadata(root: Path, problems: list[tuple[str, str]]) -> dict[Path, _M
     return entries
 
 
+_Pending = tuple[Path, str, Path | None, str | None]  # image, caption, hint, subject
+
+
+def _problems_error(root: Path, problems: list[tuple[str, str]]) -> DatasetError:
+    return DatasetError(f"{len(problems)} problem(s) in image folder {root}; fix them all and retry:", problems)
+
+
+def _find_images(root: Path, meta: dict[Path, _MetaEntry], problems: list[tuple[str, str]]) -> list[Path]:
+    """The images in a stable order; raises at once when there are none (nothing else can be checked)."""
+    meta_hints = {e.hint_path for e in meta.values() if e.hint_path is not None}
+    # Images: the top level plus whatever metadata.jsonl names; a file used as a hint is no image.
+    images = {p for p in root.iterdir() if p.is_file() and _is_image_name(p.name)}
+    images |= {p for p in meta if p.is_file()}
+    images -= meta_hints
+    images_sorted = sorted(images, key=lambda p: p.relative_to(root).as_posix())
+    if not images_sorted:
+        others = sorted({p.suffix.lower() for p in root.iterdir() if p.is_file() and p.suffix}
+                        - {".txt", ".jsonl"})
+        seen = f" (found only {', '.join(others)} files)" if others else ""
+        problems.append((str(root), f"contains no images{seen}; accepted extensions are "
+                                    f"{', '.join(IMAGE_EXTENSIONS)} (any case), at the top level or "
+                                    f"named in {METADATA_FILE}"))
+        raise _problems_error(root, problems)
+    return images_sorted
+
+
+def _hint_files_by_stem(root: Path) -> dict[str, list[Path]]:
+    """Hints found by stem in hints/ or conditioning/."""
+    hint_files: dict[str, list[Path]] = defaultdict(list)
+    for folder in HINT_FOLDERS:
+        if (root / folder).is_dir():
+            for p in sorted((root / folder).iterdir()):
+                if p.is_file() and _is_image_name(p.name):
+                    hint_files[p.stem].append(p)
+    return hint_files
+
+
+def _caption_of(path: Path, *, name: str, entry: _MetaEntry | None, same_dir_stem: list[Path],
+                config: ImageFolderConfig, problems: list[tuple[str, str]]) -> str:
+    """The metadata caption, else the sidecar's; ``same_dir_stem`` are the images sharing that sidecar."""
+    caption = entry.caption if entry is not None and entry.caption else None
+    if caption is None:
+        sidecar = path.with_suffix(".txt")
+        if sidecar.is_file():
+            if len(same_dir_stem) > 1:
+                others = ", ".join(p.name for p in same_dir_stem)
+                problems.append((str(path), f"shares its caption file {sidecar.name} with {others}; "
+                                            "rename one image or caption them in metadata.jsonl"))
+                caption = ""
+            else:
+                try:
+                    caption = sidecar.read_text(encoding="utf-8").strip()
+                except (OSError, UnicodeDecodeError) as exc:
+                    problems.append((str(sidecar), f"cannot be read as UTF-8 text ({exc}); save it as UTF-8"))
+                    caption = ""
+                if caption == "" and config.caption_required:
+                    problems.append((str(sidecar), f"caption file of {name} is empty; write the caption "
+                                                   "into it"))
+    if caption is None:
+        if config.caption_required:
+            problems.append((str(path), "has no caption; " + _CAPTION_FIX.format(stem=path.stem, name=name)))
+        caption = config.default_caption
+    elif caption == "" and not config.caption_required:
+        caption = config.default_caption
+    return caption
+
+
+def _hint_of(path: Path, *, root: Path, entry: _MetaEntry | None, hint_files: dict[str, list[Path]],
+             same_stem: list[Path], config: ImageFolderConfig, problems: list[tuple[str, str]]) -> Path | None:
+    """The metadata hint, else the one hint file with the image's stem; ``same_stem`` are the images
+    sharing that stem anywhere (a hint folder cannot tell them apart)."""
+    hint = entry.hint_path if entry is not None else None
+    if hint is None and hint_files.get(path.stem):
+        candidates = hint_files[path.stem]
+        if len(candidates) > 1:
+            problems.append((str(path), "has several hint files ("
+                                        + ", ".join(str(c.relative_to(root)) for c in candidates)
+                                        + "); keep one"))
+        elif len(same_stem) > 1:
+            problems.append((str(path), f"shares the stem {path.stem!r} with "
+                                        + ", ".join(str(p.relative_to(root)) for p in same_stem if p != path)
+                                        + f", so {candidates[0].relative_to(root)} is ambiguous; rename "
+                                          "one image or name hints in metadata.jsonl"))
+        else:
+            hint = candidates[0]
+    if hint is None and config.hint_required:
+        problems.append((str(path), f"has no hint; add hints/{path.stem}.png or "
+                                    f'"conditioning_image" to its line in {METADATA_FILE}, '
+                                    "or pass hint_required=False"))
+    return hint
+
+
+def _decode_all(paths: list[Path]) -> dict[Path, tuple[int, int] | str]:
+    """Decode everything once, in threads (PIL's decoders release the GIL)."""
+    workers = max(1, min(8, os.cpu_count() or 1, len(paths)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(paths, pool.map(_decode, paths)))
+
+
+def _check_decoded(pending: list[_Pending], decoded: dict[Path, tuple[int, int] | str],
+                   problems: list[tuple[str, str]]) -> list[ImageRecord]:
+    """Records of the readable images; unreadable files and hints of another size are problems."""
+    decode_fix = "re-save it as PNG or JPEG, or delete it"
+    records: list[ImageRecord] = []
+    for path, caption, hint, subject in pending:
+        size = decoded[path]
+        if isinstance(size, str):
+            problems.append((str(path), f"is not a readable image ({size}); {decode_fix}"))
+        if hint is not None:
+            hint_size = decoded[hint]
+            if isinstance(hint_size, str):
+                problems.append((str(hint), f"hint of {path.name} is not a readable image ({hint_size}); "
+                                            f"{decode_fix}"))
+            elif not isinstance(size, str) and hint_size != size:
+                problems.append((str(hint), f"hint is {hint_size[0]}x{hint_size[1]} pixels but its image "
+                                            f"{path.name} is {size[0]}x{size[1]}; resize the hint to its "
+                                            "image's size"))
+        if not isinstance(size, str):
+            records.append(ImageRecord(path, caption, hint, subject, size))
+    return records
+
+
 def scan_image_folder(*, config: ImageFolderConfig) -> tuple[ImageRecord, ...]:
     """Find, decode and pair every image of ``config.root`` with its caption, hint and subject.
 
@@ -242,115 +364,30 @@ def scan_image_folder(*, config: ImageFolderConfig) -> tuple[ImageRecord, ...]:
 
     problems: list[tuple[str, str]] = []
     meta = _read_metadata(root, problems)
-    meta_hints = {e.hint_path for e in meta.values() if e.hint_path is not None}
-
-    # Images: the top level plus whatever metadata.jsonl names; a file used as a hint is no image.
-    images = {p for p in root.iterdir() if p.is_file() and _is_image_name(p.name)}
-    images |= {p for p in meta if p.is_file()}
-    images -= meta_hints
-    images_sorted = sorted(images, key=lambda p: p.relative_to(root).as_posix())
-    if not images_sorted:
-        others = sorted({p.suffix.lower() for p in root.iterdir() if p.is_file() and p.suffix}
-                        - {".txt", ".jsonl"})
-        seen = f" (found only {', '.join(others)} files)" if others else ""
-        problems.append((str(root), f"contains no images{seen}; accepted extensions are "
-                                    f"{', '.join(IMAGE_EXTENSIONS)} (any case), at the top level or "
-                                    f"named in {METADATA_FILE}"))
-        raise DatasetError(f"{len(problems)} problem(s) in image folder {root}; fix them all and retry:",
-                           problems)
-
-    # Hints found by stem in hints/ or conditioning/.
-    hint_files: dict[str, list[Path]] = defaultdict(list)
-    for folder in HINT_FOLDERS:
-        if (root / folder).is_dir():
-            for p in sorted((root / folder).iterdir()):
-                if p.is_file() and _is_image_name(p.name):
-                    hint_files[p.stem].append(p)
+    images = _find_images(root, meta, problems)
+    hint_files = _hint_files_by_stem(root)
     # Sidecar captions and hint folders are matched by stem, so two images sharing one are ambiguous.
     by_dir_stem: dict[tuple[Path, str], list[Path]] = defaultdict(list)
     by_stem: dict[str, list[Path]] = defaultdict(list)
-    for p in images_sorted:
+    for p in images:
         by_dir_stem[(p.parent, p.stem)].append(p)
         by_stem[p.stem].append(p)
 
-    # Decode everything once, in threads (PIL's decoders release the GIL).
-    pending: list[tuple[Path, str | None, Path | None, str | None]] = []
-    for path in images_sorted:
+    # Each image's caption problems before its hint problems, image by image.
+    pending: list[_Pending] = []
+    for path in images:
         entry = meta.get(path)
-        name = path.relative_to(root).as_posix()
-        caption = entry.caption if entry is not None and entry.caption else None
-        if caption is None:
-            sidecar = path.with_suffix(".txt")
-            if sidecar.is_file():
-                if len(by_dir_stem[(path.parent, path.stem)]) > 1:
-                    others = ", ".join(p.name for p in by_dir_stem[(path.parent, path.stem)])
-                    problems.append((str(path), f"shares its caption file {sidecar.name} with {others}; "
-                                                "rename one image or caption them in metadata.jsonl"))
-                    caption = ""
-                else:
-                    try:
-                        caption = sidecar.read_text(encoding="utf-8").strip()
-                    except (OSError, UnicodeDecodeError) as exc:
-                        problems.append((str(sidecar), f"cannot be read as UTF-8 text ({exc}); save it as UTF-8"))
-                        caption = ""
-                    if caption == "" and config.caption_required:
-                        problems.append((str(sidecar), f"caption file of {name} is empty; write the caption "
-                                                       "into it"))
-        if caption is None:
-            if config.caption_required:
-                problems.append((str(path), "has no caption; " + _CAPTION_FIX.format(stem=path.stem, name=name)))
-            caption = config.default_caption
-        elif caption == "" and not config.caption_required:
-            caption = config.default_caption
+        caption = _caption_of(path, name=path.relative_to(root).as_posix(), entry=entry,
+                              same_dir_stem=by_dir_stem[(path.parent, path.stem)], config=config,
+                              problems=problems)
+        hint = _hint_of(path, root=root, entry=entry, hint_files=hint_files, same_stem=by_stem[path.stem],
+                        config=config, problems=problems)
+        pending.append((path, caption, hint, entry.subject if entry is not None else None))
 
-        hint = entry.hint_path if entry is not None else None
-        if hint is None and hint_files.get(path.stem):
-            candidates = hint_files[path.stem]
-            if len(candidates) > 1:
-                problems.append((str(path), "has several hint files ("
-                                            + ", ".join(str(c.relative_to(root)) for c in candidates)
-                                            + "); keep one"))
-            elif len(by_stem[path.stem]) > 1:
-                problems.append((str(path), f"shares the stem {path.stem!r} with "
-                                            + ", ".join(str(p.relative_to(root)) for p in by_stem[path.stem]
-                                                        if p != path)
-                                            + f", so {candidates[0].relative_to(root)} is ambiguous; rename "
-                                              "one image or name hints in metadata.jsonl"))
-            else:
-                hint = candidates[0]
-        if hint is None and config.hint_required:
-            problems.append((str(path), f"has no hint; add hints/{path.stem}.png or "
-                                        f'"conditioning_image" to its line in {METADATA_FILE}, '
-                                        "or pass hint_required=False"))
-        subject = entry.subject if entry is not None else None
-        pending.append((path, caption, hint, subject))
-
-    to_decode = sorted({p for p, *_ in pending} | {h for _, _, h, _ in pending if h is not None})
-    workers = max(1, min(8, os.cpu_count() or 1, len(to_decode)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = dict(zip(to_decode, pool.map(_decode, to_decode)))
-    decode_fix = "re-save it as PNG or JPEG, or delete it"
-
-    records: list[ImageRecord] = []
-    for path, caption, hint, subject in pending:
-        size = decoded[path]
-        if isinstance(size, str):
-            problems.append((str(path), f"is not a readable image ({size}); {decode_fix}"))
-        if hint is not None:
-            hint_size = decoded[hint]
-            if isinstance(hint_size, str):
-                problems.append((str(hint), f"hint of {path.name} is not a readable image ({hint_size}); "
-                                            f"{decode_fix}"))
-            elif not isinstance(size, str) and hint_size != size:
-                problems.append((str(hint), f"hint is {hint_size[0]}x{hint_size[1]} pixels but its image "
-                                            f"{path.name} is {size[0]}x{size[1]}; resize the hint to its "
-                                            "image's size"))
-        if not isinstance(size, str):
-            records.append(ImageRecord(path, caption, hint, subject, size))
-
+    decoded = _decode_all(sorted({p for p, *_ in pending} | {h for _, _, h, _ in pending if h is not None}))
+    records = _check_decoded(pending, decoded, problems)
     if problems:
-        raise DatasetError(f"{len(problems)} problem(s) in image folder {root}; fix them all and retry:",
-                           problems)
+        raise _problems_error(root, problems)
     return tuple(records)
 
 

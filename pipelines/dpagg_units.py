@@ -105,9 +105,7 @@ def train_unit_embeddings(*, pipeline, dataset, units: list[Unit], secret: bytes
     units or other settings (`fingerprint`)."""
     from diffusers import DDPMScheduler
 
-    from ..training.checkpoint import (load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint)
-    from ..training.diffusion import denoising_target
-    from .textual_inversion import Placeholders, encode_prompts, placeholder_names
+    from .textual_inversion import Placeholders, placeholder_names
 
     n = len(units)
     names = [placeholder_names(token=f"<privdiff-unit-{u}>", num_vectors=num_vectors) for u in range(n)]
@@ -127,38 +125,17 @@ def train_unit_embeddings(*, pipeline, dataset, units: list[Unit], secret: bytes
         fingerprint = {**(fingerprint or {}), "units": hashlib.sha256(layout.encode()).hexdigest()}
         first = 0
         if resume:
-            saved = load_checkpoint(folder=checkpoint_folder, kind="dpagg-ti", fingerprint=fingerprint)
-            with torch.no_grad():
-                for i, rows in enumerate(placeholders.rows):
-                    rows.rows.copy_(saved.tensors[f"rows.{i}"])
-            restore_optimizer(optimizer, tensors=saved.tensors, param_groups=saved.state["param_groups"])
-            for generator, state in zip(generators, saved.tensors["rng.units"]):
-                generator.set_state(state.clone())
-            first = saved.state["step"]
+            first = _resume(folder=checkpoint_folder, fingerprint=fingerprint, placeholders=placeholders,
+                            optimizer=optimizer, generators=generators)
         shape = next(iter(latents.values())).shape if latents else None
         for step in range(first, steps):
             for start in range(0, n, batch_size):
                 chunk = [u for u in range(start, min(start + batch_size, n)) if units[u].members]
                 if not chunk:
                     continue
-                picks, noise, t = [], [], []
-                for u in chunk:
-                    members, g = units[u].members, generators[u]
-                    index = members[int(torch.randint(len(members), (1,), generator=g))] if len(members) > 1 else members[0]
-                    picks.append(latents[index])
-                    noise.append(torch.randn(shape, generator=g))
-                    t.append(int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)))
-                pad = batch_size - len(chunk)
-                z0 = torch.stack(picks + [torch.zeros(shape)] * pad)
-                eps = torch.stack(noise + [torch.zeros(shape)] * pad)
-                timesteps = torch.tensor(t + [0] * pad)
-                ids = [torch.cat([encoder_ids[chunk], pad_encoder_ids.expand(pad, -1)])
-                       for encoder_ids, pad_encoder_ids in zip(unit_ids, pad_ids)]
-                context, added = encode_prompts(pipeline=pipeline, ids=ids, image_size=image_size)
-                prediction = pipeline.unet(scheduler.add_noise(z0, eps, timesteps), timesteps, context,
-                                           added_cond_kwargs=added).sample
-                target = denoising_target(scheduler=scheduler, z0=z0, noise=eps, t=timesteps)
-                (prediction - target)[:len(chunk)].pow(2).mean(dim=(1, 2, 3)).sum().backward()
+                _chunk_backward(pipeline=pipeline, scheduler=scheduler, units=units, chunk=chunk,
+                                generators=generators, latents=latents, shape=shape, unit_ids=unit_ids,
+                                pad_ids=pad_ids, batch_size=batch_size, image_size=image_size)
             optimizer.step()  # once per step: every unit's rows get exactly its own gradient
             optimizer.zero_grad(set_to_none=True)
             if progress is not None:
@@ -167,16 +144,68 @@ def train_unit_embeddings(*, pipeline, dataset, units: list[Unit], secret: bytes
             if checkpoint_folder is not None and (stop or step + 1 == steps or (step + 1) % checkpoint_every == 0):
                 # On a stop, every `checkpoint_every` steps (a kill loses no more), and at the end: a
                 # release that then fails resumes from here, not from scratch.
-                tensors, param_groups = optimizer_tensors(optimizer)
-                tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(placeholders.rows)})
-                tensors["rng.units"] = torch.stack([g.get_state() for g in generators])
-                save_checkpoint(folder=checkpoint_folder, kind="dpagg-ti", tensors=tensors, fingerprint=fingerprint,
-                                state={**(checkpoint_state or {}), "step": step + 1, "param_groups": param_groups})
+                _save(folder=checkpoint_folder, fingerprint=fingerprint,
+                      state={**(checkpoint_state or {}), "step": step + 1},
+                      optimizer=optimizer, placeholders=placeholders, generators=generators)
             if stop:
                 return _result(units, placeholders, num_vectors, steps_done=step + 1, stopped=True)
         return _result(units, placeholders, num_vectors, steps_done=steps, stopped=False)
     finally:
         placeholders.restore()  # the pipeline's own tables, unchanged
+
+
+def _chunk_backward(*, pipeline, scheduler, units: list[Unit], chunk: list[int], generators: list, latents: dict,
+                    shape, unit_ids: list, pad_ids: list, batch_size: int, image_size: int) -> None:
+    """One step's loss for the units in `chunk`, padded to `batch_size` rows, back-propagated.
+
+    Each unit draws its image, noise and timestep, in that order, from its own stream only.
+    """
+    from ..training.diffusion import denoising_target
+    from .textual_inversion import encode_prompts
+
+    picks, noise, t = [], [], []
+    for u in chunk:
+        members, g = units[u].members, generators[u]
+        index = members[int(torch.randint(len(members), (1,), generator=g))] if len(members) > 1 else members[0]
+        picks.append(latents[index])
+        noise.append(torch.randn(shape, generator=g))
+        t.append(int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g)))
+    pad = batch_size - len(chunk)
+    z0 = torch.stack(picks + [torch.zeros(shape)] * pad)
+    eps = torch.stack(noise + [torch.zeros(shape)] * pad)
+    timesteps = torch.tensor(t + [0] * pad)
+    ids = [torch.cat([encoder_ids[chunk], pad_encoder_ids.expand(pad, -1)])
+           for encoder_ids, pad_encoder_ids in zip(unit_ids, pad_ids)]
+    context, added = encode_prompts(pipeline=pipeline, ids=ids, image_size=image_size)
+    prediction = pipeline.unet(scheduler.add_noise(z0, eps, timesteps), timesteps, context,
+                               added_cond_kwargs=added).sample
+    target = denoising_target(scheduler=scheduler, z0=z0, noise=eps, t=timesteps)
+    (prediction - target)[:len(chunk)].pow(2).mean(dim=(1, 2, 3)).sum().backward()
+
+
+def _resume(*, folder: Path | None, fingerprint: dict, placeholders, optimizer, generators: list) -> int:
+    """Restore the rows, the optimizer and every unit's stream; returns the step to continue from."""
+    from ..training.checkpoint import load_checkpoint, restore_optimizer
+
+    saved = load_checkpoint(folder=folder, kind="dpagg-ti", fingerprint=fingerprint)
+    with torch.no_grad():
+        for i, rows in enumerate(placeholders.rows):
+            rows.rows.copy_(saved.tensors[f"rows.{i}"])
+    restore_optimizer(optimizer, tensors=saved.tensors, param_groups=saved.state["param_groups"])
+    for generator, state in zip(generators, saved.tensors["rng.units"]):
+        generator.set_state(state.clone())
+    return saved.state["step"]
+
+
+def _save(*, folder: Path, fingerprint: dict, state: dict, optimizer, placeholders, generators: list) -> None:
+    """A checkpoint of the rows, the optimizer and every unit's stream, with `state` (and the param groups)."""
+    from ..training.checkpoint import optimizer_tensors, save_checkpoint
+
+    tensors, param_groups = optimizer_tensors(optimizer)
+    tensors.update({f"rows.{i}": rows.rows for i, rows in enumerate(placeholders.rows)})
+    tensors["rng.units"] = torch.stack([g.get_state() for g in generators])
+    save_checkpoint(folder=folder, kind="dpagg-ti", tensors=tensors, fingerprint=fingerprint,
+                    state={**state, "param_groups": param_groups})
 
 
 def _result(units, placeholders, num_vectors, *, steps_done: int, stopped: bool) -> UnitEmbeddings:

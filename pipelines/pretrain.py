@@ -140,8 +140,6 @@ class _Run:
                                "param_groups": groups, "ema": self.ema is not None})
 
     def load(self) -> None:
-        import torch
-
         from ..training.checkpoint import load_checkpoint, restore_generators, restore_optimizer
 
         saved = load_checkpoint(folder=self.folder, kind="pretrain", fingerprint=self._fingerprint(),
@@ -291,25 +289,10 @@ def _encode_latents(vae, images, batch_size: int = 256):
         )
 
 
-def pretrain(*, out: str | Path, config: PretrainConfig = PretrainConfig(), resume: bool = False,
-             show_progress: bool = True) -> PretrainResult:
-    """Pretrain privdiff-tiny and save it (fp16 safetensors, diffusers layout) into `out`.
-
-    A stopped run leaves a checkpoint in `out/.pretrain`; the same call with `resume=True` continues
-    it exactly (same config required) and removes the checkpoint once the model is saved.
-    """
-    import shutil
-
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from tqdm.auto import tqdm
-
-    from ..data.images import line_chart, make_grid, save_png
-    from ..models.privdiff_tiny import untrained_components
-    from ..models.tokenizer import save_clip_tokenizer
+def _checkpoint_folder(out: Path, *, resume: bool) -> Path:
+    """Where the run's checkpoint lives, once `out` is known to suit a fresh run or a resumed one."""
     from ..training.checkpoint import has_checkpoint
 
-    out = Path(out)
     if (out / "model_index.json").exists():
         raise FileExistsError(f"{out} already holds a model; choose an empty --out folder.")
     folder = out / CHECKPOINT_FOLDER
@@ -318,8 +301,15 @@ def pretrain(*, out: str | Path, config: PretrainConfig = PretrainConfig(), resu
                               "or choose an empty --out folder.")
     if resume and not has_checkpoint(folder):
         raise FileNotFoundError(f"--resume: {out} holds no pretraining checkpoint; start without --resume.")
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
+    return folder
+
+
+def _start_run(*, config: PretrainConfig, folder: Path, resume: bool) -> _Run:
+    """Seeded components and generator, then the checkpoint's state on resume (it overwrites both)."""
+    import torch
+
+    from ..models.privdiff_tiny import untrained_components
+
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     components = untrained_components(seed=config.seed)
@@ -329,9 +319,25 @@ def pretrain(*, out: str | Path, config: PretrainConfig = PretrainConfig(), resu
         run.load()
     else:
         run.fix_posterior_variance()
-    images, captions = _render_public_images(config)
-    seconds["render"] = time.perf_counter() - start
+    return run
 
+
+def _caption_tokens(tokenizer, captions: list[str]):
+    """Each distinct caption tokenised once, the empty one last; returns (token table, row per image)."""
+    import torch
+
+    unique = sorted(set(captions))
+    row_of = {caption: i for i, caption in enumerate(unique)}
+    token_table = tokenizer(unique + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+    return token_table, torch.tensor([row_of[c] for c in captions])
+
+
+def _train(run: _Run, images, captions: list[str], *, show_progress: bool, seconds: dict[str, float]) -> None:
+    """Both stages from wherever `run` stands, timing each into `seconds`."""
+    from tqdm.auto import tqdm
+
+    config = run.config
     vae_total = config.vae_crop_steps + config.vae_full_steps
     total_steps = vae_total + config.unet_steps
     done = run.step if run.stage == "vae" else vae_total + run.step
@@ -343,28 +349,35 @@ def pretrain(*, out: str | Path, config: PretrainConfig = PretrainConfig(), resu
             seconds["vae"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             latents = run.switch_to_unet(images)
-        if latents is None:
-            latents = _encode_latents(components["vae"], images)
+        if latents is None:  # resumed in stage 2: the autoencoder is fixed, so its latents are too
+            latents = _encode_latents(run.components["vae"], images)
         latents = latents * run.scaling
-        tokenizer = components["tokenizer"]
-        unique = sorted(set(captions))
-        row_of = {caption: i for i, caption in enumerate(unique)}
-        token_table = tokenizer(unique + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
-        caption_index = torch.tensor([row_of[c] for c in captions])
+        token_table, caption_index = _caption_tokens(run.components["tokenizer"], captions)
         seconds["encode"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         run.train_unet(latents, caption_index, token_table, bar)
         seconds["unet"] = time.perf_counter() - t0
-    vae_losses, unet_losses, scaling = run.vae_losses, run.unet_losses, run.scaling
+
+
+def _save_model(components: dict, out: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from ..models.tokenizer import save_clip_tokenizer
 
     pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipeline.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    save_clip_tokenizer(tokenizer, out / "tokenizer")
+    save_clip_tokenizer(components["tokenizer"], out / "tokenizer")
 
-    # Samples from the saved (fp16-rounded) weights: what users will get, on held-out public prompts.
+
+def _save_samples(*, out: Path, config: PretrainConfig) -> Path:
+    """Samples from the saved (fp16-rounded) weights: what users will get, on held-out public prompts."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from ..data.images import make_grid, save_png
     from ..data.public_corpus import PublicConfig, PublicDataset
     from ..models.loading import dtype_argument
 
@@ -377,25 +390,56 @@ def pretrain(*, out: str | Path, config: PretrainConfig = PretrainConfig(), resu
         prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale,
         generator=torch.Generator().manual_seed(config.seed), output_type="np",
     ).images
-    grid = save_png(make_grid(list(sample_images), labels=prompts, columns=4, cell_size=96), out / "samples.png")
-    curve = save_png(
-        line_chart({"autoencoder": vae_losses, "unet + text encoder": unet_losses},
-                   title="privdiff-tiny pretraining loss (public data)"),
-        out / "loss.png",
-    )
-    seconds["total"] = time.perf_counter() - start
+    return save_png(make_grid(list(sample_images), labels=prompts, columns=4, cell_size=96), out / "samples.png")
+
+
+def _write_record(*, out: Path, config: PretrainConfig, run: _Run, seconds: dict[str, float], resume: bool) -> None:
+    import torch
+
+    vae_losses, unet_losses = run.vae_losses, run.unet_losses
     record = {
         "config": asdict(config),
         "corpus": "privdiff.data.public_corpus: shapes, glyphs, textures (no digits)",
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "resumed": resume,
-        "vae_scaling_factor": scaling,
+        "vae_scaling_factor": run.scaling,
         "final_vae_loss": sum(vae_losses[-50:]) / max(len(vae_losses[-50:]), 1),
         "final_unet_loss": sum(unet_losses[-100:]) / max(len(unet_losses[-100:]), 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
     (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def pretrain(*, out: str | Path, config: PretrainConfig = PretrainConfig(), resume: bool = False,
+             show_progress: bool = True) -> PretrainResult:
+    """Pretrain privdiff-tiny and save it (fp16 safetensors, diffusers layout) into `out`.
+
+    A stopped run leaves a checkpoint in `out/.pretrain`; the same call with `resume=True` continues
+    it exactly (same config required) and removes the checkpoint once the model is saved.
+    """
+    import shutil
+
+    from ..data.images import line_chart, save_png
+
+    out = Path(out)
+    folder = _checkpoint_folder(out, resume=resume)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    run = _start_run(config=config, folder=folder, resume=resume)
+    images, captions = _render_public_images(config)
+    seconds["render"] = time.perf_counter() - start
+    _train(run, images, captions, show_progress=show_progress, seconds=seconds)
+
+    _save_model(run.components, out)
+    grid = _save_samples(out=out, config=config)
+    curve = save_png(
+        line_chart({"autoencoder": run.vae_losses, "unet + text encoder": run.unet_losses},
+                   title="privdiff-tiny pretraining loss (public data)"),
+        out / "loss.png",
+    )
+    seconds["total"] = time.perf_counter() - start
+    _write_record(out=out, config=config, run=run, seconds=seconds, resume=resume)
     shutil.rmtree(folder, ignore_errors=True)
-    return PretrainResult(out=out, vae_losses=vae_losses, unet_losses=unet_losses, seconds=seconds,
+    return PretrainResult(out=out, vae_losses=run.vae_losses, unet_losses=run.unet_losses, seconds=seconds,
                           sample_grid=grid, loss_curve=curve)

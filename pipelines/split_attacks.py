@@ -105,6 +105,72 @@ def reconstruct_from_traffic(*, pipeline, payloads: list[dict], pixels: torch.Te
                            sigma_label=sigma_label, sigma_hint=sigma_hint, optimisation_steps=optimisation_steps)[0]
 
 
+def _decode(vae, latents) -> torch.Tensor:
+    """Scaled latents as images in [0, 1]."""
+    with torch.no_grad():
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    return (images.float().clamp(-1, 1) + 1) / 2
+
+
+def _unconditional_context(pipeline, batch: int) -> torch.Tensor:
+    """The public model's unconditional context (the server has it too); zeros without a text encoder."""
+    unet = pipeline.unet
+    if getattr(pipeline, "text_encoder", None) is not None:
+        with torch.no_grad():
+            return pipeline.encode_prompt([""], unet.device, 1, False)[0].expand(batch, -1, -1)
+    return torch.zeros(batch, 1, unet.config.cross_attention_dim)
+
+
+def _linear_and_denoiser(*, pipeline, payloads: list[dict], sigma_label: float, context: torch.Tensor):
+    """The cheap attacks on the linked estimate of `payloads`; returns (latents by attack name, linked
+    z_0, its error variance, hint latent)."""
+    from ..privacy.attacks import denoiser_estimate, hint_regions, region_average
+
+    linked, variance, hint_latent = _linked_estimate(pipeline=pipeline, payloads=payloads, sigma_label=sigma_label)
+    if sigma_label == 0:
+        return {"linear": linked}, linked, variance, hint_latent
+    # The hint (recovered exactly when σ_hint = 0) outlines flat regions: pooling the estimate over
+    # each region divides its noise by the region's area.
+    regions = hint_regions(hint_images=_decode(pipeline.vae, hint_latent), latent_size=tuple(linked.shape[-2:]))
+    return ({"linear": _shrink(linked, variance),
+             "denoiser": denoiser_estimate(unet=pipeline.unet, z0_estimate=linked, error_variance=variance,
+                                           alphas_cumprod=pipeline.scheduler.alphas_cumprod, context=context),
+             "hint-regions": region_average(estimate=_shrink(linked, variance), regions=regions)},
+            linked, variance, hint_latent)
+
+
+def _tv_inversions(*, vae, start: torch.Tensor, linked: torch.Tensor, variance: torch.Tensor,
+                   optimisation_steps: int) -> dict[str, torch.Tensor]:
+    """Images optimised through the public encoder from `start` under a total-variation prior, at two weights."""
+    from ..privacy.attacks import total_variation_inversion
+    from ..training.diffusion import encode_latents
+
+    def encode(x):
+        return encode_latents(vae=vae, pixels=(x * 2 - 1).to(vae.dtype)).float()
+
+    images = {}
+    for weight in (1.0, 10.0):
+        with torch.enable_grad():
+            images[f"tv-inversion({weight:g})"] = total_variation_inversion(
+                encode=encode, z0_estimate=linked, error_variance=variance, start=start,
+                tv_weight=weight / float(variance.mean()), steps=optimisation_steps)
+    return images
+
+
+def _recovered_hints(*, vae, hint_latent: torch.Tensor, payloads: list[dict], sigma_hint: float,
+                     hint_reference: torch.Tensor) -> torch.Tensor:
+    """The hint latent decoded, or its shrunk version where the client's hint noise makes that closer."""
+    from ..privacy.attacks import psnr
+
+    hint_images = _decode(vae, hint_latent)
+    if sigma_hint > 0:  # the client's hint noise is known: shrink towards the hints' mean, as for images
+        distinct = len({payload["h"].tobytes() for payload in payloads})
+        shrunk = _decode(vae, _shrink(hint_latent, torch.full((len(hint_latent),), sigma_hint ** 2 / distinct)))
+        if psnr(estimate=shrunk, reference=hint_reference) > psnr(estimate=hint_images, reference=hint_reference):
+            hint_images = shrunk
+    return hint_images
+
+
 def _attack_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hint_pixels: torch.Tensor,
                     sigma_label: float, sigma_hint: float, optimisation_steps: int):
     """Run the server-side attacks on the messages one image set produced over several epochs.
@@ -119,66 +185,31 @@ def _attack_traffic(*, pipeline, payloads: list[dict], pixels: torch.Tensor, hin
     (the attacker's most favourable choice), is the headline. Returns (report, the best attack's
     images, the recovered hints), images in [0, 1].
     """
-    from ..privacy.attacks import (denoiser_estimate, hint_regions, latent_error, mean_image_psnr, psnr,
-                                   region_average, ssim, total_variation_inversion)
+    from ..privacy.attacks import latent_error, mean_image_psnr, psnr, ssim
     from ..training.diffusion import encode_latents
 
-    vae, unet, alphas = pipeline.vae, pipeline.unet, pipeline.scheduler.alphas_cumprod
-
-    def decode(latents):
-        with torch.no_grad():
-            images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
-        return (images.float().clamp(-1, 1) + 1) / 2
-
+    vae = pipeline.vae
     with torch.no_grad():
         true_latents = encode_latents(vae=vae, pixels=pixels.to(vae.dtype)).double()
-        reference = decode(true_latents)
-        hint_reference = decode(encode_latents(vae=vae, pixels=hint_pixels.to(vae.dtype)))
-    if getattr(pipeline, "text_encoder", None) is not None:
-        with torch.no_grad():  # the public model's unconditional context: the server has it too
-            context = pipeline.encode_prompt([""], unet.device, 1, False)[0].expand(len(pixels), -1, -1)
-    else:
-        context = torch.zeros(len(pixels), 1, unet.config.cross_attention_dim)
-
-    def linear_and_denoiser(epochs: int):
-        linked, variance, hint_latent = _linked_estimate(pipeline=pipeline, payloads=payloads[:epochs],
-                                                         sigma_label=sigma_label)
-        if sigma_label == 0:
-            return {"linear": linked}, linked, variance, hint_latent
-        # The hint (recovered exactly when σ_hint = 0) outlines flat regions: pooling the estimate over
-        # each region divides its noise by the region's area.
-        regions = hint_regions(hint_images=decode(hint_latent), latent_size=tuple(linked.shape[-2:]))
-        return ({"linear": _shrink(linked, variance),
-                 "denoiser": denoiser_estimate(unet=unet, z0_estimate=linked, error_variance=variance,
-                                               alphas_cumprod=alphas, context=context),
-                 "hint-regions": region_average(estimate=_shrink(linked, variance), regions=regions)},
-                linked, variance, hint_latent)
+        reference = _decode(vae, true_latents)
+        hint_reference = _decode(vae, encode_latents(vae=vae, pixels=hint_pixels.to(vae.dtype)))
+    context = _unconditional_context(pipeline, len(pixels))
 
     by_epochs = []
     for epochs in range(1, len(payloads) + 1):  # the last pass is the whole run's, kept below
-        latents, linked, variance, hint_latent = linear_and_denoiser(epochs)
-        images = {name: decode(z) for name, z in latents.items()}
+        latents, linked, variance, hint_latent = _linear_and_denoiser(
+            pipeline=pipeline, payloads=payloads[:epochs], sigma_label=sigma_label, context=context)
+        images = {name: _decode(vae, z) for name, z in latents.items()}
         by_epochs.append(max(psnr(estimate=x, reference=reference) for x in images.values()))
     if sigma_label > 0 and optimisation_steps > 0:
-        def encode(x):
-            return encode_latents(vae=vae, pixels=(x * 2 - 1).to(vae.dtype)).float()
-
-        start = images["linear"]
-        for weight in (1.0, 10.0):
-            with torch.enable_grad():
-                images[f"tv-inversion({weight:g})"] = total_variation_inversion(
-                    encode=encode, z0_estimate=linked, error_variance=variance, start=start,
-                    tv_weight=weight / float(variance.mean()), steps=optimisation_steps)
+        images.update(_tv_inversions(vae=vae, start=images["linear"], linked=linked, variance=variance,
+                                     optimisation_steps=optimisation_steps))
     attacks = {name: {"psnr": psnr(estimate=x, reference=reference), "ssim": ssim(estimate=x, reference=reference)}
                for name, x in images.items()}
     best = max(attacks, key=lambda name: attacks[name]["psnr"])
     mean_guess = reference.double().mean(0, keepdim=True).expand_as(reference)
-    hint_images = decode(hint_latent)
-    if sigma_hint > 0:  # the client's hint noise is known: shrink towards the hints' mean, as for images
-        distinct = len({payload["h"].tobytes() for payload in payloads})
-        shrunk = decode(_shrink(hint_latent, torch.full((len(hint_latent),), sigma_hint ** 2 / distinct)))
-        if psnr(estimate=shrunk, reference=hint_reference) > psnr(estimate=hint_images, reference=hint_reference):
-            hint_images = shrunk
+    hint_images = _recovered_hints(vae=vae, hint_latent=hint_latent, payloads=payloads, sigma_hint=sigma_hint,
+                                   hint_reference=hint_reference)
     report = ReconstructionReport(
         image_psnr=attacks[best]["psnr"], image_ssim=max(v["ssim"] for v in attacks.values()),
         image_latent_error=min(latent_error(estimate=z, reference=true_latents) for z in latents.values()),
