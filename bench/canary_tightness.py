@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'m':>6} {'runs':>4} {'eps':>4} {'sigma':>6} {'bound':>13} {'median':>7} {'min':>6} {'max':>6} "
           f"{'ratio':>6} {'x base':>6} {'ceiling':>7} {'noise/4':>8} {'planned':>7}")
-    for m, runs in [(m, r) for m in args.canaries for r in args.runs]:
+    # m·runs canaries in all; the (ε, δ) bound allows at most 1/(2δ) of them.
+    for m, runs in [(m, r) for m in args.canaries for r in args.runs if 2 * m * r * DELTA <= 1]:
         caps = {name: ceiling(m * runs, name) for name in BOUND_FIELDS}
         for eps in args.epsilons:
             audits = [gaussian_reference_audit(epsilon=eps, delta=DELTA, num_canaries=m, confidence=CONFIDENCE, seed=s,

@@ -50,12 +50,18 @@ def canary(args) -> int:
         raise ValueError(f"--confidence {args.confidence} must lie between 0 and 1, e.g. 0.99.")
     if args.canaries < 32:
         raise ValueError(f"--canaries {args.canaries}: an audit needs at least 32 (1,000 or more for a useful bound).")
+    if args.runs < 1:
+        raise ValueError(f"--runs {args.runs} must be at least 1 (10 runs of 1,000 canaries: a tighter bound).")
+    if 2 * args.canaries * args.runs * args.delta > 1:
+        raise ValueError(f"--canaries {args.canaries} x --runs {args.runs} with --delta {args.delta}: the audit needs "
+                         f"canaries x runs <= 1/(2 delta) = {int(0.5 / args.delta)}; use fewer.")
+    guesses = None if args.guesses == "grid" else args.guesses
     if not (args.epsilon > 0 and 0 < args.delta < 1):
         raise ValueError(f"--epsilon {args.epsilon} must be positive and --delta {args.delta} lie in (0, 1).")
     check_out_folder(args.out, results=[AUDIT_FILE])
     if args.method == "gaussian":
         result = audit_gaussian(epsilon=args.epsilon, delta=args.delta, num_canaries=args.canaries,
-                                confidence=args.confidence, seed=args.seed)
+                                confidence=args.confidence, seed=args.seed, runs=args.runs, guesses=guesses)
     else:
         dataset, base = _dataset(args), base_spec(args)
         # Seeded noise: an audit is reproducible from its --seed (it tests the mechanism, not the OS's randomness).
@@ -67,7 +73,7 @@ def canary(args) -> int:
         bar = _Bar("canary audit")  # no stop-and-resume: Ctrl-C ends an audit, which leaves nothing to continue
         try:
             result = audit_dp_ldm(base=base, data=dataset, config=config, num_canaries=args.canaries,
-                                  confidence=args.confidence, progress=bar.report)
+                                  confidence=args.confidence, runs=args.runs, guesses=guesses, progress=bar.report)
         finally:
             bar.close()
     path = write_canary_audit(result=result, out=args.out)

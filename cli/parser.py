@@ -196,6 +196,12 @@ def _add_canary_audit(canary) -> None:
     canary.add_argument("--canaries", type=int, default=1000,
                         help="canary units, each included with probability 1/2 (default 1000; more: a tighter bound)")
     canary.add_argument("--confidence", type=float, default=0.99, help="confidence of the bound (default 0.99)")
+    canary.add_argument("--runs", type=int, default=1,
+                        help="independent runs whose canaries are audited together (default 1; 10: a tighter bound "
+                             "at 10 times the time)")
+    canary.add_argument("--guesses", default="grid", choices=["grid", "planned"],
+                        help="grid: the best of several guess counts (union bound); planned: one count chosen in "
+                             "advance from ε and the number of canaries (tighter)")
     canary.add_argument("--epochs", type=float, default=4.0, help="passes over the data (default 4)")
     canary.add_argument("--batch-size", type=int, default=None,
                         help="expected batch (sample rate B/N; default N, full batches: the tightest audit)")

@@ -117,9 +117,9 @@ def _strategy_class(*, proximal: bool = False):
         reports and wall time for the checkpoint, which is written after the round's final model
         exists (after Flower's DP noise, when that is on)."""
 
-        def __init__(self, *, round_offset: int, **kwargs):
+        def __init__(self, *, round_offset: int, required_replies: int = 0, **kwargs):
             super().__init__(**kwargs)
-            self.round_offset = round_offset
+            self.round_offset, self.required_replies = round_offset, required_replies
             self.reports: dict[int, dict] = {}
 
         def configure_train(self, server_round, arrays, config, grid):
@@ -130,6 +130,7 @@ def _strategy_class(*, proximal: bool = False):
             # In partition order, not arrival order: float sums then do not depend on which client
             # finished first, so a resumed run ends exactly where a straight one does.
             replies = sorted(replies, key=lambda r: r.content["metrics"]["partition-id"] if r.has_content() else -1)
+            check_replies(replies, required=self.required_replies, round_number=server_round + self.round_offset)
             arrays, metrics = super().aggregate_train(server_round + self.round_offset, replies)
             self.reports[server_round + self.round_offset] = {
                 "clients": [{k: float(v) for k, v in r.content["metrics"].items()} for r in replies if r.has_content()],
@@ -137,6 +138,18 @@ def _strategy_class(*, proximal: bool = False):
             return arrays, metrics
 
     return CheckpointingFedAvg
+
+
+def check_replies(replies, *, required: int, round_number: int) -> None:
+    """Under client-level DP every client must reply. Flower's DP wrapper adds noise of sd z·C/n to the
+    mean of the replies, n being the clients it was configured for, and averages whatever arrived: if a
+    client's reply times out, the mean is over fewer, so the noise on their sum falls below z·C while
+    the record still says z (found by the client-level canary audit). Such a round is refused."""
+    replied = sum(1 for reply in replies if reply.has_content())
+    if required and replied < required:
+        raise RuntimeError(f"round {round_number}: {replied} of {required} clients replied. Under client-level DP "
+                           "the noise is calibrated for all of them, so a mean of fewer would leak more than the "
+                           "record says: the round is not released. Resume when every client is back.")
 
 
 class ServerRun:
@@ -209,7 +222,8 @@ def server_app():
         inner = _strategy_class(proximal=bool(config.proximal_mu))(
             round_offset=done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.num_clients,
             min_available_nodes=config.num_clients, weighted_by_key="dp-weight" if config.client_dp else "num-examples",
-            train_metrics_aggr_fn=round_metrics, **extra)
+            train_metrics_aggr_fn=round_metrics, required_replies=config.num_clients if config.client_dp else 0,
+            **extra)
         strategy = inner
         if config.client_dp:
             from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping

@@ -370,12 +370,18 @@ def plan_dpsgd_ti(*, dataset, config: DPSGDTIConfig) -> tuple[int, list | None, 
     return n, subjects, units, delta
 
 
-class _DPSGDTIRun:
+class DPSGDTIRun:
     """One DP-SGD TI run: the placeholder rows AdamW trains, the engine that clips and noises their
-    per-example gradients, the generators; saved and restored through the one checkpoint unit."""
+    per-example gradients, the generators; saved and restored through the one checkpoint unit.
+
+    `extra_units` (an audit's canaries, `pipelines.canary_audit.RowCanaries`) follow the protocol of
+    `training.fine_tune.ExtraUnits` with this run as `run`: they are units n..n+count-1 of the
+    engine's Poisson sampling, at the data's sample rate and plan of steps, and read the noisy
+    average before the optimizer. None (every training run): the run is exactly as without the hook.
+    """
 
     def __init__(self, *, pipeline, placeholders, dataset, config: DPSGDTIConfig, n: int, subjects, units: int,
-                 delta: float):
+                 delta: float, extra_units=None):
         from ..privacy.accounting import default_accountant
         from ..privacy.dp_sgd import secure_generator
         from ..privacy.engine import DPConfig, DPSGDEngine
@@ -383,7 +389,9 @@ class _DPSGDTIRun:
         from .dpagg_units import encode_images
         from .textual_inversion import placeholder_names
 
-        self.pipeline, self.placeholders = pipeline, placeholders
+        if extra_units is not None and subjects is not None:
+            raise ValueError("extra units (canaries) join a run with privacy_unit='example': each is one example.")
+        self.pipeline, self.placeholders, self.extra_units = pipeline, placeholders, extra_units
         encoded = encode_images(pipeline=pipeline, dataset=dataset, indices=range(n))
         self.latents = torch.stack([encoded[i] for i in range(n)])
         names = placeholder_names(token=config.token, num_vectors=config.num_vectors)
@@ -396,7 +404,8 @@ class _DPSGDTIRun:
         self.steps = max(1, math.ceil(config.epochs * units / config.batch_size))
         self.train_generator = torch.Generator().manual_seed(config.seed + 1)
         self.engine = DPSGDEngine(
-            model=torch.nn.ModuleList(placeholders.text_encoders), optimizer=self.optimizer, num_examples=n,
+            model=torch.nn.ModuleList(placeholders.text_encoders), optimizer=self.optimizer,
+            num_examples=n + (extra_units.count if extra_units is not None else 0),
             config=DPConfig(delta=delta, max_grad_norm=config.clip_norm, sample_rate=config.batch_size / units,
                             steps=self.steps, target_epsilon=config.epsilon, physical_batch_size=64,
                             privacy_unit=config.privacy_unit, adjacency=config.adjacency,
@@ -408,6 +417,17 @@ class _DPSGDTIRun:
         self.generators = {"train": self.train_generator, "noise": self.engine.generator}
         if self.engine.sampler.generator is not self.engine.generator:
             self.generators["sampling"] = self.engine.sampler.generator
+        if extra_units is not None:
+            extra_units.attach(run=self)  # after the engine: its clipper's hooks come first
+
+    def train_step(self) -> dict:
+        """One DP-SGD step (the engine's report). Indices from n on are the extra units': they compute
+        their own losses, with the data's in one pass, and read the engine's noisy average."""
+        if self.extra_units is None:
+            return self.engine.step(self.per_sample_loss)
+        extra = self.extra_units
+        return self.engine.step(lambda indices: extra.per_sample_loss(indices, data_loss=self.per_sample_loss),
+                                after_noise=extra.read_noisy_average)
 
     def per_sample_loss(self, indices):
         from ..training.diffusion import denoising_target
@@ -475,14 +495,14 @@ def train_dpsgd_ti(*, base, data, out: str | Path, config: DPSGDTIConfig = DPSGD
                                                                            num_vectors=config.num_vectors),
                                 init_word=config.init_word)
     try:
-        run = _DPSGDTIRun(pipeline=pipeline, placeholders=placeholders, dataset=dataset, config=config, n=n,
-                          subjects=subjects, units=units, delta=delta)
+        run = DPSGDTIRun(pipeline=pipeline, placeholders=placeholders, dataset=dataset, config=config, n=n,
+                         subjects=subjects, units=units, delta=delta)
         folder, fingerprint = out / BYPRODUCTS, {"config": legacy_repr(config, renamed={"clip_norm": "max_grad_norm"}),
                                                    "num_images": n}
         first = run.load(folder=folder, fingerprint=fingerprint) if resume else 0
         prepare_out_folder(out)
         for step in range(first, run.steps):
-            spent = run.engine.step(run.per_sample_loss)["epsilon"]
+            spent = run.train_step()["epsilon"]
             if progress is not None:
                 progress(Progress(step=step + 1, total=run.steps, epsilon=spent))
             stop = should_stop is not None and step + 1 < run.steps and should_stop()

@@ -28,13 +28,25 @@ def test_the_gaussian_reference_prints_the_bound_and_writes_the_record(tmp_path,
     assert record["kind"] == "canary audit" and record["mechanism"] == "gaussian" and record["num_canaries"] == 1000
     assert f"{record['epsilon_lower_bound']:.3g}" in lines[0] and 0 < record["epsilon_lower_bound"] < 4
     assert record["settings"] == {"method": "gaussian", "target_epsilon": 4.0, "delta": 1e-5, "num_canaries": 1000,
-                                  "seed": 0}
+                                  "runs": 1, "guesses": "grid", "seed": 0}
+
+
+def test_ten_runs_with_planned_guesses_pool_their_canaries(tmp_path, capsys):
+    out = tmp_path / "audit"
+    assert main(["audit", "canary", "--method", "gaussian", "--epsilon", "2", "--runs", "10", "--guesses", "planned",
+                 "--out", str(out)]) == 0
+    record = json.loads((out / "canary-audit.json").read_text())
+    assert record["num_canaries"] == 10000 and record["runs"] == 10 and record["settings"]["guesses"] == "planned"
+    assert record["num_guesses"] == 2 * record["guesses_included"]  # the one planned pair (k, k)
+    assert 0 < record["epsilon_lower_bound"] < 2
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [
     (["--canaries", "10"], "--canaries 10: an audit needs at least 32"),
     (["--confidence", "1.5"], "--confidence 1.5 must lie between 0 and 1"),
-    (["--delta", "0.01"], "2·m·δ <= 1"),
+    (["--delta", "0.01"], "canaries x runs <= 1/(2 delta) = 50"),
+    (["--runs", "0"], "--runs 0 must be at least 1"),
+    (["--runs", "60", "--method", "gaussian"], "canaries x runs <= 1/(2 delta) = 49999"),
     (["--epsilon", "0"], "--epsilon 0.0 must be positive"),
     (["--batch-size", "0", "--num-items", "8"], "batch_size=0 must be at least 1"),
 ])

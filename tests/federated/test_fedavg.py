@@ -301,3 +301,31 @@ def test_a_settings_file_keeps_its_own_base(tmp_path, monkeypatch):
     settings.write_text(json.dumps({"base": str(tmp_path / "my-model"), "num_items": 8, "num_clients": 2}))
     assert main(["fed", "simulate", "--settings", str(settings), "--out", str(tmp_path / "run")]) == 130
     assert seen["base"] == str(tmp_path / "my-model")
+
+
+def test_a_round_with_a_client_missing_is_refused_under_client_level_dp():
+    """The canary audit's finding: Flower's DP wrapper averages the replies that arrived but calibrates
+    the noise for all clients, so a timed-out client leaves less noise on the sum than recorded."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from privdiff.federated.apps import _strategy_class
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as Flower's runtime sets them
+    try:
+        def reply(client):
+            sent = Message(RecordDict(), dst_node_id=client + 2, message_type="train")
+            content = RecordDict({"arrays": ArrayRecord({"w": torch.ones(3)}), "metrics": MetricRecord(
+                {"num-examples": 8, "local-seconds": 1.0, "partition-id": client, "dp-weight": 1.0})})
+            return Message(content, reply_to=sent)
+
+        strategy = _strategy_class()(round_offset=0, required_replies=3, weighted_by_key="dp-weight",
+                                     fraction_evaluate=0.0)
+        strategy.round_started = 0.0
+        with pytest.raises(RuntimeError, match="2 of 3 clients replied.*not released"):
+            strategy.aggregate_train(1, [reply(0), reply(1)])
+        arrays, _ = strategy.aggregate_train(1, [reply(0), reply(1), reply(2)])  # all three: averaged
+        assert torch.equal(arrays.to_torch_state_dict()["w"], torch.ones(3))
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

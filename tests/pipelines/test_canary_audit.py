@@ -124,3 +124,23 @@ def test_bad_settings_are_refused_with_what_to_do(overrides, kwargs, message):
     config = DPLDMConfig(**{**dict(epsilon=2.0, epochs=1.0, **SMALL), **overrides})
     with pytest.raises(ValueError, match=message):
         audit_dp_ldm(base=_base(), data="shapes", config=config, **{"num_canaries": 64, **kwargs})
+
+
+def test_pooled_runs_audit_every_canary_of_independent_runs_with_planned_guesses():
+    """The many-run variant: each run trains its own copy of the base with its own canaries and noise;
+    the audit pools them (m·runs canaries), with the one guess pair planned from the recorded ε."""
+    from privdiff.privacy.canary import planned_guesses
+
+    base = _base()
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    config = DPLDMConfig(epsilon=2.0, epochs=2.0, **SMALL)
+    result = audit_dp_ldm(base=base, data="shapes", config=config, num_canaries=256, runs=2, guesses="planned")
+    audit = result.audit
+    assert audit.runs == 2 and audit.num_canaries == 512 and len(result.scores) == 512
+    assert result.settings["runs"] == 2 and result.settings["guesses"] == "planned"
+    plus, minus = planned_guesses(num_canaries=512, epsilon=audit.recorded_epsilon, delta=audit.delta)[0]
+    assert (audit.guesses_included, audit.num_guesses) == (plus, plus + minus)
+    assert audit.epsilon_lower_bound <= audit.recorded_epsilon
+    # the two runs drew different canaries: their inclusion vectors differ
+    assert not np.array_equal(result.included[:256], result.included[256:])
+    assert all(torch.equal(before[k], v) for k, v in base.unet.state_dict().items())  # copies were trained
