@@ -59,20 +59,27 @@ def audit(*, epsilon: float, batch_size: int, epochs: float, canaries: int, seed
         return audit_dp_ldm(base="tiny", data="shapes", config=config, num_canaries=canaries, confidence=CONFIDENCE)
 
 
-def _row(*, sampling: str, epsilon: float, results, broken, gaussian) -> dict:
-    first = results[0].settings
-    row = {"sampling": sampling, "epsilon": epsilon, "sample_rate": first["sample_rate"], "steps": first["steps"],
-           "noise_multiplier": first["noise_multiplier"], "sound_bound": SAMPLINGS[sampling]["sound"],
-           "recorded_epsilon": [r.audit.recorded_epsilon for r in results], "by_bound": {}}
+def by_bound(*, epsilon: float, results, broken, gaussian) -> dict:
+    """Each bound's medians over the seeds: the audits, the broken runs and the Gaussian reference
+    (shared with bench/canary_dp_ti.py)."""
+    summary = {}
     for name, field in BOUND_FIELDS.items():
         bounds = [getattr(r.audit, field) for r in results]
         reference = statistics.median(getattr(a, field) for a in gaussian)
-        row["by_bound"][name] = {
+        summary[name] = {
             "bounds": bounds, "median_bound": statistics.median(bounds), "ratio": statistics.median(bounds) / epsilon,
             "gaussian_median_bound": reference,
             "over_gaussian": statistics.median(bounds) / reference if reference > 0 else None,
             "median_bound_noise_quartered": statistics.median(getattr(r.audit, field) for r in broken)}
-    return row
+    return summary
+
+
+def _row(*, sampling: str, epsilon: float, results, broken, gaussian) -> dict:
+    first = results[0].settings
+    return {"sampling": sampling, "epsilon": epsilon, "sample_rate": first["sample_rate"], "steps": first["steps"],
+            "noise_multiplier": first["noise_multiplier"], "sound_bound": SAMPLINGS[sampling]["sound"],
+            "recorded_epsilon": [r.audit.recorded_epsilon for r in results],
+            "by_bound": by_bound(epsilon=epsilon, results=results, broken=broken, gaussian=gaussian)}
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,9 @@ Each audit runs `pipelines.canary_audit.audit_dpsgd_ti`: DP-SGD TI's own run (`D
 `train_dpsgd_ti` steps it) on privdiff-tiny (16 "style" items, C = 0.01, 4 epochs, δ = 1e-5) with
 1,000 gradient canaries of norm 10·C in the new token rows, each included with probability 1/2, scored
 per step on the engine's noisy clipped gradient of the rows (likelihood-ratio scores, 99% confidence).
-The rows hold k·32 numbers for k vectors: with 32 vectors (1,024 >= 1,000) the canaries' directions
-are orthonormal; with 1 vector (32 numbers, the usual TI setting on this model) each score also carries
-the other canaries' signal (about sqrt(500 / 32) = 4 canaries' worth per step), which costs power, not
+The rows hold k·64 numbers for k vectors: with 32 vectors (2,048 >= 1,000) the canaries' directions
+are orthonormal; with 1 vector (64 numbers, the usual TI setting on this model) each score also carries
+the other canaries' signal (about sqrt(500 / 64) = 3 canaries' worth per step), which costs power, not
 soundness. Two samplings: full batches (q = 1, 4 steps: Gaussian composition, so "fdp" against μ-GDP
 is sound) and half batches (q = 0.5, 8 steps: Poisson-subsampled, so the sound one is "fdp-eps-delta").
 All three bounds of every audit are kept. The baseline, measured in the same run: the exact (ε, δ)-DP
@@ -24,30 +24,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import time
 from pathlib import Path
 
-DELTA = 1e-5
-CONFIDENCE = 0.99
+from canary_dp_ldm import CONFIDENCE, DELTA, by_bound, noise_scaled  # run as a script: bench/ is on the path
+
 ITEMS = 16
-BOUND_FIELDS = {"eps-delta": "epsilon_lower_bound_eps_delta", "fdp": "epsilon_lower_bound_fdp",
-                "fdp-eps-delta": "epsilon_lower_bound_fdp_eps_delta"}
 SAMPLINGS = {"full": {"batch_size": ITEMS, "sound": "fdp"},
              "half": {"batch_size": ITEMS // 2, "sound": "fdp-eps-delta"}}
-
-
-@contextlib.contextmanager
-def noise_scaled(scale: float):
-    """The engine's noise times `scale` while its accountant records the full σ: a broken mechanism."""
-    import privdiff.privacy.engine as engine
-
-    real = engine.noisy_average
-    engine.noisy_average = lambda **kw: real(**{**kw, "noise_multiplier": kw["noise_multiplier"] * scale})
-    try:
-        yield
-    finally:
-        engine.noisy_average = real
 
 
 def audit(*, epsilon: float, batch_size: int, vectors: int, epochs: float, canaries: int, seed: int,
@@ -64,19 +48,11 @@ def audit(*, epsilon: float, batch_size: int, vectors: int, epochs: float, canar
 
 def _row(*, sampling: str, vectors: int, epsilon: float, results, broken, gaussian) -> dict:
     first = results[0].settings
-    row = {"sampling": sampling, "vectors": vectors, "canary_dim": first["canary_dim"], "epsilon": epsilon,
-           "sample_rate": first["sample_rate"], "steps": first["steps"], "noise_multiplier": first["noise_multiplier"],
-           "sound_bound": SAMPLINGS[sampling]["sound"],
-           "recorded_epsilon": [r.audit.recorded_epsilon for r in results], "by_bound": {}}
-    for name, field in BOUND_FIELDS.items():
-        bounds = [getattr(r.audit, field) for r in results]
-        reference = statistics.median(getattr(a, field) for a in gaussian)
-        row["by_bound"][name] = {
-            "bounds": bounds, "median_bound": statistics.median(bounds), "ratio": statistics.median(bounds) / epsilon,
-            "gaussian_median_bound": reference,
-            "over_gaussian": statistics.median(bounds) / reference if reference > 0 else None,
-            "median_bound_noise_quartered": statistics.median(getattr(r.audit, field) for r in broken)}
-    return row
+    return {"sampling": sampling, "vectors": vectors, "canary_dim": first["canary_dim"], "epsilon": epsilon,
+            "sample_rate": first["sample_rate"], "steps": first["steps"], "noise_multiplier": first["noise_multiplier"],
+            "sound_bound": SAMPLINGS[sampling]["sound"],
+            "recorded_epsilon": [r.audit.recorded_epsilon for r in results],
+            "by_bound": by_bound(epsilon=epsilon, results=results, broken=broken, gaussian=gaussian)}
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import statistics
 import time
@@ -47,14 +46,9 @@ def noise_scaled(scale: float):
 
 
 def config_for(*, epsilon: float, rounds: int, clients: int):
-    from privdiff.federated.fedavg import FederatedConfig
-    from privdiff.privacy.accounting import calibrate_noise_multiplier
+    from privdiff.pipelines.federated_canary import client_dp_config
 
-    plain = FederatedConfig(num_items=16 * clients, heldout_items=1, num_clients=clients, rounds=rounds, batch_size=8,
-                            learning_rate=1e-3, client_clip_norm=CLIP, client_delta=DELTA)
-    z = calibrate_noise_multiplier(target_epsilon=epsilon, delta=DELTA, sample_rate=1.0, steps=rounds,
-                                   accountant=plain.accountant, adjacency=plain.adjacency)
-    return dataclasses.replace(plain, client_noise_multiplier=z)
+    return client_dp_config(epsilon=epsilon, delta=DELTA, rounds=rounds, num_clients=clients, client_clip_norm=CLIP)
 
 
 def main(argv=None) -> int:

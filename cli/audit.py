@@ -41,10 +41,8 @@ def mia(args) -> int:
 
 
 def canary(args) -> int:
-    from ..pipelines.canary_audit import AUDIT_FILE, audit_dp_ldm, audit_gaussian, write_canary_audit
-    from ..training.fine_tune import DPLDMConfig
+    from ..pipelines.canary_audit import AUDIT_FILE, audit_gaussian, write_canary_audit
     from ..training.outputs import check_out_folder
-    from .train import _Bar, _dataset, base_spec
 
     if not 0 < args.confidence < 1:
         raise ValueError(f"--confidence {args.confidence} must lie between 0 and 1, e.g. 0.99.")
@@ -55,32 +53,76 @@ def canary(args) -> int:
     if 2 * args.canaries * args.runs * args.delta > 1:
         raise ValueError(f"--canaries {args.canaries} x --runs {args.runs} with --delta {args.delta}: the audit needs "
                          f"canaries x runs <= 1/(2 delta) = {int(0.5 / args.delta)}; use fewer.")
-    guesses = None if args.guesses == "grid" else args.guesses
     if not (args.epsilon > 0 and 0 < args.delta < 1):
         raise ValueError(f"--epsilon {args.epsilon} must be positive and --delta {args.delta} lie in (0, 1).")
+    guesses = None if args.guesses == "grid" else args.guesses
+    if args.method in ("dpsgd-ti", "federated") and (args.runs != 1 or guesses is not None):
+        raise ValueError(f"--runs and --guesses planned are for --method dp-ldm and gaussian; the {args.method} "
+                         "audit is one run with the grid of guesses (give more --canaries instead).")
     check_out_folder(args.out, results=[AUDIT_FILE])
     if args.method == "gaussian":
         result = audit_gaussian(epsilon=args.epsilon, delta=args.delta, num_canaries=args.canaries,
                                 confidence=args.confidence, seed=args.seed, runs=args.runs, guesses=guesses)
     else:
-        dataset, base = _dataset(args), base_spec(args)
-        # Seeded noise: an audit is reproducible from its --seed (it tests the mechanism, not the OS's randomness).
-        config = DPLDMConfig(epsilon=args.epsilon, delta=args.delta, epochs=args.epochs,
-                             batch_size=len(dataset) if args.batch_size is None else args.batch_size,
-                             physical_batch_size=args.physical_batch_size, clip_norm=args.clip_norm,
-                             learning_rate=args.learning_rate, trainable=args.trainable, seed=args.seed,
-                             secure_noise=False, num_items=args.num_items, num_samples=0)
-        bar = _Bar("canary audit")  # no stop-and-resume: Ctrl-C ends an audit, which leaves nothing to continue
-        try:
-            result = audit_dp_ldm(base=base, data=dataset, config=config, num_canaries=args.canaries,
-                                  confidence=args.confidence, runs=args.runs, guesses=guesses, progress=bar.report)
-        finally:
-            bar.close()
+        result = {"dp-ldm": _audit_dp_ldm, "dpsgd-ti": _audit_dpsgd_ti, "federated": _audit_federated}[args.method](
+            args, guesses=guesses)
     path = write_canary_audit(result=result, out=args.out)
     for line in result.summary_lines():
         print(line)
     print(f"an audit, not a guarantee: a bound above the recorded ε means the mechanism is broken -> {path}")
     return 0
+
+
+def _with_bar(audit, **kwargs):
+    """An audit with a progress bar (no stop-and-resume: Ctrl-C ends an audit, which leaves nothing to continue)."""
+    from .train import _Bar
+
+    bar = _Bar("canary audit")
+    try:
+        return audit(**kwargs, progress=bar.report)
+    finally:
+        bar.close()
+
+
+def _audit_dp_ldm(args, *, guesses):
+    from ..pipelines.canary_audit import audit_dp_ldm
+    from ..training.fine_tune import DPLDMConfig
+    from .train import _dataset, base_spec
+
+    dataset = _dataset(args)
+    # Seeded noise: an audit is reproducible from its --seed (it tests the mechanism, not the OS's randomness).
+    config = DPLDMConfig(epsilon=args.epsilon, delta=args.delta, epochs=args.epochs,
+                         batch_size=len(dataset) if args.batch_size is None else args.batch_size,
+                         physical_batch_size=args.physical_batch_size, clip_norm=args.clip_norm,
+                         learning_rate=args.learning_rate, trainable=args.trainable, seed=args.seed,
+                         secure_noise=False, num_items=args.num_items, num_samples=0)
+    return _with_bar(audit_dp_ldm, base=base_spec(args), data=dataset, config=config, num_canaries=args.canaries,
+                     confidence=args.confidence, runs=args.runs, guesses=guesses)
+
+
+def _audit_dpsgd_ti(args, *, guesses=None):
+    from ..pipelines.canary_audit import audit_dpsgd_ti
+    from ..pipelines.dp_ti import DPSGDTIConfig
+    from .train import _dataset, base_spec
+
+    dataset = _dataset(args)
+    config = DPSGDTIConfig(token="<audit>", init_word="circle", num_vectors=args.num_vectors, epsilon=args.epsilon,
+                           delta=args.delta, epochs=args.epochs,
+                           batch_size=len(dataset) if args.batch_size is None else args.batch_size,
+                           num_items=args.num_items, clip_norm=args.clip_norm, learning_rate=args.learning_rate,
+                           seed=args.seed, secure_noise=False)
+    return _with_bar(audit_dpsgd_ti, base=base_spec(args), data=dataset, config=config, num_canaries=args.canaries,
+                     confidence=args.confidence)
+
+
+def _audit_federated(args, *, guesses=None):
+    from ..pipelines.federated_canary import audit_client_level_dp, client_dp_config
+
+    config = client_dp_config(epsilon=args.epsilon, delta=args.delta, rounds=args.rounds,
+                              num_clients=args.num_clients, client_clip_norm=args.client_clip_norm,
+                              base=str(args.base or "tiny"), data=args.data, seed=args.seed)
+    return audit_client_level_dp(config=config, num_canaries=args.canaries, seed=args.seed,
+                                 confidence=args.confidence, real_clients=args.real_clients)
 
 
 def inspect(args) -> int:

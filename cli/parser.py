@@ -188,9 +188,10 @@ def _add_dp_ldm(ldm) -> None:
 def _add_canary_audit(canary) -> None:
     _add_base(canary)
     _add_common(canary, data_default="shapes", out_required=True)
-    canary.add_argument("--method", default="dp-ldm", choices=["dp-ldm", "gaussian"],
-                        help="dp-ldm: a real DP-LDM fine-tune with canaries (default); gaussian: the reference "
-                             "mechanism, exactly (ε, δ)-DP, in a second")
+    canary.add_argument("--method", default="dp-ldm", choices=["dp-ldm", "dpsgd-ti", "federated", "gaussian"],
+                        help="dp-ldm: a real DP-LDM fine-tune with canaries (default); dpsgd-ti: a real DP-SGD "
+                             "Textual Inversion run; federated: Flower's client-level DP with canary clients; "
+                             "gaussian: the reference mechanism, exactly (ε, δ)-DP, in a second")
     canary.add_argument("--epsilon", type=float, default=8.0, help="the audited run's target ε (default 8)")
     canary.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5; at most 1/(2 × canaries))")
     canary.add_argument("--canaries", type=int, default=1000,
@@ -213,6 +214,15 @@ def _add_canary_audit(canary) -> None:
                                                                      "lora", "full"],
                         help="what is trained, and where the canaries live (default attention)")
     canary.add_argument("--num-items", type=int, default=64, help="items of the data the run trains on (default 64)")
+    canary.add_argument("--num-vectors", type=int, default=32,
+                        help="dpsgd-ti: token vectors (default 32: the audit needs as many trained values as canaries)")
+    canary.add_argument("--num-clients", type=int, default=3, help="federated: real clients beside the canary clients")
+    canary.add_argument("--rounds", type=int, default=3, help="federated: rounds (default 3)")
+    _option(canary, "--client-clip-norm", type=float, default=0.1,
+            help="federated: each client's update is clipped to this L2 norm (default 0.1)")
+    canary.add_argument("--real-clients", default="stand-in", choices=["stand-in", "trained"],
+                        help="federated: stand-in (random updates of norm 2C: seconds) or trained (privdiff's "
+                             "ClientApp on --data: about 5 GB and minutes per round)")
 
 
 def _add_dp_ti(ti) -> None:

@@ -84,8 +84,8 @@ def simulation_superlink(*, num_clients: int, verbose: bool = False) -> Iterator
         env = _environment(home)
         log = open(home / "superlink.log", "wb")
         process = subprocess.Popen(  # under the guard: nothing Flower starts outlives it
-            [sys.executable, str(GUARD), "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
-             "--port", str(port), "--disable-runtime-dependency-installation"],
+            [sys.executable, str(GUARD), "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+             "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             yield SimulationLink(home=home, port=port, env=env, process=process,

@@ -97,10 +97,12 @@ class CanaryAuditResult:
                 f"with at least {m} trainable numbers (more vectors, or fewer canaries) for a useful bound"]
 
 
-class LinearCanaries:
-    """m gradient canaries for a `FineTuneRun` (its `extra_units`), scored each step.
+class _GradientCanaries:
+    """What every kind of gradient canary shares: its settings, checked, and its per-step score.
 
     `included`: each canary's inclusion (the audit's secret S); `generator` draws their directions.
+    A subclass plants the gradients (`attach`, `per_sample_loss`) and projects the engine's noisy
+    average on their directions (`_projection`, a sum in units of the clipped norm's scale).
     """
 
     def __init__(self, *, included: np.ndarray, canary_norm: float, generator: torch.Generator,
@@ -116,6 +118,38 @@ class LinearCanaries:
         self.scores = torch.zeros(self.count, dtype=torch.float64)
         self._batch = None  # (canary row mask, canary ids) while a forward pass is under way
         self._terms: list[torch.Tensor] = []
+
+    def per_sample_loss(self, indices: torch.Tensor, *, data_loss: Callable) -> torch.Tensor:
+        """Each row's loss: a data row's from `data_loss`, a canary row's the planted linear term. A data
+        row's inputs stand in for a canary's, so every trainable layer sees the canary's own input and its
+        output is cut from the rest of the model (the subclass's hooks)."""
+        is_canary = indices >= self.num_data
+        ids = (indices - self.num_data).clamp(min=0)
+        stand_in = torch.where(is_canary, torch.zeros_like(indices), indices)
+        device = self._batch_device()
+        self._batch = (is_canary, ids) if device is None else (is_canary.to(device), ids.to(device))
+        self._terms = []
+        try:
+            data = None if bool(is_canary.all()) and self._run_alone(len(indices)) else data_loss(stand_in)
+        finally:
+            self._batch = None
+        canary, self._terms = torch.stack(self._terms).sum(0), []
+        if data is None:
+            return canary
+        return torch.where(is_canary.to(data.device), canary.to(data.device, data.dtype), data)
+
+    def _score(self, projection: torch.Tensor) -> None:
+        engine = self.run.engine
+        projection = projection * (engine.sampler.expected_batch_units / engine.config.max_grad_norm)
+        self.scores += step_score(projection=projection, noise_multiplier=engine.noise_multiplier,
+                                  sample_rate=engine.config.sample_rate, score=self.score)
+
+
+class LinearCanaries(_GradientCanaries):
+    """m gradient canaries for a `FineTuneRun` (its `extra_units`), scored each step.
+
+    `included`: each canary's inclusion (the audit's secret S); `generator` draws their directions.
+    """
 
     def attach(self, *, run: FineTuneRun) -> None:
         if run.config.backend != "privdiff" or run.config.conditioning_words:
@@ -149,26 +183,17 @@ class LinearCanaries:
         shortcut = [(module, _stand_in(module, device=device)) for _, module in trained]
         self._shortcut = shortcut if all(make is not None for _, make in shortcut) else None
 
-    def per_sample_loss(self, indices: torch.Tensor, *, data_loss: Callable) -> torch.Tensor:
-        is_canary = indices >= self.num_data
-        ids = (indices - self.num_data).clamp(min=0)
-        # A data row's inputs stand in for a canary's: every trainable layer then sees the canary's own
-        # input, and its output is cut from the rest of the UNet.
-        stand_in = torch.where(is_canary, torch.zeros_like(indices), indices)
-        self._batch, self._terms = (is_canary.to(self.run.device), ids.to(self.run.device)), []
-        try:
-            if bool(is_canary.all()) and self._shortcut is not None:
-                # Canaries alone: each trainable layer runs once on a small stand-in input (a canary's
-                # gradient is the same), not the whole UNet: most of the run's micro-batches are these.
-                for module, make_input in self._shortcut:
-                    module(make_input(len(indices)))
-                data = None
-            else:
-                data = data_loss(stand_in)
-        finally:
-            self._batch = None
-        canary, self._terms = torch.stack(self._terms).sum(0), []
-        return canary if data is None else torch.where(is_canary.to(data.device), canary.to(data.dtype), data)
+    def _batch_device(self):
+        return self.run.device
+
+    def _run_alone(self, rows: int) -> bool:
+        """Canaries alone: each trainable layer runs once on a small stand-in input (a canary's gradient
+        is the same), not the whole UNet: most of the run's micro-batches are these. False: unknown layer."""
+        if self._shortcut is None:
+            return False
+        for module, make_input in self._shortcut:
+            module(make_input(rows))
+        return True
 
     def _plant_input(self, i: int):
         def hook(layer, args):
@@ -198,16 +223,13 @@ class LinearCanaries:
 
     def read_noisy_average(self) -> None:
         """Project the engine's noisy average on every u_i, as a sum in units of C, and score it."""
-        engine = self.run.engine
         projection = torch.zeros(self.count, dtype=torch.float64)
         with torch.no_grad():
             for layer, x, g in zip(self.layers, self.xs, self.unit_g):
                 projection += ((g @ layer.weight.grad.double().cpu()) * x).sum(1)
                 if _bias_trains(layer):
                     projection += g @ layer.bias.grad.double().cpu()
-        projection *= engine.sampler.expected_batch_units / engine.config.max_grad_norm
-        self.scores += step_score(projection=projection, noise_multiplier=engine.noise_multiplier,
-                                  sample_rate=engine.config.sample_rate, score=self.score)
+        self._score(projection)
 
 
 def _stand_in(module, *, device) -> Callable[[int], torch.Tensor] | None:
@@ -231,7 +253,7 @@ def _bias_trains(layer) -> float:
     return float(layer.bias is not None and layer.bias.requires_grad)
 
 
-class RowCanaries:
+class RowCanaries(_GradientCanaries):
     """m gradient canaries in the new token rows of a DP-SGD TI run (`DPSGDTIRun(extra_units=...)`).
 
     Canary i's loss is sum_r <g_ir, out[p_r]> / (times row r's id occurs) over the `TrainableRows`
@@ -240,20 +262,6 @@ class RowCanaries:
     output of the rows layer is cut from the rest of the text encoder, so nothing else of the model
     reaches its gradient. `included`: each canary's inclusion (the audit's secret S).
     """
-
-    def __init__(self, *, included: np.ndarray, canary_norm: float, generator: torch.Generator,
-                 score: str = "likelihood-ratio"):
-        if not canary_norm > 1:
-            raise ValueError(f"canary_norm={canary_norm} must exceed 1 (a multiple of C) so that clipping matters; "
-                             "e.g. 10.")
-        if score not in SCORES:
-            raise ValueError(f"score={score!r} must be one of {', '.join(SCORES)}.")
-        self.included = np.asarray(included, dtype=bool)
-        self.count = len(self.included)
-        self.canary_norm, self.score, self._generator = float(canary_norm), score, generator
-        self.scores = torch.zeros(self.count, dtype=torch.float64)
-        self._batch = None  # (canary row mask, canary ids) while a forward pass is under way
-        self._terms: list[torch.Tensor] = []
 
     def attach(self, *, run) -> None:
         self.run, self.num_data = run, len(run.latents)
@@ -273,26 +281,15 @@ class RowCanaries:
         for i, layer in enumerate(self.layers):
             layer.register_forward_hook(self._cut_output(i))
 
-    def per_sample_loss(self, indices: torch.Tensor, *, data_loss: Callable) -> torch.Tensor:
-        is_canary = indices >= self.num_data
-        ids = (indices - self.num_data).clamp(min=0)
-        # A data row's inputs stand in for a canary's: the text encoder then reads the prompt (with the
-        # placeholders) for it, and its rows' output is cut from the rest of the model.
-        stand_in = torch.where(is_canary, torch.zeros_like(indices), indices)
-        self._batch, self._terms = (is_canary, ids), []
-        try:
-            if bool(is_canary.all()):
-                # Canaries alone: the rows layers run on the placeholder ids only, not the encoders and
-                # the UNet (a canary's gradient is the same); most of an audit's micro-batches are these.
-                for layer in self.layers:
-                    layer(layer.row_ids[None].expand(len(indices), -1))
-                data = None
-            else:
-                data = data_loss(stand_in)
-        finally:
-            self._batch = None
-        canary, self._terms = torch.stack(self._terms).sum(0), []
-        return canary if data is None else torch.where(is_canary.to(data.device), canary.to(data), data)
+    def _batch_device(self):
+        return None  # the rows layers sit on the encoders' device: the masks stay where the ids are
+
+    def _run_alone(self, rows: int) -> bool:
+        """Canaries alone: the rows layers run on the placeholder ids only, not the encoders and the
+        UNet (a canary's gradient is the same); most of an audit's micro-batches are these."""
+        for layer in self.layers:
+            layer(layer.row_ids[None].expand(rows, -1))
+        return True
 
     def _cut_output(self, i: int):
         def hook(layer, args, output):
@@ -312,12 +309,9 @@ class RowCanaries:
 
     def read_noisy_average(self) -> None:
         """Project the engine's noisy average of the rows on every u_i, as a sum in units of C, and score it."""
-        engine = self.run.engine
         with torch.no_grad():
             grad = torch.cat([layer.rows.grad.double().cpu().reshape(-1) for layer in self.layers])
-            projection = self.directions @ grad * (engine.sampler.expected_batch_units / engine.config.max_grad_norm)
-        self.scores += step_score(projection=projection, noise_multiplier=engine.noise_multiplier,
-                                  sample_rate=engine.config.sample_rate, score=self.score)
+            self._score(self.directions @ grad)
 
 
 # ------------------------------------------------------------------------------------- the audits

@@ -378,3 +378,20 @@ def check_audit_request(*, config: FederatedConfig, num_canaries: int, canary_no
     if 2 * num_canaries * delta > 1:
         raise ValueError(f"client-level delta={delta} with {num_canaries} canaries: the audit needs 2·m·δ <= 1; "
                          f"use at most {math.floor(0.5 / delta)} canaries or a smaller client_delta.")
+
+
+def client_dp_config(*, epsilon: float, delta: float = 1e-5, rounds: int = 3, num_clients: int = 3,
+                     client_clip_norm: float = 0.1, base: str = "tiny", data: str = "digits", seed: int = 0,
+                     **settings) -> FederatedConfig:
+    """A federation whose recorded client-level ε is `epsilon` at `delta`: the noise multiplier z is
+    calibrated over `rounds` rounds of every client (16 items each unless `settings` say otherwise)."""
+    import dataclasses
+
+    from ..privacy.accounting import calibrate_noise_multiplier
+
+    plain = FederatedConfig(**{"num_items": 16 * num_clients, "heldout_items": 1, "batch_size": 8,
+                               "learning_rate": 1e-3, **settings}, base=base, data=data, num_clients=num_clients,
+                            rounds=rounds, client_clip_norm=client_clip_norm, client_delta=delta, seed=seed)
+    z = calibrate_noise_multiplier(target_epsilon=epsilon, delta=delta, sample_rate=1.0, steps=rounds,
+                                   accountant=plain.accountant, adjacency=plain.adjacency)
+    return dataclasses.replace(plain, client_noise_multiplier=z)

@@ -76,3 +76,25 @@ def test_dp_ldm_on_privdiff_tiny_writes_the_record_and_the_chart(tmp_path, capsy
     assert 0 < record["epsilon_lower_bound"] < record["recorded_epsilon"] <= 8.0
     assert lines[1].startswith(f"recorded ε: {record['recorded_epsilon']:.3g}")
     assert sorted(p.name for p in out.iterdir()) == ["canary-audit.json", "canary-audit.png"]
+
+
+def test_the_federated_audit_runs_flowers_client_level_dp_with_canary_clients(tmp_path, capsys, one_thread):
+    out = tmp_path / "audit"
+    assert main(["audit", "canary", "--method", "federated", "--epsilon", "4", "--canaries", "64", "--rounds", "2",
+                 "--out", str(out)]) == 0
+    record = json.loads((out / "canary-audit.json").read_text())
+    assert record["mechanism"] == "dp-fedavg" and record["num_canaries"] == 64
+    assert 3.9 < record["recorded_epsilon"] <= 4.0  # z calibrated (conservatively) to the asked ε
+    assert 0 <= record["epsilon_lower_bound"] <= record["recorded_epsilon"]
+
+
+def test_the_dpsgd_ti_audit_trains_the_token_rows_with_canaries(tmp_path, capsys, one_thread):
+    out = tmp_path / "audit"
+    assert main(["audit", "canary", "--method", "dpsgd-ti", "--epsilon", "4", "--canaries", "64", "--num-vectors", "2",
+                 "--num-items", "8", "--epochs", "1", "--data", "style", "--out", str(out)]) == 0
+    record = json.loads((out / "canary-audit.json").read_text())
+    assert record["mechanism"] == "dpsgd-ti" and record["settings"]["canary_dim"] == 128  # 2 vectors x 64 values
+    assert 0 <= record["epsilon_lower_bound"] <= record["recorded_epsilon"]
+    capsys.readouterr()
+    assert main(["audit", "canary", "--method", "dpsgd-ti", "--runs", "2", "--out", str(tmp_path / "b")]) == 2
+    assert "--runs and --guesses planned are for" in capsys.readouterr().err and not (tmp_path / "b").exists()

@@ -84,17 +84,18 @@ def test_held_out_loss_falls_over_rounds_and_only_releases_with_their_record_sta
 
 
 def test_a_run_resumes_from_its_last_round_and_ends_where_a_straight_run_does(straight_run, tmp_path):
-    from dataclasses import replace
-
     from safetensors.torch import load_file
 
+    import shutil
+
     out, *_ = straight_run
+    # A run stopped after round 1, as it leaves its folder: round 1's release (the by-products are gone).
+    shutil.copy(out / "global-round-1.safetensors", tmp_path / "global-round-1.safetensors")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        first = simulate(config=replace(CONFIG, rounds=1), out=tmp_path)
-        assert first["last_round"] == 1
         resumed = simulate(config=CONFIG, out=tmp_path)  # rounds=2: only round 2 runs
-    assert resumed["last_round"] == 2
+    assert resumed["last_round"] == 2 and set(resumed["heldout_loss"]) == {"1", "2"}  # round 1 was not rerun
+    assert (tmp_path / "global-round-1.safetensors").read_bytes() == (out / "global-round-1.safetensors").read_bytes()
     straight, again = load_file(str(out / "global-round-2.safetensors")), load_file(str(tmp_path / "global-round-2.safetensors"))
     for name, value in straight.items():
         assert torch.allclose(again[name], value, rtol=1e-5, atol=1e-7), name

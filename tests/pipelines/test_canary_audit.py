@@ -19,14 +19,7 @@ SMALL = dict(batch_size=16, num_items=16, physical_batch_size=16, secure_noise=F
              learning_rate=1e-3, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: on a shared 2-core machine the thread pool's hand-offs, not the arithmetic, set
-    # the time (25x here); one thread runs these audits in seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/pipelines/conftest.py
 
 
 def _base():

@@ -9,20 +9,14 @@ from privdiff.models.tiny import TinySpec, tiny_pipeline
 from privdiff.pipelines.canary_audit import audit_dpsgd_ti
 from privdiff.pipelines.dp_ti import DPSGDTIConfig
 
-# Full batches (q = 1) of 16 "style" items, 4 steps; 16 vectors of 32 numbers: 512 >= 500 canaries, so
+# Full batches (q = 1) of 16 "style" items, 4 steps; 16 vectors of 64 numbers: 1,024 >= 500 canaries, so
 # their directions are orthonormal. The engine's micro-batches of 64 put 16 data rows and 48 canaries
 # through the whole model, then canaries alone (the rows layer runs on the placeholder ids).
 SMALL = dict(token="<stripes>", init_word="circle", num_vectors=16, clip_norm=0.01, batch_size=16, num_items=16,
              secure_noise=False, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: on a shared 2-core machine the thread pool's hand-offs, not the arithmetic, set the time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/pipelines/conftest.py
 
 
 def _base():

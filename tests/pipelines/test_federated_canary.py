@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("flwr", reason="federated diffusion needs Flower: pip install 'privdiff[federated]'")
 
@@ -25,13 +24,7 @@ CONFIG = FederatedConfig(num_items=16, heldout_items=1, num_clients=CLIENTS, rou
                          learning_rate=1e-3, client_noise_multiplier=Z, client_clip_norm=0.1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small arrays: on a shared 2-core machine the thread pool's hand-offs, not the arithmetic, set the time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/pipelines/conftest.py
 
 
 def stand_in_audit(**kwargs):
