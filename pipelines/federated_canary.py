@@ -40,7 +40,8 @@ num_sampled_clients, the noise on the sum would be (n + m)/n times too large and
 The converse is the weak spot: when fewer clients reply than num_sampled_clients (a client that times
 out; `dropouts` here), Flower only warns (its strict check is on only with its own accountant, which
 privdiff does not pass) and the noise on the sum shrinks to z·C·N/num_sampled_clients, while the
-record still claims z.
+record still claims z. This audit found that; privdiff's ServerApp now refuses such a round
+(`federated.apps.check_replies`). The audit builds Flower's bare strategy, so `dropouts` still shows it.
 
 Each round's noisy aggregate update (the new global model minus the previous one, read through the
 strategy's `evaluate_fn`, where apps.py reads it too) is turned back into the noisy sum in units of C
