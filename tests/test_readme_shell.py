@@ -1,7 +1,8 @@
 """README.md's shell blocks, executed as written (slow: as written they train for real, about an hour of
 CPU in all). The default suite parses every `privdiff` line of them (`test_readme.py`); this runs them.
 
-Each block runs with bash in its own scratch folder, stopping at the first failing line. The first block
+Each block runs with bash in its own scratch folder (holding a link to the repository's `federated/`, which
+the README names relative to the repository's root), stopping at the first failing line. The first block
 is CI's own (install, demo) and runs there. A line that starts a server (`privdiff split serve`, "on the
 GPU server") runs in the background, as on another machine, and is stopped when the block ends; so is
 any SuperLink that Flower's own CLI leaves running, found by the private FLWR_HOME the block runs with.
@@ -51,6 +52,8 @@ def test_the_shell_blocks_are_the_readme_sections_they_claim():
 def test_every_shell_block_in_the_readme_runs_as_written(index, tmp_path):
     script = tmp_path / "block.sh"
     script.write_text(_as_script(SHELL_BLOCKS[index]))
+    # The README's commands run from the repository's root: what they name there (the Flower app) is here.
+    (tmp_path / "federated").symlink_to(README.parent / "federated", target_is_directory=True)
     flower_home = str(tmp_path / "flwr-home")
     env = {**os.environ, "FLWR_HOME": flower_home, "PRIVDIFF_README_BLOCK": str(index)}
     started = time.monotonic()
