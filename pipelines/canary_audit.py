@@ -341,6 +341,7 @@ def audit_dp_ldm(*, base, data, config: DPLDMConfig, num_canaries: int = 1000, c
     if guesses not in (None, "planned"):
         raise ValueError(f"guesses={guesses!r} must be None (the grid) or 'planned'.")
     config = _audit_config(config=config, num_canaries=num_canaries, bound=bound)
+    dataset = None  # the same items in every run: read once
     each, facts = [], {}
     for run_seed in run_seeds(seed=config.seed, runs=runs):
         run_config = replace(config, seed=run_seed)
@@ -348,7 +349,8 @@ def audit_dp_ldm(*, base, data, config: DPLDMConfig, num_canaries: int = 1000, c
         included = canary_inclusion(num_canaries=num_canaries, stream=inclusion_stream)
         canaries = LinearCanaries(included=included, canary_norm=canary_norm, score=score,
                                   generator=torch_generator(stream=direction_stream))  # checked before the model loads
-        dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
+        if dataset is None:
+            dataset = resolve_data(base=base, data=data, seed=config.seed, num_items=config.num_items)
         n = validate_dataset(dataset=dataset, config=run_config)
         own = copy.deepcopy(base) if runs > 1 and not isinstance(base, (str, Path)) else base
         run = FineTuneRun(pipeline=resolve_base(own, device=config.device), dataset=dataset, config=run_config,
