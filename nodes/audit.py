@@ -4,6 +4,9 @@ from comfy_api.latest import io
 
 from .training import base_and_data_inputs, dp_ldm_settings_inputs
 
+GUESSES = ("grid", "planned")  # as `privdiff audit canary --guesses`; "grid" is the library's guesses=None
+MAX_RUNS = 50
+
 
 class PrivDiffCanaryAudit(io.ComfyNode):
     @classmethod
@@ -28,6 +31,15 @@ class PrivDiffCanaryAudit(io.ComfyNode):
                                tooltip="δ of the audited (ε, δ); the audit needs 2 × canaries × δ <= 1"),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="the canaries, their inclusion and the noise (seeded: the audit is repeatable)"),
+                # Last and optional: workflows saved before them keep their widget order and run one run, grid.
+                io.Int.Input("runs", default=1, min=1, max=MAX_RUNS, optional=True,
+                             tooltip="independent runs whose canaries are audited together as one set: a tighter "
+                                     "bound at R times the time (each run is the full fine-tune with its own "
+                                     "canaries); canaries × runs must stay at most 1/(2δ)"),
+                io.Combo.Input("guesses", options=list(GUESSES), default="grid", optional=True,
+                               tooltip="grid: the best of several guess counts, paying a union bound over them; "
+                                       "planned: one guess pair chosen before the run from the recorded ε and the "
+                                       "number of canaries, so no union bound is paid (usually tighter)"),
             ],
             outputs=[io.String.Output(display_name="report",
                                       tooltip="the audited lower bound on ε and the recorded ε, one per line")],
@@ -38,7 +50,7 @@ class PrivDiffCanaryAudit(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, epsilon, trainable, epochs, batch_size, learning_rate, clip_norm,
-                num_canaries, delta, seed):
+                num_canaries, delta, seed, runs=1, guesses="grid"):
         import torch
 
         from ..pipelines.canary_audit import audit_dp_ldm
@@ -48,15 +60,45 @@ class PrivDiffCanaryAudit(io.ComfyNode):
         config = DPLDMConfig(trainable=trainable, epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size,
                              learning_rate=learning_rate, clip_norm=clip_norm, seed=seed, secure_noise=False,
                              num_samples=0, device=training_device())
+        _check_pooled_canaries(num_canaries=num_canaries, runs=runs, delta=delta)
         progress = NodeProgress(node_id=cls.hidden.unique_id, note=f"{num_canaries} canaries")
         make_room_for_training()
         with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; training needs autograd
             # A stop ends the audit at once (raise_if_stopped raises ComfyUI's interrupt): it has nothing to save.
             result = audit_dp_ldm(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=dataset,
-                                  config=config, num_canaries=num_canaries, progress=progress.report,
+                                  config=config, num_canaries=num_canaries, runs=runs,
+                                  guesses=None if guesses == "grid" else guesses,
+                                  progress=_RunNote(progress=progress, runs=runs).report,
                                   should_stop=progress.raise_if_stopped)
         text = "\n".join(result.summary_lines())
         return io.NodeOutput(text, ui={"text": [text]})
+
+
+def _check_pooled_canaries(*, num_canaries: int, runs: int, delta: float) -> None:
+    """Refuse before the first run what the audit would refuse after the last: R runs of m canaries are
+    audited as R·m canaries, and the bound needs 2·R·m·δ <= 1 (audit_dp_ldm checks only one run's m up front)."""
+    if 2 * num_canaries * runs * delta > 1:
+        raise ValueError(f"num_canaries {num_canaries} x runs {runs} with delta {delta}: the audit needs "
+                         f"canaries x runs <= 1/(2 delta) = {int(0.5 / delta)}; use fewer runs or canaries, or a "
+                         "smaller delta.")
+
+
+class _RunNote:
+    """A NodeProgress's report that names the run in progress when there are several. audit_dp_ldm's
+    reports do not say which run they belong to; its step count starts again with each run, so a training
+    step that is not above the last one seen begins the next run."""
+
+    def __init__(self, *, progress, runs: int):
+        self.progress, self.runs, self.note = progress, runs, progress.note
+        self.run, self.last_step = 0, None
+
+    def report(self, info) -> None:
+        if self.runs > 1 and info.phase == "training":
+            if self.last_step is None or info.step <= self.last_step:
+                self.run += 1
+                self.progress.note = f"run {self.run}/{self.runs} · {self.note}"
+            self.last_step = info.step
+        self.progress.report(info)
 
 
 AUDIT_NODES = [PrivDiffCanaryAudit]
