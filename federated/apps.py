@@ -144,12 +144,12 @@ def check_replies(replies, *, required: int, round_number: int) -> None:
     """Under client-level DP every client must reply. Flower's DP wrapper adds noise of sd z·C/n to the
     mean of the replies, n being the clients it was configured for, and averages whatever arrived: if a
     client's reply times out, the mean is over fewer, so the noise on their sum falls below z·C while
-    the record still says z (found by the client-level canary audit). Such a round is refused."""
-    replied = sum(1 for reply in replies if reply.has_content())
-    if required and replied < required:
-        raise RuntimeError(f"round {round_number}: {replied} of {required} clients replied. Under client-level DP "
-                           "the noise is calibrated for all of them, so a mean of fewer would leak more than the "
-                           "record says: the round is not released. Resume when every client is back.")
+    the record still says z (found by the client-level canary audit). Such a round is refused
+    (`client_dp.refuse_missing_clients`)."""
+    from .client_dp import refuse_missing_clients
+
+    refuse_missing_clients(replied=sum(1 for reply in replies if reply.has_content()), required=required,
+                           round_number=round_number)
 
 
 class ServerRun:
@@ -218,19 +218,7 @@ def server_app():
         done = run.done
         if done >= config.rounds:
             return
-        extra = {"proximal_mu": config.proximal_mu} if config.proximal_mu else {}
-        inner = _strategy_class(proximal=bool(config.proximal_mu))(
-            round_offset=done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.num_clients,
-            min_available_nodes=config.num_clients, weighted_by_key="dp-weight" if config.client_dp else "num-examples",
-            train_metrics_aggr_fn=round_metrics, required_replies=config.num_clients if config.client_dp else 0,
-            **extra)
-        strategy = inner
-        if config.client_dp:
-            from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
-            strategy = DifferentialPrivacyClientSideFixedClipping(
-                inner, noise_multiplier=config.client_noise_multiplier,
-                clipping_norm=config.client_clip_norm, num_sampled_clients=config.num_clients)
+        inner, strategy = train_strategy(config=config, done=done)
 
         def evaluate(server_round: int, arrays: ArrayRecord):
             # Called after each round with its final global model (noised, under client-level DP).
@@ -243,6 +231,24 @@ def server_app():
                        timeout=3600, train_config=ConfigRecord(config.to_run_config()), evaluate_fn=evaluate)
 
     return app
+
+
+def train_strategy(*, config: FederatedConfig, done: int = 0):
+    """The ServerApp's strategies: (inner, outer). The inner one is FedAvg (FedProx with
+    `proximal-mu`) over every configured client, counting rounds from `done` and keeping each round's
+    reports; the outer one is the inner one or, under client-level DP, Flower's DP wrapper around it
+    with its noise drawn from the OS (`client_dp.client_dp_strategy`)."""
+    extra = {"proximal_mu": config.proximal_mu} if config.proximal_mu else {}
+    inner = _strategy_class(proximal=bool(config.proximal_mu))(
+        round_offset=done, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=config.num_clients,
+        min_available_nodes=config.num_clients, weighted_by_key="dp-weight" if config.client_dp else "num-examples",
+        train_metrics_aggr_fn=round_metrics, required_replies=config.num_clients if config.client_dp else 0,
+        **extra)
+    if not config.client_dp:
+        return inner, inner
+    from .client_dp import client_dp_strategy
+
+    return inner, client_dp_strategy(inner, config=config)
 
 
 def round_metrics(records, weighting_key: str):

@@ -85,6 +85,10 @@ class FederatedConfig:
         if self.proximal_mu and self.secure_aggregation:
             raise ValueError("proximal_mu (FedProx) with secure_aggregation is not supported yet: the SecAgg+ path "
                              "runs Flower's legacy FedAvg; drop one of them.")
+        if self.secure_aggregation and self.num_clients < 3:
+            raise ValueError(f"secure_aggregation needs at least 3 clients, not num_clients={self.num_clients}: "
+                             "Flower's SecAgg+ shares each client's secret among more than 2; add clients or "
+                             "drop secure_aggregation.")
         if self.trainable not in TRAINABLE_SETS:
             raise ValueError(f"trainable={self.trainable!r} is not a parameter set privdiff knows; choose one of "
                              f"{', '.join(TRAINABLE_SETS)}.")

@@ -7,7 +7,10 @@ In Flower 1.41 SecAgg+ exists only in its legacy API (`SecAggPlusWorkflow` with 
 the same local training (`train_round`), checkpoints, resume and held-out loss. SecAgg+ quantises each
 weighted value (stochastically, 2^22 levels over ±`clipping_range`), so its aggregate equals plain
 FedAvg's up to that quantisation. With client-level DP on, clients clip (Flower's legacy clipping mod,
-inside SecAgg+) and the server adds the noise to the unmasked aggregate.
+inside SecAgg+) and the server adds the noise to the unmasked aggregate (from the OS, see `client_dp`).
+SecAgg+ tolerates dropouts: it unmasks the mean of the clients whose masked vectors arrived. Under
+client-level DP such a round is refused (its noise is calibrated for every configured client), and a
+round that SecAgg+ halts is refused in every mode, rather than saved as an unchanged model.
 """
 
 from __future__ import annotations
@@ -76,14 +79,60 @@ def secagg_client_app():
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod, clip_when_asked])
 
 
+def secagg_strategy(*, config: FederatedConfig, initial: list, fit_config, evaluate, done: int = 0):
+    """The SecAgg+ path's legacy strategy: Flower's FedAvg over every configured client, under client-level
+    DP inside Flower's DP wrapper with privdiff's two changes (`client_dp.legacy_client_dp_strategy`: noise
+    from the OS, a round short of a client refused). A round that ends with no aggregate (SecAgg+ halted:
+    too few clients left to unmask; or no clients) is refused before `evaluate` could save the unchanged
+    model as that round. `done`: rounds a resumed run had already done."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server.strategy import FedAvg
+
+    class RoundCheckingFedAvg(FedAvg):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.aggregated: set[int] = set()
+
+        def aggregate_fit(self, server_round, results, failures):
+            parameters, metrics = super().aggregate_fit(server_round, results, failures)
+            if parameters is not None:
+                self.aggregated.add(server_round)
+            return parameters, metrics
+
+        def evaluate(self, server_round, parameters):
+            # Flower's workflow evaluates after every round, aggregated or not (round 0: the start).
+            if server_round > 0 and server_round not in self.aggregated:
+                raise RuntimeError(f"round {server_round + done}: SecAgg+ produced no aggregate (a client dropped "
+                                   "out or failed; Flower's log says which stage): the round is not released. "
+                                   "Resume when every client is back.")
+            return super().evaluate(server_round, parameters)
+
+    strategy = RoundCheckingFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=config.num_clients,
+                                   min_available_clients=config.num_clients, on_fit_config_fn=fit_config,
+                                   evaluate_fn=evaluate, initial_parameters=ndarrays_to_parameters(initial))
+    if not config.client_dp:
+        return strategy
+    from .client_dp import legacy_client_dp_strategy
+
+    return legacy_client_dp_strategy(strategy, config=config, round_offset=done)
+
+
+def secagg_workflow(config: FederatedConfig):
+    """Flower's SecAgg+ workflow as privdiff runs it: every client shares with every other, n - 1 of them
+    (at least 2) unmask a dropped one."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    return SecAggPlusWorkflow(num_shares=config.num_clients, reconstruction_threshold=max(2, config.num_clients - 1),
+                              clipping_range=SECAGG_CLIPPING_RANGE, quantization_range=SECAGG_LEVELS,
+                              max_weight=secagg_max_weight(config))
+
+
 def run_secure_aggregation(*, grid, context, config: FederatedConfig, out: str | Path) -> None:
     """The ServerApp's work for a run with `secure-aggregation`: FedAvg through Flower's SecAgg+
     workflow, with the same checkpoints, resume and held-out loss as the plain app."""
     import torch
-    from flwr.common import ndarrays_to_parameters
     from flwr.server import LegacyContext, ServerConfig
-    from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow import DefaultWorkflow
 
     run = ServerRun(config=config, out=Path(out), label="privdiff fed, SecAgg+")
     done, names = run.done, list(run.parameters)
@@ -105,17 +154,7 @@ def run_secure_aggregation(*, grid, context, config: FederatedConfig, out: str |
                                 extra={"secure_aggregation": "SecAgg+ (Flower)"})
         return loss, {}
 
-    strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=config.num_clients,
-                      min_available_clients=config.num_clients, on_fit_config_fn=fit_config,
-                      evaluate_fn=evaluate,
-                      initial_parameters=ndarrays_to_parameters([run.start[n].numpy() for n in names]))
-    if config.client_dp:
-        strategy = DifferentialPrivacyClientSideFixedClipping(
-            strategy, noise_multiplier=config.client_noise_multiplier,
-            clipping_norm=config.client_clip_norm, num_sampled_clients=config.num_clients)
+    strategy = secagg_strategy(config=config, initial=[run.start[n].numpy() for n in names], fit_config=fit_config,
+                               evaluate=evaluate, done=done)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.rounds - done), strategy=strategy)
-    workflow = SecAggPlusWorkflow(num_shares=config.num_clients,
-                                  reconstruction_threshold=max(2, config.num_clients - 1),
-                                  clipping_range=SECAGG_CLIPPING_RANGE, quantization_range=SECAGG_LEVELS,
-                                  max_weight=secagg_max_weight(config))
-    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+    DefaultWorkflow(fit_workflow=secagg_workflow(config))(grid, legacy)

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -330,3 +331,152 @@ def test_a_round_with_a_client_missing_is_refused_under_client_level_dp():
         assert torch.equal(arrays.to_torch_state_dict()["w"], torch.ones(3))
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class _InProcessGrid:
+    """A Flower Grid that delivers each message to an in-process ClientApp (Flower's `secaggplus_mod`,
+    and `fixedclipping_mod` when the server asks for clipping, as privdiff's SecAgg+ client has them, over
+    a NumPyClient whose model is the global one plus `updates[node]`), so that Flower's own SecAgg+
+    workflow runs a real round in a fraction of a second. `drops`: (stage, node, how) each; at that stage
+    (1 setup, 2 share keys, 3 collect masked vectors, 4 unmask) that node does not reply ("silent": a grid
+    with a timeout) or replies with an error (what the SuperLink sends for a node that became
+    unavailable). A ClientApp that raises replies with an error, as in Flower's runtime."""
+
+    def __init__(self, updates: dict, *, drops=()):
+        from flwr.app import Context, RecordDict
+        from flwr.client import NumPyClient
+        from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+        from flwr.clientapp import ClientApp
+
+        class Client(NumPyClient):
+            def __init__(self, node):
+                self.node = node
+
+            def fit(self, parameters, config):
+                return [p + updates[self.node] for p in parameters], 1, {}
+
+        def clip_when_asked(message, context, call_next):
+            if "clipping_norm" in message.content.config_records.get("fitins.config", {}):
+                return fixedclipping_mod(message, context, call_next)
+            return call_next(message, context)
+
+        self.app = ClientApp(client_fn=lambda context: Client(context.node_id).to_client(),
+                             mods=[secaggplus_mod, clip_when_asked])
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                         for node in updates}
+        self.drops, self.stage = {(stage, node): how for stage, node, how in drops}, 0
+
+    @property
+    def run(self):
+        from flwr.supercore.run import Run
+
+        return Run.create_empty(1)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        import copy
+        import uuid
+
+        from flwr.app import Error, Message
+
+        self.stage += 1
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as pushing it would
+            node = message.metadata.dst_node_id
+            how = self.drops.get((self.stage, node))
+            if how == "silent":
+                continue
+            try:
+                if how == "error":
+                    raise ConnectionError("node unavailable")
+                reply = self.app(copy.deepcopy(message), self.contexts[node])  # a copy, as if it had crossed the wire
+            except Exception as error:  # noqa: BLE001  (Flower's runtime replies with the error)
+                reply = Message(Error(code=5, reason=repr(error)), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+
+def _secagg_round(config, updates: dict, *, drops=()) -> dict:
+    """One round of Flower's SecAgg+ workflow and the strategy, both as privdiff's SecAgg+ ServerApp
+    builds them (`secure.secagg_workflow`, `secure.secagg_strategy`), over in-process clients. Returns
+    what `evaluate` (which saves each round) received: {round: arrays}."""
+    import numpy as np
+    from flwr.app import Context, RecordDict
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow
+
+    from privdiff.federated.secure import secagg_strategy, secagg_workflow
+
+    saved = {}
+
+    def evaluate(server_round, arrays, _config):
+        saved[server_round] = arrays
+        return 0.0, {}
+
+    strategy = secagg_strategy(config=config, initial=[np.zeros(400, np.float32)],
+                               fit_config=lambda server_round: {"server-round": server_round}, evaluate=evaluate)
+    context = LegacyContext(context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            config=ServerConfig(num_rounds=1), strategy=strategy)
+    DefaultWorkflow(fit_workflow=secagg_workflow(config))(_InProcessGrid(updates, drops=drops), context)
+    return saved
+
+
+@pytest.fixture
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as Flower's runtime sets them
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+SECAGG_UPDATES = {node: np.full(400, 0.01 * node, np.float32) for node in (1, 2, 3)}  # norms 0.2 to 0.6
+
+
+@pytest.mark.parametrize("drop, refusal", [((3, 3, "silent"), "2 of 3 clients replied.*not released"),
+                                           ((3, 3, "error"), "2 of 3 clients replied.*not released"),
+                                           ((1, 3, "error"), "SecAgg.* produced no aggregate.*not released"),
+                                           ((4, 3, "error"), "1 error.*during SecAgg.*not released")])
+def test_a_secagg_round_with_a_client_missing_is_refused_under_client_level_dp(task_identity, drop, refusal):
+    """SecAgg+ tolerates dropouts: with 3 clients (threshold 2) it unmasks the mean of those whose masked
+    vectors arrived, and Flower's legacy DP wrapper noised that mean of 2 for 3 clients, with a warning
+    only; after an error reply Flower's wrapper returned nothing, or SecAgg+ halted (a client lost at
+    setup leaves the others without its shares), and Flower's workflow then evaluated the unchanged
+    model, which privdiff saved as the round. Now the round is refused and nothing is saved."""
+    config = FederatedConfig(num_items=48, heldout_items=16, num_clients=3, rounds=1, client_noise_multiplier=1.0,
+                             client_clip_norm=1.0, secure_aggregation=True)
+    with pytest.raises(RuntimeError, match=refusal):
+        _secagg_round(config, SECAGG_UPDATES, drops=[drop])
+    saved = _secagg_round(config, SECAGG_UPDATES)  # every client: released, noised for 3 (sd z·C/n)
+    assert sorted(saved) == [0, 1]
+    spread = float(np.sqrt(((saved[1][0].astype(np.float64) - 0.02) ** 2).mean()))  # the mean update is 0.02
+    assert 0.8 / 3 < spread < 1.2 / 3
+
+
+@pytest.mark.parametrize("noise", [None, 1.0])
+def test_a_secagg_round_that_halts_is_refused_rather_than_saved_unchanged(task_identity, noise):
+    """When too few clients are left to unmask, SecAgg+ halts and Flower's workflow still evaluates the
+    (unchanged) global model after the round: it is refused, with or without client-level DP."""
+    config = FederatedConfig(num_items=48, heldout_items=16, num_clients=3, rounds=1, client_noise_multiplier=noise,
+                             client_clip_norm=1.0, secure_aggregation=True)
+    with pytest.raises(RuntimeError, match="round 1: SecAgg.* produced no aggregate.*not released"):
+        _secagg_round(config, SECAGG_UPDATES, drops=[(1, 2, "error"), (1, 3, "error")])
+
+
+def test_without_client_level_dp_a_secagg_round_averages_the_clients_that_stayed(task_identity):
+    """Without client-level DP nothing is calibrated for every client: SecAgg+ averages those whose
+    masked vectors arrived, as Flower designed it (up to its quantisation)."""
+    config = FederatedConfig(num_items=48, heldout_items=16, num_clients=3, rounds=1, secure_aggregation=True)
+    saved = _secagg_round(config, SECAGG_UPDATES, drops=[(3, 3, "silent")])
+    # The mean of clients 1 and 2 (all three: 0.02), up to quantisation (weight 1 of max_weight 48).
+    assert np.allclose(saved[1][0], 0.015, atol=1e-3)
+
+
+def test_secure_aggregation_needs_three_clients():
+    with pytest.raises(ValueError, match="secure_aggregation needs at least 3 clients"):
+        FederatedConfig(num_items=48, num_clients=2, secure_aggregation=True)
