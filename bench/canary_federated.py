@@ -6,7 +6,8 @@ Gaussian reference, in a markdown table.
 
 Each audit runs `pipelines.federated_canary.audit_client_level_dp`: 3 real clients and 1,000 canary
 clients (update 10·C along its own direction, each included with probability 1/2) for 3 rounds
-through Flower's `fixedclipping_mod`, FedAvg and `DifferentialPrivacyClientSideFixedClipping` (noise
+through Flower's `fixedclipping_mod`, FedAvg and `DifferentialPrivacyClientSideFixedClipping` with
+privdiff's noise draw (`federated.client_dp`, as the ServerApp runs it; noise
 multiplier z calibrated so that privdiff's recorded client-level ε is the target at δ = 1e-5; C = 0.1),
 scored by the noisy sum's projections summed over rounds, 99% confidence, the "fdp" bound (sound:
 rounds of the Gaussian mechanism compose to a Gaussian). `--real-clients stand-in` (default) replaces
@@ -34,15 +35,19 @@ CLIP = 0.1
 
 @contextlib.contextmanager
 def noise_scaled(scale: float):
-    """Flower's noise std times `scale` while the record keeps z: a broken mechanism."""
-    import flwr.serverapp.strategy.dp_fixed_clipping as dp_fixed_clipping
+    """The server's noise std times `scale` while the record keeps z: a broken mechanism."""
+    from privdiff.federated import client_dp
 
-    real = dp_fixed_clipping.compute_stdv
-    dp_fixed_clipping.compute_stdv = lambda *args: real(*args) * scale
+    real = client_dp.add_private_noise  # where privdiff's DP wrapper draws the noise
+
+    def scaled(arrays, *, std, generator=None):
+        real(arrays, std=std * scale, generator=generator)
+
+    client_dp.add_private_noise = scaled
     try:
         yield
     finally:
-        dp_fixed_clipping.compute_stdv = real
+        client_dp.add_private_noise = real
 
 
 def config_for(*, epsilon: float, rounds: int, clients: int):
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            "mechanism": "dp-fedavg: Flower's fixedclipping_mod + DifferentialPrivacyClientSideFixedClipping(FedAvg)",
+            "mechanism": "dp-fedavg: Flower's fixedclipping_mod + privdiff's DifferentialPrivacyClientSideFixedClipping(FedAvg)",
             "real_clients": args.real_clients, "num_clients": args.clients, "rounds": args.rounds, "clip_norm": CLIP,
             "num_canaries": args.canaries, "canary_norm": 10.0, "delta": DELTA, "confidence": CONFIDENCE,
             "bound": "fdp", "seeds": args.seeds, "rows": rows, "seconds": round(seconds, 1), "torch_threads": 1,

@@ -87,7 +87,9 @@ class _Bar:
         """A trainer's `Progress`: its phase, its position, and while training the ε spent so far."""
         spent = "" if info.epsilon is None else f"ε={info.epsilon:.3g}"
         loss = "" if info.loss is None else f" loss={info.loss:.4f} (not covered by ε)"
-        self._show(phase=info.phase, step=info.step, total=info.total, unit=info.unit, postfix=f"{spent}{loss}".strip())
+        detail = f" {info.detail}" if info.detail else ""
+        self._show(phase=info.phase, step=info.step, total=info.total, unit=info.unit,
+                   postfix=f"{spent}{loss}{detail}".strip())
 
     def _show(self, *, phase: str, step: int, total: int, unit: str, postfix: str) -> None:
         if phase != self.phase:

@@ -18,14 +18,15 @@ from __future__ import annotations
 from .fedavg import FederatedConfig
 
 
-def add_private_noise(arrays, *, std: float) -> None:
+def add_private_noise(arrays, *, std: float, generator=None) -> None:
     """Flower's `add_gaussian_noise_inplace` (N(0, std²) added to every value, in place), drawn from a
-    torch generator seeded from the OS: no seed set in this process, numpy's or torch's, replays it."""
+    torch generator seeded from the OS: no seed set in this process, numpy's or torch's, replays it.
+    `generator`: a seeded one instead, for an audit's repeatable runs only (never a release)."""
     import torch
 
     from ..privacy.dp_sgd import secure_generator
 
-    generator = secure_generator()
+    generator = secure_generator() if generator is None else generator
     for array in arrays:
         noise = torch.randn(tuple(array.shape), generator=generator, dtype=torch.float64).mul_(std)
         array += noise.numpy().astype(array.dtype)
@@ -41,9 +42,11 @@ def refuse_missing_clients(*, replied: int, required: int, round_number: int) ->
                            "record says: the round is not released. Resume when every client is back.")
 
 
-def client_dp_strategy(strategy, *, config: FederatedConfig):
+def client_dp_strategy(strategy, *, config: FederatedConfig, num_clients: int | None = None, audit_generator=None):
     """Flower's `DifferentialPrivacyClientSideFixedClipping` (Message API) around `strategy`, for the
-    plain ServerApp, drawing its noise with `add_private_noise`."""
+    plain ServerApp, drawing its noise with `add_private_noise`. `num_clients`: the clients each round's
+    noise is calibrated for (default `config.num_clients`); `audit_generator`: a seeded torch.Generator
+    for the canary audit's repeatable noise (`pipelines.federated_canary`), never for a release."""
     import numpy as np
     from flwr.app import Array, ArrayRecord
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
@@ -58,13 +61,13 @@ def client_dp_strategy(strategy, *, config: FederatedConfig):
         def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
             arrays = aggregated_arrays.to_numpy_ndarrays()
             add_private_noise(arrays, std=compute_stdv(self.noise_multiplier, self.clipping_norm,
-                                                       self.num_sampled_clients))
+                                                       self.num_sampled_clients), generator=audit_generator)
             return ArrayRecord({name: Array(np.asarray(value))
                                 for name, value in zip(aggregated_arrays.keys(), arrays, strict=True)})
 
     return OsNoiseClientSideFixedClipping(strategy, noise_multiplier=config.client_noise_multiplier,
                                           clipping_norm=config.client_clip_norm,
-                                          num_sampled_clients=config.num_clients)
+                                          num_sampled_clients=num_clients or config.num_clients)
 
 
 def legacy_client_dp_strategy(strategy, *, config: FederatedConfig, round_offset: int = 0):

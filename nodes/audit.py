@@ -60,7 +60,6 @@ class PrivDiffCanaryAudit(io.ComfyNode):
         config = DPLDMConfig(trainable=trainable, epsilon=epsilon, delta=delta, epochs=epochs, batch_size=batch_size,
                              learning_rate=learning_rate, clip_norm=clip_norm, seed=seed, secure_noise=False,
                              num_samples=0, device=training_device())
-        _check_pooled_canaries(num_canaries=num_canaries, runs=runs, delta=delta)
         progress = NodeProgress(node_id=cls.hidden.unique_id, note=f"{num_canaries} canaries")
         make_room_for_training()
         with torch.inference_mode(False):  # ComfyUI runs nodes under inference mode; training needs autograd
@@ -68,37 +67,10 @@ class PrivDiffCanaryAudit(io.ComfyNode):
             result = audit_dp_ldm(base=pipeline_from_comfy(model=model, clip=clip, vae=vae), data=dataset,
                                   config=config, num_canaries=num_canaries, runs=runs,
                                   guesses=None if guesses == "grid" else guesses,
-                                  progress=_RunNote(progress=progress, runs=runs).report,
+                                  progress=progress.report,
                                   should_stop=progress.raise_if_stopped)
         text = "\n".join(result.summary_lines())
         return io.NodeOutput(text, ui={"text": [text]})
-
-
-def _check_pooled_canaries(*, num_canaries: int, runs: int, delta: float) -> None:
-    """Refuse before the first run what the audit would refuse after the last: R runs of m canaries are
-    audited as R·m canaries, and the bound needs 2·R·m·δ <= 1 (audit_dp_ldm checks only one run's m up front)."""
-    if 2 * num_canaries * runs * delta > 1:
-        raise ValueError(f"num_canaries {num_canaries} x runs {runs} with delta {delta}: the audit needs "
-                         f"canaries x runs <= 1/(2 delta) = {int(0.5 / delta)}; use fewer runs or canaries, or a "
-                         "smaller delta.")
-
-
-class _RunNote:
-    """A NodeProgress's report that names the run in progress when there are several. audit_dp_ldm's
-    reports do not say which run they belong to; its step count starts again with each run, so a training
-    step that is not above the last one seen begins the next run."""
-
-    def __init__(self, *, progress, runs: int):
-        self.progress, self.runs, self.note = progress, runs, progress.note
-        self.run, self.last_step = 0, None
-
-    def report(self, info) -> None:
-        if self.runs > 1 and info.phase == "training":
-            if self.last_step is None or info.step <= self.last_step:
-                self.run += 1
-                self.progress.note = f"run {self.run}/{self.runs} · {self.note}"
-            self.last_step = info.step
-        self.progress.report(info)
 
 
 AUDIT_NODES = [PrivDiffCanaryAudit]

@@ -80,12 +80,23 @@ class CanaryAuditResult:
 
     def summary_lines(self) -> list[str]:
         a = self.audit
+        canaries = f"{a.runs} runs × {a.num_canaries // a.runs}" if a.runs > 1 else f"{a.num_canaries}"
+        planned = " (planned)" if self.settings.get("guesses") == "planned" else ""
         return [f"audited lower bound: ε >= {a.epsilon_lower_bound:.3g} at {a.confidence:.0%} confidence ({a.bound} "
-                f"test; {a.num_canaries} canaries, {a.correct} of {a.num_guesses} guesses right)",
+                f"test; {canaries} canaries, {a.correct} of {a.num_guesses} guesses{planned} right)",
                 f"recorded ε: {a.recorded_epsilon:.3g} at δ = {a.delta:.3g} (what the audited {a.mechanism} run "
                 "claims)"
                 + ("  <- EXCEEDED: the mechanism leaks more than it records" if a.exceeds_recorded else "")] \
-            + self._shared_dimensions_lines()
+            + self._gaussian_fit_lines() + self._shared_dimensions_lines()
+
+    def _gaussian_fit_lines(self) -> list[str]:
+        a = self.audit
+        if a.epsilon_estimate_gaussian_fit is None:
+            return []
+        return [f"Gaussian fit of the scores: ε >= {a.epsilon_estimate_gaussian_fit:.3g} at {a.confidence:.0%} "
+                f"confidence if the scores are Gaussian (μ >= {a.gaussian_fit_mu_lower_bound:.3g}; an estimate under "
+                "that model, tighter than the test above but not sound for every mechanism)"
+                + ("  <- above the recorded ε: confirm with more runs or canaries" if a.fit_exceeds_recorded else "")]
 
     def _shared_dimensions_lines(self) -> list[str]:
         # A low bound from canaries crowded into few dimensions says little: tell the reader, and the fix.
@@ -116,6 +127,7 @@ class _GradientCanaries:
         self.count = len(self.included)
         self.canary_norm, self.score, self._generator = float(canary_norm), score, generator
         self.scores = torch.zeros(self.count, dtype=torch.float64)
+        self.sums = torch.zeros(self.count, dtype=torch.float64)  # the projections themselves, for the Gaussian fit
         self._batch = None  # (canary row mask, canary ids) while a forward pass is under way
         self._terms: list[torch.Tensor] = []
 
@@ -141,6 +153,7 @@ class _GradientCanaries:
     def _score(self, projection: torch.Tensor) -> None:
         engine = self.run.engine
         projection = projection * (engine.sampler.expected_batch_units / engine.config.max_grad_norm)
+        self.sums += projection.to(self.sums)
         self.scores += step_score(projection=projection, noise_multiplier=engine.noise_multiplier,
                                   sample_rate=engine.config.sample_rate, score=self.score)
 
@@ -340,11 +353,14 @@ def audit_dp_ldm(*, base, data, config: DPLDMConfig, num_canaries: int = 1000, c
 
     if guesses not in (None, "planned"):
         raise ValueError(f"guesses={guesses!r} must be None (the grid) or 'planned'.")
-    config = _audit_config(config=config, num_canaries=num_canaries, bound=bound)
+    config = _audit_config(config=config, num_canaries=num_canaries, bound=bound, runs=runs)
     dataset = None  # the same items in every run: read once
-    each, facts = [], {}
-    for run_seed in run_seeds(seed=config.seed, runs=runs):
-        run_config = replace(config, seed=run_seed)
+    each, sums, facts = [], [], {}
+    for k, run_seed in enumerate(run_seeds(seed=config.seed, runs=runs), start=1):
+        # σ is calibrated once: every run has the same ε, δ, sample rate and steps.
+        run_config = replace(config, seed=run_seed, noise_multiplier=facts["run"].engine.noise_multiplier
+                             if facts else config.noise_multiplier)
+        run_progress = _naming_the_run(progress, run=k, runs=runs)
         inclusion_stream, direction_stream = audit_streams(seed=run_seed, count=2)
         included = canary_inclusion(num_canaries=num_canaries, stream=inclusion_stream)
         canaries = LinearCanaries(included=included, canary_norm=canary_norm, score=score,
@@ -354,22 +370,23 @@ def audit_dp_ldm(*, base, data, config: DPLDMConfig, num_canaries: int = 1000, c
         n = validate_dataset(dataset=dataset, config=run_config)
         own = copy.deepcopy(base) if runs > 1 and not isinstance(base, (str, Path)) else base
         run = FineTuneRun(pipeline=resolve_base(own, device=config.device), dataset=dataset, config=run_config,
-                          num_examples=n, progress=progress, extra_units=canaries)
+                          num_examples=n, progress=run_progress, extra_units=canaries)
         while run.step < run.total_steps:
             info = run.train_step()
-            if progress is not None:
-                progress(info)
+            if run_progress is not None:
+                run_progress(info)
             if should_stop is not None and should_stop() and run.step < run.total_steps:
                 raise AuditStopped(f"the canary audit was stopped after step {run.step} of {run.total_steps}; an "
                                    "audit cut short has no bound (nothing was written): run it again to the end.")
         each.append((canaries.scores.numpy(), included))
+        sums.append(canaries.sums.numpy())
         facts = {"n": n, "run": run, "layers": len(canaries.layers)}
     run, n = facts["run"], facts["n"]
     scores, included = pool_runs(each)
     grid, bound = _guesses_and_bound(num_canaries=num_canaries * runs, sample_rate=run.sample_rate, bound=bound)
     audit = audit_scores(scores=scores, included=included, delta=run.delta, confidence=confidence,
                          guesses=guesses or grid, recorded_epsilon=run.engine.accountant.epsilon(delta=run.delta),
-                         mechanism="dp-ldm", bound=bound, runs=runs)
+                         mechanism="dp-ldm", bound=bound, runs=runs, values=np.concatenate(sums))
     settings = {"method": "dp-ldm", "target_epsilon": config.epsilon, "delta": run.delta, "num_items": n,
                 "num_canaries": num_canaries, "runs": runs, "guesses": guesses or "grid", "canary_norm": canary_norm,
                 "score": score, "sample_rate": run.sample_rate, "steps": run.total_steps,
@@ -432,7 +449,7 @@ def audit_dpsgd_ti(*, base, data, config: DPSGDTIConfig, num_canaries: int = 100
     guesses, bound = _guesses_and_bound(num_canaries=num_canaries, sample_rate=sample_rate, bound=bound)
     audit = audit_scores(scores=canaries.scores.numpy(), included=included, delta=delta, confidence=confidence,
                          guesses=guesses, recorded_epsilon=run.engine.accountant.epsilon(delta=delta),
-                         mechanism="dpsgd-ti", bound=bound)
+                         mechanism="dpsgd-ti", bound=bound, values=canaries.sums.numpy())
     settings = {"method": "dpsgd-ti", "target_epsilon": config.epsilon, "delta": delta, "num_items": n,
                 "num_canaries": num_canaries, "canary_norm": canary_norm, "score": score, "sample_rate": sample_rate,
                 "steps": run.steps, "noise_multiplier": run.engine.noise_multiplier, "clip_norm": config.clip_norm,
@@ -452,17 +469,26 @@ def _guesses_and_bound(*, num_canaries: int, sample_rate: float, bound: str | No
     return guesses, bound or ("fdp" if sample_rate == 1 else "fdp-eps-delta")
 
 
-def _check_audit_settings(*, num_canaries: int, bound: str | None, delta: float | None) -> float:
-    """The audit's δ (1e-5 when the config leaves it to N), after the checks every audit shares."""
+def _naming_the_run(progress: Callable[[Progress], None] | None, *, run: int, runs: int):
+    """`progress`, with each report naming its run when there are several."""
+    if progress is None or runs == 1:
+        return progress
+    return lambda info: progress(replace(info, detail=" · ".join(d for d in (info.detail, f"run {run}/{runs}") if d)))
+
+
+def _check_audit_settings(*, num_canaries: int, bound: str | None, delta: float | None, runs: int = 1) -> float:
+    """The audit's δ (1e-5 when the config leaves it to N), after the checks every audit shares; `runs`
+    runs of `num_canaries` are audited as one set, checked before the first run starts."""
     if bound is not None and bound not in BOUNDS:
         raise ValueError(f"bound={bound!r} must be one of {', '.join(BOUNDS)}, or None for the tightest sound one.")
     if num_canaries < 32:
         raise ValueError(f"num_canaries={num_canaries} is too few for an audit; use at least 32 (1,000 or more for "
                          "a useful bound).")
     delta = delta if delta is not None else AUDIT_DELTA
-    if 2 * num_canaries * delta > 1:
-        raise ValueError(f"delta={delta} with {num_canaries} canaries: the audit needs 2·m·δ <= 1; use at most "
-                         f"{int(0.5 / delta)} canaries or a smaller delta.")
+    if 2 * num_canaries * runs * delta > 1:
+        pooled = f"{runs} runs of {num_canaries}" if runs > 1 else f"{num_canaries}"
+        raise ValueError(f"delta={delta} with {pooled} canaries: the audit needs 2·m·δ <= 1; use at most "
+                         f"{int(0.5 / delta)} canaries in all (fewer canaries or runs) or a smaller delta.")
     return delta
 
 
@@ -475,7 +501,7 @@ def _ti_audit_config(*, config: DPSGDTIConfig, num_canaries: int, bound: str | N
     return dataclasses.replace(config, delta=delta)
 
 
-def _audit_config(*, config: DPLDMConfig, num_canaries: int, bound: str | None) -> DPLDMConfig:
+def _audit_config(*, config: DPLDMConfig, num_canaries: int, bound: str | None, runs: int = 1) -> DPLDMConfig:
     """The config the audit runs: δ at most 1/(2m), no samples or checkpoints (nothing is released)."""
     if config.epsilon is None:
         raise ValueError("the canary audit measures a private run: give epsilon (a non-private run has ε = ∞).")
@@ -483,7 +509,7 @@ def _audit_config(*, config: DPLDMConfig, num_canaries: int, bound: str | None) 
         raise ValueError("the canary audit runs on the privdiff backend, privacy_unit='example', without "
                          "conditioning_words: each canary is one example in the UNet's Linear layers, clipped as one "
                          "group; audit with those settings (the clipping and noise are the same).")
-    delta = _check_audit_settings(num_canaries=num_canaries, bound=bound, delta=config.delta)
+    delta = _check_audit_settings(num_canaries=num_canaries, bound=bound, delta=config.delta, runs=runs)
     return dataclasses.replace(config, delta=delta, num_samples=0, keep_byproducts=False)
 
 

@@ -5,7 +5,8 @@ The mechanism audited is the one `federated.apps` configures when `client_noise_
 each client's update is clipped on the client by Flower's `fixedclipping_mod`, and the server wraps
 FedAvg (FedProx with `proximal_mu`), weighted equally by "dp-weight", in Flower's
 `DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier=z, clipping_norm=C,
-num_sampled_clients=num_clients)`. The audit runs those Flower objects, not a re-implementation: the
+num_sampled_clients=num_clients)`, whose noise draw privdiff replaces (`federated.client_dp`). The
+audit runs those objects, privdiff's wrapper included, not a re-implementation: the
 strategy's own `start` loop (its `configure_train` puts C into every message, its `aggregate_train`
 averages and adds the noise) over an in-process Flower `Grid` that hands each message to a Flower
 `ClientApp` in this process and returns its reply `Message`. The real clients are privdiff's own
@@ -41,7 +42,8 @@ The converse is the weak spot: when fewer clients reply than num_sampled_clients
 out; `dropouts` here), Flower only warns (its strict check is on only with its own accountant, which
 privdiff does not pass) and the noise on the sum shrinks to z·C·N/num_sampled_clients, while the
 record still claims z. This audit found that; privdiff's ServerApp now refuses such a round
-(`federated.apps.check_replies`). The audit builds Flower's bare strategy, so `dropouts` still shows it.
+(`federated.apps.check_replies`). The audit wraps Flower's bare FedAvg, without that refusal, so
+`dropouts` still shows it.
 
 Each round's noisy aggregate update (the new global model minus the previous one, read through the
 strategy's `evaluate_fn`, where apps.py reads it too) is turned back into the noisy sum in units of C
@@ -51,8 +53,9 @@ Gaussian mechanism compose to exactly (√R/z)-GDP, so the default bound is "fdp
 full-batch DP-SGD; see `privacy.canary`). The audit is an audit, not a guarantee; nothing of it is
 released (`write_canary_audit` writes a record labelled as an audit).
 
-Flower draws its noise from numpy's global generator (`np.random.normal`), not from an explicit one;
-the audit seeds that generator from `seed` for the run and restores its state afterwards.
+The noise is drawn by privdiff's wrapper (`federated.client_dp.client_dp_strategy`, the one the
+ServerApp runs: Flower's wrapper with its draw from numpy's global generator replaced), here from a
+torch generator seeded from `seed`, so that the audit is repeatable; a release draws it from the OS.
 """
 
 from __future__ import annotations
@@ -177,41 +180,40 @@ def _flower_grid(**kwargs):
 
 
 @contextlib.contextmanager
-def _flower_process(*, noise_stream: np.random.SeedSequence):
+def _flower_process():
     """What Flower's runtime sets up in a ServerApp process (its task identity, which every Message
-    it creates reads), plus the audit's own seed for numpy's global generator (Flower's noise source)
-    and quieter Flower logs (a line per client otherwise); all restored afterwards."""
+    it creates reads), and quieter Flower logs (a line per client otherwise); all restored afterwards."""
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
     saved_identity = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    saved_noise = np.random.get_state()
     logger = logging.getLogger("flwr")
     saved_level = logger.level
     threads = torch.get_num_threads()
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, _RUN_ID, SUPERLINK_NODE_ID
-    np.random.set_state(np.random.RandomState(np.random.MT19937(noise_stream)).get_state())
     logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved_identity
-        np.random.set_state(saved_noise)
         logger.setLevel(saved_level)
         torch.set_num_threads(threads)  # train_round sets one thread: a client process's setting, not ours
 
 
-def _client_dp_strategy(*, config: FederatedConfig, num_clients: int):
-    """Flower's strategy as apps.py's ServerApp builds it under client-level DP, for `num_clients` clients."""
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedProx
+def _client_dp_strategy(*, config: FederatedConfig, num_clients: int, noise_stream: np.random.SeedSequence):
+    """The ServerApp's DP wrapper (`client_dp_strategy`, noise seeded from `noise_stream`) around Flower's
+    bare FedAvg for `num_clients` clients: without privdiff's refusal of missing replies, which `dropouts`
+    shows the need for."""
+    from flwr.serverapp.strategy import FedAvg, FedProx
+
+    from ..federated.client_dp import client_dp_strategy
 
     extra = {"proximal_mu": config.proximal_mu} if config.proximal_mu else {}
     inner = (FedProx if config.proximal_mu else FedAvg)(
         fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_clients, min_available_nodes=num_clients,
         weighted_by_key="dp-weight", **extra)
-    return DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier=config.client_noise_multiplier,
-                                                      clipping_norm=config.client_clip_norm,
-                                                      num_sampled_clients=num_clients)
+    return client_dp_strategy(inner, config=config, num_clients=num_clients,
+                              audit_generator=torch_generator(stream=noise_stream))
 
 
 def _reply(*, message, arrays: list[np.ndarray], names: list[str], metrics: dict):
@@ -332,8 +334,8 @@ def audit_client_level_dp(*, config: FederatedConfig, num_canaries: int = 1000, 
         previous[0] = flat
         return None
 
-    strategy = _client_dp_strategy(config=config, num_clients=configured)
-    with _flower_process(noise_stream=noise_stream):
+    strategy = _client_dp_strategy(config=config, num_clients=configured, noise_stream=noise_stream)
+    with _flower_process():
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config.rounds, timeout=3600,
                        train_config=ConfigRecord(run_config), evaluate_fn=evaluate)
     bound = bound or "fdp"
@@ -349,8 +351,9 @@ def audit_client_level_dp(*, config: FederatedConfig, num_canaries: int = 1000, 
                 "real_clients": real_clients, "values": layout.dim,
                 "trainable": config.trainable if real_clients == "trained" else "stand-in", "base": config.base,
                 "seed": seed, "score": "sum", "flower": flwr.__version__,
-                "flower_path": "Strategy.start of DifferentialPrivacyClientSideFixedClipping(FedAvg) over an "
-                               "in-process Grid; clients are ClientApps behind fixedclipping_mod"}
+                "flower_path": "Strategy.start of privdiff's DifferentialPrivacyClientSideFixedClipping(FedAvg) "
+                               "(client_dp_strategy, seeded noise) over an in-process Grid; clients are "
+                               "ClientApps behind fixedclipping_mod"}
     return CanaryAuditResult(audit=audit, settings=settings, scores=scores.copy(), included=included)
 
 

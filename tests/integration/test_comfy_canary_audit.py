@@ -42,12 +42,12 @@ def test_several_runs_with_planned_guesses_are_audited_as_one_set(comfy_server):
         listener.close()
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     bound, recorded = entry["outputs"]["3"]["text"][0].splitlines()[:2]
-    assert "512 canaries" in bound, bound  # 2 runs of 256, pooled
+    assert "2 runs × 256 canaries" in bound and "guesses (planned)" in bound, bound  # pooled
     audited = float(re.search(r"ε >= ([-\d.e+]+)", bound).group(1))
     claimed = float(re.search(r"recorded ε: ([-\d.e+]+)", recorded).group(1))
     # planned: the one guess pair fixed from the recorded ε and the 512 canaries (the run's fdp test, full batches)
     [(plus, minus)] = planned_guesses(num_canaries=512, epsilon=claimed, delta=1e-5, bound="fdp")
-    assert re.search(rf"\d+ of {plus + minus} guesses right", bound), (bound, plus, minus)
+    assert re.search(rf"\d+ of {plus + minus} guesses \(planned\) right", bound), (bound, plus, minus)
     assert 0 <= audited <= claimed and "EXCEEDED" not in recorded, (bound, recorded)
     # Each training step's line names its run, in order: both runs' steps, run 1's first.
     runs = [re.search(r" · run (\d)/2 · ", t).group(1) for t in listener.texts("3") if t.startswith("step ")]
@@ -65,7 +65,8 @@ def test_too_many_pooled_canaries_are_refused_before_the_first_run(comfy_server)
     finally:
         listener.close()
     assert entry["status"]["status_str"] == "error"
-    assert "canaries x runs <= 1/(2 delta) = 50" in execution_error(entry), execution_error(entry)
+    assert "2 runs of 32 canaries" in execution_error(entry) and "at most 50 canaries in all" in execution_error(entry), \
+        execution_error(entry)
     assert not [t for t in listener.texts("3") if t.startswith("step ")], "it trained before refusing"
 
 

@@ -55,6 +55,9 @@ def test_a_correct_run_stays_under_its_recorded_epsilon(correct_audit):
     assert audit.mechanism == "dp-ldm" and audit.bound == "fdp" and audit.confidence == 0.99  # full batches: GDP
     assert audit.recorded_epsilon == pytest.approx(2.0, rel=0.02) and audit.delta == 1e-5
     assert 0 < audit.epsilon_lower_bound <= audit.recorded_epsilon and not audit.exceeds_recorded
+    # the Gaussian fit of the same run's summed projections: tighter, and below the recorded ε too
+    assert audit.epsilon_lower_bound < audit.epsilon_estimate_gaussian_fit <= audit.recorded_epsilon
+    assert not audit.fit_exceeds_recorded
 
 
 def test_the_audit_writes_only_its_labelled_record_and_chart(correct_audit, tmp_path):
@@ -79,6 +82,7 @@ def test_noise_cut_fourfold_is_caught(monkeypatch):
     audit = audit_dp_ldm(base=_base(), data="shapes", config=config, num_canaries=500).audit
     assert audit.recorded_epsilon == pytest.approx(2.0, rel=0.02)  # the accountant still believes the full noise
     assert audit.exceeds_recorded and audit.epsilon_lower_bound > 2.0
+    assert audit.fit_exceeds_recorded
 
 
 def test_clipping_switched_off_is_caught(monkeypatch):
@@ -100,6 +104,7 @@ def test_a_subsampled_run_is_audited_with_the_sound_eps_delta_form():
     audit = audit_dp_ldm(base=_base(), data="shapes", config=config, num_canaries=500).audit
     assert audit.bound == "fdp-eps-delta"  # Poisson batches are not GDP
     assert 0 < audit.epsilon_lower_bound <= audit.recorded_epsilon
+    assert 0 < audit.epsilon_estimate_gaussian_fit <= audit.recorded_epsilon
 
 
 @pytest.mark.parametrize(

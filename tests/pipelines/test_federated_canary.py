@@ -12,7 +12,6 @@ import pytest
 pytest.importorskip("flwr", reason="federated diffusion needs Flower: pip install 'privdiff[federated]'")
 
 import flwr.clientapp.mod.centraldp_mods as centraldp_mods  # noqa: E402
-import flwr.serverapp.strategy.dp_fixed_clipping as dp_fixed_clipping  # noqa: E402
 
 from privdiff.federated.fedavg import FederatedConfig  # noqa: E402
 from privdiff.pipelines.canary_audit import AUDIT_FILE, write_canary_audit  # noqa: E402
@@ -68,8 +67,11 @@ def test_the_record_is_labelled_as_an_audit(correct_audit, tmp_path):
 
 
 def test_noise_cut_fourfold_is_caught(monkeypatch):
-    real = dp_fixed_clipping.compute_stdv
-    monkeypatch.setattr(dp_fixed_clipping, "compute_stdv", lambda *args: real(*args) / 4)
+    from privdiff.federated import client_dp
+
+    real = client_dp.add_private_noise  # where the ServerApp's wrapper draws its noise
+    monkeypatch.setattr(client_dp, "add_private_noise", lambda arrays, *, std, generator=None:
+                        real(arrays, std=std / 4, generator=generator))
     audit = stand_in_audit().audit
     assert audit.recorded_epsilon == pytest.approx(2.95, abs=0.05)  # the record still believes the full noise
     assert audit.exceeds_recorded and audit.epsilon_lower_bound > 4.0
