@@ -24,8 +24,11 @@ def test_the_gaussian_reference_prints_the_bound_and_writes_the_record(tmp_path,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("audited lower bound: ε >= ") and "99% confidence" in lines[0]
     assert lines[1].startswith("recorded ε: 4 at δ = 1e-05")
+    assert lines[2].startswith("Gaussian fit of the scores: ε >= ") and "if the scores are Gaussian" in lines[2]
     record = json.loads((out / "canary-audit.json").read_text())
     assert record["kind"] == "canary audit" and record["mechanism"] == "gaussian" and record["num_canaries"] == 1000
+    assert f"{record['epsilon_estimate_gaussian_fit']:.3g}" in lines[2]
+    assert record["epsilon_lower_bound"] < record["epsilon_estimate_gaussian_fit"] < 4
     assert f"{record['epsilon_lower_bound']:.3g}" in lines[0] and 0 < record["epsilon_lower_bound"] < 4
     assert record["settings"] == {"method": "gaussian", "target_epsilon": 4.0, "delta": 1e-5, "num_canaries": 1000,
                                   "runs": 1, "guesses": "grid", "seed": 0}
@@ -39,6 +42,8 @@ def test_ten_runs_with_planned_guesses_pool_their_canaries(tmp_path, capsys):
     assert record["num_canaries"] == 10000 and record["runs"] == 10 and record["settings"]["guesses"] == "planned"
     assert record["num_guesses"] == 2 * record["guesses_included"]  # the one planned pair (k, k)
     assert 0 < record["epsilon_lower_bound"] < 2
+    lines = capsys.readouterr().out.splitlines()
+    assert "10 runs × 1000 canaries" in lines[0] and "guesses (planned) right" in lines[0]
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [

@@ -103,3 +103,18 @@ def test_the_fit_is_in_the_record_and_needs_what_it_fits():
         gaussian_fit_mu_bound(scores=scores[:3], included=np.array([True, False, False]))
     with pytest.raises(ValueError, match="released nothing"):
         gaussian_fit_mu_bound(scores=np.ones(100), included=np.arange(100) % 2 == 0)
+
+
+def test_the_fit_is_no_bound_for_every_mechanism_randomized_response_shows_why():
+    # Randomized response is exactly ε-DP, and the sound tests keep below ε; but its scores take two
+    # values, not a Gaussian, and the fit reads a separation whose μ-GDP ε is about twice ε. This is why
+    # the fit is reported beside the bound and never as it (privdiff's mechanisms add Gaussian noise).
+    epsilon, m = 1.0, 1000
+    rng = np.random.default_rng(0)
+    included = rng.random(m) < 0.5
+    truthful = rng.random(m) < math.exp(epsilon) / (1 + math.exp(epsilon))
+    scores = np.where(truthful, included, ~included).astype(float)
+    audit = audit_scores(scores=scores, included=included, delta=1e-5, recorded_epsilon=epsilon,
+                         bound="fdp-eps-delta")
+    assert not audit.exceeds_recorded and audit.epsilon_lower_bound_eps_delta <= epsilon
+    assert audit.fit_exceeds_recorded and audit.epsilon_estimate_gaussian_fit > 1.5 * epsilon
