@@ -77,6 +77,7 @@ def test_a_correct_run_stays_under_its_recorded_epsilon():
     assert audit.mechanism == "dpsgd-ti" and audit.bound == "fdp" and audit.confidence == 0.99  # full batches: GDP
     assert audit.recorded_epsilon == pytest.approx(2.0, rel=0.02) and audit.delta == 1e-5
     assert 0 < audit.epsilon_lower_bound <= audit.recorded_epsilon and not audit.exceeds_recorded
+    assert 0 < audit.epsilon_estimate_gaussian_fit <= audit.recorded_epsilon and not audit.fit_exceeds_recorded
 
 
 def test_noise_cut_fourfold_is_caught(monkeypatch):
@@ -87,7 +88,7 @@ def test_noise_cut_fourfold_is_caught(monkeypatch):
                         lambda **kw: real(**{**kw, "noise_multiplier": kw["noise_multiplier"] / 4}))
     audit = _audit()
     assert audit.recorded_epsilon == pytest.approx(2.0, rel=0.02)  # the accountant still believes the full noise
-    assert audit.exceeds_recorded and audit.epsilon_lower_bound > 2.0
+    assert audit.exceeds_recorded and audit.epsilon_lower_bound > 2.0 and audit.fit_exceeds_recorded
 
 
 def test_clipping_switched_off_is_caught(monkeypatch):

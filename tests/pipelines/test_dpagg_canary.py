@@ -15,6 +15,7 @@ def test_correct_aggregation_stays_below_its_epsilon(sample_rate, center):
                                                                 delta=1e-5) <= 2.0 + 1e-9
     assert audit.mechanism == "gaussian-aggregate" and audit.num_canaries == 1000
     assert 0 <= audit.epsilon_lower_bound <= audit.recorded_epsilon and not audit.exceeds_recorded
+    assert audit.epsilon_estimate_gaussian_fit <= audit.recorded_epsilon  # the fit of the same noisy sum
 
 
 def test_aggregation_with_a_quarter_of_the_noise_is_caught(monkeypatch):
@@ -26,6 +27,7 @@ def test_aggregation_with_a_quarter_of_the_noise_is_caught(monkeypatch):
     monkeypatch.setattr(dp_ti, "aggregate", quarter_noise)
     audit = audit_dpagg(epsilon=2.0, delta=1e-5, num_canaries=1000, seed=0)
     assert audit.exceeds_recorded and audit.epsilon_lower_bound > audit.recorded_epsilon + 0.4
+    assert audit.fit_exceeds_recorded
 
 
 def test_aggregation_without_clipping_is_caught(monkeypatch):

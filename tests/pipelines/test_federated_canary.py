@@ -55,6 +55,7 @@ def test_a_correct_mechanism_stays_under_its_recorded_epsilon(correct_audit):
     assert audit.delta == CONFIG.client_level_delta == 1e-5 and audit.num_canaries == CANARIES
     assert 0 < audit.epsilon_lower_bound <= audit.recorded_epsilon and not audit.exceeds_recorded
     assert max(audit.epsilon_lower_bound_eps_delta, audit.epsilon_lower_bound_fdp_eps_delta) <= audit.recorded_epsilon
+    assert audit.epsilon_lower_bound < audit.epsilon_estimate_gaussian_fit <= audit.recorded_epsilon  # the fit
 
 
 def test_the_record_is_labelled_as_an_audit(correct_audit, tmp_path):
@@ -76,6 +77,7 @@ def test_noise_cut_fourfold_is_caught(monkeypatch):
     assert audit.recorded_epsilon == pytest.approx(2.95, abs=0.05)  # the record still believes the full noise
     assert audit.exceeds_recorded and audit.epsilon_lower_bound > 4.0
     assert audit.epsilon_lower_bound_eps_delta > audit.recorded_epsilon  # the assumption-free test refutes it too
+    assert audit.fit_exceeds_recorded
 
 
 def test_clipping_switched_off_is_caught(monkeypatch):
