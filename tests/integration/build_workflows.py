@@ -23,6 +23,13 @@ SWAP_NOTE = ("Runs as is on privdiff-tiny (no download). For a real model: repla
              "and VAE to the same inputs, and set the dataset's resolution to 512 and the sampler's size to "
              "512 x 512. For your own data use 'privdiff image folder' or 'privdiff images + captions' instead of "
              "the procedural set (the federated node takes a set's name or an image folder in its data box).")
+# The audit has no sampler: its own note.
+AUDIT_NOTE = ("Runs as is on privdiff-tiny (no download). To audit a run on a real model: replace 'Load privdiff-tiny' "
+              "with ComfyUI's Load Checkpoint (an SD1.5 .safetensors from models/checkpoints), connect its MODEL, CLIP "
+              "and VAE to the same inputs, and set the dataset's resolution to 512. For your own data use 'privdiff "
+              "image folder' or 'privdiff images + captions' instead of the procedural set, with batch_size = its "
+              "number of images (full batches: the tightest audit).")
+NOTES = {"privdiff-canary-audit": AUDIT_NOTE}
 TINY = {"1": {"class_type": "PrivDiffTinyLoader", "inputs": {}}}
 
 
@@ -124,6 +131,16 @@ GRAPHS = {
                                                     "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
         "26": {"class_type": "PreviewImage", "inputs": {"images": ["8", 1]}},
     },
+    # The DP-LDM example's run audited with 1000 canaries: full batches (batch_size = num_items), the tightest
+    # audit. The node is an output node and shows its report itself.
+    "privdiff-canary-audit": {
+        **TINY,
+        "2": {"class_type": "PrivDiffProceduralDataset", "inputs": {"name": "shapes", "num_items": 32, "resolution": 64, "seed": 0}},
+        "3": {"class_type": "PrivDiffCanaryAudit", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "epsilon": 8.0,
+            "trainable": "attention", "epochs": 2.0, "batch_size": 32, "learning_rate": 0.003, "clip_norm": 0.1,
+            "num_canaries": 1000, "delta": 1e-5, "seed": 0, "runs": 1, "guesses": "grid"}},
+    },
 }
 
 
@@ -149,10 +166,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         note = Path(folder) / "note.txt"
-        note.write_text(SWAP_NOTE)
         for name, graph in GRAPHS.items():
             if args.only and name not in args.only:
                 continue
+            note.write_text(NOTES.get(name, SWAP_NOTE))
             api, ui = Path(folder) / f"{name}.api.json", WORKFLOWS / f"{name}.json"
             api.write_text(json.dumps(graph))
             frontend(server=args.server, mode="from-api", source=api, target=ui, note=note)

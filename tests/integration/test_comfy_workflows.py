@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,7 +36,8 @@ def frontend_driver():
 
 
 def test_workflows_are_shipped_with_a_note_on_swapping_in_sd15():
-    assert {w.stem for w in WORKFLOWS} >= {"privdiff-dp-ldm", "privdiff-dpagg-ti", "privdiff-dpsgd-ti"}
+    assert {w.stem for w in WORKFLOWS} >= {"privdiff-dp-ldm", "privdiff-dpagg-ti", "privdiff-dpsgd-ti",
+                                           "privdiff-canary-audit"}
     for path in WORKFLOWS:
         workflow = json.loads(path.read_text())
         notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
@@ -49,8 +51,9 @@ SILENCE_SECONDS = 5.0
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_workflow_converts_in_the_real_frontend_and_runs(comfy_server, frontend_driver, workflow, tmp_path):
-    """It runs to success and shows pictures; every report's text is in its node's UI output; no
-    privdiff node is silent for more than SILENCE_SECONDS; the server log has no warning from the run."""
+    """It runs to success and shows pictures where it has a picture node; every report's text is in its
+    node's UI output (a canary audit's bound at most the recorded ε); no privdiff node is silent for more
+    than SILENCE_SECONDS; the server log has no warning from the run."""
     from comfy_server import Listener
 
     prompt = frontend_driver(server=comfy_server, workflow=workflow, out=tmp_path / "api.json")
@@ -62,11 +65,17 @@ def test_workflow_converts_in_the_real_frontend_and_runs(comfy_server, frontend_
     finally:
         listener.close()
     assert entry["status"]["status_str"] == "success", entry["status"]
-    assert any(node_output.get("images") for node_output in entry["outputs"].values()), "no picture came out"
+    if any(node["class_type"] in ("PreviewImage", "SaveImage") for node in prompt.values()):
+        assert any(node_output.get("images") for node_output in entry["outputs"].values()), "no picture came out"
     for node_id, node in prompt.items():
         if node["class_type"] == "PrivDiffPrivacyReport":
             text = entry["outputs"][node_id]["text"][0]
             assert "mechanism:" in text and ("ε" in text or "dB" in text), text
+        if node["class_type"] == "PrivDiffCanaryAudit":  # the canaries show something, and never more than recorded
+            bound, recorded = entry["outputs"][node_id]["text"][0].splitlines()[:2]
+            audited = float(re.search(r"ε >= ([-\d.e+]+) at 99% confidence", bound).group(1))
+            claimed = float(re.search(r"recorded ε: ([-\d.e+]+) at δ", recorded).group(1))
+            assert 0 < audited <= claimed <= node["inputs"]["epsilon"] and "EXCEEDED" not in recorded, (bound, recorded)
     assert _longest_silences(listener.messages, prompt) == {}, "privdiff nodes silent for too long"
     warnings = [line for line in comfy_server.log()[log_start:].splitlines() if "WARNING" in line or "Warning" in line]
     assert warnings == [], warnings
