@@ -42,7 +42,8 @@ class PrivDiffCanaryAudit(io.ComfyNode):
                                        "number of canaries, so no union bound is paid (usually tighter)"),
             ],
             outputs=[io.String.Output(display_name="report",
-                                      tooltip="the audited lower bound on ε and the recorded ε, one per line")],
+                                      tooltip="the audited lower bound on ε, the recorded ε and the Gaussian fit's "
+                                              "estimate (tighter, under a model of the scores), one per line")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
             not_idempotent=True,
