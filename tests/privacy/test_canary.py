@@ -153,6 +153,7 @@ def test_dp_sgd_engine_audit_stays_below_the_recorded_epsilon(sample_rate, steps
     assert 1.9 < audit.recorded_epsilon <= 2.0
     assert audit.epsilon_lower_bound <= audit.recorded_epsilon
     assert not audit.exceeds_recorded
+    assert 0 < audit.epsilon_estimate_gaussian_fit <= audit.recorded_epsilon  # the fit of the summed projections
 
 
 def test_dp_sgd_engine_with_a_quarter_of_the_noise_is_caught(monkeypatch):
@@ -166,6 +167,7 @@ def test_dp_sgd_engine_with_a_quarter_of_the_noise_is_caught(monkeypatch):
     # longer catch this break (the bound stays about 1.8 against ε = 2).
     audit = audit_dp_sgd(config=_config(sample_rate=1.0, steps=2), num_canaries=1000, seed=0)
     assert audit.exceeds_recorded and audit.epsilon_lower_bound > audit.recorded_epsilon + 0.4
+    assert audit.fit_exceeds_recorded
 
 
 @pytest.mark.parametrize("score", ["likelihood-ratio", "sum"])
