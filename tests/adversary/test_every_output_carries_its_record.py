@@ -113,7 +113,11 @@ def test_federated_outputs_compose_over_rounds(tmp_path):
     first, second = releases["global-round-1.safetensors"], releases["global-round-2.safetensors"]
     assert (first.mechanism, first.steps, second.steps) == ("dp-fedavg", 1, 2) and second.epsilon > first.epsilon
     local = PrivacyRecord.from_dict(second.extra["local_dp_sgd"])
-    assert local.epsilon <= 8.0 and local.steps == 2 * PrivacyRecord.from_dict(first.extra["local_dp_sgd"]).steps
+    # [8] defect 3: the local ε is the total over both rounds (σ calibrated over rounds × local steps), not
+    # spent again each round (which gave 4.33 for a target of 3); tests/federated/test_fedavg.py's
+    # test_local_epsilon_is_the_total_over_every_round (slow) checks each client's report and the accountant too.
+    assert 0.9 * 8.0 < local.epsilon <= 8.0, local
+    assert local.steps == 2 * PrivacyRecord.from_dict(first.extra["local_dp_sgd"]).steps
 
 
 def test_audit_reports_are_labelled(tmp_path):

@@ -211,6 +211,9 @@ def test_secagg_plus_gives_the_same_global_model_as_plain_fedavg_up_to_its_quant
     assert 0 < worst <= secagg_tolerance(config) * 1.01, worst  # quantised, and no further off than that
 
 
+# slow (60-70 s, its own Flower simulation): the default run checks the same composition end to end through
+# the CLI (tests/adversary/test_every_output_carries_its_record.py::test_federated_outputs_compose_over_rounds).
+@pytest.mark.slow
 def test_local_epsilon_is_the_total_over_every_round(tmp_path):
     """[8] defect 3: --local-epsilon 3 over two rounds gave 4.33 (spent again each round). Now each
     client's σ is calibrated over rounds × its local steps, and the record composes them."""
