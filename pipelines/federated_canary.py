@@ -133,13 +133,16 @@ class _Layout:
 
 
 class _InProcessGrid:
-    """A Flower Grid whose nodes are ClientApps in this process: `send_and_receive` hands each message
-    to its node (in node order, so float sums do not depend on arrival order) and returns the replies;
-    a `silent` node never replies, as a client that timed out. Made a subclass of Flower's Grid on use."""
+    """A Flower Grid whose nodes are ClientApps in this process: `push_messages` hands each message to its
+    node at once (in node order, so float sums do not depend on arrival order) and keeps the reply for
+    `pull_messages`; `send_and_receive` is the two. A `silent` node never replies, as a client that timed
+    out. Made a subclass of Flower's Grid on use."""
 
     def __init__(self, *, nodes: dict, silent: list[int]):
         self.nodes, self.silent = nodes, list(silent)
         self._run = None
+        self._replies: dict[str, object] = {}  # message id -> the node's reply, until pulled
+        self._pushed = 0
 
     def set_run(self, run) -> None:
         self._run = run
@@ -158,19 +161,23 @@ class _InProcessGrid:
         return [*self.nodes, *self.silent]
 
     def push_messages(self, messages):
-        raise NotImplementedError("the audit's grid delivers in send_and_receive only")
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError("the audit's grid delivers in send_and_receive only")
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+        # Ids are this grid's own count: hashing each message (Flower's object id) would serialise every
+        # copy of the model sent to ~1,000 canary clients.
+        ids = []
         for message in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+            self._pushed += 1
+            ids.append(str(self._pushed))
             node = message.metadata.dst_node_id
             if node in self.nodes:
                 app, context = self.nodes[node]
-                replies.append(app(message, context))
-        return replies
+                self._replies[ids[-1]] = app(message, context)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def _flower_grid(**kwargs):
